@@ -1,0 +1,95 @@
+"""``python -m endpoint``: host one or many devices under one lower server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+import aiohttp
+
+from endpoint.device import Device, DeviceSettings
+from relay.logs import setup_logging
+from relay.rtc import MediaSettings
+from relay.settings import split_list
+
+
+def device_ids(prefix: str, count: int, start: int) -> list[str]:
+    """``cam``, 1 -> [cam]; ``cam``, 3, start 1 -> [cam-1, cam-2, cam-3]."""
+    if count == 1 and start == 0:
+        return [prefix]
+    first = start or 1
+    return [f"{prefix}-{i}" for i in range(first, first + count)]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} must look like 640x480") from None
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m endpoint", description=__doc__)
+    p.add_argument("--server", default=env("ENDPOINT_SERVER"), required=not env("ENDPOINT_SERVER"),
+                   help="the lower server, e.g. ws://127.0.0.1:8080 (env ENDPOINT_SERVER)")
+    p.add_argument("--device", default=env("ENDPOINT_DEVICE", "cam"),
+                   help="device id, or the prefix of the ids with --count")
+    p.add_argument("--count", type=int, default=int(env("ENDPOINT_COUNT", "1")),
+                   help="how many devices this process hosts")
+    p.add_argument("--start", type=int, default=int(env("ENDPOINT_START", "0")),
+                   help="first index with --count (ids PREFIX-START ...)")
+    p.add_argument("--video", default=env("ENDPOINT_VIDEO", "synthetic"),
+                   choices=["synthetic"], help="video source")
+    p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"), choices=["tone", "none"])
+    p.add_argument("--size", type=parse_size, default=parse_size(env("ENDPOINT_SIZE", "640x480")))
+    p.add_argument("--fps", type=float, default=float(env("ENDPOINT_FPS", "30")))
+    p.add_argument("--media-address", action="append", default=None,
+                   help="address to gather ICE host candidates on (repeatable); default: all "
+                        "but loopback (env ENDPOINT_MEDIA_ADDRESSES, comma-separated)")
+    p.add_argument("--ice-server", action="append", default=None, help="stun:/turn: URL")
+    p.add_argument("--log-level", default=env("ENDPOINT_LOG_LEVEL", "info"))
+    return p
+
+
+async def run(args: argparse.Namespace) -> None:
+    media = MediaSettings(
+        addresses=tuple(args.media_address or split_list(os.environ.get(
+            "ENDPOINT_MEDIA_ADDRESSES"))),
+        ice_servers=tuple(args.ice_server or ()))
+    settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
+                              audio=args.audio != "none", media=media)
+    devices = [Device(args.server, d, settings)
+               for d in device_ids(args.device, args.count, args.start)]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.create_task(d.run(session), name=d.id) for d in devices]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(f"endpoint:{args.device}", args.log_level)
+    try:
+        DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps)
+    except ValueError as exc:
+        print(f"endpoint: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

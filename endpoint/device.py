@@ -1,0 +1,241 @@
+"""A device: registers with its lower server, answers wake-ups and offers, sends its camera and
+microphone (or the synthetic sources), and measures what it receives from the other party."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import MediaStreamTrack, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from endpoint import stamp
+from endpoint.meter import AudioMeter, VideoMeter
+from endpoint.sources import SyntheticVideoTrack, ToneTrack
+from relay.links import WebSocketChannel, receive
+from relay.logs import event
+from relay.messages import (
+    MAX_MESSAGE_BYTES,
+    SERVER_TO_DEVICE,
+    Answer,
+    Error,
+    FirstFrame,
+    Hangup,
+    Heartbeat,
+    Message,
+    Offer,
+    Register,
+    Registered,
+    Role,
+    Stats,
+    Wake,
+    Woken,
+)
+from relay.rtc import MediaSettings, new_peer_connection, restrict_host_candidates
+from relay.settings import parent_url
+
+log = logging.getLogger("endpoint.device")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """How one endpoint process's devices capture and report."""
+
+    width: int = 640
+    height: int = 480
+    fps: float = 30.0
+    audio: bool = True
+    media: MediaSettings = field(default_factory=MediaSettings)
+    stats_interval_s: float = 1.0
+    heartbeat_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        stamp.block_size(self.width)
+        if not 1 <= self.fps <= 120:
+            raise ValueError("fps must be between 1 and 120")
+
+
+class DeviceCall:
+    """One call at a device: its peer connection, sources, meters and reporting task."""
+
+    def __init__(self, call: str, role: Role, peer: str, settings: DeviceSettings,
+                 channel: WebSocketChannel, clock: Callable[[], float]) -> None:
+        self.call, self.role, self.peer = call, role, peer
+        self.settings = settings
+        self.channel = channel
+        self.clock = clock
+        self.pc = new_peer_connection(settings.media)
+        self.video = VideoMeter()
+        self.audio = AudioMeter()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.sources: list[MediaStreamTrack] = []
+        self.closed = False
+        self.pc.on("track", self._track)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def answer(self, offer: Offer) -> str:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+        video = SyntheticVideoTrack(self.settings.width, self.settings.height, self.settings.fps)
+        self.sources.append(video)
+        self.pc.addTrack(video)
+        if self.settings.audio:
+            tone = ToneTrack(880.0 if self.role == "callee" else 440.0)
+            self.sources.append(tone)
+            self.pc.addTrack(tone)
+        restrict_host_candidates(self.pc, self.settings.media.addresses)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self.spawn(self._report())
+        return self.pc.localDescription.sdp
+
+    def _track(self, track: MediaStreamTrack) -> None:
+        if not self.closed:
+            self.spawn(self._consume_video(track) if track.kind == "video"
+                       else self._consume_audio(track))
+
+    async def _consume_video(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                now = self.clock()
+                plane = frame.planes[0]
+                luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
+                if self.video.frame(stamp.read(luma[:, : frame.width]), now):
+                    event(log, "media.first_frame", call=self.call, role=self.role,
+                          peer=self.peer)
+                    await self.channel.send(FirstFrame(call=self.call, at=now))
+
+    async def _consume_audio(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                self.audio.frame(frame.to_ndarray())
+
+    def stats(self) -> Stats:
+        return Stats(call=self.call, media=self.video.stats(self.clock(), self.audio))
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval_s)
+            if self.video.first_at is not None:
+                await self.channel.send(self.stats())
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for source in self.sources:
+            source.stop()
+        await self.pc.close()
+
+
+class Device:
+    """One device, kept registered with its server (reconnecting with backoff)."""
+
+    def __init__(self, server: str, device_id: str, settings: DeviceSettings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.url = parent_url(server, "/v1/device")
+        self.id = device_id
+        self.settings = settings
+        self.clock = clock
+        self.calls: dict[str, DeviceCall] = {}
+        self.pending: dict[str, Wake] = {}
+        self.registered = asyncio.Event()
+        self.address: str | None = None
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async with session.ws_connect(self.url, heartbeat=self.settings.heartbeat_s,
+                                              max_msg_size=MAX_MESSAGE_BYTES) as ws:
+                    channel = WebSocketChannel(ws, "parent", "server")
+                    await channel.send(Register(device=self.id))
+                    reply = await receive(ws, SERVER_TO_DEVICE, "server", timeout=10)
+                    if not isinstance(reply, Registered):
+                        reason = reply.message if isinstance(reply, Error) else "no reply"
+                        event(log, "device.refused", logging.ERROR, device=self.id,
+                              reason=reason)
+                        raise ConnectionError(reason)
+                    self.address = reply.address
+                    self.registered.set()
+                    backoff = 0.2
+                    event(log, "device.registered", device=self.id, address=reply.address)
+                    try:
+                        await self._serve(channel)
+                    finally:
+                        self.registered.clear()
+                        await self._end_all()
+                        event(log, "device.disconnected", logging.WARNING, device=self.id)
+            except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as exc:
+                event(log, "device.unreachable", logging.WARNING, device=self.id, url=self.url,
+                      error=repr(exc), retry_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _serve(self, channel: WebSocketChannel) -> None:
+        while True:
+            message = await receive(channel.ws, SERVER_TO_DEVICE, "server")
+            if message is None:
+                return
+            await self._handle(channel, message)
+
+    async def _handle(self, channel: WebSocketChannel, message: Message) -> None:
+        if isinstance(message, Wake):
+            self.pending[message.call] = message
+            await channel.send(Woken(call=message.call, at=self.clock()))
+            event(log, "device.woken", call=message.call, device=self.id, role=message.role,
+                  peer=message.peer)
+        elif isinstance(message, Offer):
+            wake = self.pending.pop(message.call, None)
+            if wake is None:
+                await channel.send(Error(code="unknown_call", message="offer without wake-up",
+                                         call=message.call, ref="offer"))
+                return
+            call = DeviceCall(message.call, wake.role, wake.peer, self.settings, channel,
+                              self.clock)
+            self.calls[message.call] = call
+            try:
+                sdp = await call.answer(message)
+            except Exception as exc:  # a bad offer ends this call only
+                event(log, "device.bad_offer", logging.WARNING, call=message.call,
+                      device=self.id, error=repr(exc))
+                self.calls.pop(message.call, None)
+                await call.close()
+                await channel.send(Hangup(call=message.call, reason="bad_sdp"))
+                return
+            if not call.closed:
+                await channel.send(Answer(call=message.call, leg=message.leg, sdp=sdp))
+        elif isinstance(message, Hangup):
+            self.pending.pop(message.call, None)
+            call = self.calls.pop(message.call, None)
+            if call is not None:
+                final = call.stats()
+                await call.close()
+                await channel.send(final)
+                event(log, "device.hangup", call=message.call, device=self.id,
+                      reason=message.reason, frames=final.media.frames,
+                      latency_ms_p50=final.media.latency_ms_p50)
+        elif isinstance(message, Heartbeat):
+            pass
+        elif isinstance(message, Error):
+            event(log, "device.server_error", logging.WARNING, device=self.id,
+                  code=message.code, reason=message.message, call=message.call)
+
+    async def _end_all(self) -> None:
+        self.pending.clear()
+        calls, self.calls = list(self.calls.values()), {}
+        await asyncio.gather(*(c.close() for c in calls), return_exceptions=True)

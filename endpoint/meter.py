@@ -1,0 +1,100 @@
+"""What a device measures of the media it receives: pure logic, fed one frame at a time with ``now``.
+
+Latency is stamp send time -> frame decoded here, both on this host's clock (so it is glass-to-glass
+minus capture and display when sender and receiver share a host or a synchronised clock).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+from endpoint.stamp import Stamp, unwrap_ms
+from relay.messages import MediaStats
+
+#: latencies are recorded in microseconds, 1 us .. 60 s, 3 significant digits
+LATENCY_MAX_US = 60_000_000
+
+
+class VideoMeter:
+    """Counts stamped frames, lost frames and freezes; keeps a latency histogram."""
+
+    def __init__(self) -> None:
+        self.latency_us = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self.frames = 0
+        self.unreadable = 0
+        self.lost = 0
+        self.gaps = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self._last_counter: int | None = None
+        self._interval_sum = 0.0
+        self._intervals = 0
+
+    def frame(self, found: Stamp | None, now: float) -> bool:
+        """Take one decoded frame (its stamp, if readable). True if it is the first stamped one."""
+        if found is None:
+            self.unreadable += 1
+            return False
+        if self._last_counter is not None:
+            step = (found.counter - self._last_counter) & 0xFFFFFFFF
+            if step == 0 or step > 0x7FFFFFFF:
+                return False  # a repeat or a late frame: already counted
+            self.lost += step - 1
+        self._last_counter = found.counter
+        sent = unwrap_ms(found.sent_ms, int(now * 1000)) / 1000
+        self.latency_us.record_value(min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6))))
+        first = self.first_at is None
+        if first:
+            self.first_at = now
+        elif self.last_at is not None:
+            interval = now - self.last_at
+            if self._intervals >= 5:
+                mean = self._interval_sum / self._intervals
+                if interval >= max(3 * mean, mean + 0.150):
+                    self.gaps += 1
+            self._interval_sum += interval
+            self._intervals += 1
+        self.last_at = now
+        self.frames += 1
+        return first
+
+    def stats(self, now: float, audio: AudioMeter | None = None) -> MediaStats:
+        duration = (now - self.first_at) if self.first_at is not None else 0.0
+        span = (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0
+        fps = (self.frames - 1) / span if span > 0 and self.frames > 1 else 0.0
+        has = self.latency_us.get_total_count() > 0
+
+        def pct(p: float) -> float | None:
+            return round(self.latency_us.get_value_at_percentile(p) / 1000, 2) if has else None
+
+        return MediaStats(
+            frames=self.frames, frames_lost=self.lost, unreadable=self.unreadable,
+            fps=round(fps, 2), latency_ms_p50=pct(50), latency_ms_p95=pct(95),
+            latency_ms_max=round(self.latency_us.get_max_value() / 1000, 2) if has else None,
+            gaps=self.gaps, duration_s=round(duration, 3),
+            audio_frames=audio.frames if audio else 0,
+            audio_level_dbfs=audio.level_dbfs() if audio else None)
+
+
+class AudioMeter:
+    """Counts received audio frames and their mean level."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._power = 0.0
+        self._samples = 0
+
+    def frame(self, samples: np.ndarray) -> None:
+        self.frames += 1
+        data = samples.astype(np.float64) / 32768.0
+        self._power += float(np.sum(data * data))
+        self._samples += data.size
+
+    def level_dbfs(self) -> float | None:
+        if not self._samples:
+            return None
+        power = self._power / self._samples
+        return round(10 * math.log10(power), 1) if power > 0 else -120.0

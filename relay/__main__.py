@@ -1,0 +1,101 @@
+"""``python -m relay lower|upper|stack``: run one server, or the whole local stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from relay.call import Timeouts
+from relay.logs import setup_logging
+from relay.rtc import MediaSettings
+from relay.server import serve
+from relay.settings import ServerSettings, SettingsError, env_defaults, split_list
+from relay.stack import LocalStack, StackError, StackSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = env_defaults()
+    p = argparse.ArgumentParser(prog="python -m relay", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for role in ("lower", "upper"):
+        s = sub.add_parser(role, help=f"run a {role} server (settings also from RELAY_* env)")
+        s.add_argument("--name", default=env.get("name", f"{role}"), help="server name")
+        s.add_argument("--host", default=env.get("host", "127.0.0.1"))
+        s.add_argument("--port", type=int, default=int(env.get("port", "0")),
+                       help="0: any free port (the ready line says which)")
+        s.add_argument("--public-url", default=env.get("public_url"),
+                       help="URL others reach this server at, if not http://HOST:PORT")
+        s.add_argument("--media-address", action="append", default=None,
+                       help="address to gather ICE host candidates on (repeatable); default: "
+                            "every non-loopback address (env RELAY_MEDIA_ADDRESSES)")
+        s.add_argument("--ice-server", action="append", default=None, help="stun:/turn: URL")
+        s.add_argument("--setup-timeout", type=float, default=float(env.get("setup_timeout",
+                                                                            "20")))
+        s.add_argument("--log-level", default=env.get("log_level", "info"))
+        if role == "lower":
+            s.add_argument("--parent", default=env.get("parent"),
+                           help="the upper server's URL (ws:// or http://)")
+    s = sub.add_parser("stack", help="run upper, lower-a, lower-b and devices until stopped")
+    s.add_argument("--devices", type=int, default=1, help="devices under each lower server")
+    s.add_argument("--size", default="640x480")
+    s.add_argument("--fps", type=float, default=30.0)
+    s.add_argument("--media-address", action="append", default=None,
+                   help="default 127.0.0.1: media stays on loopback")
+    s.add_argument("--log-dir", type=Path, default=None)
+    s.add_argument("--log-level", default="info")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    env = env_defaults()
+    addresses = args.media_address or split_list(env.get("media_addresses"))
+    return ServerSettings(
+        role=args.command, name=args.name, host=args.host, port=args.port,
+        parent=getattr(args, "parent", None) or None, public_url=args.public_url,
+        media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
+        timeouts=Timeouts(setup=args.setup_timeout))
+
+
+async def run_stack(args: argparse.Namespace) -> int:
+    settings = StackSettings(devices=args.devices, size=args.size, fps=args.fps,
+                             media_addresses=tuple(args.media_address or ("127.0.0.1",)),
+                             log_dir=args.log_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with LocalStack(settings) as stack:
+            print(json.dumps(stack.info()), flush=True)
+            await stop.wait()
+    except StackError as exc:
+        print(f"relay stack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "stack":
+        setup_logging("stack", args.log_level)
+        return asyncio.run(run_stack(args))
+    try:
+        settings = settings_from(args)
+    except SettingsError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.name, args.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

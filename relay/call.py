@@ -1,0 +1,184 @@
+"""The call state machine, as pure logic: events and timer ticks in (with ``now``), changes out.
+
+Every server on a call's path keeps one :class:`Call`. It imports neither aiohttp nor aiortc;
+the asyncio glue in :mod:`relay.node` feeds it and acts on what it returns.
+
+States::
+
+    setup ──(first frame at both devices)──► active
+      │                                        │
+      └──────(hangup / failure / timeout)──────┴──► ended
+
+An event that does not fit the current state raises :class:`CallStateError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from relay.messages import DIRECTIONS, TIMELINE_EVENTS, MediaStats
+
+
+class CallState(enum.StrEnum):
+    SETUP = "setup"
+    ACTIVE = "active"
+    ENDED = "ended"
+
+
+class CallStateError(Exception):
+    """An event arrived that the call cannot take in its state; nothing was changed."""
+
+    def __init__(self, call: str, message: str, code: str = "protocol_error") -> None:
+        super().__init__(f"call {call}: {message}")
+        self.call = call
+        self.message = message
+        self.code = code
+
+
+# Events the machine takes.
+
+
+@dataclass(frozen=True)
+class Milestone:
+    """A timeline event happened at ``at`` (see TIMELINE_EVENTS)."""
+
+    name: str
+    at: float
+
+
+@dataclass(frozen=True)
+class MediaReport:
+    """A device's figures for one direction of media."""
+
+    direction: str
+    stats: MediaStats
+
+
+@dataclass(frozen=True)
+class End:
+    """The call is over: hung up, refused, failed or timed out, with a reason code."""
+
+    reason: str
+    at: float
+
+
+CallEvent = Milestone | MediaReport | End
+
+#: transitions[state][event type] -> next state. A missing pair is a protocol error.
+#: A Milestone that completes media both ways promotes SETUP to ACTIVE (see Call._after).
+TRANSITIONS: dict[CallState, dict[type, CallState]] = {
+    CallState.SETUP: {Milestone: CallState.SETUP, MediaReport: CallState.SETUP,
+                      End: CallState.ENDED},
+    CallState.ACTIVE: {Milestone: CallState.ACTIVE, MediaReport: CallState.ACTIVE,
+                       End: CallState.ENDED},
+    # Late media reports after the end are kept: a device's last figures arrive after hang-up.
+    CallState.ENDED: {MediaReport: CallState.ENDED},
+}
+
+#: The milestones that together mean "both devices see each other".
+MEDIA_BOTH_WAYS = ("t_first_frame_callee", "t_first_frame_caller")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a call may stay in each phase before it is ended (seconds)."""
+
+    wake: float = 5.0  #: command -> both devices acknowledged their wake-up
+    setup: float = 20.0  #: command -> first frame at both devices
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What an event changed: the state before and after, and whether it ended the call."""
+
+    before: CallState
+    after: CallState
+
+    @property
+    def ended(self) -> bool:
+        return self.before is not CallState.ENDED and self.after is CallState.ENDED
+
+    @property
+    def activated(self) -> bool:
+        return self.before is CallState.SETUP and self.after is CallState.ACTIVE
+
+
+@dataclass
+class Call:
+    """One call as one server sees it."""
+
+    id: str
+    caller: str  #: full address SERVER/DEVICE
+    callee: str
+    created_at: float
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    state: CallState = CallState.SETUP
+    timeline: dict[str, float] = field(default_factory=dict)
+    media: dict[str, MediaStats] = field(default_factory=dict)
+    reason: str | None = None
+
+    def handle(self, event: CallEvent) -> Transition:
+        """Apply one event. Raises CallStateError (and changes nothing) if it does not fit."""
+        before = self.state
+        after = TRANSITIONS[before].get(type(event))
+        if after is None:
+            raise CallStateError(self.id, f"{type(event).__name__} not allowed in state "
+                                          f"{before.value}", code="call_ended")
+        if isinstance(event, Milestone):
+            self._check_milestone(event)
+            self.timeline[event.name] = event.at
+        elif isinstance(event, MediaReport):
+            if event.direction not in DIRECTIONS:
+                raise CallStateError(self.id, f"unknown media direction {event.direction!r}")
+            self.media[event.direction] = event.stats
+        elif isinstance(event, End):
+            self.reason = event.reason
+            self.timeline["t_end"] = event.at
+        self.state = self._after(after)
+        return Transition(before, self.state)
+
+    def record(self, name: str, at: float) -> Transition:
+        return self.handle(Milestone(name, at))
+
+    def end(self, reason: str, at: float) -> Transition:
+        """End the call unless it already ended (then nothing changes)."""
+        if self.state is CallState.ENDED:
+            return Transition(self.state, self.state)
+        return self.handle(End(reason, at))
+
+    def tick(self, now: float) -> Transition:
+        """Enforce the timeouts; ends the call with a reason when one has passed."""
+        if self.state is not CallState.SETUP:
+            return Transition(self.state, self.state)
+        age = now - self.created_at
+        woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
+        if not woken and age > self.timeouts.wake:
+            who = "caller" if "t_caller_woken" not in self.timeline else "callee"
+            return self.handle(End(f"{who}_wake_timeout", now))
+        if age > self.timeouts.setup:
+            return self.handle(End("setup_timeout", now))
+        return Transition(self.state, self.state)
+
+    def next_deadline(self) -> float | None:
+        """When tick() may next change something, or None."""
+        if self.state is not CallState.SETUP:
+            return None
+        woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
+        wake = None if woken else self.created_at + self.timeouts.wake
+        setup = self.created_at + self.timeouts.setup
+        return min(setup, wake) if wake is not None else setup
+
+    def _check_milestone(self, event: Milestone) -> None:
+        if event.name not in TIMELINE_EVENTS or event.name == "t_end":
+            raise CallStateError(self.id, f"unknown timeline event {event.name!r}")
+        if event.name in self.timeline:
+            # Every event happens once; a repeat is a peer's mistake, not a new fact.
+            if self.timeline[event.name] == event.at:
+                return
+            raise CallStateError(self.id, f"{event.name} already recorded")
+
+    def _after(self, state: CallState) -> CallState:
+        if state is CallState.SETUP and all(m in self.timeline for m in MEDIA_BOTH_WAYS):
+            return CallState.ACTIVE
+        return state

@@ -1,0 +1,92 @@
+"""WebSocket links: the Channel a server talks to a device or another server over, and the
+reader loop that validates every frame before anything acts on it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from relay.logs import event
+from relay.messages import Error, Message, MessageError, decode
+from relay.node import Channel, ChannelKind
+
+log = logging.getLogger("relay.links")
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+class WebSocketChannel(Channel):
+    """A device, child or parent link over one WebSocket. Sends are serialised."""
+
+    def __init__(self, ws: WebSocket, kind: ChannelKind, name: str) -> None:
+        self.ws = ws
+        self.kind = kind
+        self.name = name
+        self._lock = asyncio.Lock()
+
+    @property
+    def open(self) -> bool:
+        return not self.ws.closed
+
+    async def send(self, message: Message) -> bool:
+        if self.ws.closed:
+            event(log, "link.send_dropped", logging.DEBUG, peer=self.name, type=message.TYPE)
+            return False
+        try:
+            async with self._lock:
+                await self.ws.send_str(message.to_json())
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+            event(log, "link.send_failed", logging.WARNING, peer=self.name, type=message.TYPE,
+                  error=repr(exc))
+            return False
+        return True
+
+    async def close(self, code: int = aiohttp.WSCloseCode.OK, reason: str = "") -> None:
+        await self.ws.close(code=code, message=reason.encode()[:120])
+
+
+async def receive(ws: WebSocket, allowed: Collection[type[Message]], peer: str,
+                  timeout: float | None = None) -> Message | None:
+    """The next valid message, or None when the link closed. Bad frames are answered and skipped."""
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                        aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+            return None
+        if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            continue
+        try:
+            return decode(msg.data, allowed)
+        except MessageError as exc:
+            await refuse_frame(ws, exc, peer, msg.data)
+
+
+async def refuse_frame(ws: WebSocket, exc: MessageError, peer: str, raw: Any = None) -> None:
+    ref = None
+    if isinstance(raw, str | bytes) and len(raw) < 4096:
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict) and isinstance(data.get("type"), str):
+                ref = data["type"][:64]
+        except ValueError:
+            pass
+    event(log, "message.invalid", logging.WARNING, peer=peer, code=exc.code, field=exc.field,
+          reason=exc.message, ref=ref)
+    if not ws.closed:
+        await ws.send_str(Error.from_exception(exc, ref=ref).to_json())
+
+
+async def serve_messages(channel: WebSocketChannel, allowed: Collection[type[Message]],
+                         handle: Callable[[Message], Awaitable[None]]) -> None:
+    """Read until the link closes, handing each valid message to ``handle`` in order."""
+    while True:
+        message = await receive(channel.ws, allowed, channel.name)
+        if message is None:
+            return
+        await handle(message)

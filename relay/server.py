@@ -1,0 +1,86 @@
+"""Wiring of one relay server: the app factory, its resources' lifetimes, and the process runner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from relay.api import NODE, errors, setup_routes
+from relay.logs import event
+from relay.lower import LowerServer
+from relay.node import Node
+from relay.settings import ServerSettings
+from relay.upper import UpperServer
+
+log = logging.getLogger("relay.server")
+
+
+def create_node(settings: ServerSettings) -> Node:
+    return LowerServer(settings) if settings.role == "lower" else UpperServer(settings)
+
+
+def create_app(node: Node) -> web.Application:
+    """The aiohttp application of ``node``; the node starts and stops with it."""
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    app[NODE] = node
+    setup_routes(app, node)
+    app.cleanup_ctx.append(_node_lifetime)
+    if isinstance(node, LowerServer) and node.settings.parent:
+        app.cleanup_ctx.append(_parent_link)
+    return app
+
+
+async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
+    node = app[NODE]
+    await node.start()
+    yield
+    await node.close()
+
+
+async def _parent_link(app: web.Application) -> AsyncIterator[None]:
+    node = app[NODE]
+    assert isinstance(node, LowerServer)
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(node.parent_link(session), name="parent-link")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
+    """Run one server until SIGINT/SIGTERM. Prints one JSON ready line on stdout once listening."""
+    node = create_node(settings)
+    app = create_app(node)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        node.url = settings.public_url or f"http://{settings.host}:{port}"
+        # The ready line is the one thing on stdout: the stack launcher reads it.
+        sys.stdout.write(json.dumps({"event": "ready", "name": settings.name,
+                                     "role": settings.role, "url": node.url}) + "\n")
+        sys.stdout.flush()
+        event(log, "server.ready", server=settings.name, role=settings.role, url=node.url,
+              parent=settings.parent)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        event(log, "server.stopping", server=settings.name)
+    finally:
+        await runner.cleanup()
+    event(log, "server.stopped", server=settings.name)

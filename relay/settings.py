@@ -1,0 +1,69 @@
+"""Settings of a relay server: one frozen, typed object, checked when it is built."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from relay.call import Timeouts
+from relay.messages import MessageError, check_name
+from relay.rtc import MediaSettings
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    role: Literal["lower", "upper"]
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 0  #: 0: any free port (the ready line on stdout says which)
+    parent: str | None = None  #: the parent server's URL (ws:// or http://)
+    public_url: str | None = None  #: how others reach this server, if not http://host:port
+    media: MediaSettings = field(default_factory=MediaSettings)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    heartbeat_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ("lower", "upper"):
+            raise SettingsError(f"role must be 'lower' or 'upper', not {self.role!r}")
+        try:
+            check_name(self.name, "name")
+        except MessageError as exc:
+            raise SettingsError(str(exc)) from None
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port {self.port} is out of range")
+        if self.parent is not None:
+            parent_url(self.parent, "")  # raises SettingsError if malformed
+        if self.heartbeat_s <= 0:
+            raise SettingsError("heartbeat_s must be positive")
+
+
+def parent_url(url: str, path: str) -> str:
+    """``http://h:p`` or ``ws://h:p`` -> ``ws://h:p{path}`` (a path already given is kept)."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise SettingsError(f"{url!r} is not a ws:// or http:// URL")
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") or path, "", ""))
+
+
+def http_url(url: str) -> str:
+    """``ws://h:p/x`` -> ``http://h:p``."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+def split_list(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def env_defaults(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """RELAY_* variables, for containers: RELAY_NAME, RELAY_PORT, RELAY_PARENT, ..."""
+    return {k[len("RELAY_"):].lower(): v for k, v in environ.items() if k.startswith("RELAY_")}
