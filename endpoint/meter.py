@@ -1,4 +1,4 @@
-"""What a device measures of the media it receives: pure logic, fed one frame at a time with ``now``.
+"""What a device measures of the media it receives: pure logic, fed frame by frame with ``now``.
 
 Latency is stamp send time -> frame decoded here, both on this host's clock (so it is glass-to-glass
 minus capture and display when sender and receiver share a host or a synchronised clock).

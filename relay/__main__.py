@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the upper server's URL (ws:// or http://)")
     s = sub.add_parser("stack", help="run upper, lower-a, lower-b and devices until stopped")
     s.add_argument("--devices", type=int, default=1, help="devices under each lower server")
-    s.add_argument("--size", default="640x480")
+    s.add_argument("--size", default="320x240")
     s.add_argument("--fps", type=float, default=30.0)
     s.add_argument("--media-address", action="append", default=None,
                    help="default 127.0.0.1: media stays on loopback")

@@ -6,13 +6,11 @@ what one leg receives, the other sends.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
-from aiortc.mediastreams import MediaStreamError
 
 from relay.logs import event
 from relay.rtc import MediaSettings, new_peer_connection, restrict_host_candidates
@@ -140,7 +138,6 @@ class Bridge:
 
     def __init__(self, relay: MediaRelay) -> None:
         self._relay = relay
-        self.transcoding = True
 
     def connect(self, source: MediaStreamTrack, sink: Leg,
                 on_first_frame: Callable[[], None] | None = None) -> None:
@@ -149,11 +146,3 @@ class Bridge:
             track = FirstFrameWatch(track, on_first_frame)
         sink.send(source.kind, track)
 
-
-async def drain(track: MediaStreamTrack) -> None:
-    """Consume a track nobody forwards, so its decoder does not queue frames forever."""
-    try:
-        while True:
-            await track.recv()
-    except (MediaStreamError, asyncio.CancelledError):
-        pass

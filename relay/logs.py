@@ -53,4 +53,5 @@ def setup_logging(service: str, level: str = "info") -> None:
 def event(logger: logging.Logger, what: str, level: int = logging.INFO, /, **fields: Any) -> None:
     """Log one event with its fields (call, device, server, reason, ...)."""
     if logger.isEnabledFor(level):
-        logger.log(level, what, extra={(k if k not in _RESERVED else f"{k}_"): v for k, v in fields.items()})
+        extra = {(k if k not in _RESERVED else f"{k}_"): v for k, v in fields.items()}
+        logger.log(level, what, extra=extra)

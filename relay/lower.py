@@ -174,7 +174,8 @@ class LowerServer(Node):
             raise ApiError(400, "same_device", "caller and callee are the same device", "callee")
         for info, what in ((caller, "caller"), (callee, "callee")):
             if info.state == "busy":
-                raise ApiError(409, "busy_device", f"{what} {info.address} is in a call", what)
+                raise ApiError(409, "busy_device", f"{what} {info.address} is busy (in a call)",
+                               what)
         call = Call(self.new_call_id(), caller.address, callee.address, received_at,
                     self.timeouts)
         call.timeline["t_received"] = received_at
@@ -251,6 +252,7 @@ class LowerServer(Node):
         """Keep the trunk to the parent up: connect, announce, serve; reconnect with backoff."""
         assert self.settings.parent is not None
         url = parent_url(self.settings.parent, "/v1/trunk")
+        await self.listening.wait()  # the announce carries our URL
         backoff = 0.2
         while True:
             try:
@@ -269,8 +271,9 @@ class LowerServer(Node):
                     backoff = 0.2
                     event(log, "parent.connected", parent=welcome.server, url=url)
                     try:
-                        await serve_messages(channel, PARENT_TO_CHILD,
-                                             lambda m: self._parent_message(channel, m))
+                        await serve_messages(
+                            channel, PARENT_TO_CHILD,
+                            lambda m, link=channel: self._parent_message(link, m))
                     finally:
                         self.parent = None
                         self.tree.clear()

@@ -1,9 +1,9 @@
 """Every message that crosses a wire in this project, and nothing else.
 
-Device <-> lower server and lower <-> upper server speak JSON over one WebSocket each, one object per
-frame, with a ``type`` field naming one of the classes below. The probe speaks HTTP + JSON to the
-servers; its request and response bodies are defined here too, so the three services share one
-vocabulary and nothing is spelled twice.
+Device <-> lower server and lower <-> upper server speak JSON over one WebSocket each, one
+object per frame, with a ``type`` field naming one of the classes below. The probe speaks HTTP +
+JSON to the servers; its request and response bodies are defined here too, so the three services
+share one vocabulary and nothing is spelled twice.
 
 Messages are frozen dataclasses that validate themselves when built, so a message that exists is a
 valid message. :func:`decode` turns untrusted input into a message or raises :class:`MessageError`,
@@ -186,9 +186,8 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(hint)
         if value not in allowed:
-            raise MessageError(
-                f"{where} must be one of {', '.join(map(repr, allowed))}, not {value!r}", field=where
-            )
+            choices = ", ".join(map(repr, allowed))
+            raise MessageError(f"{where} must be one of {choices}, not {value!r}", field=where)
         return value
     if origin is list:
         if not isinstance(value, list):

@@ -1,4 +1,4 @@
-"""The part of a server that both roles share: calls, their legs, and the signalling that drives them.
+"""What both server roles share: calls, their legs, and the signalling that drives them.
 
 A call at a server is a :class:`Session` with two :class:`Port` s: the one toward the caller
 (upstream) and the one toward the callee (downstream). A port is a signalling :class:`Channel`
@@ -124,7 +124,9 @@ class Node:
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
-        self._closing = False
+        #: Set once the server listens and knows its URL (the parent link waits for it).
+        self.listening = asyncio.Event()
+        self.url = ""
 
     # ------------------------------------------------------------------ lifetime
 
@@ -133,7 +135,6 @@ class Node:
 
     async def close(self, reason: str = "server_shutdown") -> None:
         """End every call, close every leg, cancel every task this node owns."""
-        self._closing = True
         for session in list(self.sessions.values()):
             self.end_session(session, reason)
         if self._ticker:

@@ -56,31 +56,37 @@ async def _parent_link(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
-    """Run one server until SIGINT/SIGTERM. Prints one JSON ready line on stdout once listening."""
+@contextlib.asynccontextmanager
+async def running_server(settings: ServerSettings) -> AsyncIterator[Node]:
+    """Start one server (listening, node started, parent link up-ing); stop it on exit."""
     node = create_node(settings)
-    app = create_app(node)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2)
+    runner = web.AppRunner(create_app(node), handle_signals=False, access_log=None,
+                           shutdown_timeout=2)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         node.url = settings.public_url or f"http://{settings.host}:{port}"
+        node.listening.set()
+        event(log, "server.ready", server=settings.name, role=settings.role, url=node.url,
+              parent=settings.parent)
+        yield node
+    finally:
+        await runner.cleanup()
+        event(log, "server.stopped", server=settings.name)
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run one server until SIGINT/SIGTERM. Prints one JSON ready line on stdout once listening."""
+    async with running_server(settings) as node:
         # The ready line is the one thing on stdout: the stack launcher reads it.
         sys.stdout.write(json.dumps({"event": "ready", "name": settings.name,
                                      "role": settings.role, "url": node.url}) + "\n")
         sys.stdout.flush()
-        event(log, "server.ready", server=settings.name, role=settings.role, url=node.url,
-              parent=settings.parent)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if ready is not None:
-            ready.set()
         await stop.wait()
         event(log, "server.stopping", server=settings.name)
-    finally:
-        await runner.cleanup()
-    event(log, "server.stopped", server=settings.name)

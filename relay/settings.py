@@ -53,13 +53,6 @@ def parent_url(url: str, path: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") or path, "", ""))
 
 
-def http_url(url: str) -> str:
-    """``ws://h:p/x`` -> ``http://h:p``."""
-    parts = urlsplit(url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, "", "", ""))
-
-
 def split_list(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 

@@ -38,7 +38,9 @@ class StackError(RuntimeError):
 class StackSettings:
     devices: int = 1  #: devices under each lower server
     media_addresses: tuple[str, ...] = ("127.0.0.1",)
-    size: str = "640x480"
+    #: 320x240 while servers bridge by decode + re-encode: at 640x480 the 8 transcodes of one
+    #: cross-server call fill a 2-core machine.
+    size: str = "320x240"
     fps: float = 30.0
     log_dir: Path | None = None  #: where children's logs go (default: a new temp dir)
     start_timeout_s: float = 30.0
@@ -99,7 +101,7 @@ class LocalStack:
     async def _spawn(self, name: str, args: list[str]) -> Child:
         assert self.log_dir is not None
         log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")
+        log_file = log_path.open("ab")  # closed in stop()
         process = await asyncio.create_subprocess_exec(
             sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=log_file,
             stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent,
@@ -136,8 +138,8 @@ class LocalStack:
                         raise StackError(f"{child.name} exited with {child.process.returncode};"
                                          f" see {child.log_path}")
                 if time.monotonic() > deadline:
-                    raise StackError(f"only {len(devices)} of {expected} devices registered "
-                                     f"in {self.settings.start_timeout_s} s; logs in {self.log_dir}")
+                    raise StackError(f"only {len(devices)} of {expected} devices registered in "
+                                     f"{self.settings.start_timeout_s} s; logs in {self.log_dir}")
                 await asyncio.sleep(0.1)
 
     def info(self) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""One timed call, and the summary of several.
+
+Times: ``t_sent`` and ``t_response`` are the probe's clock; every other event is stamped by the
+server or device where it happened, on that host's clock. On one host (the local stack) they share
+a clock; across hosts, keep the clocks synchronised (NTP/PTP) or read only same-host intervals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from probe.client import ProbeError, Server, ServerClient, find_device
+from relay.messages import DIRECTIONS, CallInfo
+
+#: Intervals reported per call, in ms from t_sent: name -> event.
+INTERVALS = {
+    "response_ms": "t_response",
+    "caller_woken_ms": "t_caller_woken",
+    "routed_ms": "t_routed",
+    "callee_woken_ms": "t_callee_woken",
+    "media_up_ms": "t_media_up",
+    "first_frame_callee_ms": "t_first_frame_callee",
+    "first_frame_caller_ms": "t_first_frame_caller",
+}
+
+
+@dataclass
+class CallResult:
+    caller: str
+    callee: str
+    server: str
+    call: str | None = None
+    ok: bool = False
+    reason: str | None = None  #: why it ended, or why it failed
+    timeline: dict[str, float] = field(default_factory=dict)
+    media: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def intervals(self) -> dict[str, float]:
+        sent = self.timeline.get("t_sent")
+        if sent is None:
+            return {}
+        out = {name: round((self.timeline[ev] - sent) * 1000, 2)
+               for name, ev in INTERVALS.items() if ev in self.timeline}
+        if "t_first_frame_callee" in self.timeline and "t_first_frame_caller" in self.timeline:
+            last = max(self.timeline["t_first_frame_callee"], self.timeline["t_first_frame_caller"])
+            out["setup_ms"] = round((last - sent) * 1000, 2)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"call": self.call, "caller": self.caller, "callee": self.callee,
+                "server": self.server, "ok": self.ok, "reason": self.reason,
+                "timeline": dict(sorted(self.timeline.items(), key=lambda kv: kv[1])),
+                "intervals": self.intervals, "media": self.media}
+
+
+def _carried_media(info: CallInfo) -> bool:
+    return all(d in info.media and info.media[d].frames > 0 for d in DIRECTIONS) and all(
+        e in info.timeline for e in ("t_first_frame_callee", "t_first_frame_caller"))
+
+
+async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller: str,
+                   callee: str, hold_s: float, setup_timeout_s: float = 20.0) -> CallResult:
+    """Start a call at the caller's server, wait for media both ways, hold, hang up."""
+    server, device = find_device(servers, caller)
+    client = ServerClient(session, server.url)
+    result = CallResult(caller=device.address, callee=callee, server=server.name)
+    result.timeline["t_sent"] = time.time()
+    try:
+        info = await client.create_call(device.address, callee)
+    except ProbeError as exc:
+        result.timeline["t_response"] = time.time()
+        result.reason = exc.code
+        return result
+    result.timeline["t_response"] = time.time()
+    result.call, result.callee = info.call, info.callee
+    try:
+        info = await client.call(info.call, wait="active", timeout_s=setup_timeout_s)
+        if info.state == "active":
+            await asyncio.sleep(hold_s)
+            # Devices report every second: make sure both directions have reported.
+            deadline = time.monotonic() + 3
+            info = await client.call(info.call)
+            while (info.state == "active" and not _carried_media(info)
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.2)
+                info = await client.call(info.call)
+        if info.state != "ended":
+            info = await client.hangup(info.call)
+        await asyncio.sleep(0.2)  # the devices' last reports follow the hang-up
+        info = await client.call(info.call)
+    except ProbeError as exc:
+        result.reason = exc.code
+        return result
+    result.timeline.update(info.timeline)
+    result.media = {d: s.to_dict() for d, s in info.media.items()}
+    result.reason = info.reason
+    result.ok = _carried_media(info) and info.reason == "hangup"
+    return result
+
+
+async def wait_idle(session: aiohttp.ClientSession, servers: list[Server], addresses: list[str],
+                    timeout_s: float = 5.0) -> None:
+    """Wait until the given devices show idle at their own servers again."""
+    deadline = time.monotonic() + timeout_s
+    for address in addresses:
+        server, _ = find_device(servers, address)
+        client = ServerClient(session, server.url)
+        while time.monotonic() < deadline:
+            devices = {d.address: d for d in await client.devices()}
+            if address in devices and devices[address].state == "idle":
+                break
+            await asyncio.sleep(0.05)
+
+
+def summarize(results: list[CallResult]) -> dict[str, Any]:
+    """p50 and max of each interval and of each direction's latency p50, over the calls."""
+    ok = [r for r in results if r.ok]
+    out: dict[str, Any] = {"calls": len(results), "ok": len(ok),
+                           "success_rate": round(len(ok) / len(results), 4) if results else 0.0,
+                           "failures": {}}
+    for r in results:
+        if not r.ok:
+            out["failures"][r.reason or "unknown"] = out["failures"].get(r.reason or "unknown",
+                                                                         0) + 1
+    figures: dict[str, list[float]] = {}
+    for r in ok:
+        for name, value in r.intervals.items():
+            figures.setdefault(name, []).append(value)
+        for direction in DIRECTIONS:
+            latency = r.media.get(direction, {}).get("latency_ms_p50")
+            if latency is not None:
+                figures.setdefault(f"latency_ms_{direction}", []).append(latency)
+    out["figures"] = {name: {"p50": round(statistics.median(values), 2),
+                             "max": round(max(values), 2), "n": len(values)}
+                      for name, values in figures.items()}
+    return out

@@ -1,0 +1,105 @@
+"""The commands a user runs, as real processes: the local stack and `probe call --local`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+TIMELINE = ("t_sent", "t_response", "t_caller_woken", "t_callee_woken", "t_first_frame_callee",
+            "t_first_frame_caller", "t_end")
+
+
+def marked_env() -> tuple[dict[str, str], str]:
+    """An environment with a unique marker, to find every process started under it."""
+    marker = uuid.uuid4().hex
+    return {**os.environ, "VPHONE_TEST_MARKER": marker}, marker
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if f"VPHONE_TEST_MARKER={marker}".encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def wait_gone(marker: str, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_probe_call_local_json():
+    env, marker = marked_env()
+    done = subprocess.run(
+        [sys.executable, "-m", "probe", "call", "--local", "--hold", "1.5", "--json"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True
+    for name in TIMELINE:
+        assert isinstance(result["timeline"][name], float), name
+    assert result["timeline"]["t_sent"] <= result["timeline"]["t_response"]
+    assert result["caller"].split("/")[0] != result["callee"].split("/")[0]
+    for direction in ("caller_to_callee", "callee_to_caller"):
+        media = result["media"][direction]
+        assert media["latency_ms_p50"] > 0 and media["latency_ms_p95"] >= media["latency_ms_p50"]
+        assert media["fps"] > 5 and media["frames_lost"] >= 0
+    assert wait_gone(marker) == []
+
+
+def test_probe_exit_status_when_no_server_answers():
+    done = subprocess.run(
+        [sys.executable, "-m", "probe", "call", "--server", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "server_unreachable" in done.stderr
+
+
+def test_stack_prints_servers_and_stops_clean_on_sigterm():
+    env, marker = marked_env()
+    stack = subprocess.Popen([sys.executable, "-m", "relay", "stack", "--devices", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=env)
+    try:
+        line = stack.stdout.readline()
+        info = json.loads(line)
+        assert [s["name"] for s in info["servers"]] == ["upper", "lower-a", "lower-b"]
+        assert all(s["url"].startswith("http://127.0.0.1:") for s in info["servers"])
+        assert len(processes_with(marker)) == 6  # stack + 3 servers + 2 device processes
+        stack.send_signal(signal.SIGTERM)
+        assert stack.wait(timeout=20) == 0
+    finally:
+        if stack.poll() is None:
+            stack.kill()
+    assert wait_gone(marker) == []
+
+
+def test_killed_stack_leaves_no_process_behind():
+    env, marker = marked_env()
+    stack = subprocess.Popen([sys.executable, "-m", "relay", "stack"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        json.loads(stack.stdout.readline())
+        assert len(processes_with(marker)) == 6
+        stack.kill()  # no chance to clean up: the children's parent-death signal must do it
+        stack.wait(timeout=10)
+    finally:
+        if stack.poll() is None:
+            stack.kill()
+    assert wait_gone(marker) == []

@@ -1,0 +1,111 @@
+"""Wire messages: every bad input is refused with the field named; good input round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay.messages import (
+    CHILD_TO_PARENT,
+    DEVICE_TO_SERVER,
+    Announce,
+    CallUpdate,
+    CreateCall,
+    DeviceInfo,
+    Directory,
+    Hangup,
+    MediaStats,
+    MessageError,
+    Offer,
+    Register,
+    Stats,
+    Wake,
+    decode,
+    message_types,
+    split_address,
+)
+
+SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\n"
+
+
+@pytest.mark.parametrize("message", [
+    Register(device="cam-1"),
+    Wake(call="abc", role="caller", peer="lower-b/cam-2"),
+    Offer(call="abc", leg="abc", sdp=SDP),
+    Hangup(call="abc", reason="hangup"),
+    Stats(call="abc", media=MediaStats(frames=3, latency_ms_p50=12.5)),
+    Announce(server="lower-a", url="http://x", devices=[DeviceInfo(id="cam-1", server="lower-a")]),
+    Directory(devices=[DeviceInfo(id="cam-1", server="lower-a", state="busy")],
+              removed=["lower-a/cam-2"]),
+    CallUpdate(call="abc", events={"t_routed": 1.5},
+               media={"caller_to_callee": MediaStats(frames=1)}),
+])
+def test_round_trip(message):
+    assert decode(message.to_json()) == message
+
+
+@pytest.mark.parametrize("raw, field, code", [
+    ("not json", None, "bad_message"),
+    ("[1, 2]", None, "bad_message"),
+    ('{"device": "x"}', "type", "bad_message"),
+    ('{"type": "nope"}', "type", "unknown_type"),
+    ('{"type": "register"}', "device", "bad_message"),
+    ('{"type": "register", "device": 5}', "device", "bad_message"),
+    ('{"type": "register", "device": "bad id!"}', "device", "bad_message"),
+    ('{"type": "register", "device": "cam", "extra": 1}', "extra", "bad_message"),
+    ('{"type": "register", "device": "cam", "version": 99}', "version", "unsupported_version"),
+    ('{"type": "wake", "call": "c1", "role": "boss", "peer": "a/b"}', "role", "bad_message"),
+    ('{"type": "wake", "call": "c1", "role": "caller", "peer": "a/b/c"}', "peer", "bad_message"),
+    ('{"type": "offer", "call": "c1", "leg": "c1", "sdp": "hello"}', "sdp", "bad_message"),
+    ('{"type": "woken", "call": "c1", "at": -1}', "at", "bad_message"),
+    ('{"type": "woken", "call": "c1", "at": true}', "at", "bad_message"),
+    ('{"type": "call_update", "call": "c1", "events": {"t_bogus": 1}}', "events.t_bogus",
+     "bad_message"),
+    ('{"type": "stats", "call": "c1", "media": {"frames": -1}}', "media.frames", "bad_message"),
+    ('{"type": "stats", "call": "c1", "media": {"frames": "x"}}', "media.frames", "bad_message"),
+    ('{"type": "announce", "server": "a", "url": "u", "devices": [{"id": "d", "server": "b"}]}',
+     "devices[0].server", "bad_message"),
+])
+def test_refused_with_field(raw, field, code):
+    with pytest.raises(MessageError) as caught:
+        decode(raw)
+    assert caught.value.field == field
+    assert caught.value.code == code
+    assert caught.value.message
+
+
+def test_link_direction_is_enforced():
+    with pytest.raises(MessageError) as caught:
+        decode(Wake(call="c", role="caller", peer="a/b").to_json(), DEVICE_TO_SERVER)
+    assert caught.value.code == "unexpected_type"
+    assert isinstance(decode(Register(device="x").to_json(), DEVICE_TO_SERVER), Register)
+    with pytest.raises(MessageError):
+        decode(Register(device="x").to_json(), CHILD_TO_PARENT)
+
+
+def test_oversized_frame_refused():
+    with pytest.raises(MessageError) as caught:
+        decode('{"type": "register", "device": "' + "x" * 300_000 + '"}')
+    assert caught.value.code == "too_large"
+
+
+def test_every_type_is_registered_once():
+    types = message_types()
+    assert {"register", "wake", "offer", "answer", "hangup", "stats", "call_setup",
+            "call_update", "directory", "announce", "error"} <= set(types)
+
+
+def test_create_call_body_and_addresses():
+    assert CreateCall.from_dict({"caller": "lower-a/cam-1", "callee": "cam-2"}).callee == "cam-2"
+    with pytest.raises(MessageError) as caught:
+        CreateCall.from_dict({"caller": "lower-a/cam-1"})
+    assert caught.value.field == "callee"
+    assert split_address("lower-a/cam-1") == ("lower-a", "cam-1")
+    assert split_address("cam-1") == (None, "cam-1")
+
+
+def test_device_info_carries_address():
+    data = json.loads(DeviceInfo(id="cam-1", server="lower-a").to_json())
+    assert data["address"] == "lower-a/cam-1"
+    assert DeviceInfo.from_dict(data).address == "lower-a/cam-1"

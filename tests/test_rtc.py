@@ -1,0 +1,25 @@
+"""The aiortc/aioice internals relay/rtc.py relies on are still there, and do what we need."""
+
+from __future__ import annotations
+
+from relay.rtc import MediaSettings, check_internals, new_peer_connection, restrict_host_candidates
+
+
+def test_internals_present():
+    assert check_internals() == []
+
+
+async def test_host_candidates_only_on_given_addresses():
+    pc = new_peer_connection(MediaSettings(addresses=("127.0.0.1",)))
+    try:
+        pc.addTransceiver("audio")
+        pc.addTransceiver("video")
+        restrict_host_candidates(pc, ["127.0.0.1"])
+        await pc.setLocalDescription(await pc.createOffer())
+        candidates = [line for line in pc.localDescription.sdp.splitlines()
+                      if line.startswith("a=candidate:")]
+        assert candidates, pc.localDescription.sdp
+        assert all(" 127.0.0.1 " in c for c in candidates), candidates
+        assert not any("srflx" in c for c in candidates)  # no STUN server asked
+    finally:
+        await pc.close()
