@@ -7,18 +7,19 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from relay.logs import event
-from relay.messages import Error, Message, MessageError, decode
+from relay.messages import MAX_MESSAGE_BYTES, Error, Message, MessageError, decode
 from relay.node import Channel, ChannelKind
 
 log = logging.getLogger("relay.links")
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+M = TypeVar("M", bound=Message)
 
 
 class WebSocketChannel(Channel):
@@ -80,6 +81,37 @@ async def refuse_frame(ws: WebSocket, exc: MessageError, peer: str, raw: Any = N
           reason=exc.message, ref=ref)
     if not ws.closed:
         await ws.send_str(Error.from_exception(exc, ref=ref).to_json())
+
+
+async def accept_link(request: web.Request, first: type[M], heartbeat_s: float,
+                      refuse: Callable[[M], tuple[str, str] | None],
+                      ) -> tuple[web.WebSocketResponse, M | None]:
+    """Open a WebSocket whose first message must be ``first``.
+
+    ``refuse`` returns ``(code, reason)`` to turn the peer away (e.g. a name already taken), or
+    None to accept; a refused peer gets an error saying why, and the link is closed.
+    Returns the socket and the first message (None if the peer was turned away).
+    """
+    ws = web.WebSocketResponse(heartbeat=heartbeat_s, max_msg_size=MAX_MESSAGE_BYTES)
+    await ws.prepare(request)
+    peer = request.remote or "peer"
+    message = await receive(ws, (first,), peer, timeout=10)
+    if not isinstance(message, first):
+        await ws.close()
+        return ws, None
+    refusal = refuse(message)
+    if refusal is not None:
+        code, text = refusal
+        event(log, "link.refused", logging.WARNING, peer=peer, code=code, reason=text)
+        await ws.send_str(Error(code=code, message=text, field=_name_field(message),
+                                ref=first.TYPE).to_json())
+        await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode())
+        return ws, None
+    return ws, message
+
+
+def _name_field(message: Message) -> str:
+    return "device" if hasattr(message, "device") else "server"
 
 
 async def serve_messages(channel: WebSocketChannel, allowed: Collection[type[Message]],

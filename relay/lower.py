@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.call import Call
-from relay.links import WebSocketChannel, receive, serve_messages
+from relay.links import WebSocketChannel, accept_link, receive, serve_messages
 from relay.logs import event
 from relay.messages import (
     DEVICE_TO_SERVER,
@@ -54,9 +54,7 @@ class LowerServer(Node):
     role = "lower"
 
     def __init__(self, settings: ServerSettings, clock: Clock = time.time) -> None:
-        super().__init__(settings.name, settings.media, settings.timeouts, clock)
-        self.settings = settings
-        self.url = settings.public_url or ""
+        super().__init__(settings, clock)
         self.devices: dict[str, WebSocketChannel] = {}
         self.busy: set[str] = set()
         #: Devices of the rest of the tree, by address, as the parent last told us.
@@ -74,22 +72,13 @@ class LowerServer(Node):
 
     async def device_link(self, request: web.Request) -> web.WebSocketResponse:
         """``GET /v1/device``: a device's WebSocket. Its first message must be ``register``."""
-        ws = web.WebSocketResponse(heartbeat=self.settings.heartbeat_s,
-                                   max_msg_size=MAX_MESSAGE_BYTES)
-        await ws.prepare(request)
-        peer = request.remote or "device"
-        first = await receive(ws, (Register,), peer, timeout=10)
-        if not isinstance(first, Register):
-            await ws.close()
+        ws, first = await accept_link(
+            request, Register, self.settings.heartbeat_s,
+            lambda m: ("duplicate_device", f"device {m.device!r} is already registered on "
+                       f"{self.name}") if m.device in self.devices else None)
+        if first is None:
             return ws
-        if first.device in self.devices:
-            text = f"device {first.device!r} is already registered on {self.name}"
-            event(log, "device.refused", logging.WARNING, device=first.device, peer=peer,
-                  reason="duplicate_device")
-            await ws.send_str(Error(code="duplicate_device", message=text, field="device",
-                                    ref="register").to_json())
-            await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"duplicate device")
-            return ws
+        peer = request.remote
         channel = WebSocketChannel(ws, "device", first.device)
         self.devices[first.device] = channel
         await channel.send(Registered(server=self.name, device=first.device,

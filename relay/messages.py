@@ -342,10 +342,9 @@ class Registered(Message):
 
 
 @dataclass(frozen=True)
-class Woken(Message):
-    """The device acknowledges a wake-up; ``at`` is its own clock."""
+class _Moment(Message):
+    """Something that happened at a device during a call, at ``at`` on the device's clock."""
 
-    TYPE = "woken"
     call: str
     at: float
 
@@ -355,16 +354,17 @@ class Woken(Message):
 
 
 @dataclass(frozen=True)
-class FirstFrame(Message):
-    """The device decoded the first video frame of the other party at ``at``."""
+class Woken(_Moment):
+    """The device acknowledges a wake-up."""
+
+    TYPE = "woken"
+
+
+@dataclass(frozen=True)
+class FirstFrame(_Moment):
+    """The device decoded the first video frame of the other party."""
 
     TYPE = "first_frame"
-    call: str
-    at: float
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        check_time(self.at, "at")
 
 
 @dataclass(frozen=True)
@@ -400,8 +400,9 @@ class Wake(Message):
 
 
 @dataclass(frozen=True)
-class Offer(Message):
-    TYPE = "offer"
+class _Description(Message):
+    """An SDP description for one leg of a call (every ICE candidate included: no trickle)."""
+
     call: str
     leg: str
     sdp: str
@@ -409,28 +410,21 @@ class Offer(Message):
     def __post_init__(self) -> None:
         check_call_id(self.call)
         check_call_id(self.leg, "leg")
-        _check_sdp(self.sdp)
+        if len(self.sdp) > MAX_SDP_CHARS:
+            raise MessageError(f"sdp is longer than {MAX_SDP_CHARS} characters", field="sdp")
+        if not self.sdp.startswith("v=0"):
+            raise MessageError("sdp must be an SDP session description starting with 'v=0'",
+                               field="sdp")
 
 
 @dataclass(frozen=True)
-class Answer(Message):
+class Offer(_Description):
+    TYPE = "offer"
+
+
+@dataclass(frozen=True)
+class Answer(_Description):
     TYPE = "answer"
-    call: str
-    leg: str
-    sdp: str
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        check_call_id(self.leg, "leg")
-        _check_sdp(self.sdp)
-
-
-def _check_sdp(sdp: str) -> None:
-    if len(sdp) > MAX_SDP_CHARS:
-        raise MessageError(f"sdp is longer than {MAX_SDP_CHARS} characters", field="sdp")
-    if not sdp.startswith("v=0"):
-        raise MessageError("sdp must be an SDP session description starting with 'v=0'",
-                           field="sdp")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from aiortc import MediaStreamTrack
 from aiortc.contrib.media import MediaRelay
 
-from relay.call import Call, CallState, CallStateError, MediaReport, Milestone, Timeouts
+from relay.call import Call, CallState, CallStateError, MediaReport, Milestone
 from relay.leg import Bridge, Leg
 from relay.logs import event
 from relay.messages import (
@@ -48,7 +48,7 @@ from relay.messages import (
     Wake,
     Woken,
 )
-from relay.rtc import MediaSettings
+from relay.settings import ServerSettings
 
 log = logging.getLogger("relay.node")
 
@@ -111,11 +111,11 @@ class Node:
     #: How many ended calls to keep for GET /v1/calls/{id}.
     ENDED_KEPT = 10_000
 
-    def __init__(self, name: str, media: MediaSettings, timeouts: Timeouts | None = None,
-                 clock: Clock = time.time) -> None:
-        self.name = name
-        self.media = media
-        self.timeouts = timeouts or Timeouts()
+    def __init__(self, settings: ServerSettings, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.media = settings.media
+        self.timeouts = settings.timeouts
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.ended: OrderedDict[str, Call] = OrderedDict()
@@ -126,7 +126,7 @@ class Node:
         self._ticker: asyncio.Task[None] | None = None
         #: Set once the server listens and knows its URL (the parent link waits for it).
         self.listening = asyncio.Event()
-        self.url = ""
+        self.url = settings.public_url or ""
 
     # ------------------------------------------------------------------ lifetime
 
@@ -335,9 +335,9 @@ class Node:
                 await self.refuse(channel, message, "protocol_error",
                                   "this server makes the offer on this leg", "type")
                 return
-            self.spawn(self._answer(session, port, message), session, f"{call_id}-answer")
+            self.spawn(self._negotiate(session, port, message), session, f"{call_id}-answer")
         elif isinstance(message, Answer):
-            self.spawn(self._accept(session, port, message), session, f"{call_id}-accept")
+            self.spawn(self._negotiate(session, port, message), session, f"{call_id}-accept")
         elif isinstance(message, Hangup):
             self.end_session(session, message.reason, source=channel)
         elif isinstance(message, CallUpdate):
@@ -382,27 +382,23 @@ class Node:
         if before is not call.state:
             self._notify()
 
-    async def _answer(self, session: Session, port: Port, offer: Offer) -> None:
+    async def _negotiate(self, session: Session, port: Port, description: Offer | Answer) -> None:
+        """Apply the peer's offer (and answer it) or its answer to our offer."""
         try:
-            sdp = await port.leg.create_answer(offer.sdp)
+            if isinstance(description, Offer):
+                sdp = await port.leg.create_answer(description.sdp)
+            else:
+                await port.leg.accept_answer(description.sdp)
         except Exception as exc:  # a bad SDP from the peer must not take the server down
-            event(log, "leg.bad_offer", logging.WARNING, call=session.call.id,
-                  leg=port.leg.name, error=repr(exc))
-            await port.channel.send(Error(code="bad_sdp", message=f"offer refused: {exc}",
-                                          field="sdp", call=session.call.id, ref="offer"))
+            event(log, "leg.bad_sdp", logging.WARNING, call=session.call.id,
+                  leg=port.leg.name, ref=description.TYPE, error=repr(exc))
+            await port.channel.send(Error(code="bad_sdp", message=f"{description.TYPE} "
+                                          f"refused: {exc}", field="sdp", call=session.call.id,
+                                          ref=description.TYPE))
             self.end_session(session, "bad_sdp")
             return
-        await port.channel.send(Answer(call=session.call.id, leg=offer.leg, sdp=sdp))
-
-    async def _accept(self, session: Session, port: Port, answer: Answer) -> None:
-        try:
-            await port.leg.accept_answer(answer.sdp)
-        except Exception as exc:  # a bad SDP from the peer must not take the server down
-            event(log, "leg.bad_answer", logging.WARNING, call=session.call.id,
-                  leg=port.leg.name, error=repr(exc))
-            await port.channel.send(Error(code="bad_sdp", message=f"answer refused: {exc}",
-                                          field="sdp", call=session.call.id, ref="answer"))
-            self.end_session(session, "bad_sdp")
+        if isinstance(description, Offer):
+            await port.channel.send(Answer(call=session.call.id, leg=description.leg, sdp=sdp))
 
     async def refuse(self, channel: Channel, message: Message | None, code: str, text: str,
                      field_name: str | None = None) -> None:

@@ -8,15 +8,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from relay.call import Call
-from relay.links import WebSocketChannel, receive, serve_messages
+from relay.links import WebSocketChannel, accept_link, serve_messages
 from relay.logs import event
 from relay.messages import (
     CHILD_TO_PARENT,
-    MAX_MESSAGE_BYTES,
     Announce,
     CallSetup,
     ChildInfo,
@@ -45,9 +43,7 @@ class UpperServer(Node):
     role = "upper"
 
     def __init__(self, settings: ServerSettings, clock: Clock = time.time) -> None:
-        super().__init__(settings.name, settings.media, settings.timeouts, clock)
-        self.settings = settings
-        self.url = settings.public_url or ""
+        super().__init__(settings, clock)
         self.children: dict[str, Child] = {}
         self.directory: dict[str, DeviceInfo] = {}
 
@@ -63,21 +59,12 @@ class UpperServer(Node):
 
     async def child_link(self, request: web.Request) -> web.WebSocketResponse:
         """``GET /v1/trunk``: a lower server's trunk. Its first message must be ``announce``."""
-        ws = web.WebSocketResponse(heartbeat=self.settings.heartbeat_s,
-                                   max_msg_size=MAX_MESSAGE_BYTES)
-        await ws.prepare(request)
-        peer = request.remote or "child"
-        first = await receive(ws, (Announce,), peer, timeout=10)
-        if not isinstance(first, Announce):
-            await ws.close()
-            return ws
-        if first.server in self.children or first.server == self.name:
-            text = f"a server named {first.server!r} is already connected to {self.name}"
-            event(log, "child.refused", logging.WARNING, server=first.server, peer=peer,
-                  reason="duplicate_server")
-            await ws.send_str(Error(code="duplicate_server", message=text, field="server",
-                                    ref="announce").to_json())
-            await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"duplicate server")
+        ws, first = await accept_link(
+            request, Announce, self.settings.heartbeat_s,
+            lambda m: ("duplicate_server", f"a server named {m.server!r} is already connected to "
+                       f"{self.name}") if m.server in self.children or m.server == self.name
+            else None)
+        if first is None:
             return ws
         channel = WebSocketChannel(ws, "child", first.server)
         self.children[first.server] = Child(channel, first.url)
