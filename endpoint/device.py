@@ -155,6 +155,8 @@ class Device:
         self.pending: dict[str, Wake] = {}
         self.registered = asyncio.Event()
         self.address: str | None = None
+        #: the last heartbeat the server echoed
+        self.last_heartbeat: int | None = None
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         backoff = 0.2
@@ -174,9 +176,11 @@ class Device:
                     self.registered.set()
                     backoff = 0.2
                     event(log, "device.registered", device=self.id, address=reply.address)
+                    beat = asyncio.create_task(self._heartbeat(channel))
                     try:
                         await self._serve(channel)
                     finally:
+                        beat.cancel()
                         self.registered.clear()
                         await self._end_all()
                         event(log, "device.disconnected", logging.WARNING, device=self.id)
@@ -185,6 +189,13 @@ class Device:
                       error=repr(exc), retry_s=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _heartbeat(self, channel: WebSocketChannel) -> None:
+        """An application-level heartbeat, answered by the server with the same ``seq``."""
+        seq = 0
+        while await channel.send(Heartbeat(seq=seq)):
+            seq += 1
+            await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _serve(self, channel: WebSocketChannel) -> None:
         while True:
@@ -230,7 +241,7 @@ class Device:
                       reason=message.reason, frames=final.media.frames,
                       latency_ms_p50=final.media.latency_ms_p50)
         elif isinstance(message, Heartbeat):
-            pass
+            self.last_heartbeat = message.seq
         elif isinstance(message, Error):
             event(log, "device.server_error", logging.WARNING, device=self.id,
                   code=message.code, reason=message.message, call=message.call)

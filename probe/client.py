@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -109,11 +110,24 @@ async def discover(session: aiohttp.ClientSession, urls: list[str]) -> list[Serv
                                  devices if info.role == "lower" else [])
 
     await asyncio.gather(*(visit(u) for u in urls))
-    extra = [c.url for s in list(seen.values()) for c in s.info.children
-             if c.name not in seen and c.url]
+    # From a lower server up to its parent, and from an upper server down to its children.
+    parents = {http_url(s.info.parent) for s in seen.values()
+               if s.info.parent and s.info.parent_connected}
+    known = {s.url for s in seen.values()}
+    if parents - known:
+        await asyncio.gather(*(visit(u) for u in parents - known))
+    extra = {c.url for s in list(seen.values()) for c in s.info.children
+             if c.name not in seen and c.url}
     if extra:
         await asyncio.gather(*(visit(u) for u in extra))
     return sorted(seen.values(), key=lambda s: (s.info.role != "lower", s.name))
+
+
+def http_url(url: str) -> str:
+    """A server's HTTP base URL from the ws:// or http:// URL it was given as a parent."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
 
 
 def lower_servers(servers: list[Server]) -> list[Server]:

@@ -56,6 +56,18 @@ async def test_cross_server_call_media_both_ways(tree: Tree):
     assert summary["ok"] == 1 and "latency_ms_caller_to_callee" in summary["figures"]
 
 
+async def test_discovery_from_one_lower_server_finds_the_tree(tree: Tree):
+    servers = await discover(tree.session, [tree.lowers["lower-b"].url])
+    assert [s.name for s in servers] == ["lower-a", "lower-b", "upper"]
+    assert {d.address for s in servers for d in s.devices} == {
+        "lower-a/cam-1", "lower-a/cam-3", "lower-b/cam-2"}
+
+
+async def test_device_heartbeat_is_echoed(tree: Tree):
+    device = tree.devices["lower-a/cam-1"]
+    await tree.until(lambda: device.last_heartbeat is not None, 5)
+
+
 async def test_same_server_call_is_bridged_locally(tree: Tree):
     servers = await discover(tree.session, [tree.lowers["lower-a"].url])
     result = await run_call(tree.session, servers, "lower-a/cam-1", "cam-3", hold_s=1.0)
