@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to gather ICE host candidates on (repeatable); default: "
                             "every non-loopback address (env RELAY_MEDIA_ADDRESSES)")
         s.add_argument("--ice-server", action="append", default=None, help="stun:/turn: URL")
+        s.add_argument("--media-mode", choices=["forward", "transcode"],
+                       default=env.get("media_mode", "forward"),
+                       help="forward encoded media (default), or decode and re-encode every "
+                            "stream (a baseline for comparison)")
         s.add_argument("--setup-timeout", type=float, default=float(env.get("setup_timeout",
                                                                             "20")))
         s.add_argument("--log-level", default=env.get("log_level", "info"))
@@ -59,7 +63,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         role=args.command, name=args.name, host=args.host, port=args.port,
         parent=getattr(args, "parent", None) or None, public_url=args.public_url,
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
-        timeouts=Timeouts(setup=args.setup_timeout))
+        timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode)
 
 
 async def run_stack(args: argparse.Namespace) -> int:

@@ -98,7 +98,8 @@ async def get_devices(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     node = request.app[NODE]
     body: dict[str, object] = {"status": "ok", "name": node.name, "role": node.role,
-                               "calls": len(node.sessions)}
+                               "calls": len(node.sessions),
+                               "forwarding": dataclasses.asdict(node.forwarding)}
     if isinstance(node, LowerServer):
         body["devices"] = len(node.devices)
         body["parent_connected"] = node.parent is not None

@@ -117,6 +117,9 @@ class Call:
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)
     reason: str | None = None
+    #: where this call's media is decoded and re-encoded ("SERVER:KIND:DIRECTION"); empty when
+    #: every hop forwards
+    transcoded: list[str] = field(default_factory=list)
 
     def handle(self, event: CallEvent) -> Transition:
         """Apply one event. Raises CallStateError (and changes nothing) if it does not fit."""

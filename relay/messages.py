@@ -513,6 +513,7 @@ class CallUpdate(Message):
     call: str
     events: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)
+    transcoded: list[str] = field(default_factory=list)  #: "SERVER:KIND:DIRECTION"
 
     def __post_init__(self) -> None:
         check_call_id(self.call)
@@ -596,6 +597,8 @@ class CallInfo(Body):
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)
     reason: str | None = None
+    #: where media is decoded and re-encoded on its way ("SERVER:KIND:DIRECTION"), if anywhere
+    transcoded: list[str] = field(default_factory=list)
     server_time_ms: float | None = None  #: time the server spent on this request
 
 

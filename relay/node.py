@@ -27,11 +27,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from aiortc import MediaStreamTrack
 from aiortc.contrib.media import MediaRelay
 
 from relay.call import Call, CallState, CallStateError, MediaReport, Milestone
-from relay.leg import Bridge, Leg
+from relay.forward import Bridge, Forwarder, ForwardingStats
+from relay.leg import Leg
 from relay.logs import event
 from relay.messages import (
     Answer,
@@ -88,6 +88,7 @@ class Session:
     call: Call
     upstream: Port
     downstream: Port
+    bridge: Bridge
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
@@ -119,8 +120,8 @@ class Node:
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.ended: OrderedDict[str, Call] = OrderedDict()
-        self._relay = MediaRelay()
-        self._bridge = Bridge(self._relay)
+        self._relay = MediaRelay()  # decodes, for the transcoding fallback only
+        self.forwarding = ForwardingStats()
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -176,9 +177,18 @@ class Node:
     def start_session(self, call: Call, upstream: tuple[Channel, Role | None],
                       downstream: tuple[Channel, Role | None]) -> Session:
         """Create the session's two legs and start signalling on the ports this server drives."""
-        up = Port(upstream[0], self._new_leg(call.id, upstream[0]), upstream[1])
-        down = Port(downstream[0], self._new_leg(call.id, downstream[0]), downstream[1])
-        session = Session(call, up, down)
+        on_media_up = None
+        if upstream[1] == "caller" and "t_media_up" not in call.timeline:
+            def on_media_up() -> None:
+                self.record(call.id, "t_media_up", self.clock())
+        bridge = Bridge(call.id, self.forwarding, self._relay,
+                        transcode_all=self.settings.media_mode == "transcode",
+                        on_media_up=on_media_up,
+                        on_transcode=lambda f: self._on_transcode(call.id, f))
+        up = Port(upstream[0], self._new_leg(call.id, upstream[0], bridge, True), upstream[1])
+        down = Port(downstream[0], self._new_leg(call.id, downstream[0], bridge, False),
+                    downstream[1])
+        session = Session(call, up, down, bridge)
         self.sessions[call.id] = session
         for port in session.ports:
             if port.channel.kind == "device":
@@ -189,9 +199,9 @@ class Node:
               upstream=up.channel.name, downstream=down.channel.name)
         return session
 
-    def _new_leg(self, call_id: str, channel: Channel) -> Leg:
+    def _new_leg(self, call_id: str, channel: Channel, bridge: Bridge, upstream: bool) -> Leg:
         return Leg(call_id, f"{channel.kind}:{channel.name}", self.media,
-                   on_track=lambda leg, track: self._on_track(call_id, leg, track),
+                   on_ready=lambda transceivers: bridge.leg_ready(transceivers, upstream),
                    on_failed=lambda leg: self._on_leg_failed(call_id, leg))
 
     async def _drive_device(self, session: Session, port: Port) -> None:
@@ -213,18 +223,14 @@ class Node:
         sdp = await port.leg.create_offer()
         await port.channel.send(Offer(call=call.id, leg=call.id, sdp=sdp))
 
-    def _on_track(self, call_id: str, leg: Leg, track: MediaStreamTrack) -> None:
+    def _on_transcode(self, call_id: str, forwarder: Forwarder) -> None:
+        """A direction of this call fell back to transcoding: the call's record says where."""
         session = self.sessions.get(call_id)
         if session is None:
             return
-        port = session.upstream if session.upstream.leg is leg else session.downstream
-        on_first = None
-        if (track.kind == "video" and port.device_role == "caller"
-                and "t_media_up" not in session.call.timeline):
-            def on_first() -> None:
-                self.record(call_id, "t_media_up", self.clock())
-        self._bridge.connect(track, session.other(port).leg, on_first)
-        event(log, "leg.track", call=call_id, leg=leg.name, kind=track.kind)
+        where = f"{self.name}:{forwarder.kind}:{forwarder.direction}"
+        session.call.transcoded.append(where)
+        self._forward_update(session, CallUpdate(call=call_id, transcoded=[where]), None)
 
     def _on_leg_failed(self, call_id: str, leg: Leg) -> None:
         session = self.sessions.get(call_id)
@@ -302,6 +308,7 @@ class Node:
                 task.cancel()
         await asyncio.gather(*[t for t in session.tasks if t is not current],
                              return_exceptions=True)
+        session.bridge.close()
         await asyncio.gather(*(port.leg.close() for port in session.ports),
                              return_exceptions=True)
 
@@ -378,6 +385,7 @@ class Node:
                       reason=exc.message, source=channel.name)
         for direction, stats in update.media.items():
             call.handle(MediaReport(direction, stats))
+        call.transcoded.extend(w for w in update.transcoded if w not in call.transcoded)
         self._forward_update(session, update, channel)
         if before is not call.state:
             self._notify()
@@ -418,4 +426,5 @@ class Node:
     def call_info(self, call: Call) -> CallInfo:
         return CallInfo(call=call.id, state=call.state.value, caller=call.caller,
                         callee=call.callee, server=self.name, timeline=dict(call.timeline),
-                        media=dict(call.media), reason=call.reason)
+                        media=dict(call.media), reason=call.reason,
+                        transcoded=list(call.transcoded))

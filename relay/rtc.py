@@ -1,7 +1,7 @@
 """Everything that reaches into aiortc and aioice internals lives here, and only here.
 
 Checked against aiortc 1.16 / aioice 0.13 (pinned in pyproject.toml); tests/test_rtc.py fails
-loudly if an internal this module relies on moves.
+loudly if an internal this module relies on moves (see :func:`check_internals`).
 
 Why internals at all:
 - aioice leaves 127.0.0.1 out of its host candidates, so a call "on loopback" would really pair on
@@ -9,17 +9,36 @@ Why internals at all:
   host candidates on exactly those.
 - aiortc asks a public STUN server unless told otherwise: every peer connection gets an explicit
   configuration without one (or with the servers the operator configured).
+- Forwarding without transcoding: aiortc's receiver always reassembles and decodes, and its sender
+  always encodes or re-packetizes. :class:`ReceiverTap` takes each decrypted RTP packet off a
+  receiver (keeping aiortc's RTCP statistics, RTX unwrapping and NACK generation), and
+  :class:`SenderTap` sends packets as a sender's own stream (its SSRC, payload type and MID, kept
+  in its history so aiortc's NACK/RTX answering works) and hands PLI/FIR to the relay.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aioice import Connection
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+)
+from aiortc.clock import current_ntp_time
+from aiortc.codecs import is_rtx
 from aiortc.rtcconfiguration import RTCBundlePolicy
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.rtcrtpsender import RTP_HISTORY_SIZE
+from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket, RtpPacket, unwrap_rtx
+from aiortc.utils import random16, random32
 
 
 @dataclass(frozen=True)
@@ -77,12 +96,127 @@ def _gather_on(addresses: tuple[str, ...]):
     return gather_candidates
 
 
+PacketHandler = Callable[[RtpPacket, RTCRtpCodecParameters], Awaitable[None]]
+
+
+class ReceiverTap:
+    """Takes every decrypted RTP packet off ``receiver`` and hands it to ``handler``.
+
+    What aiortc does per packet and a relay still needs is kept: RTCP receiver statistics (so
+    receiver reports stay true), RTX unwrapping, and NACKs for missing packets (loss is repaired on
+    each hop). What it does not need (jitter buffer, decoder, bitrate estimator) is skipped.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
+        self.receiver = receiver
+        self._handler = handler
+        # The same dict objects aiortc fills in receive(): looked up once, not per packet.
+        self._codecs: dict[int, RTCRtpCodecParameters] = receiver._RTCRtpReceiver__codecs
+        self._streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams
+        self._rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc
+        self._nack = receiver._RTCRtpReceiver__nack_generator
+        receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
+
+    async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        codec = self._codecs.get(packet.payload_type)
+        if codec is None:
+            return
+        stats = self._streams.get(packet.ssrc)
+        if stats is None:
+            stats = self._streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+        if is_rtx(codec):
+            original = self._rtx_ssrc.get(packet.ssrc)
+            apt = codec.parameters.get("apt")
+            if original is None or len(packet.payload) < 2 or apt not in self._codecs:
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original)  # type: ignore[arg-type]
+            codec = self._codecs[apt]  # type: ignore[index]
+        if self._nack is not None and self._nack.add(packet):
+            await self.receiver._send_rtcp_nack(packet.ssrc, sorted(self._nack.missing))
+        await self._handler(packet, codec)
+
+    def release(self) -> None:
+        """Give the packet path back to aiortc (it decodes again: the transcoding fallback)."""
+        self.receiver.__dict__.pop("_handle_rtp_packet", None)
+
+    def stop_decoder(self) -> None:
+        """Stop the decoder thread aiortc started for this receiver: nothing will be decoded."""
+        self.receiver._RTCRtpReceiver__stop_decoder()
+
+    async def request_keyframe(self, ssrc: int) -> None:
+        await self.receiver._send_rtcp_pli(ssrc)
+
+
+class SenderTap:
+    """Sends forwarded packets as ``sender``'s own stream, and reports keyframe requests.
+
+    ``on_keyframe_request`` is called for each PLI/FIR from downstream; it returns True when it
+    handled the request, False to let aiortc handle it (an encoder makes a keyframe).
+    """
+
+    def __init__(self, transceiver: RTCRtpTransceiver,
+                 on_keyframe_request: Callable[[], bool]) -> None:
+        sender: RTCRtpSender = transceiver.sender
+        self.sender = sender
+        self.transceiver = transceiver
+        self._history: dict[int, RtpPacket] = sender._RTCRtpSender__rtp_history
+        self._extensions = sender._RTCRtpSender__rtp_header_extensions_map
+        self._original = sender._handle_rtcp_packet
+        self._on_keyframe_request = on_keyframe_request
+        sender._handle_rtcp_packet = self._handle_rtcp  # type: ignore[method-assign]
+
+    async def _handle_rtcp(self, packet: object) -> None:
+        if (isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR)
+                and self._on_keyframe_request()):
+            return
+        await self._original(packet)
+
+    @property
+    def codec(self) -> RTCRtpCodecParameters | None:
+        """The codec this sender sends with, once negotiated and started."""
+        if not self.sender._RTCRtpSender__started:
+            return None
+        codecs = self.transceiver._codecs
+        return codecs[0] if codecs else None
+
+    async def send(self, packet: RtpPacket, payload_type: int) -> int:
+        """Send ``packet`` (sequence number and timestamp already mapped); returns its size.
+
+        Raises ConnectionError if the leg is not connected.
+        """
+        sender = self.sender
+        packet.ssrc = sender._ssrc
+        packet.payload_type = payload_type
+        packet.extensions.mid = sender._RTCRtpSender__mid
+        self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
+        data = packet.serialize(self._extensions)
+        await sender.transport._send_rtp(data)
+        # What the sender's RTCP sender reports say about the stream.
+        sender._RTCRtpSender__ntp_timestamp = current_ntp_time()
+        sender._RTCRtpSender__rtp_timestamp = packet.timestamp
+        sender._RTCRtpSender__octet_count += len(packet.payload)
+        sender._RTCRtpSender__packet_count += 1
+        return len(data)
+
+    @staticmethod
+    def new_origin() -> tuple[int, int]:
+        """A random (sequence number, timestamp) origin for a new outgoing stream."""
+        return random16(), random32()
+
+
 def check_internals() -> list[str]:
     """Names of the aiortc/aioice internals this project relies on that are missing."""
     missing: list[str] = []
     for owner, name in (
         (Connection, "get_component_candidates"),
         (Connection, "gather_candidates"),
+        (RTCRtpReceiver, "_handle_rtp_packet"),
+        (RTCRtpReceiver, "_send_rtcp_nack"),
+        (RTCRtpReceiver, "_send_rtcp_pli"),
+        (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder"),
+        (RTCRtpSender, "_handle_rtcp_packet"),
+        (RTCRtpSender, "_retransmit"),
     ):
         if not hasattr(owner, name):
             missing.append(f"{owner.__module__}.{owner.__qualname__}.{name}")
@@ -92,3 +226,26 @@ def check_internals() -> list[str]:
         if not hasattr(probe, name):
             missing.append(f"aioice.Connection().{name}")
     return missing
+
+
+#: Instance attributes the taps read, per class (checked on live objects by the tests).
+INSTANCE_INTERNALS: dict[str, tuple[str, ...]] = {
+    "RTCRtpReceiver": ("_RTCRtpReceiver__codecs", "_RTCRtpReceiver__remote_streams",
+                       "_RTCRtpReceiver__rtx_ssrc", "_RTCRtpReceiver__nack_generator"),
+    "RTCRtpSender": ("_RTCRtpSender__rtp_history", "_RTCRtpSender__rtp_header_extensions_map",
+                     "_RTCRtpSender__started", "_RTCRtpSender__mid",
+                     "_RTCRtpSender__ntp_timestamp", "_RTCRtpSender__rtp_timestamp",
+                     "_RTCRtpSender__octet_count", "_RTCRtpSender__packet_count"),
+    "RTCRtpTransceiver": ("_codecs",),
+}
+
+
+def check_instance_internals(pc: RTCPeerConnection) -> list[str]:
+    """The instance internals missing from the transceivers of a live peer connection."""
+    missing = []
+    for transceiver in pc.getTransceivers():
+        for obj in (transceiver, transceiver.sender, transceiver.receiver):
+            for name in INSTANCE_INTERNALS[type(obj).__name__]:
+                if not hasattr(obj, name):
+                    missing.append(f"{type(obj).__name__}().{name}")
+    return sorted(set(missing))

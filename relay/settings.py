@@ -28,6 +28,9 @@ class ServerSettings:
     media: MediaSettings = field(default_factory=MediaSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     heartbeat_s: float = 2.0
+    #: "forward" (encoded packets, the default) or "transcode" (decode + re-encode every stream:
+    #: the baseline a simple relay would be, for comparisons)
+    media_mode: Literal["forward", "transcode"] = "forward"
 
     def __post_init__(self) -> None:
         if self.role not in ("lower", "upper"):
@@ -40,6 +43,9 @@ class ServerSettings:
             raise SettingsError(f"port {self.port} is out of range")
         if self.parent is not None:
             parent_url(self.parent, "")  # raises SettingsError if malformed
+        if self.media_mode not in ("forward", "transcode"):
+            raise SettingsError(f"media_mode must be 'forward' or 'transcode', not "
+                                f"{self.media_mode!r}")
         if self.heartbeat_s <= 0:
             raise SettingsError("heartbeat_s must be positive")
 
