@@ -16,6 +16,9 @@ from relay.logs import setup_logging
 from relay.rtc import MediaSettings
 from relay.settings import split_list
 
+CODEC_CHOICES = {"any": ("video/VP8", "video/H264"), "vp8": ("video/VP8",),
+                 "h264": ("video/H264",)}
+
 
 def device_ids(prefix: str, count: int, start: int) -> list[str]:
     """``cam``, 1 -> [cam]; ``cam``, 3, start 1 -> [cam-1, cam-2, cam-3]."""
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=env("ENDPOINT_VIDEO", "synthetic"),
                    choices=["synthetic"], help="video source")
     p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"), choices=["tone", "none"])
+    p.add_argument("--codec", default=env("ENDPOINT_CODEC", "any"), choices=list(CODEC_CHOICES),
+                   help="video codecs this device takes: vp8, h264, or any (VP8 first)")
     p.add_argument("--size", type=parse_size, default=parse_size(env("ENDPOINT_SIZE", "640x480")))
     p.add_argument("--fps", type=float, default=float(env("ENDPOINT_FPS", "30")))
     p.add_argument("--media-address", action="append", default=None,
@@ -63,7 +68,8 @@ async def run(args: argparse.Namespace) -> None:
             "ENDPOINT_MEDIA_ADDRESSES"))),
         ice_servers=tuple(args.ice_server or ()))
     settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
-                              audio=args.audio != "none", media=media)
+                              audio=args.audio != "none", media=media,
+                              codecs=CODEC_CHOICES[args.codec])
     devices = [Device(args.server, d, settings)
                for d in device_ids(args.device, args.count, args.start)]
     stop = asyncio.Event()

@@ -24,6 +24,7 @@ from relay.logs import event
 from relay.messages import (
     MAX_MESSAGE_BYTES,
     SERVER_TO_DEVICE,
+    VIDEO_CODECS,
     Answer,
     Error,
     FirstFrame,
@@ -38,7 +39,12 @@ from relay.messages import (
     Wake,
     Woken,
 )
-from relay.rtc import MediaSettings, new_peer_connection, restrict_host_candidates
+from relay.rtc import (
+    MediaSettings,
+    new_peer_connection,
+    prefer_video_codec,
+    restrict_host_candidates,
+)
 from relay.settings import parent_url
 
 log = logging.getLogger("endpoint.device")
@@ -52,6 +58,8 @@ class DeviceSettings:
     height: int = 480
     fps: float = 30.0
     audio: bool = True
+    #: video codecs this device takes, in its order of preference
+    codecs: tuple[str, ...] = VIDEO_CODECS
     media: MediaSettings = field(default_factory=MediaSettings)
     stats_interval_s: float = 1.0
     heartbeat_s: float = 2.0
@@ -60,6 +68,17 @@ class DeviceSettings:
         stamp.block_size(self.width)
         if not 1 <= self.fps <= 120:
             raise ValueError("fps must be between 1 and 120")
+
+
+def offered_kinds(sdp: str) -> list[str]:
+    """The media kinds of an offer's audio/video m-lines, in order, each once."""
+    kinds: list[str] = []
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            kind = line[2:].split(" ", 1)[0]
+            if kind in ("audio", "video") and kind not in kinds:
+                kinds.append(kind)
+    return kinds
 
 
 class DeviceCall:
@@ -85,14 +104,26 @@ class DeviceCall:
         task.add_done_callback(self.tasks.discard)
 
     async def answer(self, offer: Offer) -> str:
+        # Transceivers first: codec preferences only count before setRemoteDescription. They
+        # are made in the offer's m-line order (aiortc bundles wrongly otherwise).
+        for kind in offered_kinds(offer.sdp):
+            if kind == "video":
+                video = SyntheticVideoTrack(self.settings.width, self.settings.height,
+                                            self.settings.fps)
+                self.sources.append(video)
+                transceiver = self.pc.addTransceiver(video, direction="sendrecv")
+                if len(self.settings.codecs) == 1:
+                    # Restrict only: preferences on an answerer reorder its own codecs, and
+                    # both ends of the leg would no longer send the same one. The device's order
+                    # was given at registration; the server's offer already follows it.
+                    prefer_video_codec(transceiver, self.settings.codecs[0], only=True)
+            elif self.settings.audio:
+                tone = ToneTrack(880.0 if self.role == "callee" else 440.0)
+                self.sources.append(tone)
+                self.pc.addTransceiver(tone, direction="sendrecv")
+            else:
+                self.pc.addTransceiver("audio", direction="recvonly")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
-        video = SyntheticVideoTrack(self.settings.width, self.settings.height, self.settings.fps)
-        self.sources.append(video)
-        self.pc.addTrack(video)
-        if self.settings.audio:
-            tone = ToneTrack(880.0 if self.role == "callee" else 440.0)
-            self.sources.append(tone)
-            self.pc.addTrack(tone)
         restrict_host_candidates(self.pc, self.settings.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self.spawn(self._report())
@@ -165,7 +196,8 @@ class Device:
                 async with session.ws_connect(self.url, heartbeat=self.settings.heartbeat_s,
                                               max_msg_size=MAX_MESSAGE_BYTES) as ws:
                     channel = WebSocketChannel(ws, "parent", "server")
-                    await channel.send(Register(device=self.id))
+                    await channel.send(Register(device=self.id,
+                                                codecs=list(self.settings.codecs)))
                     reply = await receive(ws, SERVER_TO_DEVICE, "server", timeout=10)
                     if not isinstance(reply, Registered):
                         reason = reply.message if isinstance(reply, Error) else "no reply"

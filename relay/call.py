@@ -113,6 +113,7 @@ class Call:
     callee: str
     created_at: float
     timeouts: Timeouts = field(default_factory=Timeouts)
+    codec: str = "video/VP8"  #: the video codec the trunks carry
     state: CallState = CallState.SETUP
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)

@@ -12,7 +12,12 @@ from collections.abc import Callable
 from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 
 from relay.logs import event
-from relay.rtc import MediaSettings, new_peer_connection, restrict_host_candidates
+from relay.rtc import (
+    MediaSettings,
+    new_peer_connection,
+    prefer_video_codec,
+    restrict_host_candidates,
+)
 
 log = logging.getLogger("relay.leg")
 
@@ -50,9 +55,11 @@ class Leg:
     def connection_state(self) -> str:
         return self._pc.connectionState if self._pc is not None else "new"
 
-    async def create_offer(self) -> str:
+    async def create_offer(self, video_codec: str) -> str:
+        """Offer audio and video both ways, ``video_codec`` first."""
         transceivers = {kind: self.pc.addTransceiver(kind, direction="sendrecv")
                         for kind in KINDS}
+        prefer_video_codec(transceivers["video"], video_codec)
         self._on_ready(transceivers)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createOffer())

@@ -19,6 +19,7 @@ from relay.messages import (
     DEVICE_TO_SERVER,
     MAX_MESSAGE_BYTES,
     PARENT_TO_CHILD,
+    VIDEO_CODECS,
     Announce,
     CallSetup,
     CreateCall,
@@ -64,7 +65,9 @@ class LowerServer(Node):
     # ------------------------------------------------------------------ devices
 
     def device_info(self, device: str) -> DeviceInfo:
-        return DeviceInfo(id=device, server=self.name,
+        channel = self.devices.get(device)
+        codecs = list(channel.codecs) if channel is not None else list(VIDEO_CODECS)
+        return DeviceInfo(id=device, server=self.name, codecs=codecs,
                           state="busy" if device in self.busy else "idle")
 
     def own_devices(self) -> list[DeviceInfo]:
@@ -80,6 +83,7 @@ class LowerServer(Node):
             return ws
         peer = request.remote
         channel = WebSocketChannel(ws, "device", first.device)
+        channel.codecs = tuple(first.codecs)
         self.devices[first.device] = channel
         await channel.send(Registered(server=self.name, device=first.device,
                                       address=f"{self.name}/{first.device}",
@@ -165,8 +169,11 @@ class LowerServer(Node):
             if info.state == "busy":
                 raise ApiError(409, "busy_device", f"{what} {info.address} is busy (in a call)",
                                what)
+        # The trunks carry the caller's first choice that the callee takes too. With none in
+        # common, the caller's choice, and the callee's server transcodes for the callee alone.
+        codec = next((c for c in caller.codecs if c in callee.codecs), caller.codecs[0])
         call = Call(self.new_call_id(), caller.address, callee.address, received_at,
-                    self.timeouts)
+                    self.timeouts, codec=codec)
         call.timeline["t_received"] = received_at
         caller_link = self.devices[caller.id]
         if callee.server == self.name:
@@ -196,7 +203,7 @@ class LowerServer(Node):
             self.spawn(self.parent.send(Hangup(call=setup.call, reason=reason)))
             return
         call = Call(setup.call, setup.caller, f"{self.name}/{device}", self.clock(),
-                    self.timeouts)
+                    self.timeouts, codec=setup.codec)
         self.busy.add(device)
         event(log, "call.incoming", call=call.id, caller=call.caller, callee=call.callee)
         self.start_session(call, (self.parent, None), (self.devices[device], "callee"))

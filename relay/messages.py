@@ -44,6 +44,8 @@ TIMELINE_EVENTS: tuple[str, ...] = (
     "t_first_frame_caller",
     "t_end",
 )
+#: Video codecs devices and servers negotiate, by mime type.
+VIDEO_CODECS: tuple[str, ...] = ("video/VP8", "video/H264")
 #: Media directions, named by who sends: ``caller_to_callee`` is measured at the callee.
 DIRECTIONS: tuple[str, ...] = ("caller_to_callee", "callee_to_caller")
 
@@ -89,6 +91,15 @@ def split_address(address: str) -> tuple[str | None, str]:
     """``"lower-a/cam-1"`` -> ``("lower-a", "cam-1")``; ``"cam-1"`` -> ``(None, "cam-1")``."""
     server, _, device = address.rpartition("/")
     return (server or None), device
+
+
+def check_codecs(codecs: list[str], what: str) -> None:
+    if not codecs:
+        raise MessageError(f"{what} must name at least one video codec", field=what)
+    for i, codec in enumerate(codecs):
+        if codec not in VIDEO_CODECS:
+            raise MessageError(f"{what}[{i}] {codec!r} is not one of {', '.join(VIDEO_CODECS)}",
+                               field=f"{what}[{i}]")
 
 
 def check_time(value: float, what: str) -> float:
@@ -231,10 +242,13 @@ class DeviceInfo(Body):
     id: str
     server: str
     state: DeviceState = "idle"
+    #: video codecs the device takes, in its order of preference
+    codecs: list[str] = field(default_factory=lambda: list(VIDEO_CODECS))
 
     def __post_init__(self) -> None:
         check_name(self.id, "id")
         check_name(self.server, "server")
+        check_codecs(self.codecs, "codecs")
 
     @property
     def address(self) -> str:
@@ -323,9 +337,12 @@ class Register(Message):
     TYPE = "register"
     device: str
     version: int = PROTOCOL_VERSION
+    #: video codecs the device can send and receive, in its order of preference
+    codecs: list[str] = field(default_factory=lambda: list(VIDEO_CODECS))
 
     def __post_init__(self) -> None:
         check_name(self.device, "device")
+        check_codecs(self.codecs, "codecs")
         if self.version != PROTOCOL_VERSION:
             raise MessageError(
                 f"protocol version {self.version} is not supported (this server speaks "
@@ -498,9 +515,12 @@ class CallSetup(Message):
     call: str
     caller: str
     callee: str
+    #: the video codec the call's trunks carry (the caller's first choice the callee shares)
+    codec: str = VIDEO_CODECS[0]
 
     def __post_init__(self) -> None:
         check_call_id(self.call)
+        check_codecs([self.codec], "codec")
         check_address(self.caller, "caller")
         check_address(self.callee, "callee")
 
@@ -597,6 +617,7 @@ class CallInfo(Body):
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)
     reason: str | None = None
+    codec: str | None = None  #: the video codec the call's trunks carry
     #: where media is decoded and re-encoded on its way ("SERVER:KIND:DIRECTION"), if anywhere
     transcoded: list[str] = field(default_factory=list)
     server_time_ms: float | None = None  #: time the server spent on this request

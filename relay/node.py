@@ -34,6 +34,7 @@ from relay.forward import Bridge, Forwarder, ForwardingStats
 from relay.leg import Leg
 from relay.logs import event
 from relay.messages import (
+    VIDEO_CODECS,
     Answer,
     CallInfo,
     CallSetup,
@@ -61,6 +62,8 @@ class Channel(abc.ABC):
 
     kind: ChannelKind
     name: str
+    #: for devices: the video codecs it takes, in its order of preference
+    codecs: tuple[str, ...] = VIDEO_CODECS
 
     @abc.abstractmethod
     async def send(self, message: Message) -> bool:
@@ -211,16 +214,18 @@ class Node:
         if not await port.channel.send(Wake(call=call.id, role=port.device_role, peer=peer)):
             self.end_session(session, f"{port.device_role}_unreachable")
             return
-        sdp = await port.leg.create_offer()
+        # The call's codec if the device takes it; else its own, and this server transcodes.
+        codecs = port.channel.codecs
+        sdp = await port.leg.create_offer(call.codec if call.codec in codecs else codecs[0])
         await port.channel.send(Offer(call=call.id, leg=call.id, sdp=sdp))
 
     async def _drive_trunk(self, session: Session, port: Port) -> None:
         call = session.call
-        setup = CallSetup(call=call.id, caller=call.caller, callee=call.callee)
+        setup = CallSetup(call=call.id, caller=call.caller, callee=call.callee, codec=call.codec)
         if not await port.channel.send(setup):
             self.end_session(session, "server_unreachable")
             return
-        sdp = await port.leg.create_offer()
+        sdp = await port.leg.create_offer(call.codec)
         await port.channel.send(Offer(call=call.id, leg=call.id, sdp=sdp))
 
     def _on_transcode(self, call_id: str, forwarder: Forwarder) -> None:
@@ -426,5 +431,5 @@ class Node:
     def call_info(self, call: Call) -> CallInfo:
         return CallInfo(call=call.id, state=call.state.value, caller=call.caller,
                         callee=call.callee, server=self.name, timeline=dict(call.timeline),
-                        media=dict(call.media), reason=call.reason,
+                        media=dict(call.media), reason=call.reason, codec=call.codec,
                         transcoded=list(call.transcoded))

@@ -96,6 +96,21 @@ def _gather_on(addresses: tuple[str, ...]):
     return gather_candidates
 
 
+def prefer_video_codec(transceiver: RTCRtpTransceiver, mime: str, only: bool = False) -> None:
+    """Put ``mime`` first among the transceiver's video codecs (or offer nothing else).
+
+    The answerer takes the offer's order, so this decides the codec wherever both sides have it.
+    On the answering side it must come before setRemoteDescription.
+    """
+    capabilities = RTCRtpSender.getCapabilities("video").codecs
+    wanted = [c for c in capabilities if c.mimeType.lower() == mime.lower()]
+    if not wanted:
+        raise ValueError(f"video codec {mime!r} is not supported here")
+    rtx = [c for c in capabilities if c.mimeType.lower() == "video/rtx"]
+    others = [c for c in capabilities if c not in wanted and c not in rtx]
+    transceiver.setCodecPreferences(wanted + ([] if only else others) + rtx)
+
+
 PacketHandler = Callable[[RtpPacket, RTCRtpCodecParameters], Awaitable[None]]
 
 

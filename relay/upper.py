@@ -157,7 +157,8 @@ class UpperServer(Node):
             self.spawn(source.send(Hangup(call=setup.call, reason=reason)))
             return
         assert child is not None and server is not None
-        call = Call(setup.call, setup.caller, f"{server}/{device}", self.clock(), self.timeouts)
+        call = Call(setup.call, setup.caller, f"{server}/{device}", self.clock(), self.timeouts,
+                    codec=setup.codec)
         self.start_session(call, (source, None), (child.channel, None))
         self.record(call.id, "t_routed", self.clock())
 

@@ -23,3 +23,15 @@ async def test_host_candidates_only_on_given_addresses():
         assert not any("srflx" in c for c in candidates)  # no STUN server asked
     finally:
         await pc.close()
+
+
+async def test_instance_internals_present_on_a_live_peer_connection():
+    from relay.rtc import check_instance_internals
+
+    pc = new_peer_connection(MediaSettings(addresses=("127.0.0.1",)))
+    try:
+        pc.addTransceiver("audio")
+        pc.addTransceiver("video")
+        assert check_instance_internals(pc) == []
+    finally:
+        await pc.close()
