@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -57,12 +56,12 @@ async def test_servers_create_no_decoder_or_encoder(monkeypatch):
                         counting("encoders", aiortc.rtcrtpsender.get_encoder))
     async with make_tree() as tree, contextlib.AsyncExitStack() as stack:
         for server, device in (("lower-a", "cam-1"), ("lower-b", "cam-2")):
-            process = subprocess.Popen(
-                [sys.executable, "-m", "endpoint", "--server", tree.lowers[server].url,
-                 "--device", device, "--size", "320x240", "--fps", "15",
-                 "--media-address", "127.0.0.1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            stack.callback(process.wait, 10)
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "endpoint", "--server", tree.lowers[server].url,
+                "--device", device, "--size", "320x240", "--fps", "15",
+                "--media-address", "127.0.0.1",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            stack.push_async_callback(process.wait)
             stack.callback(process.terminate)
         await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 20)
         await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices, 20)
