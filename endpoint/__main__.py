@@ -11,7 +11,7 @@ import sys
 
 import aiohttp
 
-from endpoint.device import Device, DeviceSettings
+from endpoint.device import Device, DeviceSettings, MediaSupply
 from relay.logs import setup_logging
 from relay.rtc import MediaSettings
 from relay.settings import split_list
@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=int(env("ENDPOINT_START", "0")),
                    help="first index with --count (ids PREFIX-START ...)")
     p.add_argument("--video", default=env("ENDPOINT_VIDEO", "synthetic"),
-                   choices=["synthetic"], help="video source")
+                   choices=["synthetic", "preencoded"],
+                   help="synthetic: drawn and encoded live per call; preencoded: a VP8 loop "
+                        "encoded once and sent by every device (for load; latency is measured "
+                        "only by receivers in this process)")
     p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"), choices=["tone", "none"])
     p.add_argument("--codec", default=env("ENDPOINT_CODEC", "any"), choices=list(CODEC_CHOICES),
                    help="video codecs this device takes: vp8, h264, or any (VP8 first)")
@@ -69,8 +72,9 @@ async def run(args: argparse.Namespace) -> None:
         ice_servers=tuple(args.ice_server or ()))
     settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
                               audio=args.audio != "none", media=media,
-                              codecs=CODEC_CHOICES[args.codec])
-    devices = [Device(args.server, d, settings)
+                              codecs=CODEC_CHOICES[args.codec], video=args.video)
+    supply = MediaSupply.for_settings(settings)
+    devices = [Device(args.server, d, settings, supply=supply)
                for d in device_ids(args.device, args.count, args.start)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,6 +86,7 @@ async def run(args: argparse.Namespace) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(d.close() for d in devices))
 
 
 def main(argv: list[str] | None = None) -> int:

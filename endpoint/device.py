@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
@@ -17,8 +17,8 @@ from aiortc import MediaStreamTrack, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
-from endpoint.meter import AudioMeter, VideoMeter
-from endpoint.sources import SyntheticVideoTrack, ToneTrack
+from endpoint.meter import AudioMeter, SendLog, VideoMeter
+from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from relay.links import WebSocketChannel, receive
 from relay.logs import event
 from relay.messages import (
@@ -44,6 +44,7 @@ from relay.rtc import (
     new_peer_connection,
     prefer_video_codec,
     restrict_host_candidates,
+    watch_keyframe_requests,
 )
 from relay.settings import parent_url
 
@@ -58,14 +59,24 @@ class DeviceSettings:
     height: int = 480
     fps: float = 30.0
     audio: bool = True
+    #: "synthetic" (drawn and encoded live) or "preencoded" (a VP8 loop encoded once per process)
+    video: Literal["synthetic", "preencoded"] = "synthetic"
+    bitrate: int = 1_000_000  #: for the pre-encoded loop
     #: video codecs this device takes, in its order of preference
     codecs: tuple[str, ...] = VIDEO_CODECS
     media: MediaSettings = field(default_factory=MediaSettings)
     stats_interval_s: float = 1.0
     heartbeat_s: float = 2.0
 
+    @property
+    def video_codecs(self) -> tuple[str, ...]:
+        """What the device tells its server it takes (a VP8 loop can only be VP8)."""
+        return ("video/VP8",) if self.video == "preencoded" else self.codecs
+
     def __post_init__(self) -> None:
         stamp.block_size(self.width)
+        if self.video not in ("synthetic", "preencoded"):
+            raise ValueError(f"video must be synthetic or preencoded, not {self.video!r}")
         if not 1 <= self.fps <= 120:
             raise ValueError("fps must be between 1 and 120")
 
@@ -81,13 +92,34 @@ def offered_kinds(sdp: str) -> list[str]:
     return kinds
 
 
+@dataclass
+class MediaSupply:
+    """What a process's devices share: the pre-encoded loop (encoded once) and the send log."""
+
+    loop: EncodedLoop | None = None
+    send_log: SendLog = field(default_factory=SendLog)
+
+    @classmethod
+    def for_settings(cls, settings: DeviceSettings) -> MediaSupply:
+        if settings.video != "preencoded":
+            return cls()
+        return cls(EncodedLoop.encode(settings.width, settings.height, settings.fps,
+                                      bitrate=settings.bitrate))
+
+
 class DeviceCall:
-    """One call at a device: its peer connection, sources, meters and reporting task."""
+    """One call at a device: its peer connection, sources, meters and reporting task.
+
+    ``channel`` is the device's server link (None for a direct call between two devices).
+    """
 
     def __init__(self, call: str, role: Role, peer: str, settings: DeviceSettings,
-                 channel: WebSocketChannel, clock: Callable[[], float]) -> None:
+                 channel: WebSocketChannel | None, clock: Callable[[], float],
+                 address: str = "", supply: MediaSupply | None = None) -> None:
         self.call, self.role, self.peer = call, role, peer
+        self.address = address
         self.settings = settings
+        self.supply = supply or MediaSupply()
         self.channel = channel
         self.clock = clock
         self.pc = new_peer_connection(settings.media)
@@ -95,24 +127,28 @@ class DeviceCall:
         self.audio = AudioMeter()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sources: list[MediaStreamTrack] = []
-        self.closed = False
+        self._closing: asyncio.Task[None] | None = None
         self.pc.on("track", self._track)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def answer(self, offer: Offer) -> str:
-        # Transceivers first: codec preferences only count before setRemoteDescription. They
-        # are made in the offer's m-line order (aiortc bundles wrongly otherwise).
-        for kind in offered_kinds(offer.sdp):
+    def _add_transceivers(self, kinds: list[str]) -> None:
+        for kind in kinds:
             if kind == "video":
-                video = SyntheticVideoTrack(self.settings.width, self.settings.height,
-                                            self.settings.fps)
+                video = self._video_source()
                 self.sources.append(video)
                 transceiver = self.pc.addTransceiver(video, direction="sendrecv")
-                if len(self.settings.codecs) == 1:
+                if isinstance(video, PreEncodedVideoTrack):
+                    watch_keyframe_requests(transceiver.sender, video.request_keyframe)
+                    prefer_video_codec(transceiver, "video/VP8", only=True)
+                elif len(self.settings.codecs) == 1:
                     # Restrict only: preferences on an answerer reorder its own codecs, and
                     # both ends of the leg would no longer send the same one. The device's order
                     # was given at registration; the server's offer already follows it.
@@ -123,11 +159,34 @@ class DeviceCall:
                 self.pc.addTransceiver(tone, direction="sendrecv")
             else:
                 self.pc.addTransceiver("audio", direction="recvonly")
+
+    def _video_source(self) -> MediaStreamTrack:
+        if self.settings.video == "preencoded":
+            assert self.supply.loop is not None, "pre-encoded video needs a MediaSupply loop"
+            log, address = self.supply.send_log, self.address
+            return PreEncodedVideoTrack(self.supply.loop,
+                                        lambda k, n, at: log.sent(address, k, n, at))
+        return SyntheticVideoTrack(self.settings.width, self.settings.height, self.settings.fps)
+
+    async def answer(self, offer: Offer) -> str:
+        # Transceivers first: codec preferences only count before setRemoteDescription. They
+        # are made in the offer's m-line order (aiortc bundles wrongly otherwise).
+        self._add_transceivers(offered_kinds(offer.sdp))
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
         restrict_host_candidates(self.pc, self.settings.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self.spawn(self._report())
         return self.pc.localDescription.sdp
+
+    async def offer(self) -> str:
+        """Offer a call straight to another device (no server between: a baseline)."""
+        self._add_transceivers(["audio", "video"])
+        restrict_host_candidates(self.pc, self.settings.media.addresses)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def accept(self, answer_sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
 
     def _track(self, track: MediaStreamTrack) -> None:
         if not self.closed:
@@ -135,16 +194,22 @@ class DeviceCall:
                        else self._consume_audio(track))
 
     async def _consume_video(self, track: MediaStreamTrack) -> None:
+        send_log = self.supply.send_log
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
                 now = self.clock()
                 plane = frame.planes[0]
                 luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
-                if self.video.frame(stamp.read(luma[:, : frame.width]), now):
+                found = stamp.read(luma[:, : frame.width])
+                if found is not None and send_log.knows(self.peer):
+                    # a pre-encoded peer in this process: its stamps are loop indexes
+                    found = send_log.lookup(self.peer, found.counter)
+                if self.video.frame(found, now):
                     event(log, "media.first_frame", call=self.call, role=self.role,
                           peer=self.peer)
-                    await self.channel.send(FirstFrame(call=self.call, at=now))
+                    if self.channel is not None:
+                        await self.channel.send(FirstFrame(call=self.call, at=now))
 
     async def _consume_audio(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
@@ -156,15 +221,19 @@ class DeviceCall:
         return Stats(call=self.call, media=self.video.stats(self.clock(), self.audio))
 
     async def _report(self) -> None:
-        while True:
+        while self.channel is not None:
             await asyncio.sleep(self.settings.stats_interval_s)
             if self.video.first_at is not None:
                 await self.channel.send(self.stats())
 
     async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        """Close once, to the end: the work runs as its own task, so a caller cancelled while
+        waiting cannot leave the peer connection (and aiortc's decoder threads) half closed."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -177,10 +246,11 @@ class Device:
     """One device, kept registered with its server (reconnecting with backoff)."""
 
     def __init__(self, server: str, device_id: str, settings: DeviceSettings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, supply: MediaSupply | None = None) -> None:
         self.url = parent_url(server, "/v1/device")
         self.id = device_id
         self.settings = settings
+        self.supply = supply or MediaSupply.for_settings(settings)
         self.clock = clock
         self.calls: dict[str, DeviceCall] = {}
         self.pending: dict[str, Wake] = {}
@@ -197,7 +267,7 @@ class Device:
                                               max_msg_size=MAX_MESSAGE_BYTES) as ws:
                     channel = WebSocketChannel(ws, "parent", "server")
                     await channel.send(Register(device=self.id,
-                                                codecs=list(self.settings.codecs)))
+                                                codecs=list(self.settings.video_codecs)))
                     reply = await receive(ws, SERVER_TO_DEVICE, "server", timeout=10)
                     if not isinstance(reply, Registered):
                         reason = reply.message if isinstance(reply, Error) else "no reply"
@@ -249,7 +319,7 @@ class Device:
                                          call=message.call, ref="offer"))
                 return
             call = DeviceCall(message.call, wake.role, wake.peer, self.settings, channel,
-                              self.clock)
+                              self.clock, self.address or self.id, self.supply)
             self.calls[message.call] = call
             try:
                 sdp = await call.answer(message)
@@ -264,10 +334,11 @@ class Device:
                 await channel.send(Answer(call=message.call, leg=message.leg, sdp=sdp))
         elif isinstance(message, Hangup):
             self.pending.pop(message.call, None)
-            call = self.calls.pop(message.call, None)
+            call = self.calls.get(message.call)
             if call is not None:
                 final = call.stats()
                 await call.close()
+                self.calls.pop(message.call, None)
                 await channel.send(final)
                 event(log, "device.hangup", call=message.call, device=self.id,
                       reason=message.reason, frames=final.media.frames,
@@ -280,5 +351,9 @@ class Device:
 
     async def _end_all(self) -> None:
         self.pending.clear()
-        calls, self.calls = list(self.calls.values()), {}
-        await asyncio.gather(*(c.close() for c in calls), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self.calls.values()), return_exceptions=True)
+        self.calls.clear()
+
+    async def close(self) -> None:
+        """Close every call of this device (after its run() task was cancelled)."""
+        await self._end_all()

@@ -79,6 +79,31 @@ class VideoMeter:
             audio_level_dbfs=audio.level_dbfs() if audio else None)
 
 
+class SendLog:
+    """When each pre-encoded frame was sent, for receivers in the same process.
+
+    A pre-encoded loop's stamps carry the loop index, not a send time: the sending device logs
+    (its address, loop index) -> (frame number, send time), and the receiving device maps the
+    stamp it reads back through this log. Across processes there is no log, and latency is not
+    measured (frames, loss and fps still are).
+    """
+
+    def __init__(self) -> None:
+        self._sent: dict[tuple[str, int], tuple[int, float]] = {}
+        self._senders: set[str] = set()
+
+    def sent(self, address: str, k: int, n: int, at: float) -> None:
+        self._sent[address, k] = (n, at)
+        self._senders.add(address)
+
+    def knows(self, address: str) -> bool:
+        return address in self._senders
+
+    def lookup(self, address: str, k: int) -> Stamp | None:
+        found = self._sent.get((address, k))
+        return Stamp(found[0], int(found[1] * 1000) & 0xFFFFFFFF) if found else None
+
+
 class AudioMeter:
     """Counts received audio frames and their mean level."""
 

@@ -1,7 +1,8 @@
-"""Synthetic media sources: a moving, stamped picture and a tone.
+"""Synthetic media sources: a moving, stamped picture, the same pre-encoded, and a tone.
 
-Both pace themselves in real time from their own clock and carry ``pts``/``time_base``, so aiortc
-encodes them like a camera and a microphone.
+All pace themselves in real time from their own clock and carry ``pts``/``time_base``, so aiortc
+treats them like a camera and a microphone. The pre-encoded picture is encoded once per process
+and sent many times (aiortc only packetizes it): how one machine hosts dozens of devices.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import fractions
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -24,6 +26,35 @@ AUDIO_RATE = 48_000
 AUDIO_PTIME = 0.020
 
 
+class SyntheticPicture:
+    """The test picture: a ramp, a moving box, and the stamp; frames as yuv420p arrays."""
+
+    def __init__(self, width: int, height: int) -> None:
+        stamp.block_size(width)  # refuses frames too narrow for a stamp
+        if width % 2 or height % 2:
+            raise ValueError("width and height must be even")
+        self.width, self.height = width, height
+        # A still background (luma ramp, tinted chroma) that each frame copies and draws on.
+        ramp = np.linspace(40, 200, width, dtype=np.float32)
+        luma = np.tile(ramp, (height, 1)).astype(np.uint8)
+        chroma = np.full((height // 2, width), 128, dtype=np.uint8)
+        chroma[: height // 4, : width // 2] = 100
+        self._background = np.vstack([luma, chroma])
+        self._box = max(16, height // 6)
+
+    def draw(self, n: int, sent_ms: int) -> np.ndarray:
+        buffer = self._background.copy()
+        luma = buffer[: self.height]
+        top = stamp.stamp_height(self.width)
+        span_x, span_y = self.width - self._box, self.height - self._box - top
+        x = int((n * 7) % (2 * span_x))
+        x = x if x < span_x else 2 * span_x - x
+        y = top + int((math.sin(n / 15) + 1) / 2 * span_y)
+        luma[y:y + self._box, x:x + self._box] = 235
+        stamp.draw(luma, stamp.Stamp(n, sent_ms))
+        return buffer
+
+
 class SyntheticVideoTrack(MediaStreamTrack):
     """A moving test picture with the frame counter and send time stamped into every frame."""
 
@@ -32,20 +63,11 @@ class SyntheticVideoTrack(MediaStreamTrack):
     def __init__(self, width: int = 640, height: int = 480, fps: float = 30.0,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__()
-        stamp.block_size(width)  # refuses frames too narrow for a stamp
-        if width % 2 or height % 2:
-            raise ValueError("width and height must be even")
+        self.picture = SyntheticPicture(width, height)
         self.width, self.height, self.fps = width, height, fps
         self._clock = clock
         self._count = 0
         self._start: float | None = None
-        # A still background (luma ramp, tinted chroma) that each frame copies and draws on.
-        ramp = np.linspace(40, 200, width, dtype=np.float32)
-        luma = np.tile(ramp, (height, 1)).astype(np.uint8)
-        chroma = np.full((height // 2, width), 128, dtype=np.uint8)
-        chroma[: height // 4, : width // 2] = 100
-        self._background = np.vstack([luma, chroma])
-        self._box = max(16, height // 6)
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
@@ -57,21 +79,99 @@ class SyntheticVideoTrack(MediaStreamTrack):
         delay = due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        buffer = self._background.copy()
-        luma = buffer[: self.height]
         n = self._count
-        span_x, span_y = self.width - self._box, self.height - self._box - stamp.stamp_height(
-            self.width)
-        x = int((n * 7) % (2 * span_x))
-        x = x if x < span_x else 2 * span_x - x
-        y = stamp.stamp_height(self.width) + int((math.sin(n / 15) + 1) / 2 * span_y)
-        luma[y:y + self._box, x:x + self._box] = 235
-        stamp.draw(luma, stamp.Stamp(n, int(self._clock() * 1000)))
+        buffer = self.picture.draw(n, int(self._clock() * 1000))
         frame = av.VideoFrame.from_ndarray(buffer, format="yuv420p")
         frame.pts = int(n * VIDEO_CLOCK / self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         self._count += 1
         return frame
+
+
+@dataclass(frozen=True)
+class EncodedLoop:
+    """A loop of stamped VP8 frames, encoded once. Frame ``k`` carries stamp counter ``k``; the
+    first frame is the only keyframe, so the loop plays from the start after any keyframe."""
+
+    width: int
+    height: int
+    fps: float
+    frames: tuple[bytes, ...]
+
+    @classmethod
+    def encode(cls, width: int = 640, height: int = 480, fps: float = 30.0,
+               seconds: float = 2.0, bitrate: int = 1_000_000) -> EncodedLoop:
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
+        codec.bit_rate = bitrate
+        codec.time_base = fractions.Fraction(1, round(fps))
+        count = max(2, round(seconds * fps))
+        codec.gop_size = count * 10  # one keyframe: the first frame
+        codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+        source = SyntheticPicture(width, height)
+        # Light grain below the stamp makes the encoder spend a camera's bitrate (~1 Mbit/s).
+        rng = np.random.default_rng(7)
+        top = stamp.stamp_height(width)
+        frames: list[bytes] = []
+        for k in range(count):
+            buffer = source.draw(k, 0)
+            grain = rng.integers(-6, 7, (height - top, width), dtype=np.int16)
+            luma = buffer[top:height].astype(np.int16) + grain
+            buffer[top:height] = np.clip(luma, 0, 255).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(buffer, format="yuv420p")
+            frame.pts, frame.time_base = k, codec.time_base
+            frames += [bytes(p) for p in codec.encode(frame)]
+        frames += [bytes(p) for p in codec.encode(None)]
+        if len(frames) != count:
+            raise RuntimeError(f"encoder returned {len(frames)} frames for {count}")
+        return cls(width, height, fps, tuple(frames))
+
+
+class PreEncodedVideoTrack(MediaStreamTrack):
+    """Plays an EncodedLoop in real time as encoded packets (aiortc sends them without encoding).
+
+    ``on_sent(k, n, at)`` logs that loop frame ``k`` went out as the stream's frame ``n`` at
+    ``at``: receivers in this process map the stamp back through it (see SendLog). A keyframe
+    request restarts the loop at its keyframe.
+    """
+
+    kind = "video"
+
+    def __init__(self, loop: EncodedLoop,
+                 on_sent: Callable[[int, int, float], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.loop = loop
+        self._on_sent = on_sent
+        self._clock = clock
+        self._count = 0
+        self._position = 0
+        self._start: float | None = None
+        self.keyframe_requests = 0
+
+    def request_keyframe(self) -> bool:
+        self._position = 0
+        self.keyframe_requests += 1
+        return True
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        delay = self._start + self._count / self.loop.fps - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        k = self._position
+        packet = av.Packet(self.loop.frames[k])
+        packet.pts = int(self._count * VIDEO_CLOCK / self.loop.fps)
+        packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        if self._on_sent is not None:
+            self._on_sent(k, self._count, self._clock())
+        self._position = (k + 1) % len(self.loop.frames)
+        self._count += 1
+        return packet
 
 
 class ToneTrack(MediaStreamTrack):

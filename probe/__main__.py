@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--local", action="store_true",
                    help="start a local stack (upper, lower-a, lower-b, devices) for this run")
     c.add_argument("--devices", type=int, default=1, help="with --local: devices per server")
-    c.add_argument("--size", default="320x240", help="with --local: device picture size")
+    c.add_argument("--size", default="640x480", help="with --local: device picture size")
     c.add_argument("--count", type=int, default=1, help="sequential calls to make")
     c.add_argument("--hold", type=float, default=3.0, help="seconds to keep each call up")
     c.add_argument("--setup-timeout", type=float, default=20.0)

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.call import Timeouts
@@ -42,12 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--setup-timeout", type=float, default=float(env.get("setup_timeout",
                                                                             "20")))
         s.add_argument("--log-level", default=env.get("log_level", "info"))
+        s.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
+                       default=env.get("loop", "auto"),
+                       help="event loop: uvloop (faster per packet) when installed, by default")
         if role == "lower":
             s.add_argument("--parent", default=env.get("parent"),
                            help="the upper server's URL (ws:// or http://)")
     s = sub.add_parser("stack", help="run upper, lower-a, lower-b and devices until stopped")
     s.add_argument("--devices", type=int, default=1, help="devices under each lower server")
-    s.add_argument("--size", default="320x240")
+    s.add_argument("--size", default="640x480")
     s.add_argument("--fps", type=float, default=30.0)
     s.add_argument("--media-address", action="append", default=None,
                    help="default 127.0.0.1: media stays on loopback")
@@ -95,9 +99,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.name, args.log_level)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    try:
+        loop_factory = event_loop_factory(args.loop)
+    except ImportError:
+        print("relay: --loop uvloop: uvloop is not installed", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as r:
+        r.run(serve(settings))
     return 0
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop if asked for (or 'auto' and installed), else asyncio's default."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

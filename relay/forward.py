@@ -31,7 +31,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
 from relay.logs import event
-from relay.rtc import ReceiverTap, SenderTap
+from relay.rtc import DatagramTap, ReceiverTap, SenderTap
 
 log = logging.getLogger("relay.forward")
 
@@ -154,6 +154,23 @@ def is_keyframe(codec: str, payload: bytes) -> bool:
     return True  # audio and codecs without keyframes: any packet will do
 
 
+def payload_of(packet: bytes) -> bytes:
+    """The payload of a plain RTP packet (after CSRCs, header extension and before padding)."""
+    offset = 12 + 4 * (packet[0] & 0x0F)
+    if packet[0] & 0x10 and len(packet) >= offset + 4:
+        offset += 4 + 4 * int.from_bytes(packet[offset + 2:offset + 4], "big")
+    end = len(packet) - (packet[-1] if packet[0] & 0x20 and len(packet) > offset else 0)
+    return packet[offset:end]
+
+
+def rewrite_header(packet: bytes, payload_type: int, seq: int, ts: int, ssrc: int) -> bytes:
+    """The same RTP packet as another stream's: payload type, sequence number, timestamp, SSRC
+    replaced; marker bit, CSRCs, header extensions and payload kept as they are."""
+    return b"".join((
+        bytes((packet[0], (packet[1] & 0x80) | payload_type)),
+        seq.to_bytes(2, "big"), ts.to_bytes(4, "big"), ssrc.to_bytes(4, "big"), packet[12:]))
+
+
 def same_codec(a: RTCRtpCodecParameters, b: RTCRtpCodecParameters) -> bool:
     if a.mimeType.lower() != b.mimeType.lower() or a.clockRate != b.clockRate:
         return False
@@ -172,6 +189,7 @@ class ForwardingStats:
 
     packets: int = 0
     bytes: int = 0
+    fast_path_packets: int = 0  #: of which taken straight off the socket (DatagramTap)
     keyframe_requests_down: int = 0  #: PLI/FIR received from downstream
     keyframe_requests_up: int = 0  #: PLI sent upstream
     transcoding: int = 0  #: directions transcoding now
@@ -230,6 +248,10 @@ class Forwarder:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_event_loop()
+        #: the source leg's datagram tap, when the fast path may be used (see _fast_ok)
+        self.datagrams: DatagramTap | None = None
+        self._fast_ssrc: int | None = None
+        self._clock_rate = 90000
 
     # The source leg's receiver calls this for every packet.
     async def on_packet(self, packet: RtpPacket, codec: RTCRtpCodecParameters) -> None:
@@ -247,6 +269,7 @@ class Forwarder:
             self._waiting = self.kind == "video"
             if not self._waiting:
                 self._map.restart(packet.sequence_number, packet.timestamp, 960)
+            self._use_fast_path(packet.ssrc)
         if self._waiting:
             if not is_keyframe(self._mime, packet.payload):
                 self._want_keyframe()
@@ -265,6 +288,48 @@ class Forwarder:
         self.stats.packets += 1
         self.stats.bytes += size
 
+    def _use_fast_path(self, ssrc: int) -> None:
+        """Take this SSRC's packets straight off the source's socket from now on, when both
+        legs write RTP headers the same way (header extension ids and MID): then a packet only
+        needs its payload type, sequence number, timestamp and SSRC rewritten."""
+        tap = self.datagrams
+        if tap is None or self.source is None or self.sink is None:
+            return
+        if self._fast_ssrc is not None:
+            tap.unroute(self._fast_ssrc)
+            self._fast_ssrc = None
+        source_mid = self.source.receiver_mid
+        if (tap.extension_ids() == self.sink.extension_ids()
+                and source_mid is not None and source_mid == self.sink.mid):
+            tap.route(ssrc, self.on_datagram)
+            self._fast_ssrc = ssrc
+
+    # The fast path: a decrypted RTP packet of the current source SSRC, as bytes.
+    def on_datagram(self, plain: bytes) -> None:
+        source, sink, seq_map = self.source, self.sink, self._map
+        if source is None or sink is None or seq_map is None or self.mode != "forward":
+            return
+        seq = (plain[2] << 8) | plain[3]
+        ts = int.from_bytes(plain[4:8], "big")
+        source.account(self._ssrc or 0, seq, ts, self._clock_rate)
+        if self._waiting:
+            if not is_keyframe(self._mime, payload_of(plain)):
+                self._want_keyframe()
+                return
+            self._waiting = False
+            seq_map.restart(seq, ts, 3000)
+        mapped = seq_map.map(seq, ts)
+        if mapped is None:
+            return
+        out = rewrite_header(plain, self._payload_type, mapped[0], mapped[1], sink.sender._ssrc)
+        size = sink.send_raw(out, mapped[0], mapped[1], len(plain) - 12)
+        if size is None:
+            self._waiting = self.kind == "video"  # start again at a keyframe
+            return
+        self.stats.packets += 1
+        self.stats.fast_path_packets += 1
+        self.stats.bytes += size
+
     def _decide(self, codec: RTCRtpCodecParameters) -> bool:
         """Pick forwarding or transcoding once both legs have negotiated; False until then."""
         sink_codec = self.sink.codec if self.sink is not None else None
@@ -274,6 +339,7 @@ class Forwarder:
             self.mode = "forward"
             self._payload_type = sink_codec.payloadType
             self._mime = codec.mimeType
+            self._clock_rate = codec.clockRate
             self._map = SequenceMap(*SenderTap.new_origin())
             self.source.stop_decoder()
             event(log, "forward.start", call=self.call, kind=self.kind,
@@ -322,6 +388,10 @@ class Forwarder:
         task.add_done_callback(self._tasks.discard)
 
     def close(self) -> None:
+        if self.datagrams is not None and self._fast_ssrc is not None:
+            self.datagrams.unroute(self._fast_ssrc)
+        if self.source is not None:
+            self.source.close()
         if self._timer is not None:
             self._timer.cancel()
         for task in self._tasks:
@@ -351,9 +421,11 @@ class Bridge:
         """A leg's transceivers exist: tap its receivers and take over its senders."""
         incoming: Direction = "caller_to_callee" if upstream else "callee_to_caller"
         outgoing: Direction = "callee_to_caller" if upstream else "caller_to_callee"
+        datagrams = DatagramTap(next(iter(transceivers.values())))  # one bundled transport
         for kind, transceiver in transceivers.items():
             source = self.forwarders[kind, incoming]
-            source.source = ReceiverTap(transceiver.receiver, source.on_packet)
+            source.source = ReceiverTap(transceiver, source.on_packet)
+            source.datagrams = datagrams
             sink = self.forwarders[kind, outgoing]
             sink.sink = SenderTap(transceiver, sink.on_keyframe_request)
             sink.sink_track = SwitchableTrack(kind)

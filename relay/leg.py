@@ -6,6 +6,7 @@ Bridge (relay/forward.py) takes the packets off its receivers and sends them on 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ class Leg:
         self.name = name
         self.media = media
         self._pc: RTCPeerConnection | None = None
-        self._closed = False
+        self._closing: asyncio.Task[None] | None = None
         self._on_ready = on_ready
         self._on_failed = on_failed
 
@@ -49,7 +50,7 @@ class Leg:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closing is not None
 
     @property
     def connection_state(self) -> str:
@@ -84,12 +85,12 @@ class Leg:
     async def _state(self) -> None:
         state = self.pc.connectionState
         event(log, "leg.state", call=self.call, leg=self.name, state=state)
-        if state == "failed" and not self._closed:
+        if state == "failed" and not self.closed:
             self._on_failed(self)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._pc is not None:
-            await self._pc.close()
+        """Close once, to the end, even if the caller is cancelled while waiting."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._pc.close() if self._pc is not None
+                                                  else asyncio.sleep(0))
+        await asyncio.shield(self._closing)

@@ -18,10 +18,13 @@ Why internals at all:
 
 from __future__ import annotations
 
+import asyncio
+import time
 import types
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import pylibsrtp
 from aioice import Connection
 from aiortc import (
     RTCConfiguration,
@@ -31,7 +34,6 @@ from aiortc import (
     RTCRtpSender,
     RTCRtpTransceiver,
 )
-from aiortc.clock import current_ntp_time
 from aiortc.codecs import is_rtx
 from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
@@ -111,7 +113,26 @@ def prefer_video_codec(transceiver: RTCRtpTransceiver, mime: str, only: bool = F
     transceiver.setCodecPreferences(wanted + ([] if only else others) + rtx)
 
 
+_NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (UNIX)
+
+
+def ntp_now() -> int:
+    """The 64-bit NTP time now, as aiortc's RTCP sender reports use it (without datetimes)."""
+    now = time.time() + _NTP_EPOCH_OFFSET
+    return (int(now) << 32) | int((now % 1) * (1 << 32))
+
+
 PacketHandler = Callable[[RtpPacket, RTCRtpCodecParameters], Awaitable[None]]
+
+
+class _Seen:
+    """What aiortc's receiver statistics and NACK generator read of a packet (reused)."""
+
+    __slots__ = ("sequence_number", "timestamp")
+
+    def __init__(self) -> None:
+        self.sequence_number = 0
+        self.timestamp = 0
 
 
 class ReceiverTap:
@@ -122,7 +143,9 @@ class ReceiverTap:
     each hop). What it does not need (jitter buffer, decoder, bitrate estimator) is skipped.
     """
 
-    def __init__(self, receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
+    def __init__(self, transceiver: RTCRtpTransceiver, handler: PacketHandler) -> None:
+        receiver = transceiver.receiver
+        self.transceiver = transceiver
         self.receiver = receiver
         self._handler = handler
         # The same dict objects aiortc fills in receive(): looked up once, not per packet.
@@ -130,7 +153,28 @@ class ReceiverTap:
         self._streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams
         self._rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc
         self._nack = receiver._RTCRtpReceiver__nack_generator
+        self._seen = _Seen()
+        self._nacks: set[asyncio.Task[None]] = set()
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
+
+    @property
+    def receiver_mid(self) -> str | None:
+        return self.transceiver.mid
+
+    def account(self, ssrc: int, seq: int, ts: int, clock_rate: int) -> None:
+        """Count a packet taken on the fast path (see DatagramTap) as aiortc would: receiver
+        statistics for RTCP reports, and a NACK for any packet found missing."""
+        seen = self._seen
+        seen.sequence_number, seen.timestamp = seq, ts
+        stats = self._streams.get(ssrc)
+        if stats is None:
+            stats = self._streams[ssrc] = StreamStatistics(clock_rate)
+        stats.add(seen)  # type: ignore[arg-type]
+        if self._nack is not None and self._nack.add(seen):  # type: ignore[arg-type]
+            task = asyncio.ensure_future(
+                self.receiver._send_rtcp_nack(ssrc, sorted(self._nack.missing)))
+            self._nacks.add(task)
+            task.add_done_callback(self._nacks.discard)
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         codec = self._codecs.get(packet.payload_type)
@@ -155,12 +199,30 @@ class ReceiverTap:
         """Give the packet path back to aiortc (it decodes again: the transcoding fallback)."""
         self.receiver.__dict__.pop("_handle_rtp_packet", None)
 
+    def close(self) -> None:
+        for task in self._nacks:
+            task.cancel()
+
     def stop_decoder(self) -> None:
         """Stop the decoder thread aiortc started for this receiver: nothing will be decoded."""
         self.receiver._RTCRtpReceiver__stop_decoder()
 
     async def request_keyframe(self, ssrc: int) -> None:
         await self.receiver._send_rtcp_pli(ssrc)
+
+
+def watch_keyframe_requests(sender: RTCRtpSender, on_request: Callable[[], bool]) -> None:
+    """Call ``on_request`` for each PLI/FIR the sender receives; True means it was handled
+    (aiortc's own handling, which only reaches an encoder, is then skipped)."""
+    original = sender._handle_rtcp_packet
+
+    async def handle(packet: object) -> None:
+        if (isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR)
+                and on_request()):
+            return
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
 
 
 class SenderTap:
@@ -177,15 +239,45 @@ class SenderTap:
         self.transceiver = transceiver
         self._history: dict[int, RtpPacket] = sender._RTCRtpSender__rtp_history
         self._extensions = sender._RTCRtpSender__rtp_header_extensions_map
-        self._original = sender._handle_rtcp_packet
-        self._on_keyframe_request = on_keyframe_request
-        sender._handle_rtcp_packet = self._handle_rtcp  # type: ignore[method-assign]
+        watch_keyframe_requests(sender, on_keyframe_request)
+        # Packets sent on the fast path, as plain bytes; parsed only if a NACK asks for one.
+        self._raw: dict[int, bytes] = {}
+        original_retransmit = sender._retransmit
 
-    async def _handle_rtcp(self, packet: object) -> None:
-        if (isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR)
-                and self._on_keyframe_request()):
-            return
-        await self._original(packet)
+        async def retransmit(sequence_number: int) -> None:
+            raw = self._raw.get(sequence_number % RTP_HISTORY_SIZE)
+            if raw is not None and int.from_bytes(raw[2:4], "big") == sequence_number:
+                self._history[sequence_number % RTP_HISTORY_SIZE] = RtpPacket.parse(
+                    raw, self._extensions)
+            await original_retransmit(sequence_number)
+
+        sender._retransmit = retransmit  # type: ignore[method-assign]
+
+    @property
+    def mid(self) -> str | None:
+        return self.transceiver.mid
+
+    def extension_ids(self) -> object:
+        """The header extension ids of the leg's transport (all kinds: a DatagramTap's too)."""
+        return self.sender.transport._rtp_header_extensions_map._HeaderExtensionsMap__ids
+
+    def send_raw(self, plain: bytes, seq: int, ts: int, payload_size: int) -> int | None:
+        """Protect and send an RTP packet already written as this sender's (header rewritten),
+        synchronously; its size, or None if the leg is not connected."""
+        dtls = self.sender.transport
+        srtp = dtls._tx_srtp
+        pair = dtls.transport._connection._nominated.get(1)
+        if srtp is None or pair is None:
+            return None
+        data = srtp.protect(plain)
+        pair.protocol.transport.sendto(data, pair.remote_addr)
+        self._raw[seq % RTP_HISTORY_SIZE] = plain
+        sender = self.sender
+        sender._RTCRtpSender__ntp_timestamp = ntp_now()
+        sender._RTCRtpSender__rtp_timestamp = ts
+        sender._RTCRtpSender__octet_count += payload_size
+        sender._RTCRtpSender__packet_count += 1
+        return len(data)
 
     @property
     def codec(self) -> RTCRtpCodecParameters | None:
@@ -208,7 +300,7 @@ class SenderTap:
         data = packet.serialize(self._extensions)
         await sender.transport._send_rtp(data)
         # What the sender's RTCP sender reports say about the stream.
-        sender._RTCRtpSender__ntp_timestamp = current_ntp_time()
+        sender._RTCRtpSender__ntp_timestamp = ntp_now()
         sender._RTCRtpSender__rtp_timestamp = packet.timestamp
         sender._RTCRtpSender__octet_count += len(packet.payload)
         sender._RTCRtpSender__packet_count += 1
@@ -218,6 +310,59 @@ class SenderTap:
     def new_origin() -> tuple[int, int]:
         """A random (sequence number, timestamp) origin for a new outgoing stream."""
         return random16(), random32()
+
+
+class DatagramTap:
+    """Takes the SRTP datagrams of chosen SSRCs off a peer connection's ICE sockets, before aioice
+    queues them for aiortc, decrypts them, and hands them to a handler: the forwarding fast path
+    (no queue, no task switch, no STUN parse attempt, no RtpPacket). Everything else (STUN, DTLS,
+    RTCP, RTX, unrouted SSRCs) goes on to aioice and aiortc unchanged.
+    """
+
+    def __init__(self, transceiver: RTCRtpTransceiver) -> None:
+        self._dtls = transceiver.receiver.transport
+        self._routes: dict[int, Callable[[bytes], None]] = {}
+        self._hooked: set[int] = set()
+
+    def extension_ids(self) -> object:
+        """The header extension ids of the leg's transport (compared with a sink's)."""
+        return self._dtls._rtp_header_extensions_map._HeaderExtensionsMap__ids
+
+    def route(self, ssrc: int, handler: Callable[[bytes], None]) -> None:
+        self._hook()
+        self._routes[ssrc] = handler
+
+    def unroute(self, ssrc: int) -> None:
+        self._routes.pop(ssrc, None)
+
+    def close(self) -> None:
+        self._routes.clear()
+
+    def _hook(self) -> None:
+        for protocol in self._dtls.transport._connection._protocols:
+            if id(protocol) not in self._hooked:
+                self._hooked.add(id(protocol))
+                protocol.datagram_received = self._receiver(protocol.datagram_received)
+
+    def _receiver(self, original: Callable[[bytes, tuple], None]) -> Callable[[bytes, tuple],
+                                                                                None]:
+        routes = self._routes
+        dtls = self._dtls
+
+        def datagram_received(data: bytes, addr: tuple) -> None:
+            # RTP, not RTCP (RFC 5761 payload types 64-95 with the marker bit: 192-223)
+            if len(data) > 12 and 127 < data[0] < 192 and not 191 < data[1] < 224:
+                handler = routes.get(int.from_bytes(data[8:12], "big"))
+                if handler is not None and dtls._rx_srtp is not None:
+                    try:
+                        plain = dtls._rx_srtp.unprotect(data)
+                    except pylibsrtp.Error:
+                        return  # a replay or a forgery: what aiortc would drop too
+                    handler(plain)
+                    return
+            original(data, addr)
+
+        return datagram_received
 
 
 def check_internals() -> list[str]:

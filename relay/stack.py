@@ -38,9 +38,7 @@ class StackError(RuntimeError):
 class StackSettings:
     devices: int = 1  #: devices under each lower server
     media_addresses: tuple[str, ...] = ("127.0.0.1",)
-    #: 320x240 while servers bridge by decode + re-encode: at 640x480 the 8 transcodes of one
-    #: cross-server call fill a 2-core machine.
-    size: str = "320x240"
+    size: str = "640x480"
     fps: float = 30.0
     log_dir: Path | None = None  #: where children's logs go (default: a new temp dir)
     start_timeout_s: float = 30.0

@@ -39,10 +39,15 @@ class Tree:
     def urls(self) -> list[str]:
         return [self.upper.url, *(s.url for s in self.lowers.values())]
 
-    async def add_device(self, server: str, device_id: str) -> Device:
-        device = Device(self.lowers[server].url, device_id, DEVICE_SETTINGS)
-        self.devices[f"{server}/{device_id}"] = device
+    def start(self, server: str, device: Device) -> Device:
+        """Run ``device`` under ``server``; the tree closes it at the end."""
+        self.devices[f"{server}/{device.id}"] = device
         self.tasks.append(asyncio.create_task(device.run(self.session)))
+        return device
+
+    async def add_device(self, server: str, device_id: str,
+                        settings: DeviceSettings = DEVICE_SETTINGS) -> Device:
+        device = self.start(server, Device(self.lowers[server].url, device_id, settings))
         await asyncio.wait_for(device.registered.wait(), 10)
         return device
 
@@ -71,6 +76,7 @@ async def make_tree(timeouts: Timeouts | None = None) -> AsyncIterator[Tree]:
             for task in tree.tasks:
                 task.cancel()
             await asyncio.gather(*tree.tasks, return_exceptions=True)
+            await asyncio.gather(*(d.close() for d in tree.devices.values()))
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ async def test_hangup_closes_all_four_legs(tree: Tree):
     for node in (tree.upper, *tree.lowers.values()):
         assert not node.sessions, node.name
         assert node.find_call(info.call).state is CallState.ENDED
-    assert all(not d.calls for d in tree.devices.values())
+    await tree.until(lambda: all(not d.calls for d in tree.devices.values()), 5)
     # every task the call started is gone (aiortc's included)
     await tree.until(lambda: call_tasks() <= baseline, 10)
     # and both devices are free again, everywhere

@@ -74,14 +74,15 @@ async def test_servers_create_no_decoder_or_encoder(monkeypatch):
         assert info.transcoded == []
         for node in servers(tree):
             assert node.forwarding.packets > 100, node.name
+            # all but the first packets of each stream go straight from socket to socket
+            assert node.forwarding.fast_path_packets > 0.9 * node.forwarding.packets
             assert node.forwarding.transcoded_total == 0
 
 
 async def test_device_preferring_vp8_follows_a_h264_call(tree: Tree):
     """A device that takes both codecs sends what the call carries: no transcoding."""
-    device = Device(tree.lowers["lower-b"].url, "h264-only",
-                    replace(DEVICE_SETTINGS, codecs=("video/H264",)))
-    tree.tasks.append(asyncio.create_task(device.run(tree.session)))
+    tree.start("lower-b", Device(tree.lowers["lower-b"].url, "h264-only",
+                                 replace(DEVICE_SETTINGS, codecs=("video/H264",))))
     await tree.until(lambda: "lower-b/h264-only" in tree.lowers["lower-a"].tree)
     client, info = await active_call(tree, "lower-a/cam-1", "lower-b/h264-only")
     info = await media_after(client, info.call, 1.0)
@@ -93,8 +94,7 @@ async def test_h264_negotiated_end_to_end():
     async with make_tree() as tree:
         h264 = replace(DEVICE_SETTINGS, codecs=("video/H264",))
         for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2")):
-            device = Device(tree.lowers[server].url, name, h264)
-            tree.tasks.append(asyncio.create_task(device.run(tree.session)))
+            tree.start(server, Device(tree.lowers[server].url, name, h264))
         await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
         await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
         client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
@@ -108,12 +108,10 @@ async def test_h264_negotiated_end_to_end():
 
 async def test_codec_mismatch_transcodes_at_the_callee_server_only():
     async with make_tree() as tree:
-        caller = Device(tree.lowers["lower-a"].url, "vp8-only",
-                        replace(DEVICE_SETTINGS, codecs=("video/VP8",)))
-        tree.tasks.append(asyncio.create_task(caller.run(tree.session)))
-        device = Device(tree.lowers["lower-b"].url, "h264-only",
-                        replace(DEVICE_SETTINGS, codecs=("video/H264",)))
-        tree.tasks.append(asyncio.create_task(device.run(tree.session)))
+        tree.start("lower-a", Device(tree.lowers["lower-a"].url, "vp8-only",
+                                     replace(DEVICE_SETTINGS, codecs=("video/VP8",))))
+        tree.start("lower-b", Device(tree.lowers["lower-b"].url, "h264-only",
+                                     replace(DEVICE_SETTINGS, codecs=("video/H264",))))
         await tree.until(lambda: "lower-b/h264-only" in tree.lowers["lower-a"].tree)
         await tree.until(lambda: "vp8-only" in tree.lowers["lower-a"].devices)
         client, info = await active_call(tree, "lower-a/vp8-only", "lower-b/h264-only")
@@ -163,20 +161,22 @@ async def test_loss_on_a_trunk_is_repaired_by_nack(tree: Tree, monkeypatch):
 
     monkeypatch.setattr(aiortc.rtcrtpsender.RTCRtpSender, "_retransmit", counting)
     client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
-    # Drop every 6th video packet the upper server receives from lower-a (not retransmissions).
-    receiver = video_receiver(tree.upper.sessions[info.call].upstream.leg.pc)
-    tapped = receiver._handle_rtp_packet
-    codecs = receiver._RTCRtpReceiver__codecs
+    # Drop every 6th video packet the upper server receives from lower-a. They arrive on the
+    # fast path (straight off the socket); retransmissions come on their own SSRC (RTX), which
+    # takes aiortc's path and is not dropped.
+    forwarder = tree.upper.sessions[info.call].bridge.forwarders["video", "caller_to_callee"]
+    ssrc = forwarder._fast_ssrc
+    assert ssrc is not None, "the fast path should carry this stream"
+    routes = forwarder.datagrams._routes
+    handler = routes[ssrc]
     seen = [0]
 
-    async def lossy(packet, arrival_time_ms):
-        if codecs[packet.payload_type].name.lower() != "rtx":
-            seen[0] += 1
-            if seen[0] % 6 == 0:
-                return
-        await tapped(packet, arrival_time_ms)
+    def lossy(plain: bytes) -> None:
+        seen[0] += 1
+        if seen[0] % 6:
+            handler(plain)
 
-    receiver._handle_rtp_packet = lossy
+    routes[ssrc] = lossy
     start = tree.devices["lower-b/cam-2"].calls[info.call].video.stats(0)
     info = await media_after(client, info.call, 3.0)
     media = info.media["caller_to_callee"]
@@ -184,3 +184,26 @@ async def test_loss_on_a_trunk_is_repaired_by_nack(tree: Tree, monkeypatch):
     assert len(retransmitted) >= seen[0] // 6 * 0.8  # lower-a answered the NACKs
     assert media.frames - start.frames > 30
     assert media.frames_lost - start.frames_lost <= 1, media
+
+
+async def test_preencoded_devices_measure_latency_through_the_send_log():
+    from endpoint.device import MediaSupply
+
+    async with make_tree() as tree:
+        settings = replace(DEVICE_SETTINGS, video="preencoded", width=320, height=240, fps=30)
+        supply = MediaSupply.for_settings(settings)  # encoded once, shared by both devices
+        assert len(supply.loop.frames) == 60
+        devices = {}
+        for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2")):
+            devices[name] = tree.start(
+                server, Device(tree.lowers[server].url, name, settings, supply=supply))
+        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
+        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
+        client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
+        info = await media_after(client, info.call, 2.5)  # past one 2 s loop
+        for direction in ("caller_to_callee", "callee_to_caller"):
+            media = info.media[direction]
+            assert media.frames > 60, media  # more than one loop, counted on
+            assert media.frames_lost <= 2, media
+            assert 0 < media.latency_ms_p50 < 200, media
+            assert media.fps > 25

@@ -1,0 +1,252 @@
+"""Forwarding benchmark: the same N streams with no relay, through a transcoding relay, and
+through this project's forwarding relay, measured in one run on this machine (127.0.0.1).
+
+    .venv/bin/python benchmarks/forwarding.py [--streams 4] [--seconds 15] [--json]
+
+A stream is one direction of a call: 640x480 at 30 fps, ~1 Mbit/s VP8 (a pre-encoded loop, so
+the load side spends no CPU encoding) plus Opus audio. Calls are between two devices of one
+lower server, so each stream crosses the relay once (one hop). Modes:
+
+- direct: the devices call each other peer to peer (no relay): the baseline latency;
+- transcode: through a lower server run with ``--media-mode transcode``, which decodes and
+  re-encodes every stream (aiortc's MediaRelay, what a simple relay does);
+- forward: through a lower server forwarding encoded packets (the default).
+
+Per mode: relay CPU (% of one core) per stream, read from /proc over the measuring window;
+added latency per hop p50/p95 (the mode's glass-to-glass percentile minus the direct one's);
+fps delivered per stream; frames lost in the window. Then the ratio of transcode to forward CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+from hdrh.histogram import HdrHistogram
+
+from endpoint.device import Device, DeviceCall, DeviceSettings, MediaSupply
+from endpoint.meter import LATENCY_MAX_US
+from relay.logs import setup_logging
+from relay.messages import Offer
+from relay.rtc import MediaSettings
+
+MODES = ("direct", "transcode", "forward")
+LOOPBACK = MediaSettings(addresses=("127.0.0.1",))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+@dataclass
+class Window:
+    """Figures of the receiving meters over the measuring window."""
+
+    latency: HdrHistogram
+    frames: int
+    lost: int
+
+
+def open_window(calls: list[DeviceCall]) -> dict[int, tuple[int, int]]:
+    start = {}
+    for call in calls:
+        call.video.latency_us.reset()
+        start[id(call)] = (call.video.frames, call.video.lost)
+    return start
+
+
+def close_window(calls: list[DeviceCall], start: dict[int, tuple[int, int]]) -> Window:
+    merged = HdrHistogram(1, LATENCY_MAX_US, 3)
+    frames = lost = 0
+    for call in calls:
+        merged.add(call.video.latency_us)
+        frames += call.video.frames - start[id(call)][0]
+        lost += call.video.lost - start[id(call)][1]
+    return Window(merged, frames, lost)
+
+
+@contextlib.asynccontextmanager
+async def relay_server(mode: str) -> AsyncIterator[tuple[str, int]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "lower", "--name", "bench", "--media-mode", mode,
+        "--media-address", "127.0.0.1", "--log-level", "warning",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        yield json.loads(line)["url"], process.pid
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply: MediaSupply,
+                        warmup: float, seconds: float) -> dict[str, Any]:
+    async with relay_server(mode) as (url, pid), aiohttp.ClientSession() as session:
+        devices = [Device(url, f"d{i}", settings, supply=supply) for i in range(2 * pairs)]
+        tasks = [asyncio.create_task(d.run(session)) for d in devices]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(d.registered.wait() for d in devices)), 20)
+            call_ids = []
+            for i in range(pairs):
+                async with session.post(f"{url}/v1/calls", json={
+                        "caller": f"bench/d{2 * i}", "callee": f"bench/d{2 * i + 1}"}) as r:
+                    call_ids.append((await r.json())["call"])
+            for call_id in call_ids:
+                async with session.get(f"{url}/v1/calls/{call_id}?wait=active&timeout=20") as r:
+                    state = (await r.json())["state"]
+                    if state != "active":
+                        raise RuntimeError(f"{mode}: call {call_id} is {state}, not active")
+            await asyncio.sleep(warmup)
+            calls = [c for d in devices for c in d.calls.values()]
+            start = open_window(calls)
+            relay_cpu, load_cpu = cpu_seconds(pid), time.process_time()
+            began = time.monotonic()
+            await asyncio.sleep(seconds)
+            elapsed = time.monotonic() - began
+            relay_cpu = cpu_seconds(pid) - relay_cpu
+            load_cpu = time.process_time() - load_cpu
+            window = close_window(calls, start)
+            for call_id in call_ids:
+                async with session.delete(f"{url}/v1/calls/{call_id}"):
+                    pass
+            async with session.get(f"{url}/healthz") as r:
+                health = await r.json()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(d.close() for d in devices))
+    return figures(window, 2 * pairs, elapsed, relay_cpu, load_cpu,
+                   transcoding=health["forwarding"]["transcoded_total"])
+
+
+async def direct(pairs: int, settings: DeviceSettings, supply: MediaSupply, warmup: float,
+                 seconds: float) -> dict[str, Any]:
+    calls: list[DeviceCall] = []
+    try:
+        for i in range(pairs):
+            a = DeviceCall(f"c{i}", "caller", f"b{i}", settings, None, time.time, f"a{i}", supply)
+            b = DeviceCall(f"c{i}", "callee", f"a{i}", settings, None, time.time, f"b{i}", supply)
+            calls += [a, b]
+            sdp = await a.offer()
+            await a.accept(await b.answer(Offer(call=f"c{i}", leg=f"c{i}", sdp=sdp)))
+        await asyncio.sleep(warmup)
+        start = open_window(calls)
+        load_cpu = time.process_time()
+        began = time.monotonic()
+        await asyncio.sleep(seconds)
+        elapsed = time.monotonic() - began
+        window = close_window(calls, start)
+        load_cpu = time.process_time() - load_cpu
+    finally:
+        await asyncio.gather(*(c.close() for c in calls), return_exceptions=True)
+    return figures(window, 2 * pairs, elapsed, 0.0, load_cpu, transcoding=0)
+
+
+def figures(window: Window, streams: int, elapsed: float, relay_cpu: float, load_cpu: float,
+            transcoding: int) -> dict[str, Any]:
+    has = window.latency.get_total_count() > 0
+    return {
+        "streams": streams,
+        "relay_cpu_pct": round(relay_cpu / elapsed * 100, 2),
+        "cpu_pct_per_stream": round(relay_cpu / elapsed * 100 / streams, 3),
+        "load_cpu_pct": round(load_cpu / elapsed * 100, 1),
+        "latency_ms_p50": window.latency.get_value_at_percentile(50) / 1000 if has else None,
+        "latency_ms_p95": window.latency.get_value_at_percentile(95) / 1000 if has else None,
+        "fps": round(window.frames / elapsed / streams, 2),
+        "frames_lost": window.lost,
+        "streams_transcoded": transcoding,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    width, height = (int(v) for v in args.size.split("x"))
+    settings = DeviceSettings(width=width, height=height, fps=args.fps, media=LOOPBACK,
+                              video="preencoded", stats_interval_s=1.0)
+    supply = MediaSupply.for_settings(settings)
+    pairs = args.streams // 2
+    out: dict[str, Any] = {"streams": 2 * pairs, "seconds": args.seconds, "size": args.size,
+                           "fps": args.fps}
+    out["direct"] = await direct(pairs, settings, supply, args.warmup, args.seconds)
+    for mode in ("transcode", "forward"):
+        if mode in args.modes:
+            out[mode] = await through_relay(mode, pairs, replace(settings), supply, args.warmup,
+                                            args.seconds)
+    base = out["direct"]
+    for mode in MODES:
+        if mode not in out:
+            continue
+        m = out[mode]
+        for p in ("p50", "p95"):
+            mine, theirs = m[f"latency_ms_{p}"], base[f"latency_ms_{p}"]
+            m[f"added_latency_ms_{p}"] = (round(mine - theirs, 2)
+                                          if mine is not None and theirs is not None else None)
+    if "transcode" in out and "forward" in out and out["forward"]["cpu_pct_per_stream"]:
+        out["transcode_to_forward_cpu_ratio"] = round(
+            out["transcode"]["cpu_pct_per_stream"] / out["forward"]["cpu_pct_per_stream"], 1)
+    return out
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [f"{out['streams']} streams of {out['size']}@{out['fps']:g} (~1 Mbit/s VP8 + Opus), "
+             f"{out['seconds']:g} s measured per mode, one relay hop",
+             f"{'mode':<10} {'relay CPU/stream':>17} {'added p50':>10} {'added p95':>10} "
+             f"{'latency p50':>12} {'fps':>6} {'lost':>5}"]
+    for mode in MODES:
+        if mode not in out:
+            continue
+        m = out[mode]
+        lines.append(
+            f"{mode:<10} {m['cpu_pct_per_stream']:>15.2f} % {_ms(m['added_latency_ms_p50']):>10} "
+            f"{_ms(m['added_latency_ms_p95']):>10} {_ms(m['latency_ms_p50']):>12} "
+            f"{m['fps']:>6.1f} {m['frames_lost']:>5}")
+    if "transcode_to_forward_cpu_ratio" in out:
+        lines.append(f"transcode / forward relay CPU per stream: "
+                     f"{out['transcode_to_forward_cpu_ratio']}x")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f} ms" if value is not None else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=4, help="streams (two per call)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring window per mode")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="which of direct,transcode,forward (direct always runs: it is the "
+                             "latency baseline)")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    args = parser.parse_args()
+    if args.streams < 2 or args.streams % 2:
+        parser.error("--streams must be an even number, 2 or more")
+    args.modes = {m.strip() for m in args.modes.split(",")}
+    if not args.modes <= set(MODES):
+        parser.error(f"--modes: choose from {', '.join(MODES)}")
+    setup_logging("benchmark", "error")
+    out = asyncio.run(run(args))
+    print(json.dumps(out) if args.json else table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
