@@ -169,7 +169,7 @@ def figures(window: Window, streams: int, elapsed: float, relay_cpu: float, load
         "latency_ms_p95": window.latency.get_value_at_percentile(95) / 1000 if has else None,
         "fps": round(window.frames / elapsed / streams, 2),
         "frames_lost": window.lost,
-        "streams_transcoded": transcoding,
+        "transcoded_tracks": transcoding,
     }
 
 
