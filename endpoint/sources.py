@@ -26,6 +26,22 @@ AUDIO_RATE = 48_000
 AUDIO_PTIME = 0.020
 
 
+class Pacer:
+    """Real-time pacing from the first frame: frame ``n`` is due ``n * interval`` after it."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._start: float | None = None
+
+    async def wait(self, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        delay = self._start + n * self.interval - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 class SyntheticPicture:
     """The test picture: a ramp, a moving box, and the stamp; frames as yuv420p arrays."""
 
@@ -67,18 +83,12 @@ class SyntheticVideoTrack(MediaStreamTrack):
         self.width, self.height, self.fps = width, height, fps
         self._clock = clock
         self._count = 0
-        self._start: float | None = None
+        self._pacer = Pacer(1 / fps)
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        due = self._start + self._count / self.fps
-        delay = due - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self._pacer.wait(self._count)
         n = self._count
         buffer = self.picture.draw(n, int(self._clock() * 1000))
         frame = av.VideoFrame.from_ndarray(buffer, format="yuv420p")
@@ -146,7 +156,7 @@ class PreEncodedVideoTrack(MediaStreamTrack):
         self._clock = clock
         self._count = 0
         self._position = 0
-        self._start: float | None = None
+        self._pacer = Pacer(1 / loop.fps)
         self.keyframe_requests = 0
 
     def request_keyframe(self) -> bool:
@@ -157,12 +167,7 @@ class PreEncodedVideoTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        delay = self._start + self._count / self.loop.fps - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self._pacer.wait(self._count)
         k = self._position
         packet = av.Packet(self.loop.frames[k])
         packet.pts = int(self._count * VIDEO_CLOCK / self.loop.fps)
@@ -185,17 +190,12 @@ class ToneTrack(MediaStreamTrack):
         self._amplitude = 32767 * 10 ** (level_dbfs / 20)
         self._step = 2 * math.pi * frequency / AUDIO_RATE
         self._count = 0
-        self._start: float | None = None
+        self._pacer = Pacer(AUDIO_PTIME)
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        delay = self._start + self._count * AUDIO_PTIME - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self._pacer.wait(self._count)
         first = self._count * self._samples
         phase = (np.arange(first, first + self._samples) * self._step) % (2 * math.pi)
         samples = (np.sin(phase) * self._amplitude).astype(np.int16).reshape(1, -1)

@@ -30,6 +30,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
+from relay.leg import KINDS
 from relay.logs import event
 from relay.rtc import DatagramTap, ReceiverTap, SenderTap
 
@@ -37,7 +38,6 @@ log = logging.getLogger("relay.forward")
 
 Direction = Literal["caller_to_callee", "callee_to_caller"]
 Mode = Literal["pending", "forward", "transcode"]
-KINDS = ("audio", "video")
 
 
 # ------------------------------------------------------------------------------ pure parts
