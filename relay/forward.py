@@ -270,23 +270,38 @@ class Forwarder:
             if not self._waiting:
                 self._map.restart(packet.sequence_number, packet.timestamp, 960)
             self._use_fast_path(packet.ssrc)
-        if self._waiting:
-            if not is_keyframe(self._mime, packet.payload):
-                self._want_keyframe()
-                return
-            self._waiting = False
-            self._map.restart(packet.sequence_number, packet.timestamp, 3000)
+        if self._waiting and not self._start_at(packet.sequence_number, packet.timestamp,
+                                                packet.payload):
+            return
         mapped = self._map.map(packet.sequence_number, packet.timestamp)
         if mapped is None:
             return
         packet.sequence_number, packet.timestamp = mapped
         try:
-            size = await sink.send(packet, self._payload_type)
+            size: int | None = await sink.send(packet, self._payload_type)
         except ConnectionError:
+            size = None
+        self._sent(size, fast=False)
+
+    def _start_at(self, seq: int, ts: int, payload: bytes) -> bool:
+        """While waiting for a keyframe: start the stream here if this packet begins one,
+        else ask upstream for one (rate-limited) and drop it."""
+        if not is_keyframe(self._mime, payload):
+            self._want_keyframe()
+            return False
+        self._waiting = False
+        assert self._map is not None
+        self._map.restart(seq, ts, 3000)
+        return True
+
+    def _sent(self, size: int | None, fast: bool) -> None:
+        if size is None:  # the sink leg is not connected (any more)
             self._waiting = self.kind == "video"  # start again at a keyframe
             return
         self.stats.packets += 1
         self.stats.bytes += size
+        if fast:
+            self.stats.fast_path_packets += 1
 
     def _use_fast_path(self, ssrc: int) -> None:
         """Take this SSRC's packets straight off the source's socket from now on, when both
@@ -312,23 +327,13 @@ class Forwarder:
         seq = (plain[2] << 8) | plain[3]
         ts = int.from_bytes(plain[4:8], "big")
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
-        if self._waiting:
-            if not is_keyframe(self._mime, payload_of(plain)):
-                self._want_keyframe()
-                return
-            self._waiting = False
-            seq_map.restart(seq, ts, 3000)
+        if self._waiting and not self._start_at(seq, ts, payload_of(plain)):
+            return
         mapped = seq_map.map(seq, ts)
         if mapped is None:
             return
         out = rewrite_header(plain, self._payload_type, mapped[0], mapped[1], sink.sender._ssrc)
-        size = sink.send_raw(out, mapped[0], mapped[1], len(plain) - 12)
-        if size is None:
-            self._waiting = self.kind == "video"  # start again at a keyframe
-            return
-        self.stats.packets += 1
-        self.stats.fast_path_packets += 1
-        self.stats.bytes += size
+        self._sent(sink.send_raw(out, mapped[0], mapped[1], len(plain) - 12), fast=True)
 
     def _decide(self, codec: RTCRtpCodecParameters) -> bool:
         """Pick forwarding or transcoding once both legs have negotiated; False until then."""

@@ -166,24 +166,30 @@ class ReceiverTap:
         statistics for RTCP reports, and a NACK for any packet found missing."""
         seen = self._seen
         seen.sequence_number, seen.timestamp = seq, ts
+        self._statistics(ssrc, clock_rate).add(seen)  # type: ignore[arg-type]
+        missing = self._missing(seen)  # type: ignore[arg-type]
+        if missing:
+            task = asyncio.ensure_future(self.receiver._send_rtcp_nack(ssrc, missing))
+            self._nacks.add(task)
+            task.add_done_callback(self._nacks.discard)
+
+    def _statistics(self, ssrc: int, clock_rate: int) -> StreamStatistics:
         stats = self._streams.get(ssrc)
         if stats is None:
             stats = self._streams[ssrc] = StreamStatistics(clock_rate)
-        stats.add(seen)  # type: ignore[arg-type]
-        if self._nack is not None and self._nack.add(seen):  # type: ignore[arg-type]
-            task = asyncio.ensure_future(
-                self.receiver._send_rtcp_nack(ssrc, sorted(self._nack.missing)))
-            self._nacks.add(task)
-            task.add_done_callback(self._nacks.discard)
+        return stats
+
+    def _missing(self, packet: RtpPacket) -> list[int] | None:
+        """Sequence numbers to NACK now that ``packet`` arrived (video only), if any."""
+        if self._nack is not None and self._nack.add(packet):
+            return sorted(self._nack.missing)
+        return None
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         codec = self._codecs.get(packet.payload_type)
         if codec is None:
             return
-        stats = self._streams.get(packet.ssrc)
-        if stats is None:
-            stats = self._streams[packet.ssrc] = StreamStatistics(codec.clockRate)
-        stats.add(packet)
+        self._statistics(packet.ssrc, codec.clockRate).add(packet)
         if is_rtx(codec):
             original = self._rtx_ssrc.get(packet.ssrc)
             apt = codec.parameters.get("apt")
@@ -191,8 +197,9 @@ class ReceiverTap:
                 return
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=original)  # type: ignore[arg-type]
             codec = self._codecs[apt]  # type: ignore[index]
-        if self._nack is not None and self._nack.add(packet):
-            await self.receiver._send_rtcp_nack(packet.ssrc, sorted(self._nack.missing))
+        missing = self._missing(packet)
+        if missing:
+            await self.receiver._send_rtcp_nack(packet.ssrc, missing)
         await self._handler(packet, codec)
 
     def release(self) -> None:
@@ -272,12 +279,16 @@ class SenderTap:
         data = srtp.protect(plain)
         pair.protocol.transport.sendto(data, pair.remote_addr)
         self._raw[seq % RTP_HISTORY_SIZE] = plain
+        self._reported(ts, payload_size)
+        return len(data)
+
+    def _reported(self, ts: int, payload_size: int) -> None:
+        """What the sender's RTCP sender reports say about the stream."""
         sender = self.sender
         sender._RTCRtpSender__ntp_timestamp = ntp_now()
         sender._RTCRtpSender__rtp_timestamp = ts
         sender._RTCRtpSender__octet_count += payload_size
         sender._RTCRtpSender__packet_count += 1
-        return len(data)
 
     @property
     def codec(self) -> RTCRtpCodecParameters | None:
@@ -299,11 +310,7 @@ class SenderTap:
         self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
         data = packet.serialize(self._extensions)
         await sender.transport._send_rtp(data)
-        # What the sender's RTCP sender reports say about the stream.
-        sender._RTCRtpSender__ntp_timestamp = ntp_now()
-        sender._RTCRtpSender__rtp_timestamp = packet.timestamp
-        sender._RTCRtpSender__octet_count += len(packet.payload)
-        sender._RTCRtpSender__packet_count += 1
+        self._reported(packet.timestamp, len(packet.payload))
         return len(data)
 
     @staticmethod
@@ -334,9 +341,6 @@ class DatagramTap:
 
     def unroute(self, ssrc: int) -> None:
         self._routes.pop(ssrc, None)
-
-    def close(self) -> None:
-        self._routes.clear()
 
     def _hook(self) -> None:
         for protocol in self._dtls.transport._connection._protocols:
