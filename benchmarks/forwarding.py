@@ -173,6 +173,19 @@ def figures(window: Window, streams: int, elapsed: float, relay_cpu: float, load
     }
 
 
+def added_latency(out: dict[str, Any]) -> None:
+    """Each mode's latency percentiles minus the direct run's: what the relay hop adds."""
+    base = out["direct"]
+    for mode in MODES:
+        if mode not in out:
+            continue
+        m = out[mode]
+        for p in ("p50", "p95"):
+            mine, theirs = m[f"latency_ms_{p}"], base[f"latency_ms_{p}"]
+            m[f"added_latency_ms_{p}"] = (round(mine - theirs, 3)
+                                          if mine is not None and theirs is not None else None)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     width, height = (int(v) for v in args.size.split("x"))
     settings = DeviceSettings(width=width, height=height, fps=args.fps, media=LOOPBACK,
@@ -181,20 +194,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     pairs = args.streams // 2
     out: dict[str, Any] = {"streams": 2 * pairs, "seconds": args.seconds, "size": args.size,
                            "fps": args.fps}
-    out["direct"] = await direct(pairs, settings, supply, args.warmup, args.seconds)
-    for mode in ("transcode", "forward"):
-        if mode in args.modes:
-            out[mode] = await through_relay(mode, pairs, replace(settings), supply, args.warmup,
-                                            args.seconds)
-    base = out["direct"]
-    for mode in MODES:
-        if mode not in out:
-            continue
-        m = out[mode]
-        for p in ("p50", "p95"):
-            mine, theirs = m[f"latency_ms_{p}"], base[f"latency_ms_{p}"]
-            m[f"added_latency_ms_{p}"] = (round(mine - theirs, 2)
-                                          if mine is not None and theirs is not None else None)
+    if args.streams:
+        out["direct"] = await direct(pairs, settings, supply, args.warmup, args.seconds)
+        for mode in ("transcode", "forward"):
+            if mode in args.modes:
+                out[mode] = await through_relay(mode, pairs, replace(settings), supply,
+                                                args.warmup, args.seconds)
+        added_latency(out)
+    if args.scale_streams:
+        # Many streams, sent as ready packets and counted without decoding (endpoint/packets.py),
+        # so the load side stays light: the relay's cost per stream once fixed costs are shared.
+        packets = replace(settings, video="packets")
+        supply = MediaSupply.for_settings(packets)
+        scale: dict[str, Any] = {"streams": args.scale_streams}
+        scale["direct"] = await direct(args.scale_streams // 2, packets, supply, args.warmup,
+                                       args.seconds)
+        scale["forward"] = await through_relay("forward", args.scale_streams // 2, packets,
+                                               supply, args.warmup, args.seconds)
+        added_latency(scale)
+        out["forward_at_scale"] = scale
     if "transcode" in out and "forward" in out and out["forward"]["cpu_pct_per_stream"]:
         out["transcode_to_forward_cpu_ratio"] = round(
             out["transcode"]["cpu_pct_per_stream"] / out["forward"]["cpu_pct_per_stream"], 1)
@@ -202,9 +220,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(out: dict[str, Any]) -> str:
-    lines = [f"{out['streams']} streams of {out['size']}@{out['fps']:g} (~1 Mbit/s VP8 + Opus), "
-             f"{out['seconds']:g} s measured per mode, one relay hop",
-             f"{'mode':<10} {'relay CPU/stream':>17} {'added p50':>10} {'added p95':>10} "
+    lines = []
+    if "direct" in out:
+        lines += [f"{out['streams']} streams of {out['size']}@{out['fps']:g} (~1 Mbit/s VP8 + "
+                  f"Opus), decoded and stamp-read at the receivers, {out['seconds']:g} s "
+                  f"measured per mode, one relay hop", *_rows(out)]
+        if "transcode_to_forward_cpu_ratio" in out:
+            lines.append(f"transcode / forward relay CPU per stream: "
+                         f"{out['transcode_to_forward_cpu_ratio']}x")
+    if "forward_at_scale" in out:
+        scale = out["forward_at_scale"]
+        lines += ["", f"{scale['streams']} streams of the same media sent as ready RTP packets "
+                      f"and counted without decoding (latency: frame's first packet sent -> "
+                      f"last packet received)", *_rows(scale)]
+    return "\n".join(lines)
+
+
+def _rows(out: dict[str, Any]) -> list[str]:
+    lines = [f"{'mode':<10} {'relay CPU/stream':>17} {'added p50':>10} {'added p95':>10} "
              f"{'latency p50':>12} {'fps':>6} {'lost':>5}"]
     for mode in MODES:
         if mode not in out:
@@ -214,20 +247,20 @@ def table(out: dict[str, Any]) -> str:
             f"{mode:<10} {m['cpu_pct_per_stream']:>15.2f} % {_ms(m['added_latency_ms_p50']):>10} "
             f"{_ms(m['added_latency_ms_p95']):>10} {_ms(m['latency_ms_p50']):>12} "
             f"{m['fps']:>6.1f} {m['frames_lost']:>5}")
-    if "transcode_to_forward_cpu_ratio" in out:
-        lines.append(f"transcode / forward relay CPU per stream: "
-                     f"{out['transcode_to_forward_cpu_ratio']}x")
-    return "\n".join(lines)
+    return lines
 
 
 def _ms(value: float | None) -> str:
-    return f"{value:.1f} ms" if value is not None else "-"
+    return f"{value:.2f} ms" if value is not None else "-"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=4, help="streams (two per call)")
+    parser.add_argument("--streams", type=int, default=4,
+                        help="streams (two per call) of the decoded comparison; 0 skips it")
+    parser.add_argument("--scale-streams", type=int, default=32,
+                        help="streams of the packet-level forwarding run at scale; 0 skips it")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring window per mode")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--size", default="640x480")
@@ -237,8 +270,8 @@ def main() -> int:
                              "latency baseline)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args()
-    if args.streams < 2 or args.streams % 2:
-        parser.error("--streams must be an even number, 2 or more")
+    if args.streams < 0 or args.streams % 2 or args.scale_streams < 0 or args.scale_streams % 2:
+        parser.error("--streams and --scale-streams must be even numbers (0 skips)")
     args.modes = {m.strip() for m in args.modes.split(",")}
     if not args.modes <= set(MODES):
         parser.error(f"--modes: choose from {', '.join(MODES)}")

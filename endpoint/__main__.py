@@ -11,7 +11,7 @@ import sys
 
 import aiohttp
 
-from endpoint.device import Device, DeviceSettings, MediaSupply
+from endpoint.device import VIDEO_MODES, Device, DeviceSettings, MediaSupply
 from relay.logs import setup_logging
 from relay.rtc import MediaSettings
 from relay.settings import split_list
@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=int(env("ENDPOINT_START", "0")),
                    help="first index with --count (ids PREFIX-START ...)")
     p.add_argument("--video", default=env("ENDPOINT_VIDEO", "synthetic"),
-                   choices=["synthetic", "preencoded"],
+                   choices=list(VIDEO_MODES),
                    help="synthetic: drawn and encoded live per call; preencoded: a VP8 loop "
-                        "encoded once and sent by every device (for load; latency is measured "
-                        "only by receivers in this process)")
+                        "encoded once and sent by every device, received decoded; packets: the "
+                        "same loop as ready RTP packets, received without decoding (cheapest: "
+                        "for load). Latency of a loop is measured only by receivers in this "
+                        "process")
     p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"), choices=["tone", "none"])
     p.add_argument("--codec", default=env("ENDPOINT_CODEC", "any"), choices=list(CODEC_CHOICES),
                    help="video codecs this device takes: vp8, h264, or any (VP8 first)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
 from endpoint.meter import AudioMeter, SendLog, VideoMeter
+from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from relay.links import WebSocketChannel, receive
 from relay.logs import event
@@ -40,15 +42,20 @@ from relay.messages import (
     Woken,
 )
 from relay.rtc import (
+    DatagramTap,
     MediaSettings,
     new_peer_connection,
     prefer_video_codec,
+    remote_ssrcs,
     restrict_host_candidates,
     watch_keyframe_requests,
 )
 from relay.settings import parent_url
 
 log = logging.getLogger("endpoint.device")
+
+
+VIDEO_MODES = ("synthetic", "preencoded", "packets")
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,10 @@ class DeviceSettings:
     height: int = 480
     fps: float = 30.0
     audio: bool = True
-    #: "synthetic" (drawn and encoded live) or "preencoded" (a VP8 loop encoded once per process)
-    video: Literal["synthetic", "preencoded"] = "synthetic"
+    #: "synthetic" (drawn and encoded live), "preencoded" (a VP8 loop encoded once per process,
+    #: received decoded) or "packets" (the same loop sent as ready RTP packets and received
+    #: without decoding: see endpoint/packets.py)
+    video: Literal["synthetic", "preencoded", "packets"] = "synthetic"
     bitrate: int = 1_000_000  #: for the pre-encoded loop
     #: video codecs this device takes, in its order of preference
     codecs: tuple[str, ...] = VIDEO_CODECS
@@ -71,12 +80,12 @@ class DeviceSettings:
     @property
     def video_codecs(self) -> tuple[str, ...]:
         """What the device tells its server it takes (a VP8 loop can only be VP8)."""
-        return ("video/VP8",) if self.video == "preencoded" else self.codecs
+        return self.codecs if self.video == "synthetic" else ("video/VP8",)
 
     def __post_init__(self) -> None:
         stamp.block_size(self.width)
-        if self.video not in ("synthetic", "preencoded"):
-            raise ValueError(f"video must be synthetic or preencoded, not {self.video!r}")
+        if self.video not in VIDEO_MODES:
+            raise ValueError(f"video must be one of {', '.join(VIDEO_MODES)}, not {self.video!r}")
         if not 1 <= self.fps <= 120:
             raise ValueError("fps must be between 1 and 120")
 
@@ -94,17 +103,21 @@ def offered_kinds(sdp: str) -> list[str]:
 
 @dataclass
 class MediaSupply:
-    """What a process's devices share: the pre-encoded loop (encoded once) and the send log."""
+    """What a process's devices share: the pre-encoded loop (encoded once, and packetized once
+    for packet mode) and the send log."""
 
     loop: EncodedLoop | None = None
     send_log: SendLog = field(default_factory=SendLog)
+    packets: PacketLoop | None = None
 
     @classmethod
     def for_settings(cls, settings: DeviceSettings) -> MediaSupply:
-        if settings.video != "preencoded":
+        if settings.video == "synthetic":
             return cls()
-        return cls(EncodedLoop.encode(settings.width, settings.height, settings.fps,
-                                      bitrate=settings.bitrate))
+        loop = EncodedLoop.encode(settings.width, settings.height, settings.fps,
+                                  bitrate=settings.bitrate)
+        return cls(loop, packets=PacketLoop.from_loop(loop) if settings.video == "packets"
+                   else None)
 
 
 class DeviceCall:
@@ -127,6 +140,9 @@ class DeviceCall:
         self.audio = AudioMeter()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sources: list[MediaStreamTrack] = []
+        #: packet mode: what sends and what counts, per kind
+        self.senders: list[PacketSender] = []
+        self.counters: dict[str, PacketCounter] = {}
         self._closing: asyncio.Task[None] | None = None
         self.pc.on("track", self._track)
 
@@ -140,6 +156,9 @@ class DeviceCall:
         task.add_done_callback(self.tasks.discard)
 
     def _add_transceivers(self, kinds: list[str]) -> None:
+        if self.settings.video == "packets":
+            self._add_packet_transceivers(kinds)
+            return
         for kind in kinds:
             if kind == "video":
                 video = self._video_source()
@@ -160,6 +179,47 @@ class DeviceCall:
             else:
                 self.pc.addTransceiver("audio", direction="recvonly")
 
+    def _add_packet_transceivers(self, kinds: list[str]) -> None:
+        packets = self.supply.packets
+        assert packets is not None, "packet mode needs a MediaSupply with a PacketLoop"
+        for kind in kinds:
+            if kind == "audio" and not self.settings.audio:
+                self.pc.addTransceiver("audio", direction="recvonly")
+                continue
+            track = IdleTrack(kind)
+            self.sources.append(track)
+            transceiver = self.pc.addTransceiver(track, direction="sendrecv")
+            if kind == "video":
+                prefer_video_codec(transceiver, "video/VP8", only=True)
+                self.senders.append(PacketSender(
+                    transceiver, kind, packets,
+                    functools.partial(self.supply.send_log.sent, self.address), self.clock))
+            else:
+                self.senders.append(PacketSender(transceiver, kind, packets))
+
+    def _start_packets(self) -> None:
+        """Packet mode, once both descriptions are set: send, and count what arrives."""
+        if self.settings.video != "packets" or self.closed:
+            return
+        assert self.supply.packets is not None
+        for sender in self.senders:
+            self.spawn(sender.run())
+        transceivers = self.pc.getTransceivers()
+        if not transceivers:
+            return
+        tap = DatagramTap(transceivers[0])  # one bundled transport
+        for kind, ssrc in remote_ssrcs(self.pc).items():
+            counter = PacketCounter(kind, self.video, self.audio, len(self.supply.packets.frames),
+                                    self.supply.send_log, self.peer, self._first_frame,
+                                    self.clock)
+            self.counters[kind] = counter
+            tap.route(ssrc, counter.on_datagram)
+
+    def _first_frame(self, now: float) -> None:
+        event(log, "media.first_frame", call=self.call, role=self.role, peer=self.peer)
+        if self.channel is not None:
+            self.spawn(self.channel.send(FirstFrame(call=self.call, at=now)))
+
     def _video_source(self) -> MediaStreamTrack:
         if self.settings.video == "preencoded":
             assert self.supply.loop is not None, "pre-encoded video needs a MediaSupply loop"
@@ -175,6 +235,7 @@ class DeviceCall:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
         restrict_host_candidates(self.pc, self.settings.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._start_packets()
         self.spawn(self._report())
         return self.pc.localDescription.sdp
 
@@ -187,9 +248,11 @@ class DeviceCall:
 
     async def accept(self, answer_sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        self._start_packets()
 
     def _track(self, track: MediaStreamTrack) -> None:
-        if not self.closed:
+        # (packet mode counts packets off the socket: aiortc's tracks never see them)
+        if not self.closed and self.settings.video != "packets":
             self.spawn(self._consume_video(track) if track.kind == "video"
                        else self._consume_audio(track))
 
@@ -206,10 +269,7 @@ class DeviceCall:
                     # a pre-encoded peer in this process: its stamps are loop indexes
                     found = send_log.lookup(self.peer, found.counter)
                 if self.video.frame(found, now):
-                    event(log, "media.first_frame", call=self.call, role=self.role,
-                          peer=self.peer)
-                    if self.channel is not None:
-                        await self.channel.send(FirstFrame(call=self.call, at=now))
+                    self._first_frame(now)
 
     async def _consume_audio(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):

@@ -33,8 +33,11 @@ class VideoMeter:
         self._interval_sum = 0.0
         self._intervals = 0
 
-    def frame(self, found: Stamp | None, now: float) -> bool:
-        """Take one decoded frame (its stamp, if readable). True if it is the first stamped one."""
+    def frame(self, found: Stamp | None, now: float, timed: bool = True,
+              sent_at: float | None = None) -> bool:
+        """Take one decoded frame (its stamp, if readable). True if it is the first stamped one.
+        ``timed=False``: the stamp's counter is known but not its send time (no latency);
+        ``sent_at``: the send time known more finely than the stamp's milliseconds."""
         if found is None:
             self.unreadable += 1
             return False
@@ -44,8 +47,10 @@ class VideoMeter:
                 return False  # a repeat or a late frame: already counted
             self.lost += step - 1
         self._last_counter = found.counter
-        sent = unwrap_ms(found.sent_ms, int(now * 1000)) / 1000
-        self.latency_us.record_value(min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6))))
+        if timed:
+            sent = sent_at if sent_at is not None else \
+                unwrap_ms(found.sent_ms, int(now * 1000)) / 1000
+            self.latency_us.record_value(min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6))))
         first = self.first_at is None
         if first:
             self.first_at = now
@@ -102,6 +107,10 @@ class SendLog:
     def lookup(self, address: str, k: int) -> Stamp | None:
         found = self._sent.get((address, k))
         return Stamp(found[0], int(found[1] * 1000) & 0xFFFFFFFF) if found else None
+
+    def sent_at(self, address: str, k: int) -> tuple[int, float] | None:
+        """(frame number, send time) of loop frame ``k`` of ``address``'s latest pass."""
+        return self._sent.get((address, k))
 
 
 class AudioMeter:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +34,8 @@ from aiortc.rtp import RtpPacket
 from relay.leg import KINDS
 from relay.logs import event
 from relay.rtc import DatagramTap, ReceiverTap, SenderTap
+
+_SEQ_TS = struct.Struct("!HI")  #: sequence number and timestamp, from byte 2 of an RTP header
 
 log = logging.getLogger("relay.forward")
 
@@ -161,14 +164,6 @@ def payload_of(packet: bytes) -> bytes:
         offset += 4 + 4 * int.from_bytes(packet[offset + 2:offset + 4], "big")
     end = len(packet) - (packet[-1] if packet[0] & 0x20 and len(packet) > offset else 0)
     return packet[offset:end]
-
-
-def rewrite_header(packet: bytes, payload_type: int, seq: int, ts: int, ssrc: int) -> bytes:
-    """The same RTP packet as another stream's: payload type, sequence number, timestamp, SSRC
-    replaced; marker bit, CSRCs, header extensions and payload kept as they are."""
-    return b"".join((
-        bytes((packet[0], (packet[1] & 0x80) | payload_type)),
-        seq.to_bytes(2, "big"), ts.to_bytes(4, "big"), ssrc.to_bytes(4, "big"), packet[12:]))
 
 
 def same_codec(a: RTCRtpCodecParameters, b: RTCRtpCodecParameters) -> bool:
@@ -319,21 +314,19 @@ class Forwarder:
             tap.route(ssrc, self.on_datagram)
             self._fast_ssrc = ssrc
 
-    # The fast path: a decrypted RTP packet of the current source SSRC, as bytes.
-    def on_datagram(self, plain: bytes) -> None:
+    # The fast path: a decrypted RTP packet of the current source SSRC, in a reused buffer.
+    def on_datagram(self, view: memoryview, length: int) -> None:
         source, sink, seq_map = self.source, self.sink, self._map
         if source is None or sink is None or seq_map is None or self.mode != "forward":
             return
-        seq = (plain[2] << 8) | plain[3]
-        ts = int.from_bytes(plain[4:8], "big")
+        seq, ts = _SEQ_TS.unpack_from(view, 2)
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
-        if self._waiting and not self._start_at(seq, ts, payload_of(plain)):
+        if self._waiting and not self._start_at(seq, ts, payload_of(bytes(view[:length]))):
             return
         mapped = seq_map.map(seq, ts)
         if mapped is None:
             return
-        out = rewrite_header(plain, self._payload_type, mapped[0], mapped[1], sink.sender._ssrc)
-        self._sent(sink.send_raw(out, mapped[0], mapped[1], len(plain) - 12), fast=True)
+        self._sent(sink.send_rewritten(view, length, self._payload_type, *mapped), fast=True)
 
     def _decide(self, codec: RTCRtpCodecParameters) -> bool:
         """Pick forwarding or transcoding once both legs have negotiated; False until then."""

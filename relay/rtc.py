@@ -19,6 +19,7 @@ Why internals at all:
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 import types
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,12 +36,16 @@ from aiortc import (
     RTCRtpTransceiver,
 )
 from aiortc.codecs import is_rtx
+from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtcrtpsender import RTP_HISTORY_SIZE
 from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket, RtpPacket, unwrap_rtx
+from aiortc.sdp import SessionDescription
 from aiortc.utils import random16, random32
+from pylibsrtp._binding import ffi as _srtp_ffi
+from pylibsrtp._binding import lib as _srtp_lib
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,11 @@ class ReceiverTap:
         seen = self._seen
         seen.sequence_number, seen.timestamp = seq, ts
         self._statistics(ssrc, clock_rate).add(seen)  # type: ignore[arg-type]
+        nack = self._nack
+        if (nack is not None and not nack.missing and nack.max_seq is not None
+                and seq == (nack.max_seq + 1) & 0xFFFF):
+            nack.max_seq = seq  # in order, nothing missing: all NackGenerator.add would do
+            return
         missing = self._missing(seen)  # type: ignore[arg-type]
         if missing:
             task = asyncio.ensure_future(self.receiver._send_rtcp_nack(ssrc, missing))
@@ -249,6 +259,8 @@ class SenderTap:
         watch_keyframe_requests(sender, on_keyframe_request)
         # Packets sent on the fast path, as plain bytes; parsed only if a NACK asks for one.
         self._raw: dict[int, bytes] = {}
+        self._srtp: InPlaceSrtp | None = None
+        self._reports = 0
         original_retransmit = sender._retransmit
 
         async def retransmit(sequence_number: int) -> None:
@@ -268,27 +280,54 @@ class SenderTap:
         """The header extension ids of the leg's transport (all kinds: a DatagramTap's too)."""
         return self.sender.transport._rtp_header_extensions_map._HeaderExtensionsMap__ids
 
-    def send_raw(self, plain: bytes, seq: int, ts: int, payload_size: int) -> int | None:
-        """Protect and send an RTP packet already written as this sender's (header rewritten),
-        synchronously; its size, or None if the leg is not connected."""
+    def packet(self, payload: bytes, marker: bool, payload_type: int) -> bytes:
+        """An RTP packet of this sender's stream (its SSRC and MID), sequence number and
+        timestamp 0: a template for :meth:`send_rewritten`."""
+        packet = RtpPacket(payload_type=payload_type, marker=int(marker),
+                           ssrc=self.sender._ssrc, payload=payload)
+        packet.extensions.mid = self.sender._RTCRtpSender__mid
+        return packet.serialize(self._extensions)
+
+    def send_rewritten(self, source: memoryview, length: int, payload_type: int, seq: int,
+                       ts: int) -> int | None:
+        """Send the plain RTP packet in ``source[:length]`` as this sender's, synchronously:
+        copied into the leg's SRTP buffer, its payload type, sequence number, timestamp and SSRC
+        written in place (marker bit, extensions and payload kept), protected in place and
+        sent. Its protected size, or None if the leg is not connected."""
         dtls = self.sender.transport
-        srtp = dtls._tx_srtp
+        session = dtls._tx_srtp
         pair = dtls.transport._connection._nominated.get(1)
-        if srtp is None or pair is None:
+        if session is None or pair is None or length > _SRTP_ROOM:
             return None
-        data = srtp.protect(plain)
+        srtp = self._srtp
+        if srtp is None or srtp.session is not session:
+            srtp = self._srtp = InPlaceSrtp(session)
+        view = srtp.view
+        _srtp_ffi.memmove(srtp.buffer, source[:length], length)
+        _HEADER.pack_into(view, 1, (source[1] & 0x80) | payload_type, seq, ts, self.sender._ssrc)
+        self._raw[seq % RTP_HISTORY_SIZE] = bytes(view[:length])
+        data = srtp.protect(length)
+        if data is None:
+            return None
         pair.protocol.transport.sendto(data, pair.remote_addr)
-        self._raw[seq % RTP_HISTORY_SIZE] = plain
-        self._reported(ts, payload_size)
+        self._reported(ts, length - 12)
         return len(data)
 
     def _reported(self, ts: int, payload_size: int) -> None:
-        """What the sender's RTCP sender reports say about the stream."""
+        """What the sender's RTCP sender reports say about the stream. The (NTP time, RTP
+        timestamp) pair is taken from every 8th packet: a sender report needs one recent pair,
+        and reading the clock per packet costs more than the rest of this."""
         sender = self.sender
-        sender._RTCRtpSender__ntp_timestamp = ntp_now()
-        sender._RTCRtpSender__rtp_timestamp = ts
+        if not self._reports & 7:
+            sender._RTCRtpSender__ntp_timestamp = ntp_now()
+            sender._RTCRtpSender__rtp_timestamp = ts
+        self._reports += 1
         sender._RTCRtpSender__octet_count += payload_size
         sender._RTCRtpSender__packet_count += 1
+
+    async def started(self) -> None:
+        """Wait until aiortc has started the sender (the leg is connected, codec chosen)."""
+        await self.sender._RTCRtpSender__rtp_started.wait()
 
     @property
     def codec(self) -> RTCRtpCodecParameters | None:
@@ -319,6 +358,65 @@ class SenderTap:
         return random16(), random32()
 
 
+_SRTP_ROOM = 1500 - 16 - 4  #: pylibsrtp's buffer less the longest SRTP trailer
+_HEADER = struct.Struct("!BHII")  #: RTP header from byte 1: M|PT, sequence, timestamp, SSRC
+
+
+class InPlaceSrtp:
+    """A pylibsrtp Session used in place: packets are copied into its own buffer, protected or
+    unprotected there, and read back through a memoryview, with no allocation per packet
+    (pylibsrtp's protect/unprotect allocate an int and two bytes objects each time, which
+    costs more than the cipher)."""
+
+    __slots__ = ("_length", "_srtp", "buffer", "session", "view")
+
+    def __init__(self, session: pylibsrtp.Session) -> None:
+        self.session = session
+        self.buffer = session._cdata
+        self.view = memoryview(session._buffer)
+        self._srtp = session._srtp
+        self._length = _srtp_ffi.new("int *")
+
+    def unprotect(self, data: bytes) -> int | None:
+        """Decrypt ``data`` into :attr:`view`; the plain length, or None if it fails
+        (a replay or a forgery: what aiortc would drop too)."""
+        length = len(data)
+        if length > 1500:
+            return None
+        _srtp_ffi.memmove(self.buffer, data, length)
+        self._length[0] = length
+        if _srtp_lib.srtp_unprotect(self._srtp[0], self.buffer, self._length):
+            return None
+        return self._length[0]
+
+    def protect(self, length: int) -> bytes | None:
+        """Encrypt the plain packet in ``view[:length]``; the datagram to send."""
+        self._length[0] = length
+        if _srtp_lib.srtp_protect(self._srtp[0], self.buffer, self._length):
+            return None
+        return bytes(self.view[:self._length[0]])
+
+
+def vp8_payloads(frame: bytes, picture_id: int) -> list[bytes]:
+    """The RTP payloads of one encoded VP8 frame, packetized as aiortc's sender does (each with
+    a payload descriptor carrying ``picture_id``)."""
+    return Vp8Encoder._packetize(frame, picture_id & 0x7FFF)
+
+
+def remote_ssrcs(pc: RTCPeerConnection) -> dict[str, int]:
+    """The media SSRC (not the RTX one) the remote side announced per kind, from its SDP."""
+    found: dict[str, int] = {}
+    if pc.remoteDescription is None:
+        return found
+    for media in SessionDescription.parse(pc.remoteDescription.sdp).media:
+        rtx = {int(g.items[1]) for g in media.ssrc_group
+               if g.semantic == "FID" and len(g.items) > 1}
+        primary = [s.ssrc for s in media.ssrc if s.ssrc not in rtx]
+        if primary and media.kind not in found:
+            found[media.kind] = primary[0]
+    return found
+
+
 class DatagramTap:
     """Takes the SRTP datagrams of chosen SSRCs off a peer connection's ICE sockets, before aioice
     queues them for aiortc, decrypts them, and hands them to a handler: the forwarding fast path
@@ -328,14 +426,17 @@ class DatagramTap:
 
     def __init__(self, transceiver: RTCRtpTransceiver) -> None:
         self._dtls = transceiver.receiver.transport
-        self._routes: dict[int, Callable[[bytes], None]] = {}
+        self._routes: dict[int, Callable[[memoryview, int], None]] = {}
+        self._srtp: InPlaceSrtp | None = None
         self._hooked: set[int] = set()
 
     def extension_ids(self) -> object:
         """The header extension ids of the leg's transport (compared with a sink's)."""
         return self._dtls._rtp_header_extensions_map._HeaderExtensionsMap__ids
 
-    def route(self, ssrc: int, handler: Callable[[bytes], None]) -> None:
+    def route(self, ssrc: int, handler: Callable[[memoryview, int], None]) -> None:
+        """Hand ``ssrc``'s packets to ``handler(view, length)``: the plain packet is
+        ``view[:length]``, valid only during the call (the buffer is reused)."""
         self._hook()
         self._routes[ssrc] = handler
 
@@ -357,12 +458,14 @@ class DatagramTap:
             # RTP, not RTCP (RFC 5761 payload types 64-95 with the marker bit: 192-223)
             if len(data) > 12 and 127 < data[0] < 192 and not 191 < data[1] < 224:
                 handler = routes.get(int.from_bytes(data[8:12], "big"))
-                if handler is not None and dtls._rx_srtp is not None:
-                    try:
-                        plain = dtls._rx_srtp.unprotect(data)
-                    except pylibsrtp.Error:
-                        return  # a replay or a forgery: what aiortc would drop too
-                    handler(plain)
+                session = dtls._rx_srtp
+                if handler is not None and session is not None:
+                    srtp = self._srtp
+                    if srtp is None or srtp.session is not session:
+                        srtp = self._srtp = InPlaceSrtp(session)
+                    length = srtp.unprotect(data)
+                    if length is not None:
+                        handler(srtp.view, length)
                     return
             original(data, addr)
 
@@ -381,6 +484,7 @@ def check_internals() -> list[str]:
         (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder"),
         (RTCRtpSender, "_handle_rtcp_packet"),
         (RTCRtpSender, "_retransmit"),
+        (Vp8Encoder, "_packetize"),
     ):
         if not hasattr(owner, name):
             missing.append(f"{owner.__module__}.{owner.__qualname__}.{name}")
@@ -397,7 +501,7 @@ INSTANCE_INTERNALS: dict[str, tuple[str, ...]] = {
     "RTCRtpReceiver": ("_RTCRtpReceiver__codecs", "_RTCRtpReceiver__remote_streams",
                        "_RTCRtpReceiver__rtx_ssrc", "_RTCRtpReceiver__nack_generator"),
     "RTCRtpSender": ("_RTCRtpSender__rtp_history", "_RTCRtpSender__rtp_header_extensions_map",
-                     "_RTCRtpSender__started", "_RTCRtpSender__mid",
+                     "_RTCRtpSender__started", "_RTCRtpSender__rtp_started", "_RTCRtpSender__mid",
                      "_RTCRtpSender__ntp_timestamp", "_RTCRtpSender__rtp_timestamp",
                      "_RTCRtpSender__octet_count", "_RTCRtpSender__packet_count"),
     "RTCRtpTransceiver": ("_codecs",),

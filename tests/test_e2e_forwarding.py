@@ -171,10 +171,10 @@ async def test_loss_on_a_trunk_is_repaired_by_nack(tree: Tree, monkeypatch):
     handler = routes[ssrc]
     seen = [0]
 
-    def lossy(plain: bytes) -> None:
+    def lossy(view: memoryview, length: int) -> None:
         seen[0] += 1
         if seen[0] % 6:
-            handler(plain)
+            handler(view, length)
 
     routes[ssrc] = lossy
     start = tree.devices["lower-b/cam-2"].calls[info.call].video.stats(0)
@@ -207,3 +207,35 @@ async def test_preencoded_devices_measure_latency_through_the_send_log():
             assert media.frames_lost <= 2, media
             assert 0 < media.latency_ms_p50 < 200, media
             assert media.fps > 25
+
+
+async def test_packet_devices_call_across_servers_without_decoding():
+    """Packet-mode devices (ready RTP in, counted without decoding) hold a cross-server call:
+    frames read by picture id both ways, latency from the shared send log, all on the fast
+    path at every server, and no decoder anywhere in this process."""
+    from endpoint.device import MediaSupply
+
+    async with make_tree() as tree:
+        settings = replace(DEVICE_SETTINGS, video="packets", width=320, height=240, fps=30)
+        supply = MediaSupply.for_settings(settings)
+        devices = {}
+        for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2")):
+            devices[name] = tree.start(
+                server, Device(tree.lowers[server].url, name, settings, supply=supply))
+        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
+        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
+        client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
+        calls = [c for d in devices.values() for c in d.calls.values()]
+        info = await media_after(client, info.call, 2.5)
+        for direction in ("caller_to_callee", "callee_to_caller"):
+            media = info.media[direction]
+            assert media.frames > 60 and media.frames_lost <= 2, media
+            assert media.fps > 25, media
+            assert 0 < media.latency_ms_p50 < 50, media  # no decoder, no jitter buffer
+            assert media.audio_frames > 100, media
+        for call in calls:
+            assert call.counters["video"].packets_lost == 0
+            assert all(sender.packets > 0 for sender in call.senders)
+        for node in servers(tree):
+            stats = node.forwarding
+            assert stats.fast_path_packets > 0.9 * stats.packets > 100, (node.name, stats)

@@ -1,0 +1,199 @@
+"""Packet-level media for load devices: the pre-encoded loop sent as ready RTP packets, and what
+arrives counted without decoding.
+
+A device in ``--video packets`` mode spends per packet only a header rewrite, SRTP and a
+``sendto``, and on receipt an SRTP unprotect and a few counters: no packetizer, no jitter buffer,
+no decoder. That is how one 2-core machine hosts dozens of devices, or drives a relay with many
+streams without the load side being the bottleneck.
+
+The frame counter stays readable: every packet's VP8 payload descriptor carries the picture id,
+which is the frame's index in the loop. A receiver takes a frame as complete at its marker packet
+and, when the sender is a device of the same process, looks its send time up in the SendLog, so
+latency is "first packet of the frame sent -> last packet received" (network and relays; no
+encoding, decoding or jitter buffer). Across processes frames, loss and fps are still counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCRtpTransceiver
+from aiortc.mediastreams import MediaStreamError
+
+from endpoint.meter import AudioMeter, SendLog, VideoMeter
+from endpoint.sources import AUDIO_PTIME, AUDIO_RATE, VIDEO_CLOCK, EncodedLoop, Pacer
+from endpoint.stamp import Stamp
+from relay.forward import payload_of
+from relay.rtc import SenderTap, vp8_payloads
+
+AUDIO_STEP = round(AUDIO_RATE * AUDIO_PTIME)  #: RTP timestamp step of one Opus packet
+
+
+@dataclass(frozen=True)
+class PacketLoop:
+    """The pre-encoded VP8 loop as RTP payloads (loop frame ``k`` has picture id ``k``), and one
+    Opus packet of tone sent again and again."""
+
+    fps: float
+    frames: tuple[tuple[bytes, ...], ...]
+    audio: bytes
+
+    @classmethod
+    def from_loop(cls, loop: EncodedLoop) -> PacketLoop:
+        frames = tuple(tuple(vp8_payloads(data, k)) for k, data in enumerate(loop.frames))
+        return cls(loop.fps, frames, opus_tone())
+
+
+def opus_tone(frequency: float = 450.0) -> bytes:
+    """One 20 ms Opus packet of a steady tone (450 Hz: a whole number of cycles per packet,
+    so the same packet repeated plays a continuous tone)."""
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate, codec.format, codec.layout = AUDIO_RATE, "s16", "mono"
+    codec.bit_rate = 32000
+    t = np.arange(AUDIO_STEP) / AUDIO_RATE
+    samples = (np.sin(2 * np.pi * frequency * t) * 8000).astype(np.int16).reshape(1, -1)
+    packets: list[bytes] = []
+    for n in range(10):  # past the encoder's start-up
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate, frame.pts = AUDIO_RATE, n * AUDIO_STEP
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        packets += [bytes(p) for p in codec.encode(frame)]
+    if not packets:
+        raise RuntimeError("the Opus encoder returned no packet")
+    return packets[-1]
+
+
+def vp8_picture_id(payload: bytes) -> int | None:
+    """The picture id in a VP8 RTP payload descriptor (RFC 7741), if it carries one."""
+    if len(payload) < 3 or not payload[0] & 0x80 or not payload[1] & 0x80:
+        return None
+    if payload[2] & 0x80:
+        return ((payload[2] & 0x7F) << 8) | payload[3] if len(payload) > 3 else None
+    return payload[2]
+
+
+class IdleTrack(MediaStreamTrack):
+    """What a packet sender's aiortc sender holds: it never yields a frame (packets are sent
+    past it), so aiortc neither encodes nor packetizes, but still runs its RTCP."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._stopped = asyncio.Event()
+
+    async def recv(self):  # type: ignore[override]
+        await self._stopped.wait()
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        self._stopped.set()
+
+
+class PacketSender:
+    """Plays the loop (video) or the tone packet (audio) on one transceiver, in real time."""
+
+    def __init__(self, transceiver: RTCRtpTransceiver, kind: str, loop: PacketLoop,
+                 on_sent: Callable[[int, int, float], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.kind = kind
+        self.loop = loop
+        self.tap = SenderTap(transceiver, self.request_keyframe)
+        self._on_sent = on_sent
+        self._clock = clock
+        self._position = 0
+        self.keyframe_requests = 0
+        self.packets = 0
+
+    def request_keyframe(self) -> bool:
+        self._position = 0
+        self.keyframe_requests += 1
+        return True
+
+    async def run(self) -> None:
+        tap = self.tap
+        await tap.started()  # aiortc starts the sender once connected
+        assert tap.codec is not None
+        payload_type = tap.codec.payloadType
+        seq, ts = SenderTap.new_origin()
+        if self.kind == "audio":
+            templates: tuple[tuple[bytes, ...], ...] = (
+                (tap.packet(self.loop.audio, False, payload_type),),)
+            interval, step = AUDIO_PTIME, AUDIO_STEP
+        else:
+            templates = tuple(
+                tuple(tap.packet(p, i == len(frame) - 1, payload_type) for i, p in enumerate(frame))
+                for frame in self.loop.frames)
+            interval, step = 1 / self.loop.fps, round(VIDEO_CLOCK / self.loop.fps)
+        pacer = Pacer(interval)
+        n = 0
+        while True:
+            await pacer.wait(n)
+            k = self._position % len(templates)
+            if self._on_sent is not None:
+                self._on_sent(k, n, self._clock())
+            for template in templates[k]:
+                if tap.send_rewritten(template, len(template), payload_type, seq,
+                                      ts) is not None:
+                    self.packets += 1
+                seq = (seq + 1) & 0xFFFF
+            ts = (ts + step) & 0xFFFFFFFF
+            self._position = k + 1
+            n += 1
+
+
+class PacketCounter:
+    """Counts one received stream's packets as they come off the socket (see DatagramTap):
+    video frames complete at their marker packet, read by picture id; audio packets."""
+
+    def __init__(self, kind: str, video: VideoMeter, audio: AudioMeter, loop_frames: int,
+                 send_log: SendLog, peer: str, on_first_frame: Callable[[float], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.kind = kind
+        self.video, self.audio = video, audio
+        self.loop_frames = loop_frames
+        self.send_log, self.peer = send_log, peer
+        self._on_first_frame = on_first_frame
+        self._clock = clock
+        self.packets = 0
+        self.packets_lost = 0
+        self._last_seq: int | None = None
+        self._last_k: int | None = None
+        self._counter = 0
+
+    def on_datagram(self, plain: memoryview, length: int) -> None:
+        self.packets += 1
+        seq = (plain[2] << 8) | plain[3]
+        if self._last_seq is not None:
+            step = (seq - self._last_seq) & 0xFFFF
+            if step == 0 or step > 0x7FFF:
+                return  # a repeat or a late (retransmitted) packet
+            self.packets_lost += step - 1
+        self._last_seq = seq
+        if self.kind == "audio":
+            self.audio.frames += 1
+        elif plain[1] & 0x80:
+            self._frame(payload_of(bytes(plain[:length])))
+
+    def _frame(self, payload: bytes) -> None:
+        k = vp8_picture_id(payload)
+        if k is None:
+            self.video.unreadable += 1
+            return
+        now = self._clock()
+        logged = self.send_log.sent_at(self.peer, k)
+        if logged is not None:
+            found, sent_at = Stamp(logged[0], 0), logged[1]
+        else:  # no send log: unwrap the loop index into a frame counter, latency unknown
+            if self._last_k is not None:
+                self._counter += (k - self._last_k) % self.loop_frames or self.loop_frames
+            self._last_k = k
+            found, sent_at = Stamp(self._counter, 0), None
+        if self.video.frame(found, now, timed=sent_at is not None, sent_at=sent_at):
+            self._on_first_frame(now)
