@@ -9,7 +9,9 @@ rewrite in the outgoing SRTP buffer, the NACK history copy, SRTP protect, the RT
 No sockets. With packets back to back, the caches stay warm. Spaced as media arrives at a lightly
 loaded relay (one packet every ~1.5 ms at 4 streams), every packet starts cold: that is most of
 the gap between this figure and what the relay spends per packet at low stream counts
-(benchmarks/forwarding.py).
+(benchmarks/forwarding.py). Each spaced run is done twice: with the CPU idle between packets
+(sleeping, as a relay waits for the next datagram) and kept busy (spinning): the difference is
+what waking an idle CPU costs on this machine.
 """
 
 from __future__ import annotations
@@ -39,8 +41,16 @@ def packets(count: int) -> tuple[Session, list[bytes]]:
     return receiver, made
 
 
-def run(count: int, spacing: float) -> float:
-    """Mean CPU time (µs) of the per-packet work, ``spacing`` seconds between packets."""
+def spin(seconds: float) -> None:
+    """Wait without letting the CPU go idle."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def run(count: int, spacing: float, busy: bool = False) -> float:
+    """Mean CPU time (µs) of the per-packet work, ``spacing`` seconds between packets, the CPU
+    idle in between (or ``busy``: spinning)."""
     receiver, datagrams = packets(count)
     rx = InPlaceSrtp(receiver)
     out = InPlaceSrtp(Session(Policy(key=os.urandom(30), ssrc_type=Policy.SSRC_ANY_OUTBOUND)))
@@ -52,7 +62,7 @@ def run(count: int, spacing: float) -> float:
     count_ = 0
     for datagram in datagrams:
         if spacing:
-            time.sleep(spacing)
+            (spin if busy else time.sleep)(spacing)
         start = time.thread_time()
         length = rx.unprotect(datagram)
         assert length is not None
@@ -82,8 +92,12 @@ def main() -> None:
                         help="comma-separated gaps between packets, in ms")
     args = parser.parse_args()
     for spacing in (float(v) for v in args.spacing_ms.split(",")):
-        print(f"packets {spacing:4.1f} ms apart: {run(args.packets, spacing / 1000):6.1f} µs "
-              "of CPU per packet")
+        idle = run(args.packets, spacing / 1000)
+        line = f"packets {spacing:4.1f} ms apart: {idle:6.1f} µs of CPU per packet"
+        if spacing:
+            busy = run(args.packets, spacing / 1000, busy=True)
+            line += f" (CPU idle between them); {busy:6.1f} µs (CPU kept busy)"
+        print(line)
 
 
 if __name__ == "__main__":
