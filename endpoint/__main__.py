@@ -1,4 +1,8 @@
-"""``python -m endpoint``: host one or many devices under one lower server."""
+"""``python -m endpoint``: host one or many devices under one or more lower servers.
+
+With several ``--server``, each gets ``--count`` devices, numbered on from the previous server's
+(``cam-1..cam-N`` under the first, ``cam-N+1..`` under the second): one process, so pre-encoded
+and packet devices share their send log and measure latency between servers too."""
 
 from __future__ import annotations
 
@@ -39,8 +43,9 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m endpoint", description=__doc__)
-    p.add_argument("--server", default=env("ENDPOINT_SERVER"), required=not env("ENDPOINT_SERVER"),
-                   help="the lower server, e.g. ws://127.0.0.1:8080 (env ENDPOINT_SERVER)")
+    p.add_argument("--server", action="append", default=None,
+                   help="the lower server, e.g. ws://127.0.0.1:8080 (repeatable; env "
+                        "ENDPOINT_SERVER, comma-separated)")
     p.add_argument("--device", default=env("ENDPOINT_DEVICE", "cam"),
                    help="device id, or the prefix of the ids with --count")
     p.add_argument("--count", type=int, default=int(env("ENDPOINT_COUNT", "1")),
@@ -76,8 +81,11 @@ async def run(args: argparse.Namespace) -> None:
                               audio=args.audio != "none", media=media,
                               codecs=CODEC_CHOICES[args.codec], video=args.video)
     supply = MediaSupply.for_settings(settings)
-    devices = [Device(args.server, d, settings, supply=supply)
-               for d in device_ids(args.device, args.count, args.start)]
+    devices = []
+    for n, server in enumerate(args.server):
+        start = args.start + n * args.count if (args.start or len(args.server) > 1) else 0
+        devices += [Device(server, d, settings, supply=supply)
+                    for d in device_ids(args.device, args.count, start)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,7 +100,11 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.server = args.server or split_list(os.environ.get("ENDPOINT_SERVER"))
+    if not args.server:
+        parser.error("give --server (or ENDPOINT_SERVER)")
     setup_logging(f"endpoint:{args.device}", args.log_level)
     try:
         DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps)

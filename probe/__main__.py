@@ -1,4 +1,10 @@
-"""``python -m probe call``: start calls between devices of two lower servers and time them."""
+"""``python -m probe``: time calls between devices of the servers given.
+
+- ``call``: one call (or --count sequential calls), each phase timed;
+- ``load``: calls started open-loop at a fixed or Poisson rate, figures per server;
+- ``capacity``: per lower server, the highest rate that meets an objective;
+- ``merge``: several probes' output directories merged into one report.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +14,115 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from probe.calls import CallResult, run_call, summarize, wait_idle
+from probe.capacity import CapacitySettings, Step, search
 from probe.client import ProbeError, Server, discover, find_device, pick_pair
+from probe.load import PAIRING_MODES, LoadReport, LoadSettings, run_load
+from probe.objective import Objective
+from probe.report import CallLog, write_summary
+from probe.summary import build as build_summary
+from probe.summary import merge as merge_summaries
 from relay.logs import setup_logging
 from relay.messages import DIRECTIONS
+from relay.server import event_loop_factory
 from relay.stack import LocalStack, StackError, StackSettings
 
 
+def _common(c: argparse.ArgumentParser, devices: int, video: str) -> None:
+    c.add_argument("--server", action="append", default=None,
+                   help="a server URL (repeatable); upper servers name their lower servers "
+                        "and lower servers their parent (env PROBE_SERVERS, comma-separated)")
+    c.add_argument("--local", action="store_true",
+                   help="start a local stack (upper, lower-a, lower-b, devices) for this run")
+    c.add_argument("--devices", type=int, default=devices,
+                   help="with --local: devices per lower server")
+    c.add_argument("--size", default="640x480", help="with --local: device picture size")
+    c.add_argument("--video", default=video, choices=["synthetic", "preencoded", "packets"],
+                   help="with --local: device video (see docs/endpoint.md)")
+    c.add_argument("--hold", type=float, default=3.0, help="seconds to keep each call up")
+    c.add_argument("--setup-timeout", type=float, default=20.0)
+    c.add_argument("--json", action="store_true", help="JSON output on stdout")
+    c.add_argument("--log-level", default="warning")
+
+
+def _load_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--duration", type=float, default=30.0, help="seconds of scheduled starts")
+    c.add_argument("--poisson", action="store_true", help="exponential gaps (same mean rate)")
+    c.add_argument("--max-concurrent", type=int, default=100,
+                   help="calls up at once at most; a start past it is skipped and counted")
+    c.add_argument("--pairing", default="random", choices=list(PAIRING_MODES))
+    c.add_argument("--pair", action="append", default=None, metavar="CALLER:CALLEE",
+                   help="with --pairing explicit (repeatable)")
+    c.add_argument("--media", default="full", choices=["full", "none"],
+                   help="none: signalling only (devices woken, no media legs)")
+    c.add_argument("--window", type=float, default=5.0, help="time-series window, seconds")
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--late-ms", type=float, default=10.0,
+                   help="a start later than this after its schedule counts as late")
+    c.add_argument("--max-lag-ms", type=float, default=50.0,
+                   help="the probe's own loop lag p99 above this makes a run invalid")
+    c.add_argument("--out", type=Path, default=None,
+                   help="directory for calls.jsonl, summary.json, timeseries.csv, report.html")
+    o = Objective()
+    c.add_argument("--min-success", type=float, default=o.min_success_rate)
+    c.add_argument("--max-response-p95", type=_limit, default=o.max_response_p95_ms,
+                   metavar="MS", help="'none' to not check")
+    c.add_argument("--max-setup-p95", type=_limit, default=o.max_setup_p95_ms, metavar="MS")
+    c.add_argument("--max-media-latency-p95", type=_limit, default=o.max_media_latency_p95_ms,
+                   metavar="MS")
+    c.add_argument("--max-loss", type=_limit, default=o.max_frame_loss,
+                   help="frames lost / frames sent")
+    c.add_argument("--max-freeze-ratio", type=_limit, default=o.max_freeze_ratio,
+                   help="freezes / frames received")
+
+
+def _limit(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m probe", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("call", help="one call (or --count sequential calls), timed")
     c.add_argument("caller", nargs="?", help="SERVER/DEVICE or DEVICE (default: first idle)")
     c.add_argument("callee", nargs="?", help="SERVER/DEVICE or DEVICE (default: first idle "
                                              "under another lower server)")
-    c.add_argument("--server", action="append", default=None,
-                   help="a server URL (repeatable); upper servers name their lower servers "
-                        "(env PROBE_SERVERS, comma-separated)")
-    c.add_argument("--local", action="store_true",
-                   help="start a local stack (upper, lower-a, lower-b, devices) for this run")
-    c.add_argument("--devices", type=int, default=1, help="with --local: devices per server")
-    c.add_argument("--size", default="640x480", help="with --local: device picture size")
+    _common(c, devices=1, video="synthetic")
     c.add_argument("--count", type=int, default=1, help="sequential calls to make")
-    c.add_argument("--hold", type=float, default=3.0, help="seconds to keep each call up")
-    c.add_argument("--setup-timeout", type=float, default=20.0)
-    c.add_argument("--json", action="store_true",
-                   help="one JSON object per call (and a summary object after several)")
-    c.add_argument("--log-level", default="warning")
+    load = sub.add_parser("load", help="open-loop load at a rate, figures per server")
+    load.add_argument("--rate", type=float, required=True, help="calls started per second")
+    _common(load, devices=10, video="packets")
+    _load_args(load)
+    cap = sub.add_parser("capacity", help="per lower server, the highest rate meeting the "
+                                          "objective (step up, then bisect)")
+    _common(cap, devices=10, video="packets")
+    _load_args(cap)
+    cap.set_defaults(duration=10.0)
+    cap.add_argument("--start-rate", type=float, default=1.0)
+    cap.add_argument("--factor", type=float, default=2.0, help="rate multiplier per step")
+    cap.add_argument("--max-rate", type=float, default=1000.0)
+    cap.add_argument("--bisect", type=int, default=3, help="bisection steps after a failure")
+    merge = sub.add_parser("merge", help="merge probes' --out directories into one report")
+    merge.add_argument("dirs", nargs="+", type=Path)
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--json", action="store_true")
+    merge.add_argument("--log-level", default="warning")
     return p
 
 
 @contextlib.asynccontextmanager
 async def servers_for(args: argparse.Namespace) -> AsyncIterator[list[str]]:
     if args.local:
-        settings = StackSettings(devices=args.devices, size=args.size)
+        settings = StackSettings(devices=args.devices, size=args.size, video=args.video)
         async with LocalStack(settings) as stack:
             if not args.json:
                 names = ", ".join(f"{c.name} {c.url}" for c in stack.children if c.url)
@@ -118,11 +194,211 @@ async def command_call(args: argparse.Namespace) -> int:
     return 0 if results and all(r.ok for r in results) else 1
 
 
+def objective_of(args: argparse.Namespace) -> Objective:
+    return Objective(min_success_rate=args.min_success,
+                     max_response_p95_ms=args.max_response_p95,
+                     max_setup_p95_ms=args.max_setup_p95,
+                     max_media_latency_p95_ms=args.max_media_latency_p95,
+                     max_frame_loss=args.max_loss, max_freeze_ratio=args.max_freeze_ratio)
+
+
+def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:
+    pairs = []
+    for text in args.pair or []:
+        caller, sep, callee = text.partition(":")
+        if not sep or not caller or not callee:
+            raise ProbeError("bad_arguments", f"--pair {text!r}: want CALLER:CALLEE")
+        pairs.append((caller, callee))
+    try:
+        return LoadSettings(rate=rate, duration_s=args.duration, poisson=args.poisson,
+                            max_concurrent=args.max_concurrent, hold_s=args.hold,
+                            setup_timeout_s=args.setup_timeout, late_ms=args.late_ms,
+                            pairing=args.pairing, pairs=tuple(pairs), media=args.media,
+                            window_s=args.window, seed=args.seed, max_lag_ms=args.max_lag_ms)
+    except ValueError as exc:
+        raise ProbeError("bad_arguments", str(exc)) from None
+
+
+def full_addresses(servers: list[Server], pairs: tuple[tuple[str, str], ...]
+                   ) -> tuple[tuple[str, str], ...]:
+    return tuple((find_device(servers, a)[1].address, find_device(servers, b)[1].address)
+                 for a, b in pairs)
+
+
+def new_session() -> aiohttp.ClientSession:
+    # No connection cap: each call holds a long poll, and a capped pool would make the probe
+    # itself queue starts (coordinated omission inside the client).
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+async def command_load(args: argparse.Namespace) -> int:
+    objective = objective_of(args)
+    progress = Progress(enabled=not args.json)
+    async with servers_for(args) as urls, new_session() as session:
+        servers = await discover(session, urls)
+        settings = load_settings_of(args, args.rate)
+        settings = replace(settings, pairs=full_addresses(servers, settings.pairs))
+        log = CallLog(args.out) if args.out else None
+        began = time.monotonic()
+        try:
+            report = await run_load(
+                session, servers, settings,
+                on_result=lambda r: log.write(r.to_dict()) if log else None,
+                on_tick=progress.tick)
+        finally:
+            if log is not None:
+                log.close()
+        progress.done()
+    run = {**report.summary(), "offset_s": 0.0}
+    missed = {name: objective.missed(figures, settings.media == "full")
+              for name, figures in report.recorder.servers.items()}
+    summary = summary_of("load", [run], servers, objective, missed, settings.window_s)
+    summary["elapsed_s"] = round(time.monotonic() - began, 1)
+    return finish(args, summary)
+
+
+async def command_capacity(args: argparse.Namespace) -> int:
+    objective = objective_of(args)
+    progress = Progress(enabled=not args.json)
+    try:
+        cap_settings = CapacitySettings(start_rate=args.start_rate, factor=args.factor,
+                                        max_rate=args.max_rate, bisect_steps=args.bisect)
+    except ValueError as exc:
+        raise ProbeError("bad_arguments", str(exc)) from None
+    runs: list[dict[str, Any]] = []
+    began = time.monotonic()
+
+    def on_step(step: Step) -> None:
+        runs.append({**step.report.summary(), "offset_s": round(time.monotonic() - began, 3),
+                     "step": step.row()})
+        progress.line(f"{step.server} at {step.rate:g} calls/s: "
+                      f"{'pass' if step.passed else 'FAIL: ' + '; '.join(step.why)} "
+                      f"(max {step.report.max_concurrent_seen} concurrent)")
+
+    async with servers_for(args) as urls, new_session() as session:
+        servers = await discover(session, urls)
+        load = load_settings_of(args, args.start_rate)
+        found = await search(session, servers, load, objective, cap_settings, on_step)
+    # Offsets were taken when each step ended: make them the steps' starts.
+    for run in runs:
+        run["offset_s"] = max(0.0, run["offset_s"] - run["duration_s"] - run["hold_s"])
+    missed = {name: ([] if c.rate is not None and not c.invalid else
+                     [f"no rate met the objective (first failure: {c.failed_because})"])
+              for name, c in found.items()}
+    summary = summary_of("capacity", runs, servers, objective, missed, load.window_s)
+    summary["capacity"] = {name: c.summary() for name, c in found.items()}
+    summary["capacity_steps"] = {name: [s.row() for s in c.steps] for name, c in found.items()}
+    summary["elapsed_s"] = round(time.monotonic() - began, 1)
+    return finish(args, summary)
+
+
+def summary_of(command: str, runs: list[dict[str, Any]], servers: list[Server],
+               objective: Objective, missed: dict[str, list[str]],
+               window_s: float) -> dict[str, Any]:
+    return build_summary(command, runs, [s.name for s in servers], objective, missed, window_s)
+
+
+def finish(args: argparse.Namespace, summary: dict[str, Any]) -> int:
+    if args.out:
+        write_summary(args.out, summary)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
+    else:
+        print(describe_run(summary))
+        if args.out:
+            print(f"report: {args.out / 'report.html'}")
+    if not summary["valid"]:
+        return 3
+    return 0 if summary["objective_met"] else 1
+
+
+def describe_run(summary: dict[str, Any]) -> str:
+    lines = [f"{summary['command']}: objective {summary['objective']}: "
+             f"{'met' if summary['objective_met'] else 'MISSED'}"
+             + ("" if summary["valid"] else "  (INVALID: the probe itself lagged)")]
+    for name, found in (summary.get("capacity") or {}).items():
+        lines.append(f"  {name}: sustainable {found['rate']} calls/s with up to "
+                     f"{found['concurrent']} calls at once; first failing "
+                     f"{found['failed_rate']} calls/s ({'; '.join(found['failed_because'])})")
+    for run in summary["runs"] if summary["command"] != "capacity" else []:
+        err = run.get("schedule_error_ms") or {}
+        lines.append(f"  {run['rate']:g} calls/s for {run['duration_s']:g} s: {run['started']} "
+                     f"of {run['scheduled']} started, skipped {run['skipped_cap']} (cap) + "
+                     f"{run['skipped_no_devices']} (no idle devices), late "
+                     f"{run['late_starts']}, schedule error p99 {err.get('p99')} ms, probe "
+                     f"lag p99 {run['probe'].get('loop_lag_ms_p99')} ms")
+    for name, figures in summary["figures"]["servers"].items():
+        phases = figures["phases"]
+
+        def p(phase: str, key: str, phases: dict[str, Any] = phases) -> str:
+            found = phases.get(phase)
+            return f"{found[key]:.1f}" if found else "-"
+        lines.append(
+            f"  {name}: {figures['ok']}/{figures['calls']} ok, response p50/p95/p99 "
+            f"{p('response_ms', 'p50')}/{p('response_ms', 'p95')}/{p('response_ms', 'p99')} ms,"
+            f" server time p50 {p('server_time_ms', 'p50')} ms, setup p50/p95 "
+            f"{p('setup_ms', 'p50')}/{p('setup_ms', 'p95')} ms, media latency p50/p95 "
+            f"{p('media_latency_ms', 'p50')}/{p('media_latency_ms', 'p95')} ms"
+            + (f", failures {figures['failures']}" if figures["failures"] else ""))
+        missed = summary["objective_missed"].get(name)
+        if missed and summary["command"] != "capacity":
+            lines.append(f"    objective missed: {'; '.join(missed)}")
+    return "\n".join(lines)
+
+
+def command_merge(args: argparse.Namespace) -> int:
+    summaries = []
+    for directory in args.dirs:
+        path = directory / "summary.json"
+        try:
+            summaries.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ProbeError("bad_input", f"{path}: {exc}") from None
+    try:
+        summary = merge_summaries(summaries)
+    except (KeyError, ValueError) as exc:
+        raise ProbeError("bad_input", f"cannot merge: {exc!r}") from None
+    return finish(args, summary)
+
+
+class Progress:
+    """A one-line live view on a terminal; silent when not a TTY or under CI."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty() and not os.environ.get("CI")
+        self._last = 0.0
+
+    def tick(self, report: LoadReport, n: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last < 0.5:
+            return
+        self._last = now
+        total = report.recorder.total
+        sys.stderr.write(f"\r{report.settings.rate:g}/s  started {report.started}/"
+                         f"{report.scheduled}  done {total.calls}  ok {total.ok}  failed "
+                         f"{total.calls - total.ok}  skipped "
+                         f"{report.skipped_cap + report.skipped_no_devices}  late {report.late}  ")
+        sys.stderr.flush()
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + text + " " * 20 + "\n")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("probe", args.log_level)
+    commands = {"call": command_call, "load": command_load, "capacity": command_capacity}
     try:
-        return asyncio.run(command_call(args))
+        if args.command == "merge":
+            return command_merge(args)
+        with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
+            return runner.run(commands[args.command](args))
     except (ProbeError, StackError) as exc:
         code = getattr(exc, "code", "stack_failed")
         print(f"probe: {code}: {exc}", file=sys.stderr)

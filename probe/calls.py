@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from probe.client import ProbeError, Server, ServerClient, find_device
+from probe.stats import Outcome, classify
 from relay.messages import DIRECTIONS, CallInfo
 
 #: Intervals reported per call, in ms from t_sent: name -> event.
@@ -40,6 +41,18 @@ class CallResult:
     reason: str | None = None  #: why it ended, or why it failed
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None  #: the probe's error code when a request failed (ProbeError)
+    active: bool = False  #: the call was up (media both ways, or woken with --media none)
+    server_time_ms: float | None = None  #: the server's own time on the create command
+    media_mode: str = "full"
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.media_mode == "none":
+            if self.error is None and self.active and self.reason == "hangup":
+                return Outcome(True)
+            return classify(self.error, self.reason, self.active, {}, ())
+        return classify(self.error, self.reason, self.active, self.media, DIRECTIONS)
 
     @property
     def intervals(self) -> dict[str, float]:
@@ -51,11 +64,18 @@ class CallResult:
         if "t_first_frame_callee" in self.timeline and "t_first_frame_caller" in self.timeline:
             last = max(self.timeline["t_first_frame_callee"], self.timeline["t_first_frame_caller"])
             out["setup_ms"] = round((last - sent) * 1000, 2)
+        elif self.media_mode == "none" and "t_callee_woken" in self.timeline:
+            out["setup_ms"] = round((self.timeline["t_callee_woken"] - sent) * 1000, 2)
+        if self.server_time_ms is not None:
+            out["server_time_ms"] = self.server_time_ms
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        outcome = self.outcome
         return {"call": self.call, "caller": self.caller, "callee": self.callee,
                 "server": self.server, "ok": self.ok, "reason": self.reason,
+                "failure": outcome.failure, "failure_detail": outcome.detail,
+                "media_mode": self.media_mode,
                 "timeline": dict(sorted(self.timeline.items(), key=lambda kv: kv[1])),
                 "intervals": self.intervals, "media": self.media}
 
@@ -66,20 +86,25 @@ def _carried_media(info: CallInfo) -> bool:
 
 
 async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller: str,
-                   callee: str, hold_s: float, setup_timeout_s: float = 20.0) -> CallResult:
-    """Start a call at the caller's server, wait for media both ways, hold, hang up."""
+                   callee: str, hold_s: float, setup_timeout_s: float = 20.0,
+                   scheduled: float | None = None, media: str = "full") -> CallResult:
+    """Start a call at the caller's server, wait for media both ways (or, with ``media``
+    "none", for both wake-ups), hold, hang up. ``scheduled``: the time the call was due to
+    start (open-loop load), which ``t_sent`` then is, so every interval counts from it."""
     server, device = find_device(servers, caller)
     client = ServerClient(session, server.url)
-    result = CallResult(caller=device.address, callee=callee, server=server.name)
-    result.timeline["t_sent"] = time.time()
+    result = CallResult(caller=device.address, callee=callee, server=server.name,
+                        media_mode=media)
+    result.timeline["t_sent"] = scheduled if scheduled is not None else time.time()
     try:
-        info = await client.create_call(device.address, callee)
+        info = await client.create_call(device.address, callee, media=media)
     except ProbeError as exc:
         result.timeline["t_response"] = time.time()
-        result.reason = exc.code
+        result.reason = result.error = exc.code
         return result
     result.timeline["t_response"] = time.time()
     result.call, result.callee = info.call, info.callee
+    result.server_time_ms = info.server_time_ms
     try:
         info = await client.call(info.call, wait="active", timeout_s=setup_timeout_s)
         if info.state == "active":
@@ -87,21 +112,25 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
             # Devices report every second: make sure both directions have reported.
             deadline = time.monotonic() + 3
             info = await client.call(info.call)
-            while (info.state == "active" and not _carried_media(info)
+            while (media == "full" and info.state == "active" and not _carried_media(info)
                    and time.monotonic() < deadline):
                 await asyncio.sleep(0.2)
                 info = await client.call(info.call)
         if info.state != "ended":
             info = await client.hangup(info.call)
-        await asyncio.sleep(0.2)  # the devices' last reports follow the hang-up
-        info = await client.call(info.call)
+        if media == "full":
+            await asyncio.sleep(0.2)  # the devices' last reports follow the hang-up
+            info = await client.call(info.call)
     except ProbeError as exc:
-        result.reason = exc.code
+        result.reason = result.error = exc.code
         return result
     result.timeline.update(info.timeline)
+    up = ("t_caller_woken", "t_callee_woken") if media == "none" else (
+        "t_first_frame_callee", "t_first_frame_caller")
+    result.active = all(e in info.timeline for e in up)
     result.media = {d: s.to_dict() for d, s in info.media.items()}
     result.reason = info.reason
-    result.ok = _carried_media(info) and info.reason == "hangup"
+    result.ok = result.outcome.ok
     return result
 
 

@@ -84,8 +84,8 @@ class ServerClient:
     async def devices(self) -> list[DeviceInfo]:
         return DeviceList.from_dict(await self._get("/v1/devices")).devices
 
-    async def create_call(self, caller: str, callee: str) -> CallInfo:
-        body = CreateCall(caller=caller, callee=callee).to_dict()
+    async def create_call(self, caller: str, callee: str, media: str = "full") -> CallInfo:
+        body = CreateCall(caller=caller, callee=callee, media_mode=media).to_dict()
         status, data = await self._request("POST", "/v1/calls", body)
         return CallInfo.from_dict(self._check(status, data))
 

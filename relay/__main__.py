@@ -9,13 +9,12 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from relay.call import Timeouts
 from relay.logs import setup_logging
 from relay.rtc import MediaSettings
-from relay.server import serve
+from relay.server import event_loop_factory, serve
 from relay.settings import ServerSettings, SettingsError, env_defaults, split_list
 from relay.stack import LocalStack, StackError, StackSettings
 
@@ -107,19 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as r:
         r.run(serve(settings))
     return 0
-
-
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop if asked for (or 'auto' and installed), else asyncio's default."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise
-        return None
-    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

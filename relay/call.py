@@ -78,6 +78,8 @@ TRANSITIONS: dict[CallState, dict[type, CallState]] = {
 
 #: The milestones that together mean "both devices see each other".
 MEDIA_BOTH_WAYS = ("t_first_frame_callee", "t_first_frame_caller")
+#: What makes a signalling-only call (media "none") active.
+BOTH_WOKEN = ("t_caller_woken", "t_callee_woken")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Call:
     created_at: float
     timeouts: Timeouts = field(default_factory=Timeouts)
     codec: str = "video/VP8"  #: the video codec the trunks carry
+    media_mode: str = "full"  #: "none": signalling only, up once both devices are woken
     state: CallState = CallState.SETUP
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)
@@ -183,6 +186,7 @@ class Call:
             raise CallStateError(self.id, f"{event.name} already recorded")
 
     def _after(self, state: CallState) -> CallState:
-        if state is CallState.SETUP and all(m in self.timeline for m in MEDIA_BOTH_WAYS):
+        needed = MEDIA_BOTH_WAYS if self.media_mode == "full" else BOTH_WOKEN
+        if state is CallState.SETUP and all(m in self.timeline for m in needed):
             return CallState.ACTIVE
         return state

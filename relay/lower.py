@@ -173,7 +173,7 @@ class LowerServer(Node):
         # common, the caller's choice, and the callee's server transcodes for the callee alone.
         codec = next((c for c in caller.codecs if c in callee.codecs), caller.codecs[0])
         call = Call(self.new_call_id(), caller.address, callee.address, received_at,
-                    self.timeouts, codec=codec)
+                    self.timeouts, codec=codec, media_mode=request.media_mode)
         call.timeline["t_received"] = received_at
         caller_link = self.devices[caller.id]
         if callee.server == self.name:
@@ -203,7 +203,7 @@ class LowerServer(Node):
             self.spawn(self.parent.send(Hangup(call=setup.call, reason=reason)))
             return
         call = Call(setup.call, setup.caller, f"{self.name}/{device}", self.clock(),
-                    self.timeouts, codec=setup.codec)
+                    self.timeouts, codec=setup.codec, media_mode=setup.media_mode)
         self.busy.add(device)
         event(log, "call.incoming", call=call.id, caller=call.caller, callee=call.callee)
         self.start_session(call, (self.parent, None), (self.devices[device], "callee"))

@@ -46,6 +46,15 @@ TIMELINE_EVENTS: tuple[str, ...] = (
 )
 #: Video codecs devices and servers negotiate, by mime type.
 VIDEO_CODECS: tuple[str, ...] = ("video/VP8", "video/H264")
+#: "full": a real call with audio and video both ways; "none": signalling only (devices are
+#: woken and acknowledge, no media leg is made), to time a server's command handling alone.
+MEDIA_MODES: tuple[str, ...] = ("full", "none")
+
+
+def check_media(value: str) -> None:
+    if value not in MEDIA_MODES:
+        raise MessageError(f"media_mode must be one of {', '.join(MEDIA_MODES)}, not "
+                           f"{value!r}", field="media_mode")
 #: Media directions, named by who sends: ``caller_to_callee`` is measured at the callee.
 DIRECTIONS: tuple[str, ...] = ("caller_to_callee", "callee_to_caller")
 
@@ -407,10 +416,12 @@ class Wake(Message):
     call: str
     role: Role
     peer: str  #: the address of the other party
+    media_mode: str = "full"  #: "none": acknowledge only, no offer follows
 
     def __post_init__(self) -> None:
         check_call_id(self.call)
         check_address(self.peer, "peer")
+        check_media(self.media_mode)
 
 
 # Both ways, on device and trunk links.
@@ -517,10 +528,12 @@ class CallSetup(Message):
     callee: str
     #: the video codec the call's trunks carry (the caller's first choice the callee shares)
     codec: str = VIDEO_CODECS[0]
+    media_mode: str = "full"  #: see MEDIA_MODES
 
     def __post_init__(self) -> None:
         check_call_id(self.call)
         check_codecs([self.codec], "codec")
+        check_media(self.media_mode)
         check_address(self.caller, "caller")
         check_address(self.callee, "callee")
 
@@ -599,10 +612,12 @@ class CreateCall(Body):
 
     caller: str
     callee: str
+    media_mode: str = "full"  #: see MEDIA_MODES
 
     def __post_init__(self) -> None:
         check_address(self.caller, "caller")
         check_address(self.callee, "callee")
+        check_media(self.media_mode)
 
 
 @dataclass(frozen=True)

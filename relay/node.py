@@ -211,9 +211,12 @@ class Node:
         call = session.call
         assert port.device_role is not None
         peer = call.callee if port.device_role == "caller" else call.caller
-        if not await port.channel.send(Wake(call=call.id, role=port.device_role, peer=peer)):
+        if not await port.channel.send(Wake(call=call.id, role=port.device_role, peer=peer,
+                                            media_mode=call.media_mode)):
             self.end_session(session, f"{port.device_role}_unreachable")
             return
+        if call.media_mode == "none":
+            return  # signalling only: no leg is made (a Leg makes its peer connection lazily)
         # The call's codec if the device takes it; else its own, and this server transcodes.
         codecs = port.channel.codecs
         sdp = await port.leg.create_offer(call.codec if call.codec in codecs else codecs[0])
@@ -221,9 +224,12 @@ class Node:
 
     async def _drive_trunk(self, session: Session, port: Port) -> None:
         call = session.call
-        setup = CallSetup(call=call.id, caller=call.caller, callee=call.callee, codec=call.codec)
+        setup = CallSetup(call=call.id, caller=call.caller, callee=call.callee, codec=call.codec,
+                          media_mode=call.media_mode)
         if not await port.channel.send(setup):
             self.end_session(session, "server_unreachable")
+            return
+        if call.media_mode == "none":
             return
         sdp = await port.leg.create_offer(call.codec)
         await port.channel.send(Offer(call=call.id, leg=call.id, sdp=sdp))

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -90,3 +90,16 @@ async def serve(settings: ServerSettings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         event(log, "server.stopping", server=settings.name)
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop if asked for (or 'auto' and installed), else asyncio's default."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop

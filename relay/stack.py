@@ -40,6 +40,9 @@ class StackSettings:
     media_addresses: tuple[str, ...] = ("127.0.0.1",)
     size: str = "640x480"
     fps: float = 30.0
+    #: device video: synthetic (one process per server, encoding live), or preencoded/packets
+    #: (one process for every device: cheap, and latency is measured between servers)
+    video: str = "synthetic"
     log_dir: Path | None = None  #: where children's logs go (default: a new temp dir)
     start_timeout_s: float = 30.0
 
@@ -89,11 +92,17 @@ class LocalStack:
         for name in LOWER_NAMES:
             await self._server(name, ["lower", "--name", name, "--parent", upper, *media])
         n = self.settings.devices
-        for i, child in enumerate(list(self.children[1:])):
-            await self._spawn(f"devices-{child.name}", [
-                "-m", "endpoint", "--server", child.url or "", "--device", "cam",
-                "--count", str(n), "--start", str(i * n + 1), "--size", self.settings.size,
-                "--fps", str(self.settings.fps), *media])
+        common = ["--device", "cam", "--count", str(n), "--size", self.settings.size,
+                  "--fps", str(self.settings.fps), "--video", self.settings.video, *media]
+        lowers = list(self.children[1:])
+        if self.settings.video == "synthetic":
+            for i, child in enumerate(lowers):
+                await self._spawn(f"devices-{child.name}", [
+                    "-m", "endpoint", "--server", child.url or "", "--start", str(i * n + 1),
+                    *common])
+        else:
+            servers = [a for child in lowers for a in ("--server", child.url or "")]
+            await self._spawn("devices", ["-m", "endpoint", *servers, "--start", "1", *common])
         await self._wait_registered(upper, n * len(LOWER_NAMES))
 
     async def _spawn(self, name: str, args: list[str]) -> Child:

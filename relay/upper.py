@@ -158,7 +158,7 @@ class UpperServer(Node):
             return
         assert child is not None and server is not None
         call = Call(setup.call, setup.caller, f"{server}/{device}", self.clock(), self.timeouts,
-                    codec=setup.codec)
+                    codec=setup.codec, media_mode=setup.media_mode)
         self.start_session(call, (source, None), (child.channel, None))
         self.record(call.id, "t_routed", self.clock())
 

@@ -1,0 +1,246 @@
+"""Open-loop load: calls start on a schedule whatever the servers do.
+
+The schedule (fixed rate or Poisson) is made before the run. Each call's ``t_sent`` is its
+*scheduled* start, so a server that slows the probe down shows up in every latency instead of
+hiding in fewer, later calls (no coordinated omission). A start later than its schedule by more
+than a threshold is counted late; a start that would pass the concurrency cap, or that finds no
+idle pair of devices, is skipped and counted, never delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+from hdrh.histogram import HdrHistogram
+
+from probe.calls import CallResult, run_call
+from probe.client import ProbeError, Server, ServerClient, find_device, lower_servers
+from probe.stats import Recorder, encode, new_histogram, percentiles, record_ms
+from probe.watch import LoopWatch
+
+PairingMode = Literal["random", "every-pair", "same-server", "explicit"]
+PAIRING_MODES: tuple[str, ...] = ("random", "every-pair", "same-server", "explicit")
+
+
+def schedule(rate: float, duration_s: float, poisson: bool = False,
+             rng: random.Random | None = None) -> list[float]:
+    """Start offsets (s from the run's start) for ``rate`` calls/s over ``duration_s``:
+    evenly spaced, or with exponential gaps (a Poisson process) of the same mean."""
+    if rate <= 0 or duration_s <= 0:
+        return []
+    if not poisson:
+        return [i / rate for i in range(int(rate * duration_s + 1e-9))]
+    rng = rng or random.Random()
+    offsets, t = [], rng.expovariate(rate)
+    while t < duration_s:
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    return offsets
+
+
+class Pairing:
+    """Chooses (caller, callee) among idle devices.
+
+    - ``random``: caller and callee under two different lower servers, both at random;
+    - ``every-pair``: each ordered pair of lower servers in turn (A→B, B→A, A→C ...);
+    - ``same-server``: both under one lower server (bridged there alone), servers in turn;
+    - ``explicit``: the pairs given, in turn.
+    ``callers_on`` keeps callers on one server (the capacity search targets one server).
+    """
+
+    def __init__(self, mode: PairingMode, devices: dict[str, list[str]],
+                 pairs: list[tuple[str, str]] | None = None, rng: random.Random | None = None,
+                 callers_on: str | None = None) -> None:
+        if mode not in PAIRING_MODES:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRING_MODES)}")
+        if mode == "explicit" and not pairs:
+            raise ValueError("explicit pairing needs pairs")
+        self.mode = mode
+        self.devices = {s: list(d) for s, d in devices.items() if d}
+        self.pairs = list(pairs or [])
+        self.rng = rng or random.Random()
+        self.callers_on = callers_on
+        self._turn = 0
+        servers = sorted(self.devices)
+        if mode == "same-server":
+            self._routes = [(s, s) for s in servers if len(self.devices[s]) > 1]
+        else:
+            self._routes = [(a, b) for a in servers for b in servers if a != b]
+        if callers_on is not None:
+            self._routes = [r for r in self._routes if r[0] == callers_on]
+        if mode != "explicit" and not self._routes:
+            raise ValueError(f"no {mode} route between the servers' devices: "
+                             f"{ {s: len(d) for s, d in self.devices.items()} }")
+
+    def pick(self, busy: set[str]) -> tuple[str, str] | None:
+        """The next pair with both devices idle, or None if there is none now."""
+        if self.mode == "explicit":
+            for i in range(len(self.pairs)):
+                pair = self.pairs[(self._turn + i) % len(self.pairs)]
+                if pair[0] not in busy and pair[1] not in busy and pair[0] != pair[1]:
+                    self._turn = (self._turn + i + 1) % len(self.pairs)
+                    return pair
+            return None
+        routes = list(self._routes)
+        if self.mode == "random":
+            self.rng.shuffle(routes)
+        else:
+            routes = routes[self._turn % len(routes):] + routes[:self._turn % len(routes)]
+        for a, b in routes:
+            callers = [d for d in self.devices[a] if d not in busy]
+            callees = [d for d in self.devices[b] if d not in busy]
+            if not callers or not callees:
+                continue
+            caller = self.rng.choice(callers) if self.mode == "random" else callers[0]
+            callees = [d for d in callees if d != caller]
+            if not callees:
+                continue
+            callee = self.rng.choice(callees) if self.mode == "random" else callees[0]
+            self._turn += 1
+            return caller, callee
+        return None
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    rate: float  #: calls started per second
+    duration_s: float
+    poisson: bool = False
+    max_concurrent: int = 50
+    hold_s: float = 3.0
+    setup_timeout_s: float = 20.0
+    late_ms: float = 10.0  #: a start later than this after its schedule counts as late
+    pairing: PairingMode = "random"
+    pairs: tuple[tuple[str, str], ...] = ()
+    callers_on: str | None = None
+    media: Literal["full", "none"] = "full"
+    window_s: float = 5.0
+    cooldown_s: float = 0.05  #: a device rests this long after its call before the next
+    seed: int | None = None
+    max_lag_ms: float = 50.0  #: the probe's own event-loop lag p99 above this: run invalid
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.duration_s <= 0:
+            raise ValueError("rate and duration must be positive")
+        if self.max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+
+
+@dataclass
+class LoadReport:
+    """What a load run did, besides the per-call figures in its recorder."""
+
+    settings: LoadSettings
+    recorder: Recorder
+    scheduled: int = 0
+    started: int = 0
+    skipped_cap: int = 0  #: not started: the concurrency cap was reached
+    skipped_no_devices: int = 0  #: not started: no idle pair of devices
+    late: int = 0
+    max_concurrent_seen: int = 0
+    schedule_error: HdrHistogram = field(default_factory=new_histogram)
+    watch: dict[str, float | None] = field(default_factory=dict)
+    results: list[CallResult] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        """False when the probe itself lagged past its threshold: blame the probe, not a server."""
+        lag = self.watch.get("loop_lag_ms_p99")
+        return lag is None or lag <= self.settings.max_lag_ms
+
+    def summary(self) -> dict[str, object]:
+        s = self.settings
+        return {
+            "rate": s.rate, "poisson": s.poisson, "duration_s": s.duration_s,
+            "max_concurrent": s.max_concurrent, "hold_s": s.hold_s, "pairing": s.pairing,
+            "media": s.media, "callers_on": s.callers_on,
+            "scheduled": self.scheduled, "started": self.started,
+            "skipped_cap": self.skipped_cap, "skipped_no_devices": self.skipped_no_devices,
+            "late_starts": self.late, "max_concurrent_seen": self.max_concurrent_seen,
+            "schedule_error_ms": percentiles(self.schedule_error),
+            "schedule_error_hist": encode(self.schedule_error),
+            "probe": self.watch, "valid": self.valid,
+            "figures": self.recorder.summary(),
+            "timeseries": self.recorder.timeseries(),
+        }
+
+
+async def run_load(session: aiohttp.ClientSession, servers: list[Server],
+                   settings: LoadSettings,
+                   on_result: Callable[[CallResult], None] | None = None,
+                   on_tick: Callable[[LoadReport, int], None] | None = None) -> LoadReport:
+    """Start calls on schedule for ``settings.duration_s``, then wait for the last to finish."""
+    rng = random.Random(settings.seed)
+    devices = {s.name: [d.address for d in s.devices] for s in lower_servers(servers)}
+    pairing = Pairing(settings.pairing, devices, list(settings.pairs), rng, settings.callers_on)
+    offsets = schedule(settings.rate, settings.duration_s, settings.poisson, rng)
+    report = LoadReport(settings, Recorder(settings.window_s), scheduled=len(offsets))
+    busy: set[str] = set()
+    calls: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    watch = LoopWatch()
+
+    async def one(caller: str, callee: str, scheduled: float, offset: float, late: bool) -> None:
+        try:
+            result = await run_call(session, servers, caller, callee, settings.hold_s,
+                                    settings.setup_timeout_s, scheduled=scheduled,
+                                    media=settings.media)
+            report.results.append(result)
+            report.recorder.add(result.server, offset, result.outcome, result.intervals,
+                                result.media, late)
+            if on_result is not None:
+                on_result(result)
+            # The callee's server frees the callee when the hang-up reaches it; then the
+            # directories settle for a moment before the pair may be used again.
+            if result.call is not None:
+                with contextlib.suppress(ProbeError, aiohttp.ClientError):
+                    await ServerClient(session, find_device(servers, callee)[0].url).call(
+                        result.call, wait="ended", timeout_s=3.0)
+            await asyncio.sleep(settings.cooldown_s)
+        finally:
+            busy.discard(caller)
+            busy.discard(callee)
+
+    async with watch:
+        start_mono = loop.time() + 0.05
+        start_wall = time.time() + 0.05
+        try:
+            for n, offset in enumerate(offsets):
+                delay = start_mono + offset - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                error_ms = max(0.0, (loop.time() - start_mono - offset) * 1000)
+                record_ms(report.schedule_error, error_ms)
+                if on_tick is not None:
+                    on_tick(report, n)
+                if len(calls) >= settings.max_concurrent:
+                    report.skipped_cap += 1
+                    continue
+                pair = pairing.pick(busy)
+                if pair is None:
+                    report.skipped_no_devices += 1
+                    continue
+                late = error_ms > settings.late_ms
+                report.late += int(late)
+                busy.update(pair)
+                task = asyncio.create_task(one(*pair, start_wall + offset, offset, late))
+                calls.add(task)
+                task.add_done_callback(calls.discard)
+                report.started += 1
+                report.max_concurrent_seen = max(report.max_concurrent_seen, len(calls))
+            if calls:
+                await asyncio.wait(set(calls), timeout=settings.hold_s
+                                   + settings.setup_timeout_s + 30)
+        finally:
+            for task in calls:
+                task.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+    report.watch = watch.figures()
+    return report

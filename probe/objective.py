@@ -1,0 +1,55 @@
+"""What a server must achieve for a load to count as sustained: pure logic on Figures."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from probe.stats import Figures
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Each limit is optional (None: not checked). Percentiles are over the calls' figures:
+    response and setup per call; media latency per call direction (each direction's p50)."""
+
+    min_success_rate: float | None = 0.99
+    max_response_p95_ms: float | None = 1000.0
+    max_setup_p95_ms: float | None = 5000.0
+    max_media_latency_p95_ms: float | None = None
+    max_frame_loss: float | None = 0.02  #: frames lost / frames sent
+    max_freeze_ratio: float | None = None  #: freezes / frames received
+
+    def missed(self, figures: Figures, media: bool = True) -> list[str]:
+        """Why ``figures`` miss the objective (empty: met). Media limits only with media."""
+        why: list[str] = []
+        if figures.calls == 0:
+            return ["no calls"]
+        rate = figures.success_rate or 0.0
+        if self.min_success_rate is not None and rate < self.min_success_rate:
+            why.append(f"success rate {rate:.3f} < {self.min_success_rate}")
+        for limit, phase, label in (
+                (self.max_response_p95_ms, "response_ms", "response p95"),
+                (self.max_setup_p95_ms, "setup_ms", "setup p95"),
+                (self.max_media_latency_p95_ms if media else None, "media_latency_ms",
+                 "media latency p95")):
+            if limit is None:
+                continue
+            histogram = figures.histograms.get(phase)
+            if histogram is None or not histogram.get_total_count():
+                why.append(f"{label}: no value")
+                continue
+            value = histogram.get_value_at_percentile(95) / 1000
+            if value > limit:
+                why.append(f"{label} {value:.1f} ms > {limit:g} ms")
+        if media and self.max_frame_loss is not None:
+            loss = figures.frame_loss
+            if loss is not None and loss > self.max_frame_loss:
+                why.append(f"frame loss {loss:.4f} > {self.max_frame_loss}")
+        if media and self.max_freeze_ratio is not None:
+            ratio = figures.freeze_ratio
+            if ratio is not None and ratio > self.max_freeze_ratio:
+                why.append(f"freeze ratio {ratio:.4f} > {self.max_freeze_ratio}")
+        return why
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v:g}" for k, v in asdict(self).items() if v is not None)

@@ -1,0 +1,279 @@
+"""The probe's outputs: one JSON line per call, a summary JSON, a CSV time series and one
+self-contained HTML report (inline SVG plots: it opens offline, with no script)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
+
+FILES = {"calls": "calls.jsonl", "summary": "summary.json", "timeseries": "timeseries.csv",
+         "report": "report.html"}
+
+
+class CallLog:
+    """``calls.jsonl``, written as calls finish (a crashed run keeps what it had)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = (out_dir / FILES["calls"]).open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / FILES["summary"]).write_text(json.dumps(summary, indent=1) + "\n")
+    rows = timeseries_rows(summary)
+    with (out_dir / FILES["timeseries"]).open("w", newline="", encoding="utf-8") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (out_dir / FILES["report"]).write_text(render_html(summary), encoding="utf-8")
+
+
+def timeseries_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every load run's windows, one row each, with the run's rate (capacity runs have many)."""
+    rows = []
+    for index, run in enumerate(summary.get("runs", [])):
+        for row in run.get("timeseries", []):
+            rows.append({"run": index, "rate": run["rate"], **row})
+    return rows
+
+
+# ------------------------------------------------------------------------------ SVG plots
+
+
+def line_chart(title: str, xs: Sequence[float], series: dict[str, Sequence[float | None]],
+               x_label: str, y_label: str, width: int = 640, height: int = 260) -> str:
+    """A line chart as inline SVG; None values break the line."""
+    left, right, top, bottom = 60, 130, 28, 40
+    values = [v for ys in series.values() for v in ys if v is not None]
+    if not xs or not values:
+        return f'<svg class="plot" width="{width}" height="60"><text x="10" y="30">{_e(title)}: ' \
+               f'no data</text></svg>'
+    x0, x1 = min(xs), max(xs)
+    x1 = x1 if x1 > x0 else x0 + 1
+    y0, y1 = 0.0, max(values) * 1.1 or 1.0
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def py(y: float) -> float:
+        return top + ph - (y - y0) / (y1 - y0) * ph
+
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+             f'height="{height}" role="img" aria-label="{_e(title)}">',
+             f'<text x="{left}" y="18" font-weight="bold">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>']
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end" '
+                     f'font-size="10">{y:.3g}</text>')
+        parts.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + pw}" y2="{py(y):.1f}" '
+                     f'stroke="#ddd"/>')
+    for i in range(5):
+        x = x0 + (x1 - x0) * i / 4
+        parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 14}" text-anchor="middle" '
+                     f'font-size="10">{x:.3g}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" '
+                 f'font-size="11">{_e(x_label)}</text>')
+    parts.append(f'<text x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 '
+                 f'{top + ph / 2})" text-anchor="middle">{_e(y_label)}</text>')
+    for n, (name, ys) in enumerate(series.items()):
+        color = COLORS[n % len(COLORS)]
+        segment: list[str] = []
+        for x, y in zip(xs, ys, strict=False):
+            if y is None:
+                if len(segment) > 1:
+                    parts.append(_polyline(segment, color))
+                segment = []
+                continue
+            segment.append(f"{px(x):.1f},{py(y):.1f}")
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>')
+        if len(segment) > 1:
+            parts.append(_polyline(segment, color))
+        ly = top + 14 * n + 8
+        parts.append(f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" '
+                     f'fill="{color}"/><text x="{left + pw + 24}" y="{ly + 1}" '
+                     f'font-size="11">{_e(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bar_chart(title: str, categories: Sequence[str], series: dict[str, Sequence[float | None]],
+              y_label: str, width: int = 640, height: int = 260) -> str:
+    """Grouped bars as inline SVG: one group per category, one bar per series."""
+    left, right, top, bottom = 60, 130, 28, 40
+    values = [v for ys in series.values() for v in ys if v is not None]
+    if not categories or not values:
+        return f'<svg class="plot" width="{width}" height="60"><text x="10" y="30">{_e(title)}: ' \
+               f'no data</text></svg>'
+    y1 = max(values) * 1.1 or 1.0
+    pw, ph = width - left - right, height - top - bottom
+    group = pw / len(categories)
+    bar = group * 0.8 / max(1, len(series))
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+             f'height="{height}" role="img" aria-label="{_e(title)}">',
+             f'<text x="{left}" y="18" font-weight="bold">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
+             f'<text x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 '
+             f'{top + ph / 2})" text-anchor="middle">{_e(y_label)}</text>']
+    for i in range(5):
+        y = y1 * i / 4
+        yy = top + ph - y / y1 * ph
+        parts.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end" '
+                     f'font-size="10">{y:.3g}</text><line x1="{left}" y1="{yy:.1f}" '
+                     f'x2="{left + pw}" y2="{yy:.1f}" stroke="#ddd"/>')
+    for c, category in enumerate(categories):
+        gx = left + c * group + group * 0.1
+        parts.append(f'<text x="{left + c * group + group / 2:.1f}" y="{top + ph + 14}" '
+                     f'text-anchor="middle" font-size="11">{_e(category)}</text>')
+        for n, ys in enumerate(series.values()):
+            v = ys[c]
+            if v is None:
+                continue
+            h = v / y1 * ph
+            parts.append(f'<rect class="bar" x="{gx + n * bar:.1f}" y="{top + ph - h:.1f}" '
+                         f'width="{bar * 0.95:.1f}" height="{h:.1f}" '
+                         f'fill="{COLORS[n % len(COLORS)]}"><title>{_e(category)} '
+                         f'{v:.3g}</title></rect>')
+    for n, name in enumerate(series):
+        ly = top + 14 * n + 8
+        parts.append(f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" '
+                     f'fill="{COLORS[n % len(COLORS)]}"/><text x="{left + pw + 24}" '
+                     f'y="{ly + 1}" font-size="11">{_e(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _polyline(points: list[str], color: str) -> str:
+    return f'<polyline fill="none" stroke="{color}" stroke-width="1.6" ' \
+           f'points="{" ".join(points)}"/>'
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text))
+
+
+# ------------------------------------------------------------------------------ HTML
+
+
+def _phase(figures: dict[str, Any], phase: str, p: str) -> float | None:
+    found = (figures.get("phases") or {}).get(phase)
+    return found.get(p) if found else None
+
+
+def render_html(summary: dict[str, Any]) -> str:
+    runs = summary.get("runs", [])
+    total = summary.get("figures", {})
+    servers = total.get("servers", {})
+    validity = ("<b>valid</b>" if summary.get("valid", True)
+                else "<b class=bad>INVALID</b>: the probe lagged")
+    body = [f"<h1>Probe report: {_e(summary.get('command', 'load'))}</h1>",
+            f"<p>{_e(summary.get('started_at', ''))} &middot; servers: "
+            f"{_e(', '.join(summary.get('servers', [])))} &middot; {validity}"
+            f" &middot; objective {'met' if summary.get('objective_met') else 'missed'}</p>"]
+    if summary.get("objective"):
+        body.append(f"<p>Objective: <code>{_e(summary['objective'])}</code></p>")
+    if summary.get("capacity"):
+        body.append("<h2>Capacity</h2><table><tr><th>server</th><th>sustainable calls/s</th>"
+                    "<th>concurrent calls</th><th>first failing calls/s</th><th>why</th></tr>")
+        for name, found in summary["capacity"].items():
+            body.append(f"<tr><td>{_e(name)}</td><td>{_e(found.get('rate'))}</td>"
+                        f"<td>{_e(found.get('concurrent'))}</td>"
+                        f"<td>{_e(found.get('failed_rate'))}</td>"
+                        f"<td>{_e('; '.join(found.get('failed_because', [])))}</td></tr>")
+        body.append("</table>")
+        for name, steps in summary.get("capacity_steps", {}).items():
+            steps = sorted(steps, key=lambda s: s["rate"])
+            rates = [s["rate"] for s in steps]
+            body.append(line_chart(
+                f"Capacity curve: {name}", rates,
+                {"success %": [(s["success_rate"] or 0) * 100 for s in steps],
+                 "setup p95 ms / 10": [(s["setup_p95_ms"] or 0) / 10 for s in steps],
+                 "response p95 ms": [s["response_p95_ms"] for s in steps]},
+                "calls/s", "value"))
+    body.append("<h2>Per server</h2>" + _server_table(servers))
+    names = sorted(servers)
+    body.append(bar_chart("Response time percentiles per server (ms)", names,
+                          {p: [_phase(servers[n], "response_ms", p) for n in names]
+                           for p in ("p50", "p95", "p99")}, "ms"))
+    body.append(bar_chart("Setup time percentiles per server (ms)", names,
+                          {p: [_phase(servers[n], "setup_ms", p) for n in names]
+                           for p in ("p50", "p95", "p99")}, "ms"))
+    rows = [r for run in runs for r in run.get("timeseries_abs", run.get("timeseries", []))]
+    xs = [r["t_s"] for r in rows]
+    body.append(line_chart("Latency over time", xs, {
+        "response p50": [r["response_ms_p50"] for r in rows],
+        "response p95": [r["response_ms_p95"] for r in rows],
+        "setup p50": [r["setup_ms_p50"] for r in rows],
+        "setup p95": [r["setup_ms_p95"] for r in rows],
+        "media p50": [r["media_latency_ms_p50"] for r in rows]}, "s since start", "ms"))
+    body.append(line_chart("Success rate and calls per window", xs, {
+        "success %": [r["success_rate"] * 100 if r["success_rate"] is not None else None
+                      for r in rows],
+        "calls": [r["calls"] for r in rows]}, "s since start", "% / calls"))
+    body.append("<h2>Runs</h2><table><tr><th>rate</th><th>scheduled</th><th>started</th>"
+                "<th>skipped (cap)</th><th>skipped (no devices)</th><th>late</th>"
+                "<th>schedule error p99 ms</th><th>probe lag p99 ms</th><th>probe CPU %</th>"
+                "<th>valid</th></tr>")
+    for run in runs:
+        err = run.get("schedule_error_ms") or {}
+        probe = run.get("probe") or {}
+        body.append(f"<tr><td>{_e(run['rate'])}</td><td>{run['scheduled']}</td>"
+                    f"<td>{run['started']}</td><td>{run['skipped_cap']}</td>"
+                    f"<td>{run['skipped_no_devices']}</td><td>{run['late_starts']}</td>"
+                    f"<td>{_e(err.get('p99'))}</td><td>{_e(probe.get('loop_lag_ms_p99'))}</td>"
+                    f"<td>{_e(probe.get('cpu_pct'))}</td><td>{_e(run['valid'])}</td></tr>")
+    body.append("</table>")
+    failures = total.get("total", {}).get("failure_details", {})
+    if failures:
+        body.append("<h2>Failures</h2><table><tr><th>class:detail</th><th>calls</th></tr>"
+                    + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>"
+                              for k, v in failures.items()) + "</table>")
+    style = ("body{font-family:sans-serif;margin:24px;max-width:1100px}"
+             "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;"
+             "padding:3px 8px;font-size:13px;text-align:right}svg.plot{display:block;"
+             "margin:12px 0}.bad{color:#c00}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Probe report</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def _server_table(servers: dict[str, Any]) -> str:
+    head = ("<table><tr><th>server</th><th>calls</th><th>ok</th><th>success</th>"
+            "<th>response p50/p95/p99 ms</th><th>server time p50 ms</th>"
+            "<th>setup p50/p95 ms</th><th>media latency p50/p95 ms</th><th>frame loss</th>"
+            "<th>freezes/min</th><th>failures</th></tr>")
+    rows = []
+    for name, f in sorted(servers.items()):
+        def trio(phase: str, ps: tuple[str, ...] = ("p50", "p95", "p99"), f: Any = f) -> str:
+            return " / ".join(_fmt(_phase(f, phase, p)) for p in ps)
+        rate = f.get("success_rate")
+        media = f.get("media", {})
+        rows.append(f"<tr><td>{_e(name)}</td><td>{f['calls']}</td><td>{f['ok']}</td>"
+                    f"<td>{_fmt(rate * 100 if rate is not None else None)} %</td>"
+                    f"<td>{trio('response_ms')}</td><td>{trio('server_time_ms', ('p50',))}</td>"
+                    f"<td>{trio('setup_ms', ('p50', 'p95'))}</td>"
+                    f"<td>{trio('media_latency_ms', ('p50', 'p95'))}</td>"
+                    f"<td>{_fmt(media.get('frame_loss'))}</td>"
+                    f"<td>{_fmt(media.get('freezes_per_minute'))}</td>"
+                    f"<td>{_e(f.get('failures') or '')}</td></tr>")
+    return head + "".join(rows) + "</table>"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

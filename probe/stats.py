@@ -1,0 +1,292 @@
+"""The probe's figures, as pure logic: per-call outcomes classified, and per server, per phase
+and per time window, percentiles from mergeable HdrHistograms.
+
+Everything here merges exactly: two probes' recorders (or their JSON) added together give the
+same figures as one probe that saw every call (``probe merge``).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+#: What a failed call is counted as. Every failed call gets exactly one class.
+FAILURE_CLASSES = (
+    "timeout",             # no answer in time: the command, a wake-up, or setup
+    "rejected",            # the server refused the command (the code is kept as detail)
+    "unknown_device",      # caller or callee not known where the call was routed
+    "busy_device",         # caller or callee already in a call
+    "server_unreachable",  # the probe could not reach the server, or a server its parent
+    "device_unreachable",  # a device's link was gone before the call was up
+    "ice_dtls_failed",     # a media leg could not connect
+    "no_media",            # up, but a direction never got a frame
+    "stalled",             # media started, then stopped for most of the call
+    "dropped",             # up, then ended by anything but the probe's hang-up
+)
+
+#: Phases timed per call, in ms from the (scheduled) send time, and media figures.
+PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "setup_ms",
+          "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms")
+
+#: Histogram range: 1 µs .. 1 h, 3 significant digits; values are recorded in µs.
+_LOWEST, _HIGHEST, _DIGITS = 1, 3_600_000_000, 3
+PERCENTILES = (50, 90, 95, 99)
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(_LOWEST, _HIGHEST, _DIGITS)
+
+
+def record_ms(histogram: HdrHistogram, value_ms: float) -> None:
+    histogram.record_value(min(_HIGHEST, max(_LOWEST, round(value_ms * 1000))))
+
+
+def encode(histogram: HdrHistogram) -> str:
+    return histogram.encode().decode("ascii")
+
+
+def decode(text: str) -> HdrHistogram:
+    histogram = new_histogram()
+    if text:
+        histogram.decode_and_add(text.encode("ascii"))
+    return histogram
+
+
+def percentiles(histogram: HdrHistogram) -> dict[str, float] | None:
+    """p50/p90/p95/p99/max (ms) and the count, or None when nothing was recorded."""
+    count = histogram.get_total_count()
+    if not count:
+        return None
+    out: dict[str, float] = {f"p{p}": round(histogram.get_value_at_percentile(p) / 1000, 3)
+                             for p in PERCENTILES}
+    out["max"] = round(histogram.get_max_value() / 1000, 3)
+    out["n"] = count
+    return out
+
+
+def _valid_b64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class Outcome:
+    """What one call came to, as the probe classifies it (see :func:`classify`)."""
+
+    ok: bool
+    failure: str | None = None  #: one of FAILURE_CLASSES when not ok
+    detail: str | None = None  #: the server's code or the call's end reason
+
+
+def classify(error_code: str | None, reason: str | None, was_active: bool,
+             media: dict[str, dict[str, Any]], directions: tuple[str, ...]) -> Outcome:
+    """Classify a call from how the command went (``error_code``, set when the server refused
+    or never answered it), how the call ended (``reason``), whether it was ever up, and the
+    media each direction reported."""
+    if error_code is not None:
+        if error_code in ("timeout", "server_unreachable", "unknown_device"):
+            return Outcome(False, error_code, error_code)
+        if error_code in ("busy_device", "callee_busy", "caller_busy"):
+            return Outcome(False, "busy_device", error_code)
+        return Outcome(False, "rejected", error_code)
+    if not was_active:
+        if reason is None or reason == "setup_timeout" or reason.endswith("_wake_timeout"):
+            return Outcome(False, "timeout", reason)
+        if reason == "media_failed":
+            return Outcome(False, "ice_dtls_failed", reason)
+        if reason == "unknown_device":
+            return Outcome(False, "unknown_device", reason)
+        if reason in ("callee_busy", "caller_busy", "busy_device"):
+            return Outcome(False, "busy_device", reason)
+        if reason == "server_unreachable":
+            return Outcome(False, "server_unreachable", reason)
+        if reason.endswith("_unreachable") or reason == "device_gone":
+            return Outcome(False, "device_unreachable", reason)
+        return Outcome(False, "rejected", reason)
+    if reason != "hangup":
+        return Outcome(False, "dropped", reason)
+    for direction in directions:
+        figures = media.get(direction) or {}
+        if not figures.get("frames"):
+            return Outcome(False, "no_media", direction)
+    for direction in directions:
+        if stalled(media[direction]):
+            return Outcome(False, "stalled", direction)
+    return Outcome(True)
+
+
+def stalled(figures: dict[str, Any]) -> bool:
+    """Frames came at their rate while they came (``fps``), but over the whole report period
+    fewer than half of what that rate gives: the picture stopped for most of the call."""
+    fps, duration, frames = figures.get("fps") or 0.0, figures.get("duration_s") or 0.0, \
+        figures.get("frames") or 0
+    if fps <= 0 or duration < 1.0:
+        return False
+    return frames < 0.5 * fps * duration
+
+
+@dataclass
+class Figures:
+    """Counts and histograms for one slice of a run (a server, a time window, or everything)."""
+
+    calls: int = 0
+    ok: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    details: dict[str, int] = field(default_factory=dict)  #: "class:detail" -> count
+    histograms: dict[str, HdrHistogram] = field(default_factory=dict)
+    frames: int = 0
+    frames_lost: int = 0
+    freezes: int = 0
+    media_seconds: float = 0.0
+    late_starts: int = 0
+
+    def histogram(self, name: str) -> HdrHistogram:
+        found = self.histograms.get(name)
+        if found is None:
+            found = self.histograms[name] = new_histogram()
+        return found
+
+    def add_call(self, outcome: Outcome, intervals: dict[str, float],
+                 media: dict[str, dict[str, Any]], late: bool) -> None:
+        self.calls += 1
+        self.late_starts += int(late)
+        if outcome.ok:
+            self.ok += 1
+        else:
+            assert outcome.failure is not None
+            self.failures[outcome.failure] = self.failures.get(outcome.failure, 0) + 1
+            key = f"{outcome.failure}:{outcome.detail}"
+            self.details[key] = self.details.get(key, 0) + 1
+        for name, value in intervals.items():
+            if name in PHASES:
+                record_ms(self.histogram(name), value)
+        for figures in media.values():
+            if figures.get("latency_ms_p50") is not None:
+                record_ms(self.histogram("media_latency_ms"), figures["latency_ms_p50"])
+            self.frames += figures.get("frames") or 0
+            self.frames_lost += figures.get("frames_lost") or 0
+            self.freezes += figures.get("gaps") or 0
+            self.media_seconds += figures.get("duration_s") or 0.0
+
+    def merge(self, other: Figures) -> None:
+        self.calls += other.calls
+        self.ok += other.ok
+        self.late_starts += other.late_starts
+        for mine, theirs in ((self.failures, other.failures), (self.details, other.details)):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) + count
+        for name, histogram in other.histograms.items():
+            self.histogram(name).add(histogram)
+        self.frames += other.frames
+        self.frames_lost += other.frames_lost
+        self.freezes += other.freezes
+        self.media_seconds += other.media_seconds
+
+    @property
+    def success_rate(self) -> float | None:
+        return round(self.ok / self.calls, 4) if self.calls else None
+
+    @property
+    def frame_loss(self) -> float | None:
+        """Frames lost / frames sent, over every direction of every call."""
+        total = self.frames + self.frames_lost
+        return round(self.frames_lost / total, 5) if total else None
+
+    @property
+    def freeze_ratio(self) -> float | None:
+        """Freezes per frame received (DESIGN.md's freeze rule, per frame)."""
+        return round(self.freezes / self.frames, 5) if self.frames else None
+
+    @property
+    def freezes_per_minute(self) -> float | None:
+        return round(self.freezes / self.media_seconds * 60, 3) if self.media_seconds else None
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as JSON, with the encoded histograms (so summaries merge exactly)."""
+        return {
+            "calls": self.calls, "ok": self.ok, "success_rate": self.success_rate,
+            "failures": dict(sorted(self.failures.items())),
+            "failure_details": dict(sorted(self.details.items())),
+            "late_starts": self.late_starts,
+            "phases": {name: percentiles(h) for name, h in sorted(self.histograms.items())},
+            "media": {"frames": self.frames, "frames_lost": self.frames_lost,
+                      "frame_loss": self.frame_loss, "freezes": self.freezes,
+                      "freezes_per_minute": self.freezes_per_minute,
+                      "freeze_ratio": self.freeze_ratio,
+                      "seconds": round(self.media_seconds, 3)},
+            "histograms": {name: encode(h) for name, h in sorted(self.histograms.items())},
+        }
+
+    @classmethod
+    def from_summary(cls, data: dict[str, Any]) -> Figures:
+        """Rebuild from :meth:`summary` output (counts and histograms: everything that merges)."""
+        media = data.get("media", {})
+        encoded = data.get("histograms", {})
+        bad = [name for name, text in encoded.items() if not _valid_b64(text)]
+        if bad:
+            raise ValueError(f"histograms not HdrHistogram base64: {', '.join(bad)}")
+        return cls(calls=data["calls"], ok=data["ok"], failures=dict(data.get("failures", {})),
+                   details=dict(data.get("failure_details", {})),
+                   histograms={name: decode(text) for name, text in encoded.items()},
+                   frames=media.get("frames", 0), frames_lost=media.get("frames_lost", 0),
+                   freezes=media.get("freezes", 0), media_seconds=media.get("seconds", 0.0),
+                   late_starts=data.get("late_starts", 0))
+
+
+@dataclass
+class Recorder:
+    """A run's figures: everything, per server (the caller's), and per time window (by the
+    call's scheduled start, ``window_s`` wide)."""
+
+    window_s: float = 5.0
+    total: Figures = field(default_factory=Figures)
+    servers: dict[str, Figures] = field(default_factory=dict)
+    windows: dict[int, Figures] = field(default_factory=dict)
+
+    def add(self, server: str, offset_s: float, outcome: Outcome, intervals: dict[str, float],
+            media: dict[str, dict[str, Any]], late: bool = False) -> None:
+        for figures in (self.total, self.servers.setdefault(server, Figures()),
+                        self.windows.setdefault(int(offset_s // self.window_s), Figures())):
+            figures.add_call(outcome, intervals, media, late)
+
+    def merge(self, other: Recorder, shift: int = 0) -> None:
+        """Add ``other``'s figures; its windows move ``shift`` windows later (a later run)."""
+        if other.window_s != self.window_s:
+            raise ValueError(f"cannot merge windows of {other.window_s} s into {self.window_s} s")
+        self.total.merge(other.total)
+        for name, figures in other.servers.items():
+            self.servers.setdefault(name, Figures()).merge(figures)
+        for index, figures in other.windows.items():
+            self.windows.setdefault(index + shift, Figures()).merge(figures)
+
+    def summary(self) -> dict[str, Any]:
+        return {"window_s": self.window_s, "total": self.total.summary(),
+                "servers": {n: f.summary() for n, f in sorted(self.servers.items())},
+                "windows": {str(i): f.summary() for i, f in sorted(self.windows.items())}}
+
+    @classmethod
+    def from_summary(cls, data: dict[str, Any]) -> Recorder:
+        return cls(window_s=data["window_s"], total=Figures.from_summary(data["total"]),
+                   servers={n: Figures.from_summary(f) for n, f in data["servers"].items()},
+                   windows={int(i): Figures.from_summary(f) for i, f in data["windows"].items()})
+
+    def timeseries(self) -> list[dict[str, Any]]:
+        """One row per window: calls, success, and phase percentiles (for the CSV and plots)."""
+        rows = []
+        for index in sorted(self.windows):
+            f = self.windows[index]
+            row: dict[str, Any] = {"t_s": index * self.window_s, "calls": f.calls, "ok": f.ok,
+                                   "failed": f.calls - f.ok, "success_rate": f.success_rate,
+                                   "late_starts": f.late_starts}
+            for phase in ("response_ms", "setup_ms", "media_latency_ms"):
+                p = percentiles(f.histograms[phase]) if phase in f.histograms else None
+                row[f"{phase}_p50"] = p["p50"] if p else None
+                row[f"{phase}_p95"] = p["p95"] if p else None
+            rows.append(row)
+        return rows

@@ -1,0 +1,70 @@
+"""A probe command's summary JSON: its load runs, the figures over all of them, the objective
+verdict; and the exact merge of several probes' summaries (``probe merge``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any
+
+from probe.objective import Objective
+from probe.stats import Recorder, decode, encode, percentiles
+
+#: Counts of a run that add up when probes share a load.
+RUN_COUNTS = ("scheduled", "started", "skipped_cap", "skipped_no_devices", "late_starts",
+              "max_concurrent_seen")
+
+
+def build(command: str, runs: list[dict[str, Any]], servers: list[str], objective: Objective,
+          missed: dict[str, list[str]], window_s: float) -> dict[str, Any]:
+    """``runs``: each a LoadReport summary plus ``offset_s`` (its start in the command)."""
+    total = Recorder(window_s)
+    for run in runs:
+        total.merge(Recorder.from_summary(run["figures"]), shift=int(run["offset_s"] // window_s))
+        run["timeseries_abs"] = [{**row, "t_s": row["t_s"] + run["offset_s"]}
+                                 for row in run.get("timeseries", [])]
+    return {
+        "command": command,
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "servers": servers, "objective": objective.describe(),
+        "objective_limits": dataclasses.asdict(objective),
+        "objective_missed": missed, "objective_met": not any(missed.values()),
+        "valid": all(run["valid"] for run in runs),
+        "runs": runs, "figures": total.summary(),
+    }
+
+
+def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Probes that shared one load: runs by index, every count summed and every histogram
+    merged, so the figures are those one probe would have had seeing every call."""
+    if not summaries:
+        raise ValueError("nothing to merge")
+    window_s = summaries[0]["figures"]["window_s"]
+    runs: list[dict[str, Any]] = []
+    for index in range(max(len(s["runs"]) for s in summaries)):
+        parts = [s["runs"][index] for s in summaries if index < len(s["runs"])]
+        run = dict(parts[0])
+        for key in RUN_COUNTS:
+            run[key] = sum(p.get(key, 0) for p in parts)
+        recorder = Recorder(window_s)
+        schedule = decode("")
+        for part in parts:
+            recorder.merge(Recorder.from_summary(part["figures"]))
+            schedule.add(decode(part.get("schedule_error_hist", "")))
+        run["figures"] = recorder.summary()
+        run["timeseries"] = recorder.timeseries()
+        run["schedule_error_hist"] = encode(schedule)
+        run["schedule_error_ms"] = percentiles(schedule)
+        run["valid"] = all(p["valid"] for p in parts)
+        run["probes"] = len(parts)
+        runs.append(run)
+    servers = sorted({n for s in summaries for n in s.get("servers", [])})
+    objective = Objective(**summaries[0].get("objective_limits", {}))
+    media = any(run.get("media") == "full" for run in runs)
+    total = Recorder(window_s)
+    for run in runs:
+        total.merge(Recorder.from_summary(run["figures"]))
+    missed = {name: objective.missed(figures, media) for name, figures in total.servers.items()}
+    merged = build("merge", runs, servers, objective, missed, window_s)
+    merged["merged_from"] = len(summaries)
+    return merged
