@@ -65,6 +65,8 @@ def _load_args(c: argparse.ArgumentParser) -> None:
                    help="none: signalling only (devices woken, no media legs)")
     c.add_argument("--window", type=float, default=5.0, help="time-series window, seconds")
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds a command may go unanswered before it counts as a timeout")
     c.add_argument("--late-ms", type=float, default=10.0,
                    help="a start later than this after its schedule counts as late")
     c.add_argument("--max-lag-ms", type=float, default=50.0,
@@ -213,6 +215,7 @@ def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:
         return LoadSettings(rate=rate, duration_s=args.duration, poisson=args.poisson,
                             max_concurrent=args.max_concurrent, hold_s=args.hold,
                             setup_timeout_s=args.setup_timeout, late_ms=args.late_ms,
+                            request_timeout_s=args.request_timeout,
                             pairing=args.pairing, pairs=tuple(pairs), media=args.media,
                             window_s=args.window, seed=args.seed, max_lag_ms=args.max_lag_ms)
     except ValueError as exc:

@@ -52,7 +52,8 @@ class CallResult:
             if self.error is None and self.active and self.reason == "hangup":
                 return Outcome(True)
             return classify(self.error, self.reason, self.active, {}, ())
-        return classify(self.error, self.reason, self.active, self.media, DIRECTIONS)
+        woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
+        return classify(self.error, self.reason, self.active, self.media, DIRECTIONS, woken)
 
     @property
     def intervals(self) -> dict[str, float]:
@@ -87,12 +88,13 @@ def _carried_media(info: CallInfo) -> bool:
 
 async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller: str,
                    callee: str, hold_s: float, setup_timeout_s: float = 20.0,
-                   scheduled: float | None = None, media: str = "full") -> CallResult:
+                   scheduled: float | None = None, media: str = "full",
+                   request_timeout_s: float = 10.0) -> CallResult:
     """Start a call at the caller's server, wait for media both ways (or, with ``media``
     "none", for both wake-ups), hold, hang up. ``scheduled``: the time the call was due to
     start (open-loop load), which ``t_sent`` then is, so every interval counts from it."""
     server, device = find_device(servers, caller)
-    client = ServerClient(session, server.url)
+    client = ServerClient(session, server.url, request_timeout_s)
     result = CallResult(caller=device.address, callee=callee, server=server.name,
                         media_mode=media)
     result.timeline["t_sent"] = scheduled if scheduled is not None else time.time()

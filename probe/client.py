@@ -45,12 +45,14 @@ class Server:
 class ServerClient:
     """Talks HTTP/JSON to one server. Errors come back as ProbeError with the server's code."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str, timeout_s: float = 10.0) -> None:
         self.session = session
         self.url = url.rstrip("/")
+        self.timeout_s = timeout_s  #: for a request that does not wait on purpose
 
     async def _request(self, method: str, path: str, body: Any = None,
-                       timeout_s: float = 10.0) -> tuple[int, Any]:
+                       timeout_s: float | None = None) -> tuple[int, Any]:
+        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
         try:
             async with self.session.request(
                     method, self.url + path, json=body,
@@ -65,7 +67,7 @@ class ServerClient:
         except ValueError:
             raise ProbeError("bad_response", f"{method} {self.url}{path}: not JSON") from None
 
-    async def _get(self, path: str, timeout_s: float = 10.0) -> Any:
+    async def _get(self, path: str, timeout_s: float | None = None) -> Any:
         status, data = await self._request("GET", path, timeout_s=timeout_s)
         return self._check(status, data)
 
@@ -92,7 +94,8 @@ class ServerClient:
     async def call(self, call_id: str, wait: str | None = None,
                    timeout_s: float = 10.0) -> CallInfo:
         path = f"/v1/calls/{call_id}" + (f"?wait={wait}&timeout={timeout_s}" if wait else "")
-        return CallInfo.from_dict(await self._get(path, timeout_s=timeout_s + 5))
+        return CallInfo.from_dict(await self._get(
+            path, timeout_s=timeout_s + self.timeout_s if wait else None))
 
     async def hangup(self, call_id: str) -> CallInfo:
         status, data = await self._request("DELETE", f"/v1/calls/{call_id}")

@@ -116,6 +116,7 @@ class LoadSettings:
     max_concurrent: int = 50
     hold_s: float = 3.0
     setup_timeout_s: float = 20.0
+    request_timeout_s: float = 10.0  #: a command not answered in this long is a timeout
     late_ms: float = 10.0  #: a start later than this after its schedule counts as late
     pairing: PairingMode = "random"
     pairs: tuple[tuple[str, str], ...] = ()
@@ -191,7 +192,8 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
         try:
             result = await run_call(session, servers, caller, callee, settings.hold_s,
                                     settings.setup_timeout_s, scheduled=scheduled,
-                                    media=settings.media)
+                                    media=settings.media,
+                                    request_timeout_s=settings.request_timeout_s)
             report.results.append(result)
             report.recorder.add(result.server, offset, result.outcome, result.intervals,
                                 result.media, late)

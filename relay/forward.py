@@ -189,6 +189,8 @@ class ForwardingStats:
     keyframe_requests_up: int = 0  #: PLI sent upstream
     transcoding: int = 0  #: directions transcoding now
     transcoded_total: int = 0  #: directions that ever fell back to transcoding
+    nacks_sent: int = 0  #: NACKs sent upstream for missing packets
+    retransmissions: int = 0  #: packets asked for again by downstream NACKs
 
 
 class SwitchableTrack(MediaStreamTrack):
@@ -408,6 +410,7 @@ class Bridge:
                  transcode_all: bool = False,
                  on_media_up: Callable[[], None] | None = None,
                  on_transcode: Callable[[Forwarder], None] | None = None) -> None:
+        self.stats = stats
         self.forwarders: dict[tuple[str, Direction], Forwarder] = {}
         for kind in KINDS:
             for direction in ("caller_to_callee", "callee_to_caller"):
@@ -422,10 +425,10 @@ class Bridge:
         datagrams = DatagramTap(next(iter(transceivers.values())))  # one bundled transport
         for kind, transceiver in transceivers.items():
             source = self.forwarders[kind, incoming]
-            source.source = ReceiverTap(transceiver, source.on_packet)
+            source.source = ReceiverTap(transceiver, source.on_packet, self.stats)
             source.datagrams = datagrams
             sink = self.forwarders[kind, outgoing]
-            sink.sink = SenderTap(transceiver, sink.on_keyframe_request)
+            sink.sink = SenderTap(transceiver, sink.on_keyframe_request, self.stats)
             sink.sink_track = SwitchableTrack(kind)
             transceiver.sender.replaceTrack(sink.sink_track)
 

@@ -125,6 +125,9 @@ class Node:
         self.ended: OrderedDict[str, Call] = OrderedDict()
         self._relay = MediaRelay()  # decodes, for the transcoding fallback only
         self.forwarding = ForwardingStats()
+        #: calls ended here since start, by reason (for /metrics)
+        self.ended_by_reason: dict[str, int] = {}
+        self.calls_started = 0
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -193,6 +196,7 @@ class Node:
                     downstream[1])
         session = Session(call, up, down, bridge)
         self.sessions[call.id] = session
+        self.calls_started += 1
         for port in session.ports:
             if port.channel.kind == "device":
                 self.spawn(self._drive_device(session, port), session, f"{call.id}-wake")
@@ -299,6 +303,7 @@ class Node:
         call = session.call
         self.sessions.pop(call.id, None)
         self.ended[call.id] = call
+        self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
         while len(self.ended) > self.ENDED_KEPT:
             self.ended.popitem(last=False)
         hangup = Hangup(call=call.id, reason=reason)

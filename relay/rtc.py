@@ -24,6 +24,7 @@ import time
 import types
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import pylibsrtp
 from aioice import Connection
@@ -130,6 +131,18 @@ def ntp_now() -> int:
 PacketHandler = Callable[[RtpPacket, RTCRtpCodecParameters], Awaitable[None]]
 
 
+class LossCounters(Protocol):
+    """Where the taps count loss repair (a server's ForwardingStats)."""
+
+    nacks_sent: int
+    retransmissions: int
+
+
+class _NoCounters:
+    nacks_sent = 0
+    retransmissions = 0
+
+
 class _Seen:
     """What aiortc's receiver statistics and NACK generator read of a packet (reused)."""
 
@@ -148,8 +161,10 @@ class ReceiverTap:
     each hop). What it does not need (jitter buffer, decoder, bitrate estimator) is skipped.
     """
 
-    def __init__(self, transceiver: RTCRtpTransceiver, handler: PacketHandler) -> None:
+    def __init__(self, transceiver: RTCRtpTransceiver, handler: PacketHandler,
+                 counters: LossCounters | None = None) -> None:
         receiver = transceiver.receiver
+        self._counters = counters or _NoCounters()
         self.transceiver = transceiver
         self.receiver = receiver
         self._handler = handler
@@ -179,6 +194,7 @@ class ReceiverTap:
             return
         missing = self._missing(seen)  # type: ignore[arg-type]
         if missing:
+            self._counters.nacks_sent += 1
             task = asyncio.ensure_future(self.receiver._send_rtcp_nack(ssrc, missing))
             self._nacks.add(task)
             task.add_done_callback(self._nacks.discard)
@@ -209,6 +225,7 @@ class ReceiverTap:
             codec = self._codecs[apt]  # type: ignore[index]
         missing = self._missing(packet)
         if missing:
+            self._counters.nacks_sent += 1
             await self.receiver._send_rtcp_nack(packet.ssrc, missing)
         await self._handler(packet, codec)
 
@@ -250,8 +267,10 @@ class SenderTap:
     """
 
     def __init__(self, transceiver: RTCRtpTransceiver,
-                 on_keyframe_request: Callable[[], bool]) -> None:
+                 on_keyframe_request: Callable[[], bool],
+                 counters: LossCounters | None = None) -> None:
         sender: RTCRtpSender = transceiver.sender
+        counted = counters or _NoCounters()
         self.sender = sender
         self.transceiver = transceiver
         self._history: dict[int, RtpPacket] = sender._RTCRtpSender__rtp_history
@@ -264,6 +283,7 @@ class SenderTap:
         original_retransmit = sender._retransmit
 
         async def retransmit(sequence_number: int) -> None:
+            counted.retransmissions += 1
             raw = self._raw.get(sequence_number % RTP_HISTORY_SIZE)
             if raw is not None and int.from_bytes(raw[2:4], "big") == sequence_number:
                 self._history[sequence_number % RTP_HISTORY_SIZE] = RtpPacket.parse(

@@ -16,6 +16,7 @@ from aiohttp import web
 from relay.api import NODE, errors, setup_routes
 from relay.logs import event
 from relay.lower import LowerServer
+from relay.metrics import setup_metrics
 from relay.node import Node
 from relay.settings import ServerSettings
 from relay.upper import UpperServer
@@ -32,6 +33,7 @@ def create_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[NODE] = node
     setup_routes(app, node)
+    setup_metrics(app, node)
     app.cleanup_ctx.append(_node_lifetime)
     if isinstance(node, LowerServer) and node.settings.parent:
         app.cleanup_ctx.append(_parent_link)

@@ -1,0 +1,114 @@
+"""``GET /metrics``: a server's figures in the Prometheus text format (prometheus_client).
+
+One registry per application (no module-level state): a collector reads the node's live state at
+each scrape, the process collector adds CPU and memory, and a small task measures the event loop's
+lag (how late a timer fires: how long any callback, a packet included, waits its turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from relay.node import Node
+
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+LAG_INTERVAL_S = 0.1
+
+
+class NodeCollector(Collector):
+    """Calls, legs and forwarding figures of one node, read when scraped."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterable[Metric]:
+        node = self.node
+        labels = ["server", "role"]
+        me = [node.name, node.role]
+        calls = GaugeMetricFamily("relay_calls", "Calls in progress, by state",
+                                  labels=[*labels, "state"])
+        states: dict[str, int] = {"setup": 0, "active": 0}
+        legs: dict[str, int] = {}
+        for session in node.sessions.values():
+            states[session.call.state.value] = states.get(session.call.state.value, 0) + 1
+            for port in session.ports:
+                state = port.leg.connection_state
+                legs[state] = legs.get(state, 0) + 1
+        for state, count in sorted(states.items()):
+            calls.add_metric([*me, state], count)
+        yield calls
+        started = CounterMetricFamily("relay_calls_started", "Calls started at this server",
+                                      labels=labels)
+        started.add_metric(me, node.calls_started)
+        yield started
+        ended = CounterMetricFamily("relay_calls_ended", "Calls ended here, by reason "
+                                    "(hangup is the normal end)", labels=[*labels, "reason"])
+        for reason, count in sorted(node.ended_by_reason.items()):
+            ended.add_metric([*me, reason], count)
+        yield ended
+        leg_gauge = GaugeMetricFamily("relay_legs", "Media legs (peer connections) of calls in "
+                                      "progress, by connection state", labels=[*labels, "state"])
+        for state, count in sorted(legs.items()):
+            leg_gauge.add_metric([*me, state], count)
+        yield leg_gauge
+        f = node.forwarding
+        for name, value, text in (
+                ("relay_forwarded_packets", f.packets, "RTP packets forwarded"),
+                ("relay_forwarded_bytes", f.bytes, "Bytes of forwarded packets as sent"),
+                ("relay_fast_path_packets", f.fast_path_packets,
+                 "Of the forwarded packets, those taken straight off the socket"),
+                ("relay_keyframe_requests_received", f.keyframe_requests_down,
+                 "PLI/FIR received from downstream"),
+                ("relay_keyframe_requests_sent", f.keyframe_requests_up, "PLI sent upstream"),
+                ("relay_nacks_sent", f.nacks_sent, "NACKs sent upstream"),
+                ("relay_retransmissions", f.retransmissions,
+                 "Packets asked for again by downstream NACKs"),
+                ("relay_transcoded_directions", f.transcoded_total,
+                 "Call directions that fell back to transcoding")):
+            counter = CounterMetricFamily(name, text, labels=labels)
+            counter.add_metric(me, value)
+            yield counter
+        transcoding = GaugeMetricFamily("relay_transcoding", "Call directions transcoding now",
+                                        labels=labels)
+        transcoding.add_metric(me, f.transcoding)
+        yield transcoding
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup_metrics(app: web.Application, node: Node) -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(NodeCollector(node))
+    ProcessCollector(registry=registry)
+    lag = Histogram("relay_event_loop_lag_seconds", "How late the event loop runs a timer",
+                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+                    registry=registry)
+    app[REGISTRY] = registry
+    app.router.add_get("/metrics", metrics)
+
+    async def watch_lag(app: web.Application) -> AsyncIterator[None]:
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                due = loop.time() + LAG_INTERVAL_S
+                await asyncio.sleep(LAG_INTERVAL_S)
+                lag.observe(max(0.0, loop.time() - due))
+
+        task = asyncio.create_task(run(), name="loop-lag")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(watch_lag)

@@ -1,0 +1,96 @@
+"""Open-loop load against real HTTP servers: starts stay on schedule however slow the server is
+(no coordinated omission), the concurrency cap skips and counts, and commands that a server
+never answers, or that reach no server, are classified as such."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from probe.client import Server
+from probe.load import LoadSettings, run_load
+from relay.messages import DeviceInfo, Error, ErrorBody, ServerInfo
+
+
+def servers_at(url: str, devices: int = 20) -> list[Server]:
+    out = []
+    for name in ("lower-a", "lower-b"):
+        info = ServerInfo(name=name, role="lower", url=url)
+        out.append(Server(url, info, [DeviceInfo(id=f"cam-{i}", server=name)
+                                      for i in range(devices)]))
+    return out
+
+
+async def serve(handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/v1/calls", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_starts_stay_on_schedule_when_the_server_is_slow():
+    received: list[float] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        received.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(1.0)  # a server that takes a second to refuse
+        body = ErrorBody(error=Error(code="overloaded", message="try later"))
+        return web.json_response(body.to_dict(), status=503)
+
+    runner, url = await serve(slow)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            settings = LoadSettings(rate=20, duration_s=1.5, max_concurrent=100, hold_s=0,
+                                    cooldown_s=0, seed=1)
+            report = await run_load(session, servers_at(url, devices=40), settings)
+    finally:
+        await runner.cleanup()
+    assert report.scheduled == report.started == 30
+    # Closed loop would have sent 1-2 commands in 1.5 s; open loop sent all 30 on time.
+    assert len(received) == 30
+    gaps = [b - a for a, b in zip(received, received[1:], strict=False)]
+    assert max(gaps) < 0.1 and sum(gaps) / len(gaps) == pytest.approx(0.05, abs=0.01)
+    assert report.summary()["schedule_error_ms"]["p99"] < 30
+    response = report.recorder.total.histograms["response_ms"]
+    assert response.get_min_value() >= 990_000  # µs (1 % buckets), from the scheduled start
+    assert report.recorder.total.failures == {"rejected": 30}
+    assert report.recorder.total.details == {"rejected:overloaded": 30}
+    assert report.valid
+
+
+async def test_the_concurrency_cap_skips_and_counts():
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    runner, url = await serve(hang)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            settings = LoadSettings(rate=20, duration_s=1.0, max_concurrent=5, hold_s=0,
+                                    request_timeout_s=1.0, cooldown_s=0)
+            report = await run_load(session, servers_at(url), settings)
+    finally:
+        await runner.cleanup()
+    assert report.started == 5 and report.skipped_cap == 15
+    # a server that never answers: each command times out, and is counted so
+    assert report.recorder.total.failures == {"timeout": 5}
+    assert report.max_concurrent_seen == 5
+
+
+async def test_a_server_nobody_listens_on_is_unreachable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    async with aiohttp.ClientSession() as session:
+        settings = LoadSettings(rate=10, duration_s=0.5, hold_s=0, cooldown_s=0)
+        report = await run_load(session, servers_at(f"http://127.0.0.1:{port}"), settings)
+    assert report.recorder.total.failures == {"server_unreachable": 5}
+    assert report.started == 5

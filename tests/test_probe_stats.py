@@ -1,0 +1,144 @@
+"""The probe's pure logic: schedules, pairing, failure classes, mergeable figures, objective."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from probe.load import Pairing, schedule
+from probe.objective import Objective
+from probe.stats import FAILURE_CLASSES, Figures, Outcome, Recorder, classify, percentiles
+from probe.summary import merge
+from relay.messages import DIRECTIONS
+
+GOOD = {"frames": 90, "frames_lost": 0, "fps": 30.0, "duration_s": 3.0, "gaps": 0,
+        "latency_ms_p50": 40.0}
+
+
+def test_fixed_schedule_is_even_and_complete():
+    offsets = schedule(4, 2.5)
+    assert offsets == [i * 0.25 for i in range(10)]
+
+
+def test_poisson_schedule_has_the_rate_on_average():
+    offsets = schedule(200, 50, poisson=True, rng=random.Random(1))
+    assert 9500 < len(offsets) < 10500
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    assert min(gaps) < 0.0005 < 0.02 < max(gaps)  # exponential, not even
+    assert offsets == sorted(offsets) and offsets[-1] < 50
+
+
+@pytest.mark.parametrize(("reason", "active", "woken", "expected"), [
+    ("setup_timeout", False, False, "timeout"),
+    ("callee_wake_timeout", False, False, "timeout"),
+    ("setup_timeout", False, True, "no_media"),
+    ("media_failed", False, True, "ice_dtls_failed"),
+    ("callee_busy", False, False, "busy_device"),
+    ("unknown_device", False, False, "unknown_device"),
+    ("server_unreachable", False, False, "server_unreachable"),
+    ("callee_unreachable", False, False, "device_unreachable"),
+    ("device_gone", True, True, "dropped"),
+    ("server_shutdown", True, True, "dropped"),
+])
+def test_end_reasons_are_classified(reason, active, woken, expected):
+    outcome = classify(None, reason, active, {}, DIRECTIONS, woken)
+    assert outcome == Outcome(False, expected, reason)
+    assert expected in FAILURE_CLASSES
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("timeout", "timeout"), ("server_unreachable", "server_unreachable"),
+    ("unknown_device", "unknown_device"), ("busy_device", "busy_device"),
+    ("caller_not_here", "rejected"), ("bad_response", "rejected")])
+def test_command_errors_are_classified(code, expected):
+    assert classify(code, None, False, {}, DIRECTIONS).failure == expected
+
+
+def test_media_outcomes():
+    both = {d: dict(GOOD) for d in DIRECTIONS}
+    assert classify(None, "hangup", True, both, DIRECTIONS).ok
+    missing = {DIRECTIONS[0]: dict(GOOD)}
+    assert classify(None, "hangup", True, missing, DIRECTIONS).failure == "no_media"
+    stopped = {DIRECTIONS[0]: dict(GOOD), DIRECTIONS[1]: {**GOOD, "frames": 20}}
+    assert classify(None, "hangup", True, stopped, DIRECTIONS).failure == "stalled"
+
+
+def _recorder(values: list[float], server: str, seed: int) -> Recorder:
+    rng = random.Random(seed)
+    recorder = Recorder(window_s=1.0)
+    for i, value in enumerate(values):
+        ok = rng.random() > 0.1
+        outcome = Outcome(True) if ok else Outcome(False, "timeout", "setup_timeout")
+        recorder.add(server, i * 0.1, outcome, {"response_ms": value, "setup_ms": value * 10},
+                     {d: dict(GOOD) for d in DIRECTIONS} if ok else {})
+    return recorder
+
+
+def test_merged_figures_equal_one_recorder_that_saw_everything():
+    rng = random.Random(3)
+    a_values = [rng.uniform(1, 500) for _ in range(500)]
+    b_values = [rng.lognormvariate(3, 1) for _ in range(700)]
+    a, b = _recorder(a_values, "lower-a", 1), _recorder(b_values, "lower-b", 2)
+    both = _recorder(a_values, "lower-a", 1)
+    both.merge(_recorder(b_values, "lower-b", 2))
+    # through JSON, as `probe merge` does
+    summaries = []
+    for recorder in (a, b):
+        run = {"rate": 10, "duration_s": 1, "media": "full", "valid": True, "scheduled": 5,
+               "started": 5, "skipped_cap": 0, "skipped_no_devices": 0, "late_starts": 0,
+               "max_concurrent_seen": 1, "offset_s": 0.0, "figures": recorder.summary()}
+        summaries.append({"servers": sorted(recorder.servers), "runs": [run],
+                          "figures": recorder.summary(), "objective_limits": {}})
+    merged = merge(summaries)
+    expected = both.summary()
+    assert merged["figures"]["total"]["phases"] == expected["total"]["phases"]
+    assert merged["figures"]["total"]["calls"] == 1200
+    assert merged["figures"]["servers"]["lower-b"]["phases"] == \
+        expected["servers"]["lower-b"]["phases"]
+    assert merged["runs"][0]["scheduled"] == 10
+    exact = sorted(a_values + b_values)
+    p50 = merged["figures"]["total"]["phases"]["response_ms"]["p50"]
+    assert abs(p50 - exact[len(exact) // 2 - 1]) / exact[len(exact) // 2 - 1] < 0.01
+
+
+def test_figures_round_trip_through_json():
+    recorder = _recorder([5.0, 7.0, 9.0, 200.0], "lower-a", 4)
+    again = Recorder.from_summary(recorder.summary())
+    assert again.summary() == recorder.summary()
+    assert percentiles(again.total.histograms["response_ms"])["max"] == pytest.approx(200, 0.01)
+
+
+def test_pairing_modes():
+    devices = {"a": ["a/1", "a/2"], "b": ["b/1", "b/2"], "c": ["c/1"]}
+    rng = random.Random(5)
+    random_pairs = [Pairing("random", devices, rng=rng).pick(set()) for _ in range(50)]
+    assert all(p[0].split("/")[0] != p[1].split("/")[0] for p in random_pairs)
+    every = Pairing("every-pair", devices)
+    routes = [tuple(x.split("/")[0] for x in every.pick(set())) for _ in range(6)]
+    assert sorted(routes) == sorted([("a", "b"), ("a", "c"), ("b", "a"), ("b", "c"),
+                                     ("c", "a"), ("c", "b")])
+    same = Pairing("same-server", devices)
+    for _ in range(4):
+        caller, callee = same.pick(set())
+        assert caller.split("/")[0] == callee.split("/")[0] and caller != callee
+    explicit = Pairing("explicit", devices, pairs=[("a/1", "b/1"), ("a/2", "b/2")])
+    assert explicit.pick({"a/1"}) == ("a/2", "b/2")
+    assert explicit.pick({"a/2", "b/1"}) is None
+    only_b = Pairing("random", devices, rng=rng, callers_on="b")
+    assert all(only_b.pick(set())[0].startswith("b/") for _ in range(10))
+    assert Pairing("random", devices).pick({"a/1", "a/2", "b/1", "b/2"}) is None
+    with pytest.raises(ValueError):
+        Pairing("same-server", {"a": ["a/1"], "b": ["b/1"]})
+
+
+def test_objective():
+    figures = Figures()
+    for i in range(100):
+        ok = i < 97
+        figures.add_call(Outcome(True) if ok else Outcome(False, "timeout", "x"),
+                         {"response_ms": 10.0 + i, "setup_ms": 200.0}, {}, False)
+    assert Objective(min_success_rate=0.95).missed(figures) == []
+    why = Objective(min_success_rate=0.99, max_response_p95_ms=50).missed(figures)
+    assert len(why) == 2 and "success rate" in why[0] and "response p95" in why[1]
+    assert Objective().missed(Figures()) == ["no calls"]
