@@ -1,0 +1,46 @@
+"""Headless Chromium for tests: found on the PATH, or installed with apt (Debian's package, as
+ENVIRONMENT.md describes); a test skips with the reason when neither works."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Chromium is not installed and cannot be installed here (needs root + apt)")
+    done = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = shutil.which("chromium")
+    if done.returncode != 0 or not found:
+        pytest.skip(f"installing Chromium failed: {done.stderr[-500:]}")
+    return found
+
+
+def run(url: str, *args: str, timeout: float = 60) -> str:
+    """Chromium on ``url`` with ``args`` (e.g. --dump-dom); its stdout."""
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", *args, url],
+                              capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"chromium exited {done.returncode}: {done.stderr[-1000:]}")
+    return done.stdout
+
+
+def screenshot(url: str, path: Path, size: str = "1200,2400") -> Path:
+    run(url, f"--screenshot={path}", f"--window-size={size}")
+    return path

@@ -1,0 +1,64 @@
+"""The probe's HTML report opens offline in a real browser (headless Chromium) with its plots
+drawn; the CSV and summary sit next to it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from probe.objective import Objective
+from probe.report import FILES, write_summary
+from probe.stats import Outcome, Recorder
+from probe.summary import build
+from relay.messages import DIRECTIONS
+
+from . import browser
+
+pytestmark = pytest.mark.e2e
+
+
+def a_summary() -> dict:
+    rng = random.Random(9)
+    recorder = Recorder(window_s=1.0)
+    for i in range(200):
+        server = ("lower-a", "lower-b")[i % 2]
+        ok = rng.random() > 0.05
+        media = {d: {"frames": 90, "frames_lost": 1, "fps": 30.0, "duration_s": 3.0, "gaps": 0,
+                     "latency_ms_p50": rng.uniform(30, 60)} for d in DIRECTIONS}
+        recorder.add(server, i * 0.05, Outcome(True) if ok else
+                     Outcome(False, "timeout", "setup_timeout"),
+                     {"response_ms": rng.uniform(2, 20), "setup_ms": rng.uniform(150, 400)},
+                     media if ok else {})
+    run = {"rate": 20, "duration_s": 10, "media": "full", "valid": True, "scheduled": 200,
+           "started": 200, "skipped_cap": 0, "skipped_no_devices": 0, "late_starts": 0,
+           "max_concurrent_seen": 4, "offset_s": 0.0, "figures": recorder.summary(),
+           "timeseries": recorder.timeseries(), "probe": {"loop_lag_ms_p99": 2.0},
+           "schedule_error_ms": {"p99": 1.0}}
+    return build("load", [run], ["lower-a", "lower-b", "upper"], Objective(),
+                 {"lower-a": [], "lower-b": []}, 1.0)
+
+
+def test_report_renders_in_chromium_with_its_plots(tmp_path: Path):
+    write_summary(tmp_path, a_summary())
+    assert {p.name for p in tmp_path.iterdir()} >= {FILES["summary"], FILES["timeseries"],
+                                                    FILES["report"]}
+    rows = list(csv.DictReader((tmp_path / FILES["timeseries"]).open()))
+    assert len(rows) == 10 and int(rows[0]["calls"]) == 20
+    assert json.loads((tmp_path / FILES["summary"]).read_text())["figures"]["total"]["calls"] \
+        == 200
+    url = (tmp_path / FILES["report"]).as_uri()
+    dom = browser.run(url, "--dump-dom")
+    assert dom.count('<svg class="plot"') == 4  # two bar charts, two time series
+    assert dom.count("<polyline") >= 5 and dom.count('class="bar"') >= 12
+    assert "no data" not in dom
+    shot = browser.screenshot(url, tmp_path / "shot.png")
+    with av.open(str(shot)) as container:
+        picture = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    colored = np.abs(picture.astype(int) - picture.mean(axis=2, keepdims=True)).sum(axis=2) > 60
+    assert colored.mean() > 0.01  # the plots' colours are on screen, not a blank page
