@@ -62,3 +62,25 @@ def test_report_renders_in_chromium_with_its_plots(tmp_path: Path):
         picture = next(container.decode(video=0)).to_ndarray(format="rgb24")
     colored = np.abs(picture.astype(int) - picture.mean(axis=2, keepdims=True)).sum(axis=2) > 60
     assert colored.mean() > 0.01  # the plots' colours are on screen, not a blank page
+
+
+def test_probe_merge_adds_two_probes_results(tmp_path: Path):
+    import subprocess
+    import sys
+
+    for name in ("p1", "p2"):
+        write_summary(tmp_path / name, a_summary())
+    done = subprocess.run([sys.executable, "-m", "probe", "merge", str(tmp_path / "p1"),
+                           str(tmp_path / "p2"), "--out", str(tmp_path / "merged"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr
+    out = json.loads(done.stdout)
+    assert out["merged_from"] == 2
+    assert out["figures"]["total"]["calls"] == 400
+    one = a_summary()["figures"]["total"]["phases"]["response_ms"]
+    assert out["figures"]["total"]["phases"]["response_ms"]["p50"] == one["p50"]  # same data
+    assert (tmp_path / "merged" / FILES["report"]).exists()
+    bad = subprocess.run([sys.executable, "-m", "probe", "merge", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "nope" in bad.stderr
