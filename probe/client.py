@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from relay.logs import event
 from relay.messages import (
     CallInfo,
     CreateCall,
@@ -19,6 +21,8 @@ from relay.messages import (
     ServerInfo,
     split_address,
 )
+
+log = logging.getLogger("probe.client")
 
 
 class ProbeError(Exception):
@@ -102,13 +106,23 @@ class ServerClient:
         return CallInfo.from_dict(self._check(status, data))
 
 
-async def discover(session: aiohttp.ClientSession, urls: list[str]) -> list[Server]:
-    """Ask every server given, concurrently; add the lower servers an upper server names."""
+async def discover(session: aiohttp.ClientSession, urls: list[str],
+                   optional_timeout_s: float = 3.0) -> list[Server]:
+    """Ask every server given, concurrently; add the parent a lower server names and the lower
+    servers an upper server names. A server given must answer; one found through another may
+    be down (it is left out, and the calls that need it will say so)."""
     seen: dict[str, Server] = {}
 
-    async def visit(url: str) -> None:
-        client = ServerClient(session, url)
-        info, devices = await asyncio.gather(client.server(), client.devices())
+    async def visit(url: str, optional: bool = False) -> None:
+        client = ServerClient(session, url, optional_timeout_s if optional else 10.0)
+        try:
+            info, devices = await asyncio.gather(client.server(), client.devices())
+        except ProbeError as exc:
+            if not optional:
+                raise
+            event(log, "discover.skipped", logging.WARNING, url=url, code=exc.code,
+                  reason=exc.message)
+            return
         seen[info.name] = Server(client.url, info,
                                  devices if info.role == "lower" else [])
 
@@ -118,11 +132,11 @@ async def discover(session: aiohttp.ClientSession, urls: list[str]) -> list[Serv
                if s.info.parent and s.info.parent_connected}
     known = {s.url for s in seen.values()}
     if parents - known:
-        await asyncio.gather(*(visit(u) for u in parents - known))
+        await asyncio.gather(*(visit(u, optional=True) for u in parents - known))
     extra = {c.url for s in list(seen.values()) for c in s.info.children
              if c.name not in seen and c.url}
     if extra:
-        await asyncio.gather(*(visit(u) for u in extra))
+        await asyncio.gather(*(visit(u, optional=True) for u in extra))
     return sorted(seen.values(), key=lambda s: (s.info.role != "lower", s.name))
 
 

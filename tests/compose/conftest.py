@@ -1,0 +1,132 @@
+"""The lab of docker-compose.yml, brought up once for the compose tests (tests/compose/run builds
+the image and starts the engine; without VPHONE_COMPOSE_TESTS these tests skip)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICES_PER_SERVER = 3
+
+if not os.environ.get("VPHONE_COMPOSE_TESTS"):
+    pytest.skip("compose tests run through tests/compose/run (it builds the images)",
+                allow_module_level=True)
+
+
+def compose_command() -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return [os.environ.get("DOCKER", "docker"), "compose"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Lab:
+    project: str
+    ports: dict[str, int]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def compose(self, *args: str, timeout: float = 300, check: bool = True
+                ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([*compose_command(), "-p", self.project, *args], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"compose {' '.join(args)} exited {done.returncode}:\n"
+                               f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        return done
+
+    def url(self, server: str) -> str:
+        return f"http://127.0.0.1:{self.ports[server]}"
+
+    def get(self, server: str, path: str, timeout: float = 5) -> Any:
+        with urllib.request.urlopen(self.url(server) + path, timeout=timeout) as response:
+            body = response.read()
+        return json.loads(body) if path != "/metrics" else body.decode()
+
+    def probe(self, name: str, *args: str, timeout: float = 300
+              ) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+        """Run the probe service with ``args`` (its --out is /results/NAME); its exit status,
+        its JSON summary, and its per-call records."""
+        done = self.compose("run", "--rm", "-T", "--no-deps", "probe", "probe", *args, "--json",
+                            "--out", f"/results/{name}", timeout=timeout, check=False)
+        try:
+            summary = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise RuntimeError(f"probe gave no JSON (exit {done.returncode}):\n"
+                               f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}") from None
+        return done.returncode, summary, self.calls(name)
+
+    def probe_background(self, name: str, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*compose_command(), "-p", self.project, "run", "--rm", "-T", "--no-deps", "probe", "probe",
+             *args, "--json", "--out", f"/results/{name}"],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def calls(self, name: str) -> list[dict[str, Any]]:
+        done = self.compose("run", "--rm", "-T", "--no-deps", "--entrypoint", "cat", "probe",
+                            f"/results/{name}/calls.jsonl", check=False)
+        return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except OSError as exc:  # a server not up yet
+                last = exc
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what} ({last!r})")
+
+    def devices_registered(self) -> int:
+        return len(self.get("upper", "/v1/devices")["devices"])
+
+    def wait_devices(self, count: int = 2 * DEVICES_PER_SERVER, timeout: float = 60) -> None:
+        self.wait_for(lambda: self.devices_registered() == count, timeout,
+                      f"{count} devices registered at the upper server")
+
+    def container(self, service: str) -> str:
+        return self.compose("ps", "-q", service).stdout.strip()
+
+    def inspect(self, service: str, template: str) -> str:
+        docker = os.environ.get("DOCKER", "docker")
+        return subprocess.run([docker, "inspect", "-f", template, self.container(service)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    ports = {"upper": free_port(), "lower-a": free_port(), "lower-b": free_port()}
+    env = {**os.environ, "VPHONE_IMAGE": os.environ.get("VPHONE_IMAGE", "vphone:test"),
+           "UPPER_PORT": str(ports["upper"]), "LOWER_A_PORT": str(ports["lower-a"]),
+           "LOWER_B_PORT": str(ports["lower-b"]), "DEVICES_PER_SERVER": str(DEVICES_PER_SERVER),
+           "CI": "true"}
+    lab = Lab(f"vphonetest{os.getpid()}", ports, env)
+    try:
+        lab.compose("up", "-d", "upper", "lower-a", "lower-b", "devices-a", "devices-b",
+                    timeout=600)
+        lab.wait_devices(timeout=90)
+        yield lab
+    finally:
+        logs = lab.compose("logs", "--no-color", "--tail", "200", check=False).stdout
+        (Path(os.environ.get("VPHONE_COMPOSE_LOGS", "/tmp")) / f"{lab.project}.log").write_text(
+            logs)
+        lab.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
