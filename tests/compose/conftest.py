@@ -75,8 +75,8 @@ class Lab:
 
     def probe_background(self, name: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [*compose_command(), "-p", self.project, "run", "--rm", "-T", "--no-deps", "probe", "probe",
-             *args, "--json", "--out", f"/results/{name}"],
+            [*compose_command(), "-p", self.project, "run", "--rm", "-T", "--no-deps", "probe",
+             "probe", *args, "--json", "--out", f"/results/{name}"],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def calls(self, name: str) -> list[dict[str, Any]]:
