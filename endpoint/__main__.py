@@ -15,7 +15,8 @@ import sys
 
 import aiohttp
 
-from endpoint.device import VIDEO_MODES, Device, DeviceSettings, MediaSupply
+from endpoint.capture import CaptureError, check_video, open_audio
+from endpoint.device import Device, DeviceSettings, MediaSupply
 from relay.logs import setup_logging
 from relay.rtc import MediaSettings
 from relay.settings import split_list
@@ -53,13 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=int(env("ENDPOINT_START", "0")),
                    help="first index with --count (ids PREFIX-START ...)")
     p.add_argument("--video", default=env("ENDPOINT_VIDEO", "synthetic"),
-                   choices=list(VIDEO_MODES),
                    help="synthetic: drawn and encoded live per call; preencoded: a VP8 loop "
                         "encoded once and sent by every device, received decoded; packets: the "
                         "same loop as ready RTP packets, received without decoding (cheapest: "
-                        "for load). Latency of a loop is measured only by receivers in this "
-                        "process")
-    p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"), choices=["tone", "none"])
+                        "for load; latency of a loop is measured only by receivers in this "
+                        "process); or a capture source: v4l2:/dev/videoN[:WxH@FPS], opencv:N, "
+                        "file:PATH (loops), lavfi:GRAPH")
+    p.add_argument("--stamp", action="store_true",
+                   default=env("ENDPOINT_STAMP", "") not in ("", "0"),
+                   help="draw the stamp into a capture source's frames (latency measurable)")
+    p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"),
+                   help="tone, none, alsa:DEVICE or file:PATH")
     p.add_argument("--codec", default=env("ENDPOINT_CODEC", "any"), choices=list(CODEC_CHOICES),
                    help="video codecs this device takes: vp8, h264, or any (VP8 first)")
     p.add_argument("--size", type=parse_size, default=parse_size(env("ENDPOINT_SIZE", "640x480")))
@@ -79,7 +84,8 @@ async def run(args: argparse.Namespace) -> None:
         ice_servers=tuple(args.ice_server or ()))
     settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
                               audio=args.audio != "none", media=media,
-                              codecs=CODEC_CHOICES[args.codec], video=args.video)
+                              codecs=CODEC_CHOICES[args.codec], video=args.video,
+                              stamp=args.stamp, audio_source=args.audio)
     supply = MediaSupply.for_settings(settings)
     devices = []
     for n, server in enumerate(args.server):
@@ -107,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --server (or ENDPOINT_SERVER)")
     setup_logging(f"endpoint:{args.device}", args.log_level)
     try:
-        DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps)
-    except ValueError as exc:
+        settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
+                                  video=args.video)
+        if settings.capture is not None:
+            check_video(args.video)  # a missing camera fails now, not at the first call
+        if args.audio not in ("tone", "none"):
+            open_audio(args.audio).stop()
+    except (ValueError, CaptureError) as exc:
         print(f"endpoint: {exc}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -18,6 +18,7 @@ from aiortc import MediaStreamTrack, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
+from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, open_video
 from endpoint.meter import AudioMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
@@ -67,9 +68,14 @@ class DeviceSettings:
     fps: float = 30.0
     audio: bool = True
     #: "synthetic" (drawn and encoded live), "preencoded" (a VP8 loop encoded once per process,
-    #: received decoded) or "packets" (the same loop sent as ready RTP packets and received
-    #: without decoding: see endpoint/packets.py)
-    video: Literal["synthetic", "preencoded", "packets"] = "synthetic"
+    #: received decoded), "packets" (the same loop sent as ready RTP packets and received
+    #: without decoding: see endpoint/packets.py), or a capture source (endpoint/capture.py):
+    #: "v4l2:/dev/video0[:WxH@FPS]", "opencv:0", "file:PATH", "lavfi:GRAPH"
+    video: str = "synthetic"
+    #: with a capture source: draw the stamp into its frames (latency stays measurable)
+    stamp: bool = False
+    #: "tone", or a capture source: "alsa:DEVICE", "file:PATH" (``audio=False``: none)
+    audio_source: str = "tone"
     bitrate: int = 1_000_000  #: for the pre-encoded loop
     #: video codecs this device takes, in its order of preference
     codecs: tuple[str, ...] = VIDEO_CODECS
@@ -80,12 +86,21 @@ class DeviceSettings:
     @property
     def video_codecs(self) -> tuple[str, ...]:
         """What the device tells its server it takes (a VP8 loop can only be VP8)."""
-        return self.codecs if self.video == "synthetic" else ("video/VP8",)
+        return ("video/VP8",) if self.video in ("preencoded", "packets") else self.codecs
+
+    @property
+    def capture(self) -> VideoSpec | None:
+        """The capture source, when the video is one (not a synthetic mode)."""
+        return None if self.video in VIDEO_MODES else VideoSpec.parse(self.video)
 
     def __post_init__(self) -> None:
         stamp.block_size(self.width)
         if self.video not in VIDEO_MODES:
-            raise ValueError(f"video must be one of {', '.join(VIDEO_MODES)}, not {self.video!r}")
+            try:
+                VideoSpec.parse(self.video)
+            except CaptureError as exc:
+                raise ValueError(f"video must be one of {', '.join(VIDEO_MODES)} or a capture "
+                                 f"source: {exc}") from None
         if not 1 <= self.fps <= 120:
             raise ValueError("fps must be between 1 and 120")
 
@@ -112,7 +127,7 @@ class MediaSupply:
 
     @classmethod
     def for_settings(cls, settings: DeviceSettings) -> MediaSupply:
-        if settings.video == "synthetic":
+        if settings.video not in ("preencoded", "packets"):
             return cls()
         loop = EncodedLoop.encode(settings.width, settings.height, settings.fps,
                                   bitrate=settings.bitrate)
@@ -173,9 +188,11 @@ class DeviceCall:
                     # was given at registration; the server's offer already follows it.
                     prefer_video_codec(transceiver, self.settings.codecs[0], only=True)
             elif self.settings.audio:
-                tone = ToneTrack(880.0 if self.role == "callee" else 440.0)
-                self.sources.append(tone)
-                self.pc.addTransceiver(tone, direction="sendrecv")
+                audio = (ToneTrack(880.0 if self.role == "callee" else 440.0)
+                         if self.settings.audio_source == "tone"
+                         else open_audio(self.settings.audio_source))
+                self.sources.append(audio)
+                self.pc.addTransceiver(audio, direction="sendrecv")
             else:
                 self.pc.addTransceiver("audio", direction="recvonly")
 
@@ -226,6 +243,11 @@ class DeviceCall:
             log, address = self.supply.send_log, self.address
             return PreEncodedVideoTrack(self.supply.loop,
                                         lambda k, n, at: log.sent(address, k, n, at))
+        capture = self.settings.capture
+        if capture is not None:
+            track = open_video(capture, self.settings.width, self.settings.height,
+                               self.settings.fps)
+            return StampedTrack(track, self.clock) if self.settings.stamp else track
         return SyntheticVideoTrack(self.settings.width, self.settings.height, self.settings.fps)
 
     async def answer(self, offer: Offer) -> str:

@@ -19,7 +19,8 @@ LATENCY_MAX_US = 60_000_000
 
 
 class VideoMeter:
-    """Counts stamped frames, lost frames and freezes; keeps a latency histogram."""
+    """Counts decoded frames, lost frames (from stamps) and freezes; keeps a latency
+    histogram (from stamps)."""
 
     def __init__(self) -> None:
         self.latency_us = HdrHistogram(1, LATENCY_MAX_US, 3)
@@ -35,22 +36,26 @@ class VideoMeter:
 
     def frame(self, found: Stamp | None, now: float, timed: bool = True,
               sent_at: float | None = None) -> bool:
-        """Take one decoded frame (its stamp, if readable). True if it is the first stamped one.
-        ``timed=False``: the stamp's counter is known but not its send time (no latency);
-        ``sent_at``: the send time known more finely than the stamp's milliseconds."""
+        """Take one decoded frame (its stamp, if readable). True if it is the first frame.
+
+        Every decoded frame counts (a real camera's frames carry no stamp); a stamp adds the
+        counter (lost frames) and the send time (latency). ``timed=False``: the stamp's counter
+        is known but not its send time; ``sent_at``: the send time known more finely than the
+        stamp's milliseconds."""
         if found is None:
             self.unreadable += 1
-            return False
-        if self._last_counter is not None:
-            step = (found.counter - self._last_counter) & 0xFFFFFFFF
-            if step == 0 or step > 0x7FFFFFFF:
-                return False  # a repeat or a late frame: already counted
-            self.lost += step - 1
-        self._last_counter = found.counter
-        if timed:
-            sent = sent_at if sent_at is not None else \
-                unwrap_ms(found.sent_ms, int(now * 1000)) / 1000
-            self.latency_us.record_value(min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6))))
+        else:
+            if self._last_counter is not None:
+                step = (found.counter - self._last_counter) & 0xFFFFFFFF
+                if step == 0 or step > 0x7FFFFFFF:
+                    return False  # a repeat or a late frame: already counted
+                self.lost += step - 1
+            self._last_counter = found.counter
+            if timed:
+                sent = sent_at if sent_at is not None else \
+                    unwrap_ms(found.sent_ms, int(now * 1000)) / 1000
+                self.latency_us.record_value(
+                    min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6))))
         first = self.first_at is None
         if first:
             self.first_at = now

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -174,6 +175,14 @@ async def delete_call(request: web.Request) -> web.Response:
     return web.json_response(node.call_info(call).to_dict())
 
 
+DEVICE_PAGE = Path(__file__).parent / "static" / "device.html"
+
+
+async def device_page(request: web.Request) -> web.FileResponse:
+    """The browser device page: a person (or a kiosk, with ?device=ID) joins as a device."""
+    return web.FileResponse(DEVICE_PAGE, headers={"Cache-Control": "no-cache"})
+
+
 def setup_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/v1/server", get_server)
     app.router.add_get("/v1/devices", get_devices)
@@ -184,5 +193,6 @@ def setup_routes(app: web.Application, node: Node) -> None:
     app.router.add_delete("/v1/calls/{call}", delete_call)
     if isinstance(node, LowerServer):
         app.router.add_get("/v1/device", node.device_link)
+        app.router.add_get("/device", device_page)
     elif isinstance(node, UpperServer):
         app.router.add_get("/v1/trunk", node.child_link)

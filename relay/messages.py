@@ -277,10 +277,10 @@ class DeviceInfo(Body):
 class MediaStats(Body):
     """What one device measured of the media it received in one call (one direction)."""
 
-    frames: int = 0  #: video frames decoded that carried a readable stamp
+    frames: int = 0  #: video frames decoded (stamped or not)
     frames_lost: int = 0  #: stamped frames never seen (gaps in the frame counter)
-    unreadable: int = 0  #: decoded frames whose stamp could not be read
-    fps: float = 0.0  #: stamped frames per second since the first one
+    unreadable: int = 0  #: of the decoded frames, those without a readable stamp
+    fps: float = 0.0  #: decoded frames per second since the first one
     latency_ms_p50: float | None = None  #: send (stamp) -> decoded at the receiver
     latency_ms_p95: float | None = None
     latency_ms_max: float | None = None

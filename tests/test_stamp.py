@@ -73,9 +73,20 @@ def test_meter_counts_latency_loss_and_freezes():
     meter.frame(stamp.Stamp(15, int((t0 + 1.0) * 1000) & 0xFFFFFFFF), t0 + 1.030)
     meter.frame(None, t0 + 1.04)
     stats = meter.stats(t0 + 1.1)
-    assert stats.frames == 11
+    assert stats.frames == 12  # every decoded frame, the unstamped one too
     assert stats.frames_lost == 5
     assert stats.unreadable == 1
     assert stats.gaps == 1
     assert 29 <= stats.latency_ms_p50 <= 31
-    assert stats.fps == pytest.approx(10 / 1.0, rel=0.01)
+    assert stats.fps == pytest.approx(11 / 1.01, rel=0.01)
+
+
+def test_meter_counts_frames_without_stamps():
+    """A real camera's frames carry no stamp: they still arrive, count, and start the call."""
+    meter = VideoMeter()
+    assert meter.frame(None, 100.0)
+    for n in range(1, 30):
+        assert not meter.frame(None, 100.0 + n / 30)
+    stats = meter.stats(101.0)
+    assert stats.frames == 30 and stats.unreadable == 30 and stats.latency_ms_p50 is None
+    assert stats.fps == pytest.approx(30, rel=0.01)
