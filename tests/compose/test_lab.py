@@ -148,3 +148,12 @@ def test_d_packet_loss_on_a_trunk(lab: Lab):
                     "trunk packets dropped": packets_dropped,
                     "nacks_sent_lower_a": metrics["relay_nacks_sent_total"],
                     "retransmissions_upper": upper["relay_retransmissions_total"]})
+
+
+def test_the_webcam_override_is_valid_compose(lab: Lab):
+    """No camera here to run it with; both files must still merge into a valid configuration
+    that maps the devices and sets the capture sources."""
+    merged = lab.compose("-f", "docker-compose.yml", "-f", "docker-compose.webcam.yml",
+                         "config").stdout
+    assert "/dev/video0:/dev/video0" in merged and "/dev/snd:/dev/snd" in merged
+    assert "v4l2:/dev/video0:640x480@30" in merged and "alsa:default" in merged
