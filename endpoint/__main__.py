@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the stamp into a capture source's frames (latency measurable)")
     p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"),
                    help="tone, none, alsa:DEVICE or file:PATH")
+    p.add_argument("--show", action="store_true",
+                   help="show the other party in a window with live figures (needs a display "
+                        "and opencv-python); headless by default")
+    p.add_argument("--record", default=env("ENDPOINT_RECORD"), metavar="PATH",
+                   help="record received video: a .mp4/.mkv/.webm file, or a directory (one "
+                        "file per call)")
     p.add_argument("--codec", default=env("ENDPOINT_CODEC", "any"), choices=list(CODEC_CHOICES),
                    help="video codecs this device takes: vp8, h264, or any (VP8 first)")
     p.add_argument("--size", type=parse_size, default=parse_size(env("ENDPOINT_SIZE", "640x480")))
@@ -85,7 +91,8 @@ async def run(args: argparse.Namespace) -> None:
     settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
                               audio=args.audio != "none", media=media,
                               codecs=CODEC_CHOICES[args.codec], video=args.video,
-                              stamp=args.stamp, audio_source=args.audio)
+                              stamp=args.stamp, audio_source=args.audio, show=args.show,
+                              record=args.record)
     supply = MediaSupply.for_settings(settings)
     devices = []
     for n, server in enumerate(args.server):

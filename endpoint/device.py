@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, 
 from endpoint.meter import AudioMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
+from endpoint.view import Recorder, Viewer, ViewError
 from relay.links import WebSocketChannel, receive
 from relay.logs import event
 from relay.messages import (
@@ -76,6 +78,10 @@ class DeviceSettings:
     stamp: bool = False
     #: "tone", or a capture source: "alsa:DEVICE", "file:PATH" (``audio=False``: none)
     audio_source: str = "tone"
+    #: show the other party in a window, with live figures (needs a display and opencv-python)
+    show: bool = False
+    #: record the received video: a directory (one file per call) or a file path
+    record: str | None = None
     bitrate: int = 1_000_000  #: for the pre-encoded loop
     #: video codecs this device takes, in its order of preference
     codecs: tuple[str, ...] = VIDEO_CODECS
@@ -278,12 +284,44 @@ class DeviceCall:
             self.spawn(self._consume_video(track) if track.kind == "video"
                        else self._consume_audio(track))
 
+    def _outputs(self) -> tuple[Viewer | None, Recorder | None]:
+        viewer = recorder = None
+        if self.settings.show:
+            try:
+                viewer = Viewer(f"{self.address or self.call} <- {self.peer}")
+            except ViewError as exc:
+                event(log, "device.no_window", logging.WARNING, call=self.call, reason=str(exc))
+        if self.settings.record:
+            path = Path(self.settings.record)
+            if path.suffix not in (".mp4", ".mkv", ".webm"):
+                path = path / f"{self.call}-{self.role}.mp4"
+            recorder = Recorder(path, self.settings.fps)
+            event(log, "device.recording", call=self.call, path=str(path))
+        return viewer, recorder
+
     async def _consume_video(self, track: MediaStreamTrack) -> None:
+        viewer, recorder = self._outputs()
+        try:
+            await self._receive_video(track, viewer, recorder)
+        finally:
+            if viewer is not None:
+                viewer.close()
+            if recorder is not None:
+                recorder.close()
+                event(log, "device.recorded", call=self.call, path=str(recorder.path),
+                      frames=recorder.frames)
+
+    async def _receive_video(self, track: MediaStreamTrack, viewer: Viewer | None,
+                             recorder: Recorder | None) -> None:
         send_log = self.supply.send_log
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
                 now = self.clock()
+                if recorder is not None:
+                    recorder.write(frame, now)
+                if viewer is not None:
+                    viewer.show(frame, self.video.stats(now))
                 plane = frame.planes[0]
                 luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
                 found = stamp.read(luma[:, : frame.width])

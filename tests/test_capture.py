@@ -104,3 +104,26 @@ async def test_a_file_loops_and_is_received_without_stamps(tmp_path: Path):
     # 15 frames in the file, about 3 s of call: it looped; no stamp, so no latency
     assert media.frames > 30 and media.unreadable == media.frames, media
     assert media.latency_ms_p50 is None
+
+
+@pytest.mark.e2e
+async def test_received_video_is_recorded(tmp_path: Path):
+    record = tmp_path / "rec"
+    async with make_tree() as tree:
+        tree.start("lower-a", Device(tree.lowers["lower-a"].url, "cam-1", DEVICE_SETTINGS))
+        tree.start("lower-b", Device(tree.lowers["lower-b"].url, "cam-2",
+                                     replace(DEVICE_SETTINGS, record=str(record))))
+        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 15)
+        await tree.until(lambda: "lower-a/cam-1" in tree.lowers["lower-b"].tree, 15)
+        client = ServerClient(tree.session, tree.lowers["lower-a"].url)
+        info = await client.create_call("lower-a/cam-1", "lower-b/cam-2")
+        info = await client.call(info.call, wait="active", timeout_s=20)
+        await asyncio.sleep(2)
+        await client.hangup(info.call)
+        await asyncio.sleep(0.5)
+    [path] = list(record.iterdir())
+    assert path.name == f"{info.call}-callee.mp4"
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) > 20 and frames[0].width == 320
+    assert frames[-1].time > 1.0  # timed by arrival over the call, not packed together
