@@ -3,13 +3,18 @@ display exists), and recording it to a file. Both are off by default (devices ar
 
 from __future__ import annotations
 
+import contextlib
 import fractions
+import importlib.util
 import os
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import av
 
+from endpoint.window import HEADER
 from relay.messages import MediaStats
 
 
@@ -18,36 +23,63 @@ class ViewError(Exception):
 
 
 class Viewer:
-    """One window per call: the other party's picture with latency, fps and loss over it."""
+    """One window per call: the other party's picture with latency, fps and loss over it,
+    drawn by a child process (endpoint/window.py) fed through a pipe."""
+
+    MAX_WIDTH = 960
 
     def __init__(self, title: str) -> None:
         if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
             raise ViewError("--show needs a display (DISPLAY is not set; e.g. run under Xvfb)")
-        try:
-            import cv2
-        except ImportError:
+        if importlib.util.find_spec("cv2") is None:
             raise ViewError("--show needs OpenCV with a GUI: pip install opencv-python "
-                            "(the -headless build has no windows)") from None
-        self._cv2: Any = cv2
+                            "(the -headless build has no windows)")
         self.title = title
-        cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE)
+        self._process = subprocess.Popen([sys.executable, "-m", "endpoint.window", title],
+                                         stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        # Converting and piping a frame takes milliseconds: done in a thread, and a frame that
+        # comes while the last one is still on its way is skipped (the call never waits).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="viewer")
+        self._pending: Future[None] | None = None
+        self.skipped = 0
 
     def show(self, frame: av.VideoFrame, stats: MediaStats) -> None:
-        cv2 = self._cv2
+        if self._process.poll() is not None:
+            return  # the window was closed: the call goes on
+        if self._pending is not None and not self._pending.done():
+            self.skipped += 1
+            return
+        self._pending = self._writer.submit(self._write, frame, stats)
+
+    def _write(self, frame: av.VideoFrame, stats: MediaStats) -> None:
+        stdin = self._process.stdin
+        if stdin is None:
+            return
+        if frame.width > self.MAX_WIDTH:
+            frame = frame.reformat(width=self.MAX_WIDTH,
+                                   height=frame.height * self.MAX_WIDTH // frame.width)
         image = frame.to_ndarray(format="bgr24")
-        lines = [f"latency p50 {stats.latency_ms_p50:.0f} ms" if stats.latency_ms_p50
-                 else "latency -", f"{stats.fps:.1f} fps  {stats.frames} frames",
-                 f"lost {stats.frames_lost}  freezes {stats.gaps}"]
-        for i, line in enumerate(lines):
-            y = image.shape[0] - 12 - 22 * (len(lines) - 1 - i)
-            cv2.putText(image, line, (10, y), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3)
-            cv2.putText(image, line, (10, y), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1)
-        cv2.imshow(self.title, image)
-        cv2.waitKey(1)
+        text = "\n".join([
+            f"latency p50 {stats.latency_ms_p50:.0f} ms" if stats.latency_ms_p50
+            else "latency - (no stamp)", f"{stats.fps:.1f} fps  {stats.frames} frames",
+            f"lost {stats.frames_lost}  freezes {stats.gaps}"]).encode()
+        try:
+            stdin.write(HEADER.pack(image.shape[1], image.shape[0], len(text)) + text)
+            stdin.write(image.tobytes())
+            stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
 
     def close(self) -> None:
-        self._cv2.destroyWindow(self.title)
-        self._cv2.waitKey(1)
+        self._writer.shutdown(wait=True)
+        if self._process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
+        try:
+            self._process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 class Recorder:

@@ -127,3 +127,44 @@ async def test_received_video_is_recorded(tmp_path: Path):
         frames = list(container.decode(video=0))
     assert len(frames) > 20 and frames[0].width == 320
     assert frames[-1].time > 1.0  # timed by arrival over the call, not packed together
+
+
+@pytest.mark.e2e
+async def test_the_remote_party_is_shown_in_a_window(tmp_path: Path):
+    """Under Xvfb (when installed, with opencv-python): the callee's window shows the picture."""
+    import importlib.util
+    import os
+    import shutil
+    import subprocess
+
+    if not shutil.which("Xvfb") or importlib.util.find_spec("cv2") is None:
+        pytest.skip("needs Xvfb and opencv-python (a display and a GUI build of OpenCV)")
+    display = ":" + str(50 + os.getpid() % 40)
+    xvfb = await asyncio.create_subprocess_exec(
+        "Xvfb", display, "-screen", "0", "800x600x24", stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    await asyncio.sleep(0.5)
+    old = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = display
+    try:
+        async with make_tree() as tree:
+            tree.start("lower-a", Device(tree.lowers["lower-a"].url, "cam-1", DEVICE_SETTINGS))
+            tree.start("lower-b", Device(tree.lowers["lower-b"].url, "cam-2",
+                                         replace(DEVICE_SETTINGS, show=True)))
+            await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 15)
+            client = ServerClient(tree.session, tree.lowers["lower-a"].url)
+            info = await client.create_call("lower-a/cam-1", "lower-b/cam-2")
+            await client.call(info.call, wait="active", timeout_s=20)
+            await asyncio.sleep(2)
+            with av.open(display, format="x11grab", options={"video_size": "800x600"}) as grab:
+                screen = next(grab.decode(video=0)).to_ndarray(format="rgb24")
+            await client.hangup(info.call)
+    finally:
+        if old is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = old
+        xvfb.terminate()
+        await xvfb.wait()
+    lit = (screen.max(axis=2) > 40).mean()
+    assert lit > 0.1, lit  # a 320x240 picture (with its figures) on a black 800x600 screen
