@@ -30,6 +30,7 @@ from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
+from endpoint.sources import Pacer
 
 #: PyAV's bundled FFmpeg looks for the ALSA configuration in its build path otherwise.
 ALSA_CONFIG = "/usr/share/alsa/alsa.conf"
@@ -144,7 +145,8 @@ def _opencv():  # type: ignore[no-untyped-def]
 
 
 class OpenCVTrack(MediaStreamTrack):
-    """Frames from ``cv2.VideoCapture(index)``, read in a worker thread, paced by the camera."""
+    """Frames from ``cv2.VideoCapture(index)`` (a camera, or a file, looped), read in a worker
+    thread, at most ``fps`` a second (a camera paces itself; a file would not)."""
 
     kind = "video"
 
@@ -158,12 +160,17 @@ class OpenCVTrack(MediaStreamTrack):
         self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
         self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
         self._capture.set(cv2.CAP_PROP_FPS, fps)
+        self._is_file = not index.isdigit()
+        self._pacer = Pacer(1 / fps)
+        self._count = 0
         self._start: float | None = None
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        ok, image = await asyncio.get_running_loop().run_in_executor(None, self._capture.read)
+        await self._pacer.wait(self._count)
+        self._count += 1
+        ok, image = await asyncio.get_running_loop().run_in_executor(None, self._read)
         if not ok:
             raise MediaStreamError
         now = time.monotonic()
@@ -172,6 +179,13 @@ class OpenCVTrack(MediaStreamTrack):
         frame.pts = int((now - self._start) * 90_000)
         frame.time_base = fractions.Fraction(1, 90_000)
         return frame
+
+    def _read(self) -> tuple[bool, np.ndarray]:
+        ok, image = self._capture.read()
+        if not ok and self._is_file:  # a file loops
+            self._capture.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, image = self._capture.read()
+        return ok, image
 
     def stop(self) -> None:
         super().stop()

@@ -168,3 +168,19 @@ async def test_the_remote_party_is_shown_in_a_window(tmp_path: Path):
         await xvfb.wait()
     lit = (screen.max(axis=2) > 40).mean()
     assert lit > 0.1, lit  # a 320x240 picture (with its figures) on a black 800x600 screen
+
+
+@pytest.mark.e2e
+async def test_opencv_capture_carries_a_call(tmp_path: Path):
+    import importlib.util
+
+    if importlib.util.find_spec("cv2") is None:
+        pytest.skip("needs OpenCV: pip install -e '.[opencv]' (no camera needed: reads a file)")
+    clip = tmp_path / "clip.webm"
+    write_clip(clip, seconds=2.0)
+    info = await _call(replace(DEVICE_SETTINGS, video=f"opencv:{clip}", stamp=True), seconds=1.5)
+    media = info.media["caller_to_callee"]
+    # (at 320x240 the stamp blocks are 8 px: a few frames at the start, before the encoder has
+    # its bitrate, can be too blurred to read)
+    assert media.frames > 10 and media.unreadable < media.frames // 2, media
+    assert media.latency_ms_p50 > 0 and 10 < media.fps < 20, media
