@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--setup-timeout", type=float, default=float(env.get("setup_timeout",
                                                                             "20")))
         s.add_argument("--log-level", default=env.get("log_level", "info"))
+        s.add_argument("--max-devices", type=int, default=int(env.get("max_devices", "1000")),
+                       help="devices a lower server accepts; more are refused (server_full)")
+        s.add_argument("--max-calls", type=int, default=int(env.get("max_calls", "500")),
+                       help="calls in progress; more are answered 503 server_busy with "
+                            "Retry-After")
+        s.add_argument("--max-message-rate", type=float,
+                       default=float(env.get("max_message_rate", "50")),
+                       help="WebSocket messages a second per device link; the excess is "
+                            "dropped with a rate_limited error")
         s.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
                        default=env.get("loop", "auto"),
                        help="event loop: uvloop (faster per packet) when installed, by default")
@@ -66,7 +75,9 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         role=args.command, name=args.name, host=args.host, port=args.port,
         parent=getattr(args, "parent", None) or None, public_url=args.public_url,
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
-        timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode)
+        timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode,
+        max_devices=args.max_devices, max_calls=args.max_calls,
+        max_message_rate=args.max_message_rate)
 
 
 async def run_stack(args: argparse.Namespace) -> int:

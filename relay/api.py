@@ -50,7 +50,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as exc:
         event(log, "api.refused", logging.INFO, path=request.path, method=request.method,
               status=exc.status, code=exc.code, reason=exc.message)
-        return error_response(exc.status, exc.code, exc.message, exc.field)
+        headers = ({"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None
+                   else None)
+        return error_response(exc.status, exc.code, exc.message, exc.field, headers)
     except MessageError as exc:
         event(log, "api.invalid", logging.INFO, path=request.path, method=request.method,
               code=exc.code, field=exc.field, reason=exc.message)

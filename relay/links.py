@@ -114,11 +114,50 @@ def _name_field(message: Message) -> str:
     return "device" if hasattr(message, "device") else "server"
 
 
+class RateLimit:
+    """A token bucket: ``rate`` messages a second, bursts up to ``burst``. Pure: time is
+    passed in."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._at: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
 async def serve_messages(channel: WebSocketChannel, allowed: Collection[type[Message]],
-                         handle: Callable[[Message], Awaitable[None]]) -> None:
-    """Read until the link closes, handing each valid message to ``handle`` in order."""
+                         handle: Callable[[Message], Awaitable[None]],
+                         rate: float | None = None,
+                         on_refused: Callable[[str], None] | None = None) -> None:
+    """Read until the link closes, handing each valid message to ``handle`` in order.
+
+    With ``rate``, a peer sending faster than ``rate`` messages a second (bursts of two
+    seconds' worth allowed) has the excess dropped: it gets one ``rate_limited`` error a second
+    saying so, and nothing else changes."""
+    limit = RateLimit(rate, 2 * rate) if rate else None
+    loop = asyncio.get_running_loop()
+    told_at = -1.0
     while True:
         message = await receive(channel.ws, allowed, channel.name)
         if message is None:
             return
+        if limit is not None and not limit.allow(loop.time()):
+            if on_refused is not None:
+                on_refused("rate_limited")
+            if loop.time() - told_at >= 1.0:
+                told_at = loop.time()
+                event(log, "link.rate_limited", logging.WARNING, peer=channel.name,
+                      type=message.TYPE, rate=rate)
+                await channel.send(Error(code="rate_limited", message=f"more than {rate:g} "
+                                         "messages a second: this one was dropped",
+                                         ref=message.TYPE))
+            continue
         await handle(message)

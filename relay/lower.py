@@ -43,12 +43,14 @@ log = logging.getLogger("relay.lower")
 class ApiError(Exception):
     """A refused probe request: HTTP status, a code, and what was wrong."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after_s = retry_after_s  #: for 503 "busy": when to try again
 
 
 class LowerServer(Node):
@@ -77,8 +79,7 @@ class LowerServer(Node):
         """``GET /v1/device``: a device's WebSocket. Its first message must be ``register``."""
         ws, first = await accept_link(
             request, Register, self.settings.heartbeat_s,
-            lambda m: ("duplicate_device", f"device {m.device!r} is already registered on "
-                       f"{self.name}") if m.device in self.devices else None)
+            self._refuse_device)
         if first is None:
             return ws
         peer = request.remote
@@ -92,7 +93,8 @@ class LowerServer(Node):
         self.publish([first.device])
         try:
             await serve_messages(channel, DEVICE_TO_SERVER,
-                                 lambda m: self._device_message(channel, m))
+                                 lambda m: self._device_message(channel, m),
+                                 rate=self.settings.max_message_rate, on_refused=self.refused)
         finally:
             if self.devices.get(first.device) is channel:
                 del self.devices[first.device]
@@ -155,8 +157,22 @@ class LowerServer(Node):
             raise ApiError(404, "unknown_device", f"no device {device!r} on {server}", what)
         return info
 
+    def _refuse_device(self, register: Register) -> tuple[str, str] | None:
+        if register.device in self.devices:
+            return "duplicate_device", f"device {register.device!r} is already registered on " \
+                f"{self.name}"
+        if len(self.devices) >= self.settings.max_devices:
+            self.refused("server_full")
+            return "server_full", f"{self.name} has its maximum of " \
+                f"{self.settings.max_devices} devices"
+        return None
+
     def create_call(self, request: CreateCall, received_at: float) -> Call:
         """Check a call command and start the call; raises ApiError when it cannot be made."""
+        if len(self.sessions) >= self.settings.max_calls:
+            self.refused("server_busy")
+            raise ApiError(503, "server_busy", f"{self.name} has its maximum of "
+                           f"{self.settings.max_calls} calls in progress", retry_after_s=1)
         caller = self.resolve(request.caller, "caller")
         if caller.server != self.name:
             raise ApiError(421, "caller_not_here",
@@ -197,6 +213,9 @@ class LowerServer(Node):
             reason = "unknown_device"
         elif device in self.busy:
             reason = "callee_busy"
+        elif len(self.sessions) >= self.settings.max_calls:
+            reason = "server_busy"
+            self.refused("server_busy")
         if reason:
             event(log, "call.refused", logging.WARNING, call=setup.call, caller=setup.caller,
                   callee=setup.callee, reason=reason)

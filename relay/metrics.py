@@ -80,6 +80,16 @@ class NodeCollector(Collector):
                                         labels=labels)
         transcoding.add_metric(me, f.transcoding)
         yield transcoding
+        refusals = CounterMetricFamily("relay_refusals", "Requests and messages turned away by "
+                                       "a limit (server_busy, server_full, rate_limited)",
+                                       labels=[*labels, "code"])
+        for code, count in sorted(node.refusals.items()):
+            refusals.add_metric([*me, code], count)
+        yield refusals
+        tasks = GaugeMetricFamily("relay_asyncio_tasks", "asyncio tasks alive in the server "
+                                  "(a leak shows as growth)", labels=labels)
+        tasks.add_metric(me, len(asyncio.all_tasks()))
+        yield tasks
 
 
 async def metrics(request: web.Request) -> web.Response:

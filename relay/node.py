@@ -127,6 +127,8 @@ class Node:
         self.forwarding = ForwardingStats()
         #: calls ended here since start, by reason (for /metrics)
         self.ended_by_reason: dict[str, int] = {}
+        #: requests and messages turned away by a limit, by code (for /metrics)
+        self.refusals: dict[str, int] = {}
         self.calls_started = 0
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
@@ -150,6 +152,10 @@ class Node:
                 await self._ticker
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def refused(self, code: str) -> None:
+        """Count a request or message turned away by a limit."""
+        self.refusals[code] = self.refusals.get(code, 0) + 1
 
     def spawn(self, coro: Coroutine[Any, Any, Any], owner: Session | None = None,
               name: str | None = None) -> asyncio.Task[Any]:

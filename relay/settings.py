@@ -31,6 +31,10 @@ class ServerSettings:
     #: "forward" (encoded packets, the default) or "transcode" (decode + re-encode every stream:
     #: the baseline a simple relay would be, for comparisons)
     media_mode: Literal["forward", "transcode"] = "forward"
+    #: limits: past them the server answers "busy" at once (never a hang)
+    max_devices: int = 1000  #: devices registered at a lower server
+    max_calls: int = 500  #: calls in progress at this server
+    max_message_rate: float = 50.0  #: WebSocket messages per second per link (burst: 2 s)
 
     def __post_init__(self) -> None:
         if self.role not in ("lower", "upper"):
@@ -48,6 +52,8 @@ class ServerSettings:
                                 f"{self.media_mode!r}")
         if self.heartbeat_s <= 0:
             raise SettingsError("heartbeat_s must be positive")
+        if self.max_devices < 1 or self.max_calls < 1 or self.max_message_rate <= 0:
+            raise SettingsError("max_devices, max_calls and max_message_rate must be positive")
 
 
 def parent_url(url: str, path: str) -> str:

@@ -151,6 +151,9 @@ class UpperServer(Node):
             reason = "server_unreachable" if server else "unknown_device"
         elif child.channel is source:
             reason = "misrouted"
+        elif len(self.sessions) >= self.settings.max_calls:
+            reason = "server_busy"
+            self.refused("server_busy")
         if reason:
             event(log, "call.refused", logging.WARNING, call=setup.call, caller=setup.caller,
                   callee=setup.callee, reason=reason)
