@@ -1,0 +1,128 @@
+"""Soak: calls at a steady rate on the local stack for a long time, and each server's memory,
+open peer connections (legs) and asyncio tasks at the start and at the end.
+
+    .venv/bin/python benchmarks/soak.py [--minutes 30] [--rate 1] [--hold 3] [--json]
+
+The servers are scraped (/metrics) while idle before the load (baseline), at the end of the
+warm-up (memory start), and idle again after the last call (end). Targets: memory growth from
+the end of warm-up to the end < 5 %; no leg left; asyncio tasks back to the baseline (a few of
+slack for the links' own). Exit status 0 when every server meets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from probe.client import discover
+from probe.load import LoadSettings, run_load
+from relay.logs import setup_logging
+from relay.stack import LocalStack, StackSettings
+
+TASK_SLACK = 5
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    out: dict[str, float] = {"legs": 0.0, "calls": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "process_resident_memory_bytes":
+                out["memory_mb"] = round(sample.value / 1e6, 2)
+            elif sample.name == "relay_asyncio_tasks":
+                out["tasks"] = sample.value
+            elif sample.name == "relay_legs":
+                out["legs"] += sample.value
+            elif sample.name == "relay_calls":
+                out["calls"] += sample.value
+    return out
+
+
+async def snapshot(session: aiohttp.ClientSession, servers: dict[str, str]) -> dict[str, Any]:
+    return {name: await scrape(session, url) for name, url in servers.items()}
+
+
+async def idle(session: aiohttp.ClientSession, servers: dict[str, str], timeout: float) -> None:
+    """Wait until no server has a call or a leg (or the timeout)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        now = await snapshot(session, servers)
+        if all(s["legs"] == 0 and s["calls"] == 0 for s in now.values()):
+            return
+        await asyncio.sleep(1)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    stack_settings = StackSettings(devices=args.devices, size=args.size, video="packets")
+    async with LocalStack(stack_settings) as stack, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        found = await discover(session, stack.urls)
+        servers = {s.name: s.url for s in found}
+        baseline = await snapshot(session, servers)
+        duration = args.minutes * 60
+        load = LoadSettings(rate=args.rate, duration_s=duration, hold_s=args.hold,
+                            max_concurrent=args.devices * 2, seed=1)
+        task = asyncio.create_task(run_load(session, found, load))
+        await asyncio.sleep(min(args.warmup, duration / 2))
+        start = await snapshot(session, servers)
+        report = await task
+        await idle(session, servers, 30)
+        end = await snapshot(session, servers)
+    total = report.recorder.total
+    out: dict[str, Any] = {"minutes": args.minutes, "rate": args.rate, "calls": total.calls,
+                           "calls_ok": total.ok, "failures": total.failures, "servers": {}}
+    ok = True
+    for name in servers:
+        growth = (end[name]["memory_mb"] - start[name]["memory_mb"]) / start[name]["memory_mb"]
+        leaked_tasks = end[name]["tasks"] - baseline[name]["tasks"]
+        verdict = growth < 0.05 and end[name]["legs"] == 0 and leaked_tasks <= TASK_SLACK
+        ok = ok and verdict
+        out["servers"][name] = {
+            "memory_mb": {"baseline": baseline[name]["memory_mb"],
+                          "after_warmup": start[name]["memory_mb"],
+                          "end": end[name]["memory_mb"]},
+            "memory_growth_pct": round(growth * 100, 2),
+            "legs": {"baseline": baseline[name]["legs"], "end": end[name]["legs"]},
+            "tasks": {"baseline": baseline[name]["tasks"], "end": end[name]["tasks"]},
+            "ok": verdict}
+    out["ok"] = ok and total.calls > 0
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=1.0, help="calls started per second")
+    parser.add_argument("--hold", type=float, default=3.0)
+    parser.add_argument("--devices", type=int, default=10, help="per lower server")
+    parser.add_argument("--size", default="320x240")
+    parser.add_argument("--warmup", type=float, default=60.0, help="seconds before memory "
+                                                                   "is first read")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    setup_logging("soak", "error")
+    out = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        verdict = "PASS" if out["ok"] else "FAIL"
+        print(f"{verdict}: {out['calls']} calls in {args.minutes:g} min, {out['calls_ok']} ok, "
+              f"failures {out['failures'] or 'none'}")
+        for name, s in out["servers"].items():
+            print(f"  {name}: memory {s['memory_mb']['after_warmup']} -> {s['memory_mb']['end']}"
+                  f" MB ({s['memory_growth_pct']:+.2f} %), legs {s['legs']['baseline']:g} -> "
+                  f"{s['legs']['end']:g}, tasks {s['tasks']['baseline']:g} -> "
+                  f"{s['tasks']['end']:g}  {'ok' if s['ok'] else 'FAIL'}")
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
