@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the stamp into a capture source's frames (latency measurable)")
     p.add_argument("--audio", default=env("ENDPOINT_AUDIO", "tone"),
                    help="tone, none, alsa:DEVICE or file:PATH")
+    p.add_argument("--token", default=env("ENDPOINT_TOKEN"),
+                   help="the device's credential when its server has auth on (`python -m relay "
+                        "token device:ID`); with VPHONE_AUTH_SECRET set it is signed here")
     p.add_argument("--show", action="store_true",
                    help="show the other party in a window with live figures (needs a display "
                         "and opencv-python); headless by default")
@@ -92,7 +95,7 @@ async def run(args: argparse.Namespace) -> None:
                               audio=args.audio != "none", media=media,
                               codecs=CODEC_CHOICES[args.codec], video=args.video,
                               stamp=args.stamp, audio_source=args.audio, show=args.show,
-                              record=args.record)
+                              record=args.record, token=args.token)
     supply = MediaSupply.for_settings(settings)
     devices = []
     for n, server in enumerate(args.server):

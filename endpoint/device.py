@@ -24,6 +24,7 @@ from endpoint.meter import AudioMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from endpoint.view import Recorder, Viewer, ViewError
+from relay.auth import token_for
 from relay.links import WebSocketChannel, receive
 from relay.logs import event
 from relay.messages import (
@@ -82,6 +83,9 @@ class DeviceSettings:
     show: bool = False
     #: record the received video: a directory (one file per call) or a file path
     record: str | None = None
+    #: this device's credential when its server has auth on (else signed with
+    #: VPHONE_AUTH_SECRET from the environment, if set; see relay/auth.py)
+    token: str | None = None
     bitrate: int = 1_000_000  #: for the pre-encoded loop
     #: video codecs this device takes, in its order of preference
     codecs: tuple[str, ...] = VIDEO_CODECS
@@ -387,6 +391,8 @@ class Device:
                                               max_msg_size=MAX_MESSAGE_BYTES) as ws:
                     channel = WebSocketChannel(ws, "parent", "server")
                     await channel.send(Register(device=self.id,
+                                                token=token_for(f"device:{self.id}",
+                                                                self.settings.token),
                                                 codecs=list(self.settings.video_codecs)))
                     reply = await receive(ws, SERVER_TO_DEVICE, "server", timeout=10)
                     if not isinstance(reply, Registered):

@@ -30,6 +30,7 @@ from probe.objective import Objective
 from probe.report import CallLog, write_summary
 from probe.summary import build as build_summary
 from probe.summary import merge as merge_summaries
+from relay.auth import token_for
 from relay.logs import setup_logging
 from relay.messages import DIRECTIONS
 from relay.server import event_loop_factory
@@ -173,7 +174,7 @@ def describe_summary(summary: dict[str, Any]) -> str:
 
 async def command_call(args: argparse.Namespace) -> int:
     results: list[CallResult] = []
-    async with servers_for(args) as urls, aiohttp.ClientSession() as session:
+    async with servers_for(args) as urls, new_session() as session:
         servers: list[Server] = await discover(session, urls)
         for i in range(args.count):
             if i:
@@ -231,7 +232,9 @@ def full_addresses(servers: list[Server], pairs: tuple[tuple[str, str], ...]
 def new_session() -> aiohttp.ClientSession:
     # No connection cap: each call holds a long poll, and a capped pool would make the probe
     # itself queue starts (coordinated omission inside the client).
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    token = token_for("probe", os.environ.get("PROBE_TOKEN"))
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
 
 
 async def command_load(args: argparse.Namespace) -> int:

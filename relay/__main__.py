@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from relay.auth import Auth
 from relay.call import Timeouts
 from relay.logs import setup_logging
 from relay.rtc import MediaSettings
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "lower":
             s.add_argument("--parent", default=env.get("parent"),
                            help="the upper server's URL (ws:// or http://)")
+    t = sub.add_parser("token", help="print the credential for an identity (device:ID, "
+                                     "server:NAME, probe), signed with VPHONE_AUTH_SECRET")
+    t.add_argument("identity")
     s = sub.add_parser("stack", help="run upper, lower-a, lower-b and devices until stopped")
     s.add_argument("--devices", type=int, default=1, help="devices under each lower server")
     s.add_argument("--size", default="640x480")
@@ -77,7 +81,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
         timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode,
         max_devices=args.max_devices, max_calls=args.max_calls,
-        max_message_rate=args.max_message_rate)
+        max_message_rate=args.max_message_rate, auth=Auth.from_env())
 
 
 async def run_stack(args: argparse.Namespace) -> int:
@@ -100,6 +104,14 @@ async def run_stack(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        auth = Auth.from_env()
+        if not auth.on:
+            print("relay: token: set VPHONE_AUTH_SECRET (or VPHONE_AUTH_SECRET_FILE)",
+                  file=sys.stderr)
+            return 2
+        print(auth.token(args.identity))
+        return 0
     if args.command == "stack":
         setup_logging("stack", args.log_level)
         return asyncio.run(run_stack(args))

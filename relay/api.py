@@ -43,9 +43,31 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return web.json_response(body.to_dict(), status=status, headers=headers)
 
 
+#: Paths open without a probe token: health, metrics, the browser page, and the WebSocket links
+#: (devices and servers prove themselves in their first message).
+OPEN_PATHS = ("/healthz", "/metrics", "/device", "/v1/device", "/v1/trunk")
+
+
+def check_probe(request: web.Request) -> None:
+    """Raise ApiError 401/403 unless the request carries the probe's token (when auth is on)."""
+    node = request.app[NODE]
+    auth = node.settings.auth
+    if not auth.on or request.path in OPEN_PATHS:
+        return
+    header = request.headers.get("Authorization", "")
+    token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
+    refusal = auth.check("probe", token)
+    if refusal is not None:
+        node.refused(refusal[0])
+        code, reason = refusal
+        raise ApiError(401 if code == "unauthorized" else 403, code,
+                       reason + " (send Authorization: Bearer TOKEN)")
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        check_probe(request)
         return await handler(request)
     except ApiError as exc:
         event(log, "api.refused", logging.INFO, path=request.path, method=request.method,

@@ -158,6 +158,10 @@ class LowerServer(Node):
         return info
 
     def _refuse_device(self, register: Register) -> tuple[str, str] | None:
+        refusal = self.settings.auth.check(f"device:{register.device}", register.token)
+        if refusal is not None:
+            self.refused(refusal[0])
+            return refusal
         if register.device in self.devices:
             return "duplicate_device", f"device {register.device!r} is already registered on " \
                 f"{self.name}"
@@ -274,8 +278,10 @@ class LowerServer(Node):
                 async with session.ws_connect(url, heartbeat=self.settings.heartbeat_s,
                                               max_msg_size=MAX_MESSAGE_BYTES) as ws:
                     channel = WebSocketChannel(ws, "parent", "parent")
-                    await channel.send(Announce(server=self.name, url=self.url,
-                                                devices=self.own_devices()))
+                    auth = self.settings.auth
+                    await channel.send(Announce(
+                        server=self.name, url=self.url, devices=self.own_devices(),
+                        token=auth.token(f"server:{self.name}") if auth.on else None))
                     welcome = await receive(ws, PARENT_TO_CHILD, "parent", timeout=10)
                     if not isinstance(welcome, Welcome):
                         event(log, "parent.refused", logging.ERROR, url=url,

@@ -69,6 +69,11 @@ class MessageError(ValueError):
         self.code = code
 
 
+def check_token(value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128):
+        raise MessageError("token must be a string of 1 to 128 characters", field="token")
+
+
 def check_name(value: str, what: str) -> str:
     """A device or server name: 1-64 of letters, digits, '.', '_', '-', not starting with a sign."""
     if not _NAME.match(value):
@@ -348,10 +353,12 @@ class Register(Message):
     version: int = PROTOCOL_VERSION
     #: video codecs the device can send and receive, in its order of preference
     codecs: list[str] = field(default_factory=lambda: list(VIDEO_CODECS))
+    token: str | None = None  #: HMAC credential for "device:ID" when auth is on (relay/auth.py)
 
     def __post_init__(self) -> None:
         check_name(self.device, "device")
         check_codecs(self.codecs, "codecs")
+        check_token(self.token)
         if self.version != PROTOCOL_VERSION:
             raise MessageError(
                 f"protocol version {self.version} is not supported (this server speaks "
@@ -480,9 +487,11 @@ class Announce(Message):
     url: str
     devices: list[DeviceInfo] = field(default_factory=list)
     version: int = PROTOCOL_VERSION
+    token: str | None = None  #: HMAC credential for "server:NAME" when auth is on
 
     def __post_init__(self) -> None:
         check_name(self.server, "server")
+        check_token(self.token)
         for i, device in enumerate(self.devices):
             if device.server != self.server:
                 raise MessageError(

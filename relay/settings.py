@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from relay.auth import Auth
 from relay.call import Timeouts
 from relay.messages import MessageError, check_name
 from relay.rtc import MediaSettings
@@ -35,6 +36,8 @@ class ServerSettings:
     max_devices: int = 1000  #: devices registered at a lower server
     max_calls: int = 500  #: calls in progress at this server
     max_message_rate: float = 50.0  #: WebSocket messages per second per link (burst: 2 s)
+    #: credentials on every link (relay/auth.py); off unless a secret is configured
+    auth: Auth = field(default_factory=Auth)
 
     def __post_init__(self) -> None:
         if self.role not in ("lower", "upper"):

@@ -57,13 +57,20 @@ class UpperServer(Node):
         return [ChildInfo(name=n, url=c.url, devices=counts.get(n, 0))
                 for n, c in sorted(self.children.items())]
 
+    def _refuse_child(self, announce: Announce) -> tuple[str, str] | None:
+        refusal = self.settings.auth.check(f"server:{announce.server}", announce.token)
+        if refusal is not None:
+            self.refused(refusal[0])
+            return refusal
+        if announce.server in self.children or announce.server == self.name:
+            return "duplicate_server", f"a server named {announce.server!r} is already " \
+                f"connected to {self.name}"
+        return None
+
     async def child_link(self, request: web.Request) -> web.WebSocketResponse:
         """``GET /v1/trunk``: a lower server's trunk. Its first message must be ``announce``."""
-        ws, first = await accept_link(
-            request, Announce, self.settings.heartbeat_s,
-            lambda m: ("duplicate_server", f"a server named {m.server!r} is already connected to "
-                       f"{self.name}") if m.server in self.children or m.server == self.name
-            else None)
+        ws, first = await accept_link(request, Announce, self.settings.heartbeat_s,
+                                      self._refuse_child)
         if first is None:
             return ws
         channel = WebSocketChannel(ws, "child", first.server)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from endpoint.device import Device, DeviceSettings
+from relay.auth import Auth
 from relay.call import Timeouts
 from relay.lower import LowerServer
 from relay.rtc import MediaSettings
@@ -58,16 +59,20 @@ class Tree:
 
 
 @contextlib.asynccontextmanager
-async def make_tree(timeouts: Timeouts | None = None) -> AsyncIterator[Tree]:
+async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None
+                    ) -> AsyncIterator[Tree]:
     timeouts = timeouts or Timeouts()
+    auth = auth or Auth()
     async with contextlib.AsyncExitStack() as stack:
         upper = await stack.enter_async_context(running_server(ServerSettings(
-            role="upper", name="upper", media=LOOPBACK, timeouts=timeouts)))
+            role="upper", name="upper", media=LOOPBACK, timeouts=timeouts, auth=auth)))
         lowers = {}
         for name in ("lower-a", "lower-b"):
             lowers[name] = await stack.enter_async_context(running_server(ServerSettings(
-                role="lower", name=name, parent=upper.url, media=LOOPBACK, timeouts=timeouts)))
-        session = await stack.enter_async_context(aiohttp.ClientSession())
+                role="lower", name=name, parent=upper.url, media=LOOPBACK, timeouts=timeouts,
+                auth=auth)))
+        headers = {"Authorization": f"Bearer {auth.token('probe')}"} if auth.on else None
+        session = await stack.enter_async_context(aiohttp.ClientSession(headers=headers))
         tree = Tree(upper, lowers, session)  # type: ignore[arg-type]
         await tree.until(lambda: all(s.parent is not None for s in lowers.values()))
         try:

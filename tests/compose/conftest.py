@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+from relay.auth import Auth
+
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES_PER_SERVER = 3
+SECRET = "compose-test-secret"  #: auth is on in the lab, as by default
 
 if not os.environ.get("VPHONE_COMPOSE_TESTS"):
     pytest.skip("compose tests run through tests/compose/run (it builds the images)",
@@ -56,7 +59,10 @@ class Lab:
         return f"http://127.0.0.1:{self.ports[server]}"
 
     def get(self, server: str, path: str, timeout: float = 5) -> Any:
-        with urllib.request.urlopen(self.url(server) + path, timeout=timeout) as response:
+        token = Auth(SECRET.encode()).token("probe")
+        request = urllib.request.Request(self.url(server) + path,
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
         return json.loads(body) if path != "/metrics" else body.decode()
 
@@ -118,7 +124,7 @@ def lab() -> Iterator[Lab]:
     env = {**os.environ, "VPHONE_IMAGE": os.environ.get("VPHONE_IMAGE", "vphone:test"),
            "UPPER_PORT": str(ports["upper"]), "LOWER_A_PORT": str(ports["lower-a"]),
            "LOWER_B_PORT": str(ports["lower-b"]), "DEVICES_PER_SERVER": str(DEVICES_PER_SERVER),
-           "CI": "true"}
+           "CI": "true", "VPHONE_AUTH_SECRET": SECRET}
     lab = Lab(f"vphonetest{os.getpid()}", ports, env)
     try:
         lab.compose("up", "-d", "upper", "lower-a", "lower-b", "devices-a", "devices-b",

@@ -1,0 +1,65 @@
+"""Authentication on every link: HMAC-signed credentials from one lab secret.
+
+With a secret configured (``VPHONE_AUTH_SECRET``, or a file named by
+``VPHONE_AUTH_SECRET_FILE``), every party proves who it is with a token: the HMAC-SHA256 of its
+identity under the secret. Identities: ``device:ID`` (in ``register``), ``server:NAME`` (a lower
+server's ``announce`` to its parent), ``probe`` (``Authorization: Bearer TOKEN`` on /v1/ HTTP).
+A party can be given just its own token (``python -m relay token device:cam-1``) rather than the
+secret: it can then be that device and nothing else. Without a secret, auth is off.
+Media stays DTLS-SRTP on every hop either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_SECRET = "VPHONE_AUTH_SECRET"
+ENV_SECRET_FILE = "VPHONE_AUTH_SECRET_FILE"
+
+
+@dataclass(frozen=True)
+class Auth:
+    secret: bytes | None = None  #: None: auth is off
+
+    @property
+    def on(self) -> bool:
+        return self.secret is not None
+
+    def token(self, identity: str) -> str:
+        if self.secret is None:
+            raise ValueError("auth is off: no secret to sign with")
+        return hmac.new(self.secret, identity.encode(), hashlib.sha256).hexdigest()
+
+    def check(self, identity: str, token: str | None) -> tuple[str, str] | None:
+        """None if ``token`` proves ``identity`` (or auth is off); else (code, reason):
+        ``unauthorized`` when no token came, ``forbidden`` when it is wrong."""
+        if self.secret is None:
+            return None
+        if not token:
+            return "unauthorized", f"{identity}: a token is required (auth is on)"
+        if not hmac.compare_digest(token, self.token(identity)):
+            return "forbidden", f"{identity}: the token is not valid for this identity"
+        return None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Auth:
+        secret = environ.get(ENV_SECRET)
+        path = environ.get(ENV_SECRET_FILE)
+        if path:
+            secret = Path(path).read_text().strip()
+        return cls(secret.encode() if secret else None)
+
+
+def token_for(identity: str, given: str | None, environ: Mapping[str, str] = os.environ
+              ) -> str | None:
+    """The token a client presents: the one it was given, else one signed with the secret in
+    its environment (a lab where every service shares it), else none."""
+    if given:
+        return given
+    auth = Auth.from_env(environ)
+    return auth.token(identity) if auth.on else None
