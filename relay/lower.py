@@ -34,7 +34,7 @@ from relay.messages import (
     Welcome,
     split_address,
 )
-from relay.node import Channel, Clock, Node, Session
+from relay.node import SHUTTING_DOWN, Channel, Clock, Node, Session
 from relay.settings import ServerSettings, parent_url
 
 log = logging.getLogger("relay.lower")
@@ -158,6 +158,8 @@ class LowerServer(Node):
         return info
 
     def _refuse_device(self, register: Register) -> tuple[str, str] | None:
+        if self.draining:
+            return SHUTTING_DOWN, f"{self.name} is shutting down"
         refusal = self.settings.auth.check(f"device:{register.device}", register.token)
         if refusal is not None:
             self.refused(refusal[0])
@@ -173,6 +175,10 @@ class LowerServer(Node):
 
     def create_call(self, request: CreateCall, received_at: float) -> Call:
         """Check a call command and start the call; raises ApiError when it cannot be made."""
+        if self.draining:
+            self.refused(SHUTTING_DOWN)
+            raise ApiError(503, SHUTTING_DOWN, f"{self.name} is shutting down: no new calls",
+                           retry_after_s=5)
         if len(self.sessions) >= self.settings.max_calls:
             self.refused("server_busy")
             raise ApiError(503, "server_busy", f"{self.name} has its maximum of "
@@ -217,6 +223,8 @@ class LowerServer(Node):
             reason = "unknown_device"
         elif device in self.busy:
             reason = "callee_busy"
+        elif self.draining:
+            reason = SHUTTING_DOWN
         elif len(self.sessions) >= self.settings.max_calls:
             reason = "server_busy"
             self.refused("server_busy")
@@ -306,7 +314,7 @@ class LowerServer(Node):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    async def close(self, reason: str = "server_shutdown") -> None:
+    async def close(self, reason: str = SHUTTING_DOWN) -> None:
         await super().close(reason)
         for channel in list(self.devices.values()):
             with contextlib.suppress(Exception):

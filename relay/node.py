@@ -108,6 +108,11 @@ class Session:
         return self.downstream if port is self.upstream else self.upstream
 
 
+#: The end reason of calls a server ends because it is stopping (SIGTERM), and the refusal
+#: code of new calls while it drains.
+SHUTTING_DOWN = "server_shutting_down"
+
+
 class Node:
     """Calls at one server. Subclasses add the role: device registry, trunks, routing."""
 
@@ -129,6 +134,8 @@ class Node:
         self.ended_by_reason: dict[str, int] = {}
         #: requests and messages turned away by a limit, by code (for /metrics)
         self.refusals: dict[str, int] = {}
+        #: set on SIGTERM: new calls and links are refused while the calls in progress end
+        self.draining = False
         self.calls_started = 0
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
@@ -142,7 +149,7 @@ class Node:
     async def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_loop(), name=f"{self.name}-ticker")
 
-    async def close(self, reason: str = "server_shutdown") -> None:
+    async def close(self, reason: str = SHUTTING_DOWN) -> None:
         """End every call, close every leg, cancel every task this node owns."""
         for session in list(self.sessions.values()):
             self.end_session(session, reason)

@@ -17,7 +17,7 @@ from relay.api import NODE, errors, setup_routes
 from relay.logs import event
 from relay.lower import LowerServer
 from relay.metrics import setup_metrics
-from relay.node import Node
+from relay.node import SHUTTING_DOWN, Node
 from relay.settings import ServerSettings
 from relay.upper import UpperServer
 
@@ -91,7 +91,12 @@ async def serve(settings: ServerSettings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        event(log, "server.stopping", server=settings.name)
+        # Drain: refuse what is new, end what is up (every call ends with a reason, sent to
+        # its other hops), then close. The links and legs close in the cleanup.
+        node.draining = True
+        calls = len(node.sessions)
+        event(log, "server.stopping", server=settings.name, calls=calls)
+        await node.close(SHUTTING_DOWN)
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

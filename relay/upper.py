@@ -27,7 +27,7 @@ from relay.messages import (
     Welcome,
     split_address,
 )
-from relay.node import Clock, Node
+from relay.node import SHUTTING_DOWN, Clock, Node
 from relay.settings import ServerSettings
 
 log = logging.getLogger("relay.upper")
@@ -158,6 +158,8 @@ class UpperServer(Node):
             reason = "server_unreachable" if server else "unknown_device"
         elif child.channel is source:
             reason = "misrouted"
+        elif self.draining:
+            reason = SHUTTING_DOWN
         elif len(self.sessions) >= self.settings.max_calls:
             reason = "server_busy"
             self.refused("server_busy")
@@ -172,7 +174,7 @@ class UpperServer(Node):
         self.start_session(call, (source, None), (child.channel, None))
         self.record(call.id, "t_routed", self.clock())
 
-    async def close(self, reason: str = "server_shutdown") -> None:
+    async def close(self, reason: str = SHUTTING_DOWN) -> None:
         await super().close(reason)
         for child in list(self.children.values()):
             with contextlib.suppress(Exception):

@@ -91,3 +91,18 @@ async def test_a_flooding_device_is_rate_limited_and_stays_connected():
             assert "flood" in server.devices  # still registered
         async with session.get(f"{server.url}/metrics") as r:
             assert refusals(await r.text(), "rate_limited") >= 25
+
+
+@pytest.mark.e2e
+async def test_a_draining_server_refuses_new_calls_and_devices_at_once():
+    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK)
+    async with running_server(settings) as server, aiohttp.ClientSession() as session:
+        server.draining = True  # what SIGTERM sets (see test_e2e_shutdown.py)
+        async with session.post(f"{server.url}/v1/calls", json={
+                "caller": "lower-a/cam-0", "callee": "lower-a/cam-1"}) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "5"
+            assert (await r.json())["error"]["code"] == "server_shutting_down"
+        async with session.ws_connect(f"{server.url.replace('http', 'ws')}/v1/device") as ws:
+            await ws.send_str(json.dumps({"type": "register", "device": "late"}))
+            assert json.loads((await ws.receive(timeout=5)).data)["code"] == \
+                "server_shutting_down"

@@ -40,7 +40,7 @@ def test_poisson_schedule_has_the_rate_on_average():
     ("server_unreachable", False, False, "server_unreachable"),
     ("callee_unreachable", False, False, "device_unreachable"),
     ("device_gone", True, True, "dropped"),
-    ("server_shutdown", True, True, "dropped"),
+    ("server_shutting_down", True, True, "dropped"),
 ])
 def test_end_reasons_are_classified(reason, active, woken, expected):
     outcome = classify(None, reason, active, {}, DIRECTIONS, woken)
