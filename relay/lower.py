@@ -299,6 +299,8 @@ class LowerServer(Node):
                     self.parent = channel
                     backoff = 0.2
                     event(log, "parent.connected", parent=welcome.server, url=url)
+                    # Devices that registered while the announce was on its way were not in it.
+                    self.publish(list(self.devices))
                     try:
                         await serve_messages(
                             channel, PARENT_TO_CHILD,
