@@ -28,6 +28,7 @@ from relay.messages import (
     check_call_id,
 )
 from relay.node import Node
+from relay.openapi import openapi
 from relay.upper import UpperServer
 
 log = logging.getLogger("relay.api")
@@ -45,7 +46,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 #: Paths open without a probe token: health, metrics, the browser page, and the WebSocket links
 #: (devices and servers prove themselves in their first message).
-OPEN_PATHS = ("/healthz", "/metrics", "/device", "/v1/device", "/v1/trunk")
+OPEN_PATHS = ("/healthz", "/metrics", "/device", "/v1/device", "/v1/trunk", "/openapi.json")
 
 
 def check_probe(request: web.Request) -> None:
@@ -207,7 +208,13 @@ async def device_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(DEVICE_PAGE, headers={"Cache-Control": "no-cache"})
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: this API's description (relay/openapi.py)."""
+    return web.json_response(openapi(request.app[NODE].role))
+
+
 def setup_routes(app: web.Application, node: Node) -> None:
+    app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/v1/server", get_server)
     app.router.add_get("/v1/devices", get_devices)
     app.router.add_get("/healthz", healthz)
