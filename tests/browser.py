@@ -22,9 +22,12 @@ def chromium() -> str:
             return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("Chromium is not installed and cannot be installed here (needs root + apt)")
-    done = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    done = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
+    if done.returncode != 0:  # stale or missing package lists: refresh once, then retry
+        subprocess.run(["apt-get", "update"], capture_output=True, timeout=300, env=env)
+        done = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
     found = shutil.which("chromium")
     if done.returncode != 0 or not found:
         pytest.skip(f"installing Chromium failed: {done.stderr[-500:]}")
