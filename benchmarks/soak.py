@@ -104,8 +104,9 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=3.0)
     parser.add_argument("--devices", type=int, default=10, help="per lower server")
     parser.add_argument("--size", default="320x240")
-    parser.add_argument("--warmup", type=float, default=60.0, help="seconds before memory "
-                                                                   "is first read")
+    parser.add_argument("--warmup", type=float, default=180.0,
+                        help="seconds before memory is first read (longer than the servers' "
+                             "2-minute retention of ended calls, so that it is full)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     setup_logging("soak", "error")

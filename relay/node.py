@@ -117,7 +117,9 @@ class Node:
     """Calls at one server. Subclasses add the role: device registry, trunks, routing."""
 
     role: Literal["lower", "upper"]
-    #: How many ended calls to keep for GET /v1/calls/{id}.
+    #: Ended calls stay readable (GET /v1/calls/{id}, late device reports) this long, and at
+    #: most this many: a server's memory stays flat however many calls it has carried.
+    ENDED_KEEP_S = 120.0
     ENDED_KEPT = 10_000
 
     def __init__(self, settings: ServerSettings, clock: Clock = time.time) -> None:
@@ -317,7 +319,9 @@ class Node:
         self.sessions.pop(call.id, None)
         self.ended[call.id] = call
         self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
-        while len(self.ended) > self.ENDED_KEPT:
+        now = call.timeline.get("t_end", self.clock())
+        while self.ended and (len(self.ended) > self.ENDED_KEPT or now - next(
+                iter(self.ended.values())).timeline.get("t_end", now) > self.ENDED_KEEP_S):
             self.ended.popitem(last=False)
         hangup = Hangup(call=call.id, reason=reason)
         for port in session.ports:

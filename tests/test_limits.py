@@ -106,3 +106,34 @@ async def test_a_draining_server_refuses_new_calls_and_devices_at_once():
             await ws.send_str(json.dumps({"type": "register", "device": "late"}))
             assert json.loads((await ws.receive(timeout=5)).data)["code"] == \
                 "server_shutting_down"
+
+
+@pytest.mark.e2e
+async def test_ended_calls_are_kept_for_a_while_then_let_go(monkeypatch):
+    from relay.node import Node
+
+    monkeypatch.setattr(Node, "ENDED_KEEP_S", 0.5)
+    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK)
+    async with running_server(settings) as server, aiohttp.ClientSession() as session:
+        devices = [Device(server.url, f"cam-{i}", DEVICE_SETTINGS) for i in range(2)]
+        tasks = [asyncio.create_task(d.run(session)) for d in devices]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(d.registered.wait() for d in devices)), 10)
+            ids = []
+            for _ in range(2):
+                async with session.post(f"{server.url}/v1/calls", json={
+                        "caller": "lower-a/cam-0", "callee": "lower-a/cam-1",
+                        "media_mode": "none"}) as r:
+                    ids.append((await r.json())["call"])
+                async with session.delete(f"{server.url}/v1/calls/{ids[-1]}") as r:
+                    assert (await r.json())["reason"] == "hangup"
+                await asyncio.sleep(0.7)
+            async with session.get(f"{server.url}/v1/calls/{ids[0]}") as r:
+                assert r.status == 404  # let go: older than ENDED_KEEP_S when the next ended
+            async with session.get(f"{server.url}/v1/calls/{ids[1]}") as r:
+                assert r.status == 200 and (await r.json())["state"] == "ended"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(d.close() for d in devices))
