@@ -325,7 +325,7 @@ class DeviceCall:
                 if recorder is not None:
                     recorder.write(frame, now)
                 if viewer is not None:
-                    viewer.show(frame, self.video.stats(now))
+                    viewer.show(frame, lambda now=now: self.video.stats(now))
                 plane = frame.planes[0]
                 luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
                 found = stamp.read(luma[:, : frame.width])

@@ -69,7 +69,7 @@ def opus_tone(frequency: float = 450.0) -> bytes:
     return packets[-1]
 
 
-def vp8_picture_id(payload: bytes) -> int | None:
+def vp8_picture_id(payload: bytes | memoryview) -> int | None:
     """The picture id in a VP8 RTP payload descriptor (RFC 7741), if it carries one."""
     if len(payload) < 3 or not payload[0] & 0x80 or not payload[1] & 0x80:
         return None
@@ -179,9 +179,9 @@ class PacketCounter:
         if self.kind == "audio":
             self.audio.frames += 1
         elif plain[1] & 0x80:
-            self._frame(payload_of(bytes(plain[:length])))
+            self._frame(payload_of(plain[:length]))
 
-    def _frame(self, payload: bytes) -> None:
+    def _frame(self, payload: bytes | memoryview) -> None:
         k = vp8_picture_id(payload)
         if k is None:
             self.video.unreadable += 1

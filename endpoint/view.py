@@ -9,6 +9,8 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,15 +43,22 @@ class Viewer:
         # comes while the last one is still on its way is skipped (the call never waits).
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="viewer")
         self._pending: Future[None] | None = None
+        self._stats: MediaStats | None = None
+        self._stats_at = 0.0
         self.skipped = 0
 
-    def show(self, frame: av.VideoFrame, stats: MediaStats) -> None:
+    def show(self, frame: av.VideoFrame, figures: Callable[[], MediaStats]) -> None:
+        """Draw ``frame``; ``figures`` is asked for the overlay at most twice a second (it
+        reads percentiles: not a per-frame cost), and only for frames that are drawn."""
         if self._process.poll() is not None:
             return  # the window was closed: the call goes on
         if self._pending is not None and not self._pending.done():
             self.skipped += 1
             return
-        self._pending = self._writer.submit(self._write, frame, stats)
+        now = time.monotonic()
+        if self._stats is None or now - self._stats_at >= 0.5:
+            self._stats, self._stats_at = figures(), now
+        self._pending = self._writer.submit(self._write, frame, self._stats)
 
     def _write(self, frame: av.VideoFrame, stats: MediaStats) -> None:
         stdin = self._process.stdin

@@ -48,9 +48,7 @@ class CallResult:
 
     @property
     def outcome(self) -> Outcome:
-        if self.media_mode == "none":
-            if self.error is None and self.active and self.reason == "hangup":
-                return Outcome(True)
+        if self.media_mode == "none":  # signalling only: no media direction to judge
             return classify(self.error, self.reason, self.active, {}, ())
         woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
         return classify(self.error, self.reason, self.active, self.media, DIRECTIONS, woken)

@@ -55,45 +55,66 @@ def timeseries_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ SVG plots
 
 
+LEFT, RIGHT, TOP, BOTTOM = 60, 130, 28, 40  #: plot margins: axis labels, legend, title
+
+
+def _no_data(title: str, width: int) -> str:
+    return f'<svg class="plot" width="{width}" height="60"><text x="10" y="30">{_e(title)}: ' \
+           f'no data</text></svg>'
+
+
+def _frame(title: str, y_label: str, y1: float, width: int, height: int) -> list[str]:
+    """The parts every plot shares: the svg element, title, x axis, y label and gridlines
+    (values 0..y1)."""
+    pw, ph = width - LEFT - RIGHT, height - TOP - BOTTOM
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+             f'height="{height}" role="img" aria-label="{_e(title)}">',
+             f'<text x="{LEFT}" y="18" font-weight="bold">{_e(title)}</text>',
+             f'<line x1="{LEFT}" y1="{TOP + ph}" x2="{LEFT + pw}" y2="{TOP + ph}" stroke="#333"/>',
+             f'<text x="12" y="{TOP + ph / 2}" font-size="11" transform="rotate(-90 12 '
+             f'{TOP + ph / 2})" text-anchor="middle">{_e(y_label)}</text>']
+    for i in range(5):
+        y = y1 * i / 4
+        yy = TOP + ph - y / y1 * ph
+        parts.append(f'<text x="{LEFT - 6}" y="{yy + 4:.1f}" text-anchor="end" '
+                     f'font-size="10">{y:.3g}</text><line x1="{LEFT}" y1="{yy:.1f}" '
+                     f'x2="{LEFT + pw}" y2="{yy:.1f}" stroke="#ddd"/>')
+    return parts
+
+
+def _legend(names: Sequence[str], width: int) -> list[str]:
+    x = width - RIGHT + 10
+    return [f'<rect x="{x}" y="{TOP + 14 * n}" width="10" height="10" '
+            f'fill="{COLORS[n % len(COLORS)]}"/><text x="{x + 14}" y="{TOP + 14 * n + 9}" '
+            f'font-size="11">{_e(name)}</text>' for n, name in enumerate(names)]
+
+
 def line_chart(title: str, xs: Sequence[float], series: dict[str, Sequence[float | None]],
                x_label: str, y_label: str, width: int = 640, height: int = 260) -> str:
     """A line chart as inline SVG; None values break the line."""
-    left, right, top, bottom = 60, 130, 28, 40
     values = [v for ys in series.values() for v in ys if v is not None]
     if not xs or not values:
-        return f'<svg class="plot" width="{width}" height="60"><text x="10" y="30">{_e(title)}: ' \
-               f'no data</text></svg>'
+        return _no_data(title, width)
     x0, x1 = min(xs), max(xs)
     x1 = x1 if x1 > x0 else x0 + 1
-    y0, y1 = 0.0, max(values) * 1.1 or 1.0
-    pw, ph = width - left - right, height - top - bottom
+    y1 = max(values) * 1.1 or 1.0
+    pw, ph = width - LEFT - RIGHT, height - TOP - BOTTOM
 
     def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * pw
+        return LEFT + (x - x0) / (x1 - x0) * pw
 
     def py(y: float) -> float:
-        return top + ph - (y - y0) / (y1 - y0) * ph
+        return TOP + ph - y / y1 * ph
 
-    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-             f'height="{height}" role="img" aria-label="{_e(title)}">',
-             f'<text x="{left}" y="18" font-weight="bold">{_e(title)}</text>',
-             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>']
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end" '
-                     f'font-size="10">{y:.3g}</text>')
-        parts.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + pw}" y2="{py(y):.1f}" '
-                     f'stroke="#ddd"/>')
+    parts = _frame(title, y_label, y1, width, height)
+    parts.append(f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + ph}" stroke="#333"/>')
     for i in range(5):
         x = x0 + (x1 - x0) * i / 4
-        parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 14}" text-anchor="middle" '
+        parts.append(f'<text x="{px(x):.1f}" y="{TOP + ph + 14}" text-anchor="middle" '
                      f'font-size="10">{x:.3g}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" '
+    parts.append(f'<text x="{LEFT + pw / 2}" y="{height - 6}" text-anchor="middle" '
                  f'font-size="11">{_e(x_label)}</text>')
-    parts.append(f'<text x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 '
-                 f'{top + ph / 2})" text-anchor="middle">{_e(y_label)}</text>')
-    for n, (name, ys) in enumerate(series.items()):
+    for n, ys in enumerate(series.values()):
         color = COLORS[n % len(COLORS)]
         segment: list[str] = []
         for x, y in zip(xs, ys, strict=False):
@@ -106,58 +127,34 @@ def line_chart(title: str, xs: Sequence[float], series: dict[str, Sequence[float
             parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>')
         if len(segment) > 1:
             parts.append(_polyline(segment, color))
-        ly = top + 14 * n + 8
-        parts.append(f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" '
-                     f'fill="{color}"/><text x="{left + pw + 24}" y="{ly + 1}" '
-                     f'font-size="11">{_e(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    return "".join([*parts, *_legend(list(series), width), "</svg>"])
 
 
 def bar_chart(title: str, categories: Sequence[str], series: dict[str, Sequence[float | None]],
               y_label: str, width: int = 640, height: int = 260) -> str:
     """Grouped bars as inline SVG: one group per category, one bar per series."""
-    left, right, top, bottom = 60, 130, 28, 40
     values = [v for ys in series.values() for v in ys if v is not None]
     if not categories or not values:
-        return f'<svg class="plot" width="{width}" height="60"><text x="10" y="30">{_e(title)}: ' \
-               f'no data</text></svg>'
+        return _no_data(title, width)
     y1 = max(values) * 1.1 or 1.0
-    pw, ph = width - left - right, height - top - bottom
+    pw, ph = width - LEFT - RIGHT, height - TOP - BOTTOM
     group = pw / len(categories)
     bar = group * 0.8 / max(1, len(series))
-    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-             f'height="{height}" role="img" aria-label="{_e(title)}">',
-             f'<text x="{left}" y="18" font-weight="bold">{_e(title)}</text>',
-             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
-             f'<text x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 '
-             f'{top + ph / 2})" text-anchor="middle">{_e(y_label)}</text>']
-    for i in range(5):
-        y = y1 * i / 4
-        yy = top + ph - y / y1 * ph
-        parts.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end" '
-                     f'font-size="10">{y:.3g}</text><line x1="{left}" y1="{yy:.1f}" '
-                     f'x2="{left + pw}" y2="{yy:.1f}" stroke="#ddd"/>')
+    parts = _frame(title, y_label, y1, width, height)
     for c, category in enumerate(categories):
-        gx = left + c * group + group * 0.1
-        parts.append(f'<text x="{left + c * group + group / 2:.1f}" y="{top + ph + 14}" '
+        gx = LEFT + c * group + group * 0.1
+        parts.append(f'<text x="{LEFT + c * group + group / 2:.1f}" y="{TOP + ph + 14}" '
                      f'text-anchor="middle" font-size="11">{_e(category)}</text>')
         for n, ys in enumerate(series.values()):
             v = ys[c]
             if v is None:
                 continue
             h = v / y1 * ph
-            parts.append(f'<rect class="bar" x="{gx + n * bar:.1f}" y="{top + ph - h:.1f}" '
+            parts.append(f'<rect class="bar" x="{gx + n * bar:.1f}" y="{TOP + ph - h:.1f}" '
                          f'width="{bar * 0.95:.1f}" height="{h:.1f}" '
                          f'fill="{COLORS[n % len(COLORS)]}"><title>{_e(category)} '
                          f'{v:.3g}</title></rect>')
-    for n, name in enumerate(series):
-        ly = top + 14 * n + 8
-        parts.append(f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" '
-                     f'fill="{COLORS[n % len(COLORS)]}"/><text x="{left + pw + 24}" '
-                     f'y="{ly + 1}" font-size="11">{_e(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    return "".join([*parts, *_legend(list(series), width), "</svg>"])
 
 
 def _polyline(points: list[str], color: str) -> str:

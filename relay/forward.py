@@ -157,7 +157,7 @@ def is_keyframe(codec: str, payload: bytes) -> bool:
     return True  # audio and codecs without keyframes: any packet will do
 
 
-def payload_of(packet: bytes) -> bytes:
+def payload_of(packet: bytes | memoryview) -> bytes | memoryview:
     """The payload of a plain RTP packet (after CSRCs, header extension and before padding)."""
     offset = 12 + 4 * (packet[0] & 0x0F)
     if packet[0] & 0x10 and len(packet) >= offset + 4:

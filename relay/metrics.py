@@ -33,8 +33,14 @@ class NodeCollector(Collector):
         node = self.node
         labels = ["server", "role"]
         me = [node.name, node.role]
-        calls = GaugeMetricFamily("relay_calls", "Calls in progress, by state",
-                                  labels=[*labels, "state"])
+
+        def by(family: type[GaugeMetricFamily | CounterMetricFamily], name: str, text: str,
+               label: str, counts: dict[str, int]) -> Metric:
+            metric = family(name, text, labels=[*labels, label])
+            for key, count in sorted(counts.items()):
+                metric.add_metric([*me, key], count)
+            return metric
+
         states: dict[str, int] = {"setup": 0, "active": 0}
         legs: dict[str, int] = {}
         for session in node.sessions.values():
@@ -42,23 +48,16 @@ class NodeCollector(Collector):
             for port in session.ports:
                 state = port.leg.connection_state
                 legs[state] = legs.get(state, 0) + 1
-        for state, count in sorted(states.items()):
-            calls.add_metric([*me, state], count)
-        yield calls
+        yield by(GaugeMetricFamily, "relay_calls", "Calls in progress, by state", "state",
+                 states)
         started = CounterMetricFamily("relay_calls_started", "Calls started at this server",
                                       labels=labels)
         started.add_metric(me, node.calls_started)
         yield started
-        ended = CounterMetricFamily("relay_calls_ended", "Calls ended here, by reason "
-                                    "(hangup is the normal end)", labels=[*labels, "reason"])
-        for reason, count in sorted(node.ended_by_reason.items()):
-            ended.add_metric([*me, reason], count)
-        yield ended
-        leg_gauge = GaugeMetricFamily("relay_legs", "Media legs (peer connections) of calls in "
-                                      "progress, by connection state", labels=[*labels, "state"])
-        for state, count in sorted(legs.items()):
-            leg_gauge.add_metric([*me, state], count)
-        yield leg_gauge
+        yield by(CounterMetricFamily, "relay_calls_ended", "Calls ended here, by reason "
+                 "(hangup is the normal end)", "reason", node.ended_by_reason)
+        yield by(GaugeMetricFamily, "relay_legs", "Media legs (peer connections) of calls in "
+                 "progress, by connection state", "state", legs)
         f = node.forwarding
         for name, value, text in (
                 ("relay_forwarded_packets", f.packets, "RTP packets forwarded"),
@@ -80,12 +79,8 @@ class NodeCollector(Collector):
                                         labels=labels)
         transcoding.add_metric(me, f.transcoding)
         yield transcoding
-        refusals = CounterMetricFamily("relay_refusals", "Requests and messages turned away by "
-                                       "a limit (server_busy, server_full, rate_limited)",
-                                       labels=[*labels, "code"])
-        for code, count in sorted(node.refusals.items()):
-            refusals.add_metric([*me, code], count)
-        yield refusals
+        yield by(CounterMetricFamily, "relay_refusals", "Requests and messages turned away by "
+                 "a limit (server_busy, server_full, rate_limited)", "code", node.refusals)
         tasks = GaugeMetricFamily("relay_asyncio_tasks", "asyncio tasks alive in the server "
                                   "(a leak shows as growth)", labels=labels)
         tasks.add_metric(me, len(asyncio.all_tasks()))

@@ -323,7 +323,7 @@ class SenderTap:
         if srtp is None or srtp.session is not session:
             srtp = self._srtp = InPlaceSrtp(session)
         view = srtp.view
-        _srtp_ffi.memmove(srtp.buffer, source[:length], length)
+        _srtp_ffi.memmove(srtp.buffer, source, length)
         _HEADER.pack_into(view, 1, (source[1] & 0x80) | payload_type, seq, ts, self.sender._ssrc)
         self._raw[seq % RTP_HISTORY_SIZE] = bytes(view[:length])
         data = srtp.protect(length)

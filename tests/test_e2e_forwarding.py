@@ -29,6 +29,22 @@ async def active_call(tree: Tree, caller: str, callee: str):
     return client, info
 
 
+async def loop_devices_call(tree: Tree, video: str):
+    """cam-1 (lower-a) calls cam-2 (lower-b), both playing the 320x240@30 loop in ``video``
+    mode from one MediaSupply (encoded once, one send log: latency is measured)."""
+    from endpoint.device import MediaSupply
+
+    settings = replace(DEVICE_SETTINGS, video=video, width=320, height=240, fps=30)
+    supply = MediaSupply.for_settings(settings)
+    devices = [tree.start(server, Device(tree.lowers[server].url, name, settings,
+                                         supply=supply))
+               for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2"))]
+    await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
+    await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
+    client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
+    return supply, devices, client, info
+
+
 async def media_after(client: ServerClient, call: str, seconds: float):
     await asyncio.sleep(seconds)
     info = await client.call(call)
@@ -187,19 +203,9 @@ async def test_loss_on_a_trunk_is_repaired_by_nack(tree: Tree, monkeypatch):
 
 
 async def test_preencoded_devices_measure_latency_through_the_send_log():
-    from endpoint.device import MediaSupply
-
     async with make_tree() as tree:
-        settings = replace(DEVICE_SETTINGS, video="preencoded", width=320, height=240, fps=30)
-        supply = MediaSupply.for_settings(settings)  # encoded once, shared by both devices
+        supply, _, client, info = await loop_devices_call(tree, "preencoded")
         assert len(supply.loop.frames) == 60
-        devices = {}
-        for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2")):
-            devices[name] = tree.start(
-                server, Device(tree.lowers[server].url, name, settings, supply=supply))
-        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
-        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
-        client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
         info = await media_after(client, info.call, 2.5)  # past one 2 s loop
         for direction in ("caller_to_callee", "callee_to_caller"):
             media = info.media[direction]
@@ -213,19 +219,9 @@ async def test_packet_devices_call_across_servers_without_decoding():
     """Packet-mode devices (ready RTP in, counted without decoding) hold a cross-server call:
     frames read by picture id both ways, latency from the shared send log, all on the fast
     path at every server, and no decoder anywhere in this process."""
-    from endpoint.device import MediaSupply
-
     async with make_tree() as tree:
-        settings = replace(DEVICE_SETTINGS, video="packets", width=320, height=240, fps=30)
-        supply = MediaSupply.for_settings(settings)
-        devices = {}
-        for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2")):
-            devices[name] = tree.start(
-                server, Device(tree.lowers[server].url, name, settings, supply=supply))
-        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
-        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
-        client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
-        calls = [c for d in devices.values() for c in d.calls.values()]
+        _, devices, client, info = await loop_devices_call(tree, "packets")
+        calls = [c for d in devices for c in d.calls.values()]
         info = await media_after(client, info.call, 2.5)
         for direction in ("caller_to_callee", "callee_to_caller"):
             media = info.media[direction]
