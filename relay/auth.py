@@ -7,6 +7,10 @@ server's ``announce`` to its parent), ``probe`` (``Authorization: Bearer TOKEN``
 A party can be given just its own token (``python -m relay token device:cam-1``) rather than the
 secret: it can then be that device and nothing else. Without a secret, auth is off.
 Media stays DTLS-SRTP on every hop either way.
+
+Rotation without a flag day: the secret file may hold more lines, and
+``VPHONE_AUTH_SECRET_PREVIOUS`` one more secret. The first line signs; every one of them still
+verifies, so servers take the new secret first, clients follow, then the old one is dropped.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from pathlib import Path
 
 ENV_SECRET = "VPHONE_AUTH_SECRET"
 ENV_SECRET_FILE = "VPHONE_AUTH_SECRET_FILE"
+ENV_SECRET_PREVIOUS = "VPHONE_AUTH_SECRET_PREVIOUS"
 
 
 @dataclass(frozen=True)
 class Auth:
-    secret: bytes | None = None  #: None: auth is off
+    secret: bytes | None = None  #: None: auth is off; else it signs our own tokens
+    previous: tuple[bytes, ...] = ()  #: secrets being rotated out: they still verify
 
     @property
     def on(self) -> bool:
@@ -42,17 +48,23 @@ class Auth:
             return None
         if not token:
             return "unauthorized", f"{identity}: a token is required (auth is on)"
-        if not hmac.compare_digest(token, self.token(identity)):
-            return "forbidden", f"{identity}: the token is not valid for this identity"
-        return None
+        for secret in (self.secret, *self.previous):
+            signed = hmac.new(secret, identity.encode(), hashlib.sha256).hexdigest()
+            if hmac.compare_digest(token, signed):
+                return None
+        return "forbidden", f"{identity}: the token is not valid for this identity"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Auth:
-        secret = environ.get(ENV_SECRET)
+        secrets = [environ.get(ENV_SECRET, "").strip()]
         path = environ.get(ENV_SECRET_FILE)
         if path:
-            secret = Path(path).read_text().strip()
-        return cls(secret.encode() if secret else None)
+            secrets = [line.strip() for line in Path(path).read_text().splitlines()]
+        secrets.append(environ.get(ENV_SECRET_PREVIOUS, "").strip())
+        secrets = [secret for secret in secrets if secret]
+        if not secrets:
+            return cls()
+        return cls(secrets[0].encode(), tuple(secret.encode() for secret in secrets[1:]))
 
 
 def token_for(identity: str, given: str | None, environ: Mapping[str, str] = os.environ

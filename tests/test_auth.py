@@ -35,6 +35,22 @@ def test_tokens_prove_one_identity_each(tmp_path):
     assert token_for("probe", "given", {}) == "given" and token_for("probe", None, {}) is None
 
 
+def test_a_rotated_secret_still_verifies_until_it_is_dropped(tmp_path):
+    old_token = SECRET.token("device:cam-1")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("new secret\n\nlab secret\n")  # the first line signs
+    rotating = Auth.from_env({"VPHONE_AUTH_SECRET_FILE": str(secret_file)})
+    assert rotating == Auth(b"new secret", (b"lab secret",))
+    assert rotating.check("device:cam-1", old_token) is None  # a client not yet moved over
+    assert rotating.token("device:cam-1") == Auth(b"new secret").token("device:cam-1")
+    assert rotating.check("device:cam-2", old_token)[0] == "forbidden"  # still per identity
+    assert Auth(b"new secret").check("device:cam-1", old_token)[0] == "forbidden"  # dropped
+    by_env = Auth.from_env({"VPHONE_AUTH_SECRET": "new secret",
+                            "VPHONE_AUTH_SECRET_PREVIOUS": "lab secret"})
+    assert by_env == rotating
+    assert Auth.from_env({"VPHONE_AUTH_SECRET": " "}) == Auth()  # blank: off, not "" as a key
+
+
 @pytest.mark.e2e
 async def test_every_link_checks_its_credential():
     async with make_tree(auth=SECRET) as tree:
