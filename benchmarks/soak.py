@@ -18,10 +18,10 @@ import sys
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from probe.client import discover
 from probe.load import LoadSettings, run_load
+from probe.scrape import parse, total
 from relay.logs import setup_logging
 from relay.stack import LocalStack, StackSettings
 
@@ -30,19 +30,12 @@ TASK_SLACK = 5
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    out: dict[str, float] = {"legs": 0.0, "calls": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "process_resident_memory_bytes":
-                out["memory_mb"] = round(sample.value / 1e6, 2)
-            elif sample.name == "relay_asyncio_tasks":
-                out["tasks"] = sample.value
-            elif sample.name == "relay_legs":
-                out["legs"] += sample.value
-            elif sample.name == "relay_calls":
-                out["calls"] += sample.value
-    return out
+        sample = parse(await response.text())
+    memory = total(sample, "process_resident_memory_bytes") or 0.0
+    return {"memory_mb": round(memory / 1e6, 2),
+            "tasks": total(sample, "relay_asyncio_tasks") or 0.0,
+            "legs": total(sample, "relay_legs") or 0.0,
+            "calls": total(sample, "relay_calls") or 0.0}
 
 
 async def snapshot(session: aiohttp.ClientSession, servers: dict[str, str]) -> dict[str, Any]:

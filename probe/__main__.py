@@ -28,6 +28,8 @@ from probe.client import ProbeError, Server, discover, find_device, pick_pair
 from probe.load import PAIRING_MODES, LoadReport, LoadSettings, run_load
 from probe.objective import Objective
 from probe.report import CallLog, write_summary
+from probe.scrape import ServerWatch
+from probe.scrape import describe as describe_server_metrics
 from probe.summary import build as build_summary
 from probe.summary import merge as merge_summaries
 from relay.auth import token_for
@@ -52,6 +54,9 @@ def _common(c: argparse.ArgumentParser, devices: int, video: str) -> None:
     c.add_argument("--setup-timeout", type=float, default=20.0)
     c.add_argument("--json", action="store_true", help="JSON output on stdout")
     c.add_argument("--log-level", default="warning")
+    c.add_argument("--scrape-interval", type=float, default=5.0, metavar="S",
+                   help="read every server's /metrics this often during the run (CPU, "
+                        "memory, legs, loop lag, counters); 0: only at the start and end")
 
 
 def _load_args(c: argparse.ArgumentParser) -> None:
@@ -172,29 +177,44 @@ def describe_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def watch_servers(session: aiohttp.ClientSession, servers: list[Server],
+                  args: argparse.Namespace) -> ServerWatch:
+    return ServerWatch(session, {s.name: s.url for s in servers},
+                       interval_s=args.scrape_interval if args.scrape_interval > 0 else None)
+
+
 async def command_call(args: argparse.Namespace) -> int:
     results: list[CallResult] = []
     async with servers_for(args) as urls, new_session() as session:
         servers: list[Server] = await discover(session, urls)
-        for i in range(args.count):
-            if i:
-                servers = await discover(session, urls)
-            if args.caller and args.callee:
-                caller, callee = args.caller, args.callee
-            elif args.caller or args.callee:
-                raise ProbeError("bad_arguments", "give both caller and callee, or neither")
-            else:
-                caller, callee = pick_pair(servers)
-            result = await run_call(session, servers, caller, callee, args.hold,
-                                    args.setup_timeout)
-            results.append(result)
-            print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
-            await wait_idle(session, servers,
-                            [find_device(servers, caller)[1].address, result.callee])
+        async with watch_servers(session, servers, args) as watch:
+            await _calls(args, session, urls, servers, results)
+    server_metrics = watch.summary()
     if args.count > 1:
-        summary = summarize(results)
+        summary = {**summarize(results), "server_metrics": server_metrics}
         print(json.dumps({"summary": summary}) if args.json else describe_summary(summary))
+    if not args.json:
+        print("\n".join(describe_server_metrics(server_metrics)))
     return 0 if results and all(r.ok for r in results) else 1
+
+
+async def _calls(args: argparse.Namespace, session: aiohttp.ClientSession, urls: list[str],
+                 servers: list[Server], results: list[CallResult]) -> None:
+    for i in range(args.count):
+        if i:
+            servers = await discover(session, urls)
+        if args.caller and args.callee:
+            caller, callee = args.caller, args.callee
+        elif args.caller or args.callee:
+            raise ProbeError("bad_arguments", "give both caller and callee, or neither")
+        else:
+            caller, callee = pick_pair(servers)
+        result = await run_call(session, servers, caller, callee, args.hold,
+                                args.setup_timeout)
+        results.append(result)
+        print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
+        await wait_idle(session, servers,
+                        [find_device(servers, caller)[1].address, result.callee])
 
 
 def objective_of(args: argparse.Namespace) -> Objective:
@@ -247,10 +267,11 @@ async def command_load(args: argparse.Namespace) -> int:
         log = CallLog(args.out) if args.out else None
         began = time.monotonic()
         try:
-            report = await run_load(
-                session, servers, settings,
-                on_result=lambda r: log.write(r.to_dict()) if log else None,
-                on_tick=progress.tick)
+            async with watch_servers(session, servers, args) as watch:
+                report = await run_load(
+                    session, servers, settings,
+                    on_result=lambda r: log.write(r.to_dict()) if log else None,
+                    on_tick=progress.tick)
         finally:
             if log is not None:
                 log.close()
@@ -259,6 +280,7 @@ async def command_load(args: argparse.Namespace) -> int:
     missed = {name: objective.missed(figures, settings.media == "full")
               for name, figures in report.recorder.servers.items()}
     summary = summary_of("load", [run], servers, objective, missed, settings.window_s)
+    summary["server_metrics"] = watch.summary()
     summary["elapsed_s"] = round(time.monotonic() - began, 1)
     return finish(args, summary)
 
@@ -284,7 +306,8 @@ async def command_capacity(args: argparse.Namespace) -> int:
     async with servers_for(args) as urls, new_session() as session:
         servers = await discover(session, urls)
         load = load_settings_of(args, args.start_rate)
-        found = await search(session, servers, load, objective, cap_settings, on_step)
+        async with watch_servers(session, servers, args) as watch:
+            found = await search(session, servers, load, objective, cap_settings, on_step)
     # Offsets were taken when each step ended: make them the steps' starts.
     for run in runs:
         run["offset_s"] = max(0.0, run["offset_s"] - run["duration_s"] - run["hold_s"])
@@ -294,6 +317,7 @@ async def command_capacity(args: argparse.Namespace) -> int:
     summary = summary_of("capacity", runs, servers, objective, missed, load.window_s)
     summary["capacity"] = {name: c.summary() for name, c in found.items()}
     summary["capacity_steps"] = {name: [s.row() for s in c.steps] for name, c in found.items()}
+    summary["server_metrics"] = watch.summary()
     summary["elapsed_s"] = round(time.monotonic() - began, 1)
     return finish(args, summary)
 
@@ -349,6 +373,7 @@ def describe_run(summary: dict[str, Any]) -> str:
         missed = summary["objective_missed"].get(name)
         if missed and summary["command"] != "capacity":
             lines.append(f"    objective missed: {'; '.join(missed)}")
+    lines.extend(describe_server_metrics(summary.get("server_metrics", {})))
     return "\n".join(lines)
 
 

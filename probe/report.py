@@ -237,6 +237,9 @@ def render_html(summary: dict[str, Any]) -> str:
                     f"<td>{_e(err.get('p99'))}</td><td>{_e(probe.get('loop_lag_ms_p99'))}</td>"
                     f"<td>{_e(probe.get('cpu_pct'))}</td><td>{_e(run['valid'])}</td></tr>")
     body.append("</table>")
+    if summary.get("server_metrics"):
+        body.append("<h2>What the servers said (/metrics)</h2>"
+                    + _server_metrics_table(summary["server_metrics"]))
     failures = total.get("total", {}).get("failure_details", {})
     if failures:
         body.append("<h2>Failures</h2><table><tr><th>class:detail</th><th>calls</th></tr>"
@@ -269,6 +272,27 @@ def _server_table(servers: dict[str, Any]) -> str:
                     f"<td>{_fmt(media.get('frame_loss'))}</td>"
                     f"<td>{_fmt(media.get('freezes_per_minute'))}</td>"
                     f"<td>{_e(f.get('failures') or '')}</td></tr>")
+    return head + "".join(rows) + "</table>"
+
+
+def _server_metrics_table(server_metrics: dict[str, Any]) -> str:
+    head = ("<table><tr><th>server</th><th>CPU %</th><th>memory MB start / end / peak</th>"
+            "<th>legs peak</th><th>tasks start / end</th><th>loop lag p99 ms &le;</th>"
+            "<th>counters moved during the run</th></tr>")
+    rows = []
+    for name, s in sorted(server_metrics.items()):
+        if "counters" not in s:
+            rows.append(f"<tr><td>{_e(name)}</td><td colspan=6>unreadable: "
+                        f"{_e(s.get('last_error'))}</td></tr>")
+            continue
+        memory, tasks = s["memory_mb"], s["tasks"]
+        counters = "<br>".join(f"{_e(k)}: {v:g}" for k, v in s["counters"].items())
+        rows.append(f"<tr><td>{_e(name)}</td><td>{_fmt(s['cpu_pct'])}</td>"
+                    f"<td>{_fmt(memory['start'])} / {_fmt(memory['end'])} / "
+                    f"{_fmt(memory['peak'])}</td><td>{_fmt(s['legs']['peak'])}</td>"
+                    f"<td>{_fmt(tasks['start'])} / {_fmt(tasks['end'])}</td>"
+                    f"<td>{_fmt(s['loop_lag_p99_ms_at_most'])}</td>"
+                    f"<td style='text-align:left'>{counters or '-'}</td></tr>")
     return head + "".join(rows) + "</table>"
 
 

@@ -67,4 +67,7 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     missed = {name: objective.missed(figures, media) for name, figures in total.servers.items()}
     merged = build("merge", runs, servers, objective, missed, window_s)
     merged["merged_from"] = len(summaries)
+    # The probes watched the same servers: one view of them (the first probe's) is enough.
+    merged["server_metrics"] = next(
+        (s["server_metrics"] for s in summaries if s.get("server_metrics")), {})
     return merged

@@ -47,10 +47,21 @@ def wait_gone(marker: str, timeout: float = 10.0) -> list[int]:
 def test_probe_call_local_json():
     env, marker = marked_env()
     done = subprocess.run(
-        [sys.executable, "-m", "probe", "call", "--local", "--hold", "1.5", "--json"],
+        [sys.executable, "-m", "probe", "call", "--local", "--hold", "1.5", "--json",
+         "--count", "2", "--scrape-interval", "0.5"],
         capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert len(lines) == 3  # two calls, then the summary
+    summary = lines[-1]["summary"]
+    assert summary["calls"] == 2 and summary["ok"] == 2
+    seen = summary["server_metrics"]  # what the servers' own /metrics said over the run
+    assert set(seen) == {"upper", "lower-a", "lower-b"}
+    for server in seen.values():
+        assert server["counters"]["relay_calls_started_total"] == 2, server
+        assert server["counters"]["relay_forwarded_packets_total"] > 100
+        assert server["legs"]["peak"] >= 2 and server["scrapes"] >= 4
+    result = lines[0]
     assert result["ok"] is True
     for name in TIMELINE:
         assert isinstance(result["timeline"][name], float), name

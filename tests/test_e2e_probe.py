@@ -13,6 +13,7 @@ from endpoint.device import Device, MediaSupply
 from endpoint.packets import PacketSender
 from probe.client import discover
 from probe.load import LoadSettings, run_load
+from probe.scrape import ServerWatch
 from relay.call import Timeouts
 
 from .conftest import DEVICE_SETTINGS, Tree, make_tree
@@ -43,7 +44,10 @@ async def load(tree: Tree, **kwargs):
 async def test_load_with_packet_devices_and_metrics():
     async with make_tree() as tree:
         await packet_tree(tree, 6)
-        report = await load(tree, rate=4, duration_s=1.5, hold_s=1.5)
+        watched = {s.name: s.url for s in (tree.upper, *tree.lowers.values())}
+        watched["ghost"] = "http://127.0.0.1:9"  # nothing there: reported, not fatal
+        async with ServerWatch(tree.session, watched, interval_s=0.3) as watch:
+            report = await load(tree, rate=4, duration_s=1.5, hold_s=1.5)
         total = report.recorder.total
         assert report.started == 6 and total.calls == 6
         assert total.failures == {} and total.ok == 6, total.details
@@ -67,6 +71,21 @@ async def test_load_with_packet_devices_and_metrics():
             assert samples[("relay_fast_path_packets_total", me)] > 0
             assert "process_resident_memory_bytes" in text
             assert "relay_event_loop_lag_seconds_count" in text
+        # the probe's own view of the same /metrics over the run
+        seen = watch.summary()
+        assert seen["ghost"]["scrapes"] == 0 and seen["ghost"]["failed_scrapes"] >= 3
+        assert "127.0.0.1:9/metrics" in seen["ghost"]["last_error"]
+        for name in ("upper", "lower-a", "lower-b"):
+            server = seen[name]
+            assert server["scrapes"] >= 5 and server["failed_scrapes"] == 0, server
+            counters = server["counters"]
+            assert counters["relay_calls_started_total"] == 6, counters
+            assert counters["relay_calls_ended_total{reason=hangup}"] == 6
+            assert counters["relay_forwarded_packets_total"] > 100
+            assert server["legs"]["peak"] >= 2 and server["legs"]["end"] == 0
+            assert server["memory_mb"]["peak"] >= server["memory_mb"]["start"] > 10
+            assert server["loop_lag_p99_ms_at_most"] is not None
+            assert server["cpu_pct"] is not None and server["cpu_pct"] >= 0
 
 
 async def test_signalling_only_calls_make_no_media_leg():

@@ -14,6 +14,7 @@ import pytest
 
 from probe.objective import Objective
 from probe.report import FILES, write_summary
+from probe.scrape import ServerTrack, parse
 from probe.stats import Outcome, Recorder
 from probe.summary import build
 from relay.messages import DIRECTIONS
@@ -40,8 +41,16 @@ def a_summary() -> dict:
            "max_concurrent_seen": 4, "offset_s": 0.0, "figures": recorder.summary(),
            "timeseries": recorder.timeseries(), "probe": {"loop_lag_ms_p99": 2.0},
            "schedule_error_ms": {"p99": 1.0}}
-    return build("load", [run], ["lower-a", "lower-b", "upper"], Objective(),
-                 {"lower-a": [], "lower-b": []}, 1.0)
+    summary = build("load", [run], ["lower-a", "lower-b", "upper"], Objective(),
+                    {"lower-a": [], "lower-b": []}, 1.0)
+    track = ServerTrack("http://lower-a")
+    for t, started in ((0.0, 0), (10.0, 100)):
+        track.add(parse(f"relay_calls_started_total{{server=\"lower-a\"}} {started}\n"
+                        f"process_resident_memory_bytes 9e7\n"), t)
+    summary["server_metrics"] = {"lower-a": track.summary(),
+                                 "ghost": ServerTrack("http://ghost", failed=2,
+                                                      error="ghost: refused").summary()}
+    return summary
 
 
 def test_report_renders_in_chromium_with_its_plots(tmp_path: Path):
@@ -57,6 +66,8 @@ def test_report_renders_in_chromium_with_its_plots(tmp_path: Path):
     assert dom.count('<svg class="plot"') == 4  # two bar charts, two time series
     assert dom.count("<polyline") >= 5 and dom.count('class="bar"') >= 12
     assert "no data" not in dom
+    assert "What the servers said" in dom and "relay_calls_started_total: 100" in dom
+    assert "unreadable: ghost: refused" in dom
     shot = browser.screenshot(url, tmp_path / "shot.png")
     with av.open(str(shot)) as container:
         picture = next(container.decode(video=0)).to_ndarray(format="rgb24")
@@ -80,6 +91,7 @@ def test_probe_merge_adds_two_probes_results(tmp_path: Path):
     one = a_summary()["figures"]["total"]["phases"]["response_ms"]
     assert out["figures"]["total"]["phases"]["response_ms"]["p50"] == one["p50"]  # same data
     assert (tmp_path / "merged" / FILES["report"]).exists()
+    assert out["server_metrics"]["lower-a"]["counters"] == {"relay_calls_started_total": 100}
     bad = subprocess.run([sys.executable, "-m", "probe", "merge", str(tmp_path / "nope"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True,
                          timeout=60)

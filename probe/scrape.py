@@ -1,0 +1,228 @@
+"""What each server says about itself during a probe run: its ``/metrics``, read at the start,
+every few seconds, and at the end.
+
+The probe's own figures say how a server looked from outside; these say what it was doing: its
+CPU, memory, legs and tasks (peaks included), how late its event loop ran, and what its counters
+moved by over the run (calls started and ended by reason, refusals by code, packets forwarded,
+NACKs, retransmissions, keyframe requests, transcoding). A server whose /metrics cannot be read
+is reported as such; the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.logs import event
+
+log = logging.getLogger("probe.scrape")
+
+#: gauges whose peak over the run is kept (summed over their labels)
+PEAKS = {"process_resident_memory_bytes": "memory_mb", "relay_asyncio_tasks": "tasks",
+         "relay_legs": "legs", "relay_calls": "calls"}
+#: labelled gauges a relay exposes with no sample when there is nothing to count
+EMPTY_IS_ZERO = ("relay_legs", "relay_calls")
+LAG = "relay_event_loop_lag_seconds"
+CPU = "process_cpu_seconds_total"
+#: labels every sample of one server carries: left out of the keys
+OWN_LABELS = ("server", "role")
+
+
+def parse(text: str) -> dict[str, float]:
+    """Prometheus text → ``{"name{label=value,...}": value}`` (the server's own labels left
+    out); raises ValueError on text that is not the exposition format."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())
+                              if k not in OWN_LABELS)
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+    return out
+
+
+def total(sample: dict[str, float], name: str) -> float | None:
+    """The sum of one metric over its labels (None when the server has no such metric)."""
+    values = [v for k, v in sample.items() if k == name or k.startswith(name + "{")]
+    if values:
+        return sum(values)
+    return 0.0 if name in EMPTY_IS_ZERO else None
+
+
+def lag_bound_ms(first: dict[str, float], last: dict[str, float], q: float = 0.99
+                 ) -> float | None:
+    """The histogram bucket bound under which ``q`` of the event-loop lag samples taken during
+    the run fell (milliseconds; inf if beyond the last bucket; None with no samples)."""
+    buckets: list[tuple[float, float]] = []
+    for key, value in last.items():
+        if key.startswith(LAG + "_bucket{le="):
+            bound = float(key[len(LAG + "_bucket{le="):-1])
+            buckets.append((bound, value - first.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    count = buckets[-1][1]  # le=+Inf: every sample
+    for bound, cumulative in buckets:
+        if cumulative >= q * count:
+            return round(bound * 1000, 3)
+    return float("inf")
+
+
+def counter_deltas(first: dict[str, float], last: dict[str, float]) -> dict[str, float]:
+    """How much every relay counter moved between two samples (the unmoved left out)."""
+    out = {}
+    for key, value in last.items():
+        name = key.split("{", 1)[0]
+        if name.startswith("relay_") and name.endswith("_total"):
+            moved = value - first.get(key, 0.0)
+            if moved:
+                out[key] = moved
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class ServerTrack:
+    """One server's samples over a run: the first, the last, and the peaks between."""
+
+    url: str
+    first: dict[str, float] | None = None
+    last: dict[str, float] | None = None
+    t_first: float = 0.0
+    t_last: float = 0.0
+    peaks: dict[str, float] = field(default_factory=dict)
+    scrapes: int = 0
+    failed: int = 0
+    error: str | None = None
+
+    def add(self, sample: dict[str, float], now: float) -> None:
+        if self.first is None:
+            self.first, self.t_first = sample, now
+        self.last, self.t_last = sample, now
+        self.scrapes += 1
+        for name, key in PEAKS.items():
+            value = total(sample, name)
+            if value is not None:
+                self.peaks[key] = max(self.peaks.get(key, value), value)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"url": self.url, "scrapes": self.scrapes,
+                               "failed_scrapes": self.failed}
+        if self.error:
+            out["last_error"] = self.error
+        if self.first is None or self.last is None:
+            return out
+        elapsed = self.t_last - self.t_first
+        first, last = self.first, self.last
+        out["elapsed_s"] = round(elapsed, 1)
+        cpu_first, cpu_last = total(first, CPU), total(last, CPU)
+        out["cpu_pct"] = (round((cpu_last - cpu_first) / elapsed * 100, 1)
+                          if elapsed > 0 and cpu_first is not None and cpu_last is not None
+                          else None)
+
+        def mb(sample: dict[str, float]) -> float | None:
+            value = total(sample, "process_resident_memory_bytes")
+            return None if value is None else round(value / 1e6, 1)
+        out["memory_mb"] = {"start": mb(first), "end": mb(last),
+                            "peak": (round(self.peaks["memory_mb"] / 1e6, 1)
+                                     if "memory_mb" in self.peaks else None)}
+        for key, name in (("tasks", "relay_asyncio_tasks"), ("legs", "relay_legs"),
+                          ("calls", "relay_calls")):
+            out[key] = {"start": total(first, name), "end": total(last, name),
+                        "peak": self.peaks.get(key)}
+        out["loop_lag_p99_ms_at_most"] = lag_bound_ms(first, last)
+        out["counters"] = counter_deltas(first, last)
+        return out
+
+
+class ServerWatch:
+    """Scrapes every server's /metrics while a probe command runs (an owned task)::
+
+        async with ServerWatch(session, {"lower-a": url, ...}) as watch:
+            ...  # the load
+        summary["server_metrics"] = watch.summary()
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, servers: dict[str, str],
+                 interval_s: float | None = 5.0, timeout_s: float = 3.0) -> None:
+        self.session = session
+        self.tracks = {name: ServerTrack(url.rstrip("/")) for name, url in servers.items()}
+        self.interval_s = interval_s  #: None: at the start and the end only
+        self.timeout_s = timeout_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ServerWatch:
+        await self.sample()
+        if self.interval_s is not None:
+            self._task = asyncio.create_task(self._run(self.interval_s), name="server-watch")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.sample()
+
+    async def _run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.sample()
+
+    async def sample(self) -> None:
+        await asyncio.gather(*(self._scrape(name, track)
+                               for name, track in self.tracks.items()))
+
+    async def _scrape(self, name: str, track: ServerTrack) -> None:
+        try:
+            async with self.session.get(
+                    f"{track.url}/metrics",
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as response:
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status}")
+                text = await response.text()
+            sample = parse(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            error = f"{track.url}/metrics: {type(exc).__name__}: {exc}".rstrip(": ")
+            if track.error != error:  # once per distinct failure, not every interval
+                event(log, "metrics_unreadable", logging.WARNING, server=name, error=error)
+            track.failed += 1
+            track.error = error
+            return
+        track.add(sample, time.monotonic())
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {name: track.summary() for name, track in sorted(self.tracks.items())}
+
+
+def describe(server_metrics: dict[str, dict[str, Any]]) -> Iterable[str]:
+    """One line per server for the console."""
+    for name, s in server_metrics.items():
+        if "counters" not in s:
+            yield f"  {name} /metrics: unreadable ({s.get('last_error')})"
+            continue
+        counters = s["counters"]
+
+        def moved(prefix: str, counters: dict[str, float] = counters) -> float:
+            return sum(v for k, v in counters.items() if k.split("{", 1)[0] == prefix)
+        refusals = {k.split("code=", 1)[1].rstrip("}"): int(v) for k, v in counters.items()
+                    if k.startswith("relay_refusals_total{")}
+        memory = s["memory_mb"]
+        yield (f"  {name} /metrics: CPU {s['cpu_pct']} %, memory {memory['start']} -> "
+               f"{memory['end']} MB (peak {memory['peak']}), legs peak {_g(s['legs']['peak'])}, "
+               f"tasks {_g(s['tasks']['start'])} -> {_g(s['tasks']['end'])}, loop lag p99 <= "
+               f"{s['loop_lag_p99_ms_at_most']} ms, calls started "
+               f"{moved('relay_calls_started_total'):g}, packets forwarded "
+               f"{moved('relay_forwarded_packets_total'):g}, NACKs "
+               f"{moved('relay_nacks_sent_total'):g}, refusals {refusals or 'none'}")
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
