@@ -5,8 +5,9 @@ open peer connections (legs) and asyncio tasks at the start and at the end.
 
 The servers are scraped (/metrics) while idle before the load (baseline), at the end of the
 warm-up (memory start), and idle again after the last call (end). Targets: memory growth from
-the end of warm-up to the end < 5 %; no leg left; asyncio tasks back to the baseline (a few of
-slack for the links' own). Exit status 0 when every server meets them.
+the end of warm-up to the end < 5 %; no leg left; asyncio tasks and open files (peer connections'
+UDP sockets among them) back to the baseline, give or take a few. Exit status 0 when every
+server meets them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from relay.logs import setup_logging
 from relay.stack import LocalStack, StackSettings
 
 TASK_SLACK = 5
+FD_SLACK = 4  #: open files and sockets back to the baseline give or take a connection or two
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -35,7 +37,8 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     return {"memory_mb": round(memory / 1e6, 2),
             "tasks": total(sample, "relay_asyncio_tasks") or 0.0,
             "legs": total(sample, "relay_legs") or 0.0,
-            "calls": total(sample, "relay_calls") or 0.0}
+            "calls": total(sample, "relay_calls") or 0.0,
+            "fds": total(sample, "process_open_fds") or 0.0}
 
 
 async def snapshot(session: aiohttp.ClientSession, servers: dict[str, str]) -> dict[str, Any]:
@@ -54,20 +57,27 @@ async def idle(session: aiohttp.ClientSession, servers: dict[str, str], timeout:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     stack_settings = StackSettings(devices=args.devices, size=args.size, video="packets")
-    async with LocalStack(stack_settings) as stack, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        found = await discover(session, stack.urls)
+    # Scrapes close their connection (force_close) and the load's session is closed before the
+    # end is read, so the servers' open files then are theirs alone: peer connections' UDP
+    # sockets, the device and trunk WebSockets.
+    async with LocalStack(stack_settings) as stack, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True)) as scraper:
+        async with aiohttp.ClientSession() as session:
+            found = await discover(session, stack.urls)
         servers = {s.name: s.url for s in found}
-        baseline = await snapshot(session, servers)
+        await asyncio.sleep(1)
+        baseline = await snapshot(scraper, servers)
         duration = args.minutes * 60
         load = LoadSettings(rate=args.rate, duration_s=duration, hold_s=args.hold,
                             max_concurrent=args.devices * 2, seed=1)
-        task = asyncio.create_task(run_load(session, found, load))
-        await asyncio.sleep(min(args.warmup, duration / 2))
-        start = await snapshot(session, servers)
-        report = await task
-        await idle(session, servers, 30)
-        end = await snapshot(session, servers)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            task = asyncio.create_task(run_load(session, found, load))
+            await asyncio.sleep(min(args.warmup, duration / 2))
+            start = await snapshot(scraper, servers)
+            report = await task
+        await idle(scraper, servers, 30)
+        await asyncio.sleep(1)
+        end = await snapshot(scraper, servers)
     total = report.recorder.total
     out: dict[str, Any] = {"minutes": args.minutes, "rate": args.rate, "calls": total.calls,
                            "calls_ok": total.ok, "failures": total.failures, "servers": {}}
@@ -75,15 +85,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in servers:
         growth = (end[name]["memory_mb"] - start[name]["memory_mb"]) / start[name]["memory_mb"]
         leaked_tasks = end[name]["tasks"] - baseline[name]["tasks"]
-        verdict = growth < 0.05 and end[name]["legs"] == 0 and leaked_tasks <= TASK_SLACK
+        leaked_fds = end[name]["fds"] - baseline[name]["fds"]
+        verdict = (growth < 0.05 and end[name]["legs"] == 0 and leaked_tasks <= TASK_SLACK
+                   and leaked_fds <= FD_SLACK)
         ok = ok and verdict
         out["servers"][name] = {
             "memory_mb": {"baseline": baseline[name]["memory_mb"],
                           "after_warmup": start[name]["memory_mb"],
                           "end": end[name]["memory_mb"]},
             "memory_growth_pct": round(growth * 100, 2),
-            "legs": {"baseline": baseline[name]["legs"], "end": end[name]["legs"]},
-            "tasks": {"baseline": baseline[name]["tasks"], "end": end[name]["tasks"]},
+            "legs": {"baseline": baseline[name]["legs"], "after_warmup": start[name]["legs"],
+                     "end": end[name]["legs"]},
+            "tasks": {"baseline": baseline[name]["tasks"], "after_warmup": start[name]["tasks"],
+                      "end": end[name]["tasks"]},
+            "open_fds": {"baseline": baseline[name]["fds"], "after_warmup": start[name]["fds"],
+                         "end": end[name]["fds"]},
             "ok": verdict}
     out["ok"] = ok and total.calls > 0
     return out
@@ -114,7 +130,8 @@ def main() -> int:
             print(f"  {name}: memory {s['memory_mb']['after_warmup']} -> {s['memory_mb']['end']}"
                   f" MB ({s['memory_growth_pct']:+.2f} %), legs {s['legs']['baseline']:g} -> "
                   f"{s['legs']['end']:g}, tasks {s['tasks']['baseline']:g} -> "
-                  f"{s['tasks']['end']:g}  {'ok' if s['ok'] else 'FAIL'}")
+                  f"{s['tasks']['end']:g}, open files {s['open_fds']['baseline']:g} -> "
+                  f"{s['open_fds']['end']:g}  {'ok' if s['ok'] else 'FAIL'}")
     return 0 if out["ok"] else 1
 
 

@@ -1,5 +1,6 @@
 """benchmarks/forwarding.py runs, prints its JSON contract, and shows forwarding beating
-transcoding (a short run: the figures in the notes come from the default, longer one)."""
+transcoding; benchmarks/soak.py runs calls and reads every server back to idle (short runs: the
+figures in the notes come from the default, longer ones)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "forwarding.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "forwarding.py"
 KEYS = {"cpu_pct_per_stream", "added_latency_ms_p50", "added_latency_ms_p95", "fps",
         "frames_lost"}
 
@@ -38,3 +40,22 @@ def test_forwarding_benchmark_json():
         assert scale[mode]["fps"] > 25 and scale[mode]["frames_lost"] <= 2, scale[mode]
     assert scale["forward"]["cpu_pct_per_stream"] > 0
     assert 0 <= scale["forward"]["added_latency_ms_p50"] < 5  # a packet-level hop
+
+
+def test_soak_reads_every_server_back_to_idle():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), "--minutes", "0.4",
+                           "--warmup", "8", "--rate", "2", "--json"],
+                          capture_output=True, text=True, timeout=180)
+    # exit 1 is allowed: 24 s is no warm-up, so memory still grows; the rest must hold
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["calls"] >= 40 and out["calls_ok"] == out["calls"], out["failures"]
+    assert set(out["servers"]) == {"upper", "lower-a", "lower-b"}
+    for name, server in out["servers"].items():
+        assert server["legs"]["after_warmup"] > 0, (name, server)  # read mid-load
+        assert server["legs"]["end"] == 0, (name, server)
+        assert server["tasks"]["end"] <= server["tasks"]["baseline"] + 5, (name, server)
+        fds = server["open_fds"]
+        assert fds["after_warmup"] > fds["baseline"] > 0, (name, server)  # legs' sockets seen
+        assert fds["end"] <= fds["baseline"] + 4, (name, server)
+        assert server["memory_mb"]["end"] > 10
