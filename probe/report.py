@@ -287,7 +287,8 @@ def _server_metrics_table(server_metrics: dict[str, Any]) -> str:
             continue
         memory, tasks = s["memory_mb"], s["tasks"]
         counters = "<br>".join(f"{_e(k)}: {v:g}" for k, v in s["counters"].items())
-        rows.append(f"<tr><td>{_e(name)}</td><td>{_fmt(s['cpu_pct'])}</td>"
+        restarted = " (restarted)" if s.get("restarted") else ""
+        rows.append(f"<tr><td>{_e(name)}{restarted}</td><td>{_fmt(s['cpu_pct'])}</td>"
                     f"<td>{_fmt(memory['start'])} / {_fmt(memory['end'])} / "
                     f"{_fmt(memory['peak'])}</td><td>{_fmt(s['legs']['peak'])}</td>"
                     f"<td>{_fmt(tasks['start'])} / {_fmt(tasks['end'])}</td>"

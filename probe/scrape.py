@@ -32,6 +32,7 @@ PEAKS = {"process_resident_memory_bytes": "memory_mb", "relay_asyncio_tasks": "t
 EMPTY_IS_ZERO = ("relay_legs", "relay_calls")
 LAG = "relay_event_loop_lag_seconds"
 CPU = "process_cpu_seconds_total"
+START = "process_start_time_seconds"
 #: labels every sample of one server carries: left out of the keys
 OWN_LABELS = ("server", "role")
 
@@ -61,10 +62,11 @@ def lag_bound_ms(first: dict[str, float], last: dict[str, float], q: float = 0.9
     """The histogram bucket bound under which ``q`` of the event-loop lag samples taken during
     the run fell (milliseconds; inf if beyond the last bucket; None with no samples)."""
     buckets: list[tuple[float, float]] = []
+    since = {} if restarted_between(first, last) else first
     for key, value in last.items():
         if key.startswith(LAG + "_bucket{le="):
             bound = float(key[len(LAG + "_bucket{le="):-1])
-            buckets.append((bound, value - first.get(key, 0.0)))
+            buckets.append((bound, value - since.get(key, 0.0)))
     buckets.sort()
     if not buckets or buckets[-1][1] <= 0:
         return None
@@ -76,15 +78,21 @@ def lag_bound_ms(first: dict[str, float], last: dict[str, float], q: float = 0.9
 
 
 def counter_deltas(first: dict[str, float], last: dict[str, float]) -> dict[str, float]:
-    """How much every relay counter moved between two samples (the unmoved left out)."""
+    """How much every relay counter moved between two samples (the unmoved left out). A server
+    restarted in between counts from zero again: what it counted since is what moved."""
+    restarted = restarted_between(first, last)
     out = {}
     for key, value in last.items():
         name = key.split("{", 1)[0]
         if name.startswith("relay_") and name.endswith("_total"):
-            moved = value - first.get(key, 0.0)
+            moved = value if restarted else value - first.get(key, 0.0)
             if moved:
                 out[key] = moved
     return dict(sorted(out.items()))
+
+
+def restarted_between(first: dict[str, float], last: dict[str, float]) -> bool:
+    return first.get(START) != last.get(START)
 
 
 @dataclass
@@ -121,7 +129,10 @@ class ServerTrack:
         elapsed = self.t_last - self.t_first
         first, last = self.first, self.last
         out["elapsed_s"] = round(elapsed, 1)
-        cpu_first, cpu_last = total(first, CPU), total(last, CPU)
+        restarted = restarted_between(first, last)
+        if restarted:
+            out["restarted"] = True  # counters and CPU: since the restart
+        cpu_first, cpu_last = (0.0 if restarted else total(first, CPU)), total(last, CPU)
         out["cpu_pct"] = (round((cpu_last - cpu_first) / elapsed * 100, 1)
                           if elapsed > 0 and cpu_first is not None and cpu_last is not None
                           else None)
@@ -215,7 +226,8 @@ def describe(server_metrics: dict[str, dict[str, Any]]) -> Iterable[str]:
         refusals = {k.split("code=", 1)[1].rstrip("}"): int(v) for k, v in counters.items()
                     if k.startswith("relay_refusals_total{")}
         memory = s["memory_mb"]
-        yield (f"  {name} /metrics: CPU {s['cpu_pct']} %, memory {memory['start']} -> "
+        restarted = " (restarted during the run)" if s.get("restarted") else ""
+        yield (f"  {name} /metrics{restarted}: CPU {s['cpu_pct']} %, memory {memory['start']} -> "
                f"{memory['end']} MB (peak {memory['peak']}), legs peak {_g(s['legs']['peak'])}, "
                f"tasks {_g(s['tasks']['start'])} -> {_g(s['tasks']['end'])}, loop lag p99 <= "
                f"{s['loop_lag_p99_ms_at_most']} ms, calls started "

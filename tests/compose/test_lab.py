@@ -33,6 +33,12 @@ def test_a_cross_server_calls_carry_media_both_ways(lab: Lab):
         for direction in ("caller_to_callee", "callee_to_caller"):
             media = call["media"][direction]
             assert media["frames"] > 20 and media["latency_ms_p50"] < 500, media
+    # the probe read each container's /metrics over the run: four calls through every server
+    for name, seen in summary["server_metrics"].items():
+        assert seen["failed_scrapes"] == 0, (name, seen)
+        assert seen["counters"]["relay_calls_started_total"] >= 4, (name, seen)
+        assert seen["counters"]["relay_forwarded_packets_total"] > 100, (name, seen)
+    assert set(summary["server_metrics"]) == {"upper", "lower-a", "lower-b"}
     print("\n(a)", {n: {"response_p50": f["phases"]["response_ms"]["p50"],
                         "setup_p50": f["phases"]["setup_ms"]["p50"],
                         "media_latency_p50": f["phases"]["media_latency_ms"]["p50"],
