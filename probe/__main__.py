@@ -299,15 +299,19 @@ async def command_capacity(args: argparse.Namespace) -> int:
     def on_step(step: Step) -> None:
         runs.append({**step.report.summary(), "offset_s": round(time.monotonic() - began, 3),
                      "step": step.row()})
+        cpu = ", ".join(f"{n} {m['cpu_pct']:g} %" for n, m in step.server_metrics.items()
+                        if m.get("cpu_pct") is not None)
         progress.line(f"{step.server} at {step.rate:g} calls/s: "
                       f"{'pass' if step.passed else 'FAIL: ' + '; '.join(step.why)} "
-                      f"(max {step.report.max_concurrent_seen} concurrent)")
+                      f"(max {step.report.max_concurrent_seen} concurrent"
+                      + (f"; CPU {cpu})" if cpu else ")"))
 
     async with servers_for(args) as urls, new_session() as session:
         servers = await discover(session, urls)
         load = load_settings_of(args, args.start_rate)
         async with watch_servers(session, servers, args) as watch:
-            found = await search(session, servers, load, objective, cap_settings, on_step)
+            found = await search(session, servers, load, objective, cap_settings, on_step,
+                                 watch)
     # Offsets were taken when each step ended: make them the steps' starts.
     for run in runs:
         run["offset_s"] = max(0.0, run["offset_s"] - run["duration_s"] - run["hold_s"])

@@ -10,6 +10,7 @@ step in which the probe itself lagged stops the search for that server as invali
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,6 +20,7 @@ import aiohttp
 from probe.client import Server, lower_servers
 from probe.load import LoadReport, LoadSettings, run_load
 from probe.objective import Objective
+from probe.scrape import ServerWatch
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Step:
     passed: bool
     why: list[str]
     report: LoadReport
+    #: each server's /metrics over this step (probe/scrape.py), when they were watched
+    server_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         figures = self.report.recorder.servers.get(self.server)
@@ -57,7 +61,11 @@ class Step:
                 "response_p95_ms": p95("response_ms"), "setup_p95_ms": p95("setup_ms"),
                 "media_latency_p95_ms": p95("media_latency_ms"),
                 "max_concurrent": self.report.max_concurrent_seen,
-                "valid": self.report.valid}
+                "valid": self.report.valid,
+                # where the load went: every server's CPU and loop lag during the step
+                "server_cpu_pct": {n: m.get("cpu_pct") for n, m in self.server_metrics.items()},
+                "server_loop_lag_p99_ms_at_most": {
+                    n: m.get("loop_lag_p99_ms_at_most") for n, m in self.server_metrics.items()}}
 
 
 @dataclass
@@ -98,24 +106,31 @@ def judge(report: LoadReport, server: str, objective: Objective, media: bool,
 
 async def search(session: aiohttp.ClientSession, servers: list[Server], load: LoadSettings,
                  objective: Objective, settings: CapacitySettings,
-                 on_step: Callable[[Step], None] | None = None) -> dict[str, Capacity]:
+                 on_step: Callable[[Step], None] | None = None,
+                 watch: ServerWatch | None = None) -> dict[str, Capacity]:
+    """``watch``: read every server's /metrics over each step (``Step.server_metrics``)."""
     found: dict[str, Capacity] = {}
     for server in lower_servers(servers):
         if server.devices:
             found[server.name] = await _search_one(session, servers, server.name, load,
-                                                   objective, settings, on_step)
+                                                   objective, settings, on_step, watch)
     return found
 
 
 async def _search_one(session: aiohttp.ClientSession, servers: list[Server], name: str,
                       load: LoadSettings, objective: Objective, settings: CapacitySettings,
-                      on_step: Callable[[Step], None] | None) -> Capacity:
+                      on_step: Callable[[Step], None] | None,
+                      watch: ServerWatch | None) -> Capacity:
     capacity = Capacity(name)
 
     async def step(rate: float) -> Step:
-        report = await run_load(session, servers, replace(load, rate=rate, callers_on=name))
+        async with (watch.window() if watch is not None
+                    else contextlib.nullcontext({})) as tracks:
+            report = await run_load(session, servers, replace(load, rate=rate,
+                                                              callers_on=name))
         why = judge(report, name, objective, load.media == "full", settings.max_skipped)
-        done = Step(name, rate, not why, why, report)
+        done = Step(name, rate, not why, why, report,
+                    {server: track.summary() for server, track in tracks.items()})
         capacity.steps.append(done)
         if on_step is not None:
             on_step(done)

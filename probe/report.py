@@ -198,12 +198,14 @@ def render_html(summary: dict[str, Any]) -> str:
         for name, steps in summary.get("capacity_steps", {}).items():
             steps = sorted(steps, key=lambda s: s["rate"])
             rates = [s["rate"] for s in steps]
-            body.append(line_chart(
-                f"Capacity curve: {name}", rates,
-                {"success %": [(s["success_rate"] or 0) * 100 for s in steps],
-                 "setup p95 ms / 10": [(s["setup_p95_ms"] or 0) / 10 for s in steps],
-                 "response p95 ms": [s["response_p95_ms"] for s in steps]},
-                "calls/s", "value"))
+            series = {"success %": [(s["success_rate"] or 0) * 100 for s in steps],
+                      "setup p95 ms / 10": [(s["setup_p95_ms"] or 0) / 10 for s in steps],
+                      "response p95 ms": [s["response_p95_ms"] for s in steps]}
+            cpu = [(s.get("server_cpu_pct") or {}).get(name) for s in steps]
+            if any(value is not None for value in cpu):
+                series[f"{name} CPU %"] = cpu
+            body.append(line_chart(f"Capacity curve: {name}", rates, series, "calls/s",
+                                   "value"))
     body.append("<h2>Per server</h2>" + _server_table(servers))
     names = sorted(servers)
     body.append(bar_chart("Response time percentiles per server (ms)", names,

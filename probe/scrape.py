@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,9 @@ class ServerWatch:
 
         async with ServerWatch(session, {"lower-a": url, ...}) as watch:
             ...  # the load
+            async with watch.window() as step:  # a part of it, read at its edges
+                ...
+            step["lower-a"].summary()
         summary["server_metrics"] = watch.summary()
     """
 
@@ -167,6 +170,7 @@ class ServerWatch:
         self.interval_s = interval_s  #: None: at the start and the end only
         self.timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
+        self._windows: list[dict[str, ServerTrack]] = []  #: open windows get every sample too
 
     async def __aenter__(self) -> ServerWatch:
         await self.sample()
@@ -187,6 +191,19 @@ class ServerWatch:
             await asyncio.sleep(interval_s)
             await self.sample()
 
+    @contextlib.asynccontextmanager
+    async def window(self) -> AsyncIterator[dict[str, ServerTrack]]:
+        """Each server's track over the body only: scraped as it opens and as it closes, and
+        at every interval between (peaks included)."""
+        tracks = {name: ServerTrack(track.url) for name, track in self.tracks.items()}
+        self._windows.append(tracks)
+        try:
+            await self.sample()
+            yield tracks
+            await self.sample()
+        finally:
+            self._windows.remove(tracks)
+
     async def sample(self) -> None:
         await asyncio.gather(*(self._scrape(name, track)
                                for name, track in self.tracks.items()))
@@ -204,10 +221,13 @@ class ServerWatch:
             error = f"{track.url}/metrics: {type(exc).__name__}: {exc}".rstrip(": ")
             if track.error != error:  # once per distinct failure, not every interval
                 event(log, "metrics_unreadable", logging.WARNING, server=name, error=error)
-            track.failed += 1
-            track.error = error
+            for each in (track, *(window[name] for window in self._windows)):
+                each.failed += 1
+                each.error = error
             return
-        track.add(sample, time.monotonic())
+        now = time.monotonic()
+        for each in (track, *(window[name] for window in self._windows)):
+            each.add(sample, now)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {name: track.summary() for name, track in sorted(self.tracks.items())}

@@ -59,8 +59,9 @@ class Tree:
 
 
 @contextlib.asynccontextmanager
-async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None
-                    ) -> AsyncIterator[Tree]:
+async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None,
+                    max_calls: int = ServerSettings.max_calls) -> AsyncIterator[Tree]:
+    """``max_calls``: the lower servers' limit on calls in progress."""
     timeouts = timeouts or Timeouts()
     auth = auth or Auth()
     async with contextlib.AsyncExitStack() as stack:
@@ -70,7 +71,7 @@ async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None
         for name in ("lower-a", "lower-b"):
             lowers[name] = await stack.enter_async_context(running_server(ServerSettings(
                 role="lower", name=name, parent=upper.url, media=LOOPBACK, timeouts=timeouts,
-                auth=auth)))
+                auth=auth, max_calls=max_calls)))
         headers = {"Authorization": f"Bearer {auth.token('probe')}"} if auth.on else None
         session = await stack.enter_async_context(aiohttp.ClientSession(headers=headers))
         tree = Tree(upper, lowers, session)  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
 """The probe against a real tree (in this process): load with packet devices and signalling
-only, each failure class produced for real and counted, and every server's /metrics."""
+only, each failure class produced for real and counted, every server's /metrics, and a capacity
+search that finds a server's limit."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from endpoint.device import Device, MediaSupply
 from endpoint.packets import PacketSender
+from probe.capacity import CapacitySettings, search
 from probe.client import discover
 from probe.load import LoadSettings, run_load
+from probe.objective import Objective
 from probe.scrape import ServerWatch
 from relay.call import Timeouts
 
@@ -156,3 +159,43 @@ async def test_a_device_lost_mid_call_is_dropped_and_media_that_stops_is_stalled
         await packet_tree(tree, 1)
         report = await load(tree, rate=1, duration_s=1.0, hold_s=3.0)
         assert report.recorder.total.failures == {"stalled": 1}, report.recorder.total.details
+
+
+async def test_capacity_search_finds_the_rate_where_a_server_turns_calls_away():
+    # Lower servers that take 4 calls at once; 1 s calls: past ~4 calls/s they answer "busy".
+    async with make_tree(max_calls=4) as tree:
+        await packet_tree(tree, 10)
+        servers = await discover(tree.session, tree.urls)
+        load = LoadSettings(rate=1, duration_s=2.0, hold_s=1.0, media="none", seed=3,
+                            max_lag_ms=500)
+        steps = []
+        async with ServerWatch(tree.session, {s.name: s.url for s in servers},
+                               interval_s=None) as watch:
+            found = await search(tree.session, servers, load, Objective(),
+                                 CapacitySettings(start_rate=1, factor=2, max_rate=32,
+                                                  bisect_steps=2, pause_s=0.3),
+                                 steps.append, watch)
+        assert set(found) == {"lower-a", "lower-b"}
+        for name, capacity in found.items():
+            assert capacity.rate is not None and 1 <= capacity.rate < 8, capacity.summary()
+            assert capacity.failed_rate is not None and capacity.failed_rate <= 16
+            assert capacity.rate < capacity.failed_rate and not capacity.invalid
+            assert any("success" in why for why in capacity.failed_because), \
+                capacity.failed_because
+            mine = [step for step in steps if step.server == name]
+            assert mine == capacity.steps and len(mine) >= 3  # steps up, then bisects
+            assert [s.rate for s in mine][:2] == [1, 2]
+            for step in mine:  # each step's own slice of every server's /metrics
+                # either end may be the one full: the caller's server, or the callee's
+                refused = sum(busy(step.server_metrics[lower]) for lower in found)
+                assert (refused > 0) == (not step.passed), step.row()
+                started = step.server_metrics[name]["counters"]["relay_calls_started_total"]
+                assert started >= step.report.started - refused
+                assert set(step.row()["server_cpu_pct"]) == {"upper", "lower-a", "lower-b"}
+        whole = watch.summary()
+        for lower in found:  # the steps' slices add up to the whole run
+            assert busy(whole[lower]) == sum(busy(s.server_metrics[lower]) for s in steps)
+
+
+def busy(server_metrics: dict) -> float:
+    return server_metrics["counters"].get("relay_refusals_total{code=server_busy}", 0)
