@@ -298,7 +298,7 @@ async def command_capacity(args: argparse.Namespace) -> int:
 
     def on_step(step: Step) -> None:
         runs.append({**step.report.summary(), "offset_s": round(time.monotonic() - began, 3),
-                     "step": step.row()})
+                     "step": step.row(), "server_metrics": step.server_metrics})
         cpu = ", ".join(f"{n} {m['cpu_pct']:g} %" for n, m in step.server_metrics.items()
                         if m.get("cpu_pct") is not None)
         progress.line(f"{step.server} at {step.rate:g} calls/s: "

@@ -1,4 +1,5 @@
-"""The commands a user runs, as real processes: the local stack and `probe call --local`."""
+"""The commands a user runs, as real processes: the local stack, `probe call --local` and
+`probe capacity --local`."""
 
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ def test_probe_call_local_json():
         media = result["media"][direction]
         assert media["latency_ms_p50"] > 0 and media["latency_ms_p95"] >= media["latency_ms_p50"]
         assert media["fps"] > 5 and media["frames_lost"] >= 0
+    assert wait_gone(marker) == []
+
+
+def test_probe_capacity_local_writes_each_steps_server_metrics(tmp_path: Path):
+    env, marker = marked_env()
+    done = subprocess.run(
+        [sys.executable, "-m", "probe", "capacity", "--local", "--devices", "4", "--media",
+         "none", "--duration", "1", "--hold", "0.5", "--start-rate", "2", "--max-rate", "4",
+         "--bisect", "0", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]  # 4 calls/s is far below the limit
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {name: c["rate"] for name, c in summary["capacity"].items()} == \
+        {"lower-a": 4.0, "lower-b": 4.0}  # never failed up to --max-rate
+    assert [run["rate"] for run in summary["runs"]] == [2.0, 4.0, 2.0, 4.0]
+    for run in summary["runs"]:
+        searched = run["step"]["server"]
+        seen = run["server_metrics"][searched]["counters"]
+        assert seen["relay_calls_started_total"] == run["started"] > 0, run
+        assert run["step"]["server_cpu_pct"][searched] > 0
+    assert "CPU %" in (tmp_path / "report.html").read_text()
     assert wait_gone(marker) == []
 
 
