@@ -354,6 +354,12 @@ def describe_run(summary: dict[str, Any]) -> str:
         lines.append(f"  {name}: sustainable {found['rate']} calls/s with up to "
                      f"{found['concurrent']} calls at once; first failing "
                      f"{found['failed_rate']} calls/s ({'; '.join(found['failed_because'])})")
+        for step in summary.get("capacity_steps", {}).get(name, []):
+            cpu = ", ".join(f"{n} {v:g} %" for n, v in step.get("server_cpu_pct", {}).items()
+                            if v is not None)
+            if cpu and step["rate"] in (found["rate"], found["failed_rate"]):
+                verdict = "pass" if step["passed"] else "fail"
+                lines.append(f"    at {step['rate']:g} calls/s ({verdict}): CPU {cpu}")
     for run in summary["runs"] if summary["command"] != "capacity" else []:
         err = run.get("schedule_error_ms") or {}
         lines.append(f"  {run['rate']:g} calls/s for {run['duration_s']:g} s: {run['started']} "

@@ -80,7 +80,7 @@ def test_probe_capacity_local_writes_each_steps_server_metrics(tmp_path: Path):
     done = subprocess.run(
         [sys.executable, "-m", "probe", "capacity", "--local", "--devices", "4", "--media",
          "none", "--duration", "1", "--hold", "0.5", "--start-rate", "2", "--max-rate", "4",
-         "--bisect", "0", "--out", str(tmp_path), "--json"],
+         "--bisect", "0", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]  # 4 calls/s is far below the limit
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -93,6 +93,9 @@ def test_probe_capacity_local_writes_each_steps_server_metrics(tmp_path: Path):
         assert seen["relay_calls_started_total"] == run["started"] > 0, run
         assert run["step"]["server_cpu_pct"][searched] > 0
     assert "CPU %" in (tmp_path / "report.html").read_text()
+    assert "lower-a: sustainable 4.0 calls/s" in done.stdout
+    assert "at 4 calls/s (pass): CPU lower-a" in done.stdout  # where the load went
+    assert "upper /metrics: CPU" in done.stdout
     assert wait_gone(marker) == []
 
 
