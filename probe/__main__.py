@@ -297,10 +297,10 @@ async def command_capacity(args: argparse.Namespace) -> int:
     began = time.monotonic()
 
     def on_step(step: Step) -> None:
+        row = step.row()
         runs.append({**step.report.summary(), "offset_s": round(time.monotonic() - began, 3),
-                     "step": step.row(), "server_metrics": step.server_metrics})
-        cpu = ", ".join(f"{n} {m['cpu_pct']:g} %" for n, m in step.server_metrics.items()
-                        if m.get("cpu_pct") is not None)
+                     "step": row, "server_metrics": step.server_metrics})
+        cpu = cpu_line(row["server_cpu_pct"])
         progress.line(f"{step.server} at {step.rate:g} calls/s: "
                       f"{'pass' if step.passed else 'FAIL: ' + '; '.join(step.why)} "
                       f"(max {step.report.max_concurrent_seen} concurrent"
@@ -355,8 +355,7 @@ def describe_run(summary: dict[str, Any]) -> str:
                      f"{found['concurrent']} calls at once; first failing "
                      f"{found['failed_rate']} calls/s ({'; '.join(found['failed_because'])})")
         for step in summary.get("capacity_steps", {}).get(name, []):
-            cpu = ", ".join(f"{n} {v:g} %" for n, v in step.get("server_cpu_pct", {}).items()
-                            if v is not None)
+            cpu = cpu_line(step.get("server_cpu_pct", {}))
             if cpu and step["rate"] in (found["rate"], found["failed_rate"]):
                 verdict = "pass" if step["passed"] else "fail"
                 lines.append(f"    at {step['rate']:g} calls/s ({verdict}): CPU {cpu}")
@@ -385,6 +384,12 @@ def describe_run(summary: dict[str, Any]) -> str:
             lines.append(f"    objective missed: {'; '.join(missed)}")
     lines.extend(describe_server_metrics(summary.get("server_metrics", {})))
     return "\n".join(lines)
+
+
+def cpu_line(cpu_pct: dict[str, float | None]) -> str:
+    """``lower-a 12 %, upper 8 %`` for the servers whose CPU is known."""
+    return ", ".join(f"{name} {value:g} %" for name, value in cpu_pct.items()
+                     if value is not None)
 
 
 def command_merge(args: argparse.Namespace) -> int:

@@ -241,8 +241,8 @@ def describe(server_metrics: dict[str, dict[str, Any]]) -> Iterable[str]:
             continue
         counters = s["counters"]
 
-        def moved(prefix: str, counters: dict[str, float] = counters) -> float:
-            return sum(v for k, v in counters.items() if k.split("{", 1)[0] == prefix)
+        def moved(name: str, counters: dict[str, float] = counters) -> float:
+            return total(counters, name) or 0.0
         refusals = {k.split("code=", 1)[1].rstrip("}"): int(v) for k, v in counters.items()
                     if k.startswith("relay_refusals_total{")}
         memory = s["memory_mb"]

@@ -39,7 +39,7 @@ class Auth:
     def token(self, identity: str) -> str:
         if self.secret is None:
             raise ValueError("auth is off: no secret to sign with")
-        return hmac.new(self.secret, identity.encode(), hashlib.sha256).hexdigest()
+        return _sign(self.secret, identity)
 
     def check(self, identity: str, token: str | None) -> tuple[str, str] | None:
         """None if ``token`` proves ``identity`` (or auth is off); else (code, reason):
@@ -49,8 +49,7 @@ class Auth:
         if not token:
             return "unauthorized", f"{identity}: a token is required (auth is on)"
         for secret in (self.secret, *self.previous):
-            signed = hmac.new(secret, identity.encode(), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(token, signed):
+            if hmac.compare_digest(token, _sign(secret, identity)):
                 return None
         return "forbidden", f"{identity}: the token is not valid for this identity"
 
@@ -65,6 +64,10 @@ class Auth:
         if not secrets:
             return cls()
         return cls(secrets[0].encode(), tuple(secret.encode() for secret in secrets[1:]))
+
+
+def _sign(secret: bytes, identity: str) -> str:
+    return hmac.new(secret, identity.encode(), hashlib.sha256).hexdigest()
 
 
 def token_for(identity: str, given: str | None, environ: Mapping[str, str] = os.environ

@@ -41,6 +41,12 @@ class NodeCollector(Collector):
                 metric.add_metric([*me, key], count)
             return metric
 
+        def one(family: type[GaugeMetricFamily | CounterMetricFamily], name: str, text: str,
+                value: float) -> Metric:
+            metric = family(name, text, labels=labels)
+            metric.add_metric(me, value)
+            return metric
+
         states: dict[str, int] = {"setup": 0, "active": 0}
         legs: dict[str, int] = {}
         for session in node.sessions.values():
@@ -50,10 +56,8 @@ class NodeCollector(Collector):
                 legs[state] = legs.get(state, 0) + 1
         yield by(GaugeMetricFamily, "relay_calls", "Calls in progress, by state", "state",
                  states)
-        started = CounterMetricFamily("relay_calls_started", "Calls started at this server",
-                                      labels=labels)
-        started.add_metric(me, node.calls_started)
-        yield started
+        yield one(CounterMetricFamily, "relay_calls_started", "Calls started at this server",
+                  node.calls_started)
         yield by(CounterMetricFamily, "relay_calls_ended", "Calls ended here, by reason "
                  "(hangup is the normal end)", "reason", node.ended_by_reason)
         yield by(GaugeMetricFamily, "relay_legs", "Media legs (peer connections) of calls in "
@@ -72,19 +76,13 @@ class NodeCollector(Collector):
                  "Packets asked for again by downstream NACKs"),
                 ("relay_transcoded_directions", f.transcoded_total,
                  "Call directions that fell back to transcoding")):
-            counter = CounterMetricFamily(name, text, labels=labels)
-            counter.add_metric(me, value)
-            yield counter
-        transcoding = GaugeMetricFamily("relay_transcoding", "Call directions transcoding now",
-                                        labels=labels)
-        transcoding.add_metric(me, f.transcoding)
-        yield transcoding
+            yield one(CounterMetricFamily, name, text, value)
+        yield one(GaugeMetricFamily, "relay_transcoding", "Call directions transcoding now",
+                  f.transcoding)
         yield by(CounterMetricFamily, "relay_refusals", "Requests and messages turned away by "
                  "a limit (server_busy, server_full, rate_limited)", "code", node.refusals)
-        tasks = GaugeMetricFamily("relay_asyncio_tasks", "asyncio tasks alive in the server "
-                                  "(a leak shows as growth)", labels=labels)
-        tasks.add_metric(me, len(asyncio.all_tasks()))
-        yield tasks
+        yield one(GaugeMetricFamily, "relay_asyncio_tasks", "asyncio tasks alive in the server "
+                  "(a leak shows as growth)", len(asyncio.all_tasks()))
 
 
 async def metrics(request: web.Request) -> web.Response:
