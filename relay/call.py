@@ -1,7 +1,7 @@
 """The call state machine, as pure logic: events and timer ticks in (with ``now``), changes out.
 
 Every server on a call's path keeps one :class:`Call`. It imports neither aiohttp nor aiortc;
-the asyncio glue in :mod:`relay.node` feeds it and acts on what it returns.
+the signalling core (:mod:`relay.switch`) feeds it and acts on what it returns.
 
 States::
 
@@ -18,6 +18,7 @@ import enum
 from dataclasses import dataclass, field
 
 from relay.messages import DIRECTIONS, TIMELINE_EVENTS, MediaStats
+from relay.reasons import Code
 
 
 class CallState(enum.StrEnum):
@@ -29,7 +30,7 @@ class CallState(enum.StrEnum):
 class CallStateError(Exception):
     """An event arrived that the call cannot take in its state; nothing was changed."""
 
-    def __init__(self, call: str, message: str, code: str = "protocol_error") -> None:
+    def __init__(self, call: str, message: str, code: Code = Code.PROTOCOL_ERROR) -> None:
         super().__init__(f"call {call}: {message}")
         self.call = call
         self.message = message
@@ -124,6 +125,8 @@ class Call:
     #: where this call's media is decoded and re-encoded ("SERVER:KIND:DIRECTION"); empty when
     #: every hop forwards
     transcoded: list[str] = field(default_factory=list)
+    #: the servers the call crosses, from the caller's to the callee's (whole once routed)
+    path: list[str] = field(default_factory=list)
 
     def handle(self, event: CallEvent) -> Transition:
         """Apply one event. Raises CallStateError (and changes nothing) if it does not fit."""
@@ -131,7 +134,7 @@ class Call:
         after = TRANSITIONS[before].get(type(event))
         if after is None:
             raise CallStateError(self.id, f"{type(event).__name__} not allowed in state "
-                                          f"{before.value}", code="call_ended")
+                                          f"{before.value}", code=Code.CALL_ENDED)
         if isinstance(event, Milestone):
             self._check_milestone(event)
             self.timeline[event.name] = event.at
@@ -162,9 +165,9 @@ class Call:
         woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
         if not woken and age > self.timeouts.wake:
             who = "caller" if "t_caller_woken" not in self.timeline else "callee"
-            return self.handle(End(f"{who}_wake_timeout", now))
+            return self.handle(End(Code(f"{who}_wake_timeout"), now))
         if age > self.timeouts.setup:
-            return self.handle(End("setup_timeout", now))
+            return self.handle(End(Code.SETUP_TIMEOUT, now))
         return Transition(self.state, self.state)
 
     def next_deadline(self) -> float | None:

@@ -1,103 +1,124 @@
 """Every message that crosses a wire in this project, and nothing else.
 
-Device <-> lower server and lower <-> upper server speak JSON over one WebSocket each, one
-object per frame, with a ``type`` field naming one of the classes below. The probe speaks HTTP +
-JSON to the servers; its request and response bodies are defined here too, so the three services
-share one vocabulary and nothing is spelled twice.
+Device <-> lower server and child <-> parent server speak JSON over one WebSocket each, one object
+per frame, with a ``type`` field naming one of the messages below. The probe speaks HTTP + JSON to
+the servers; its request and response bodies are defined here too, so the three services share one
+vocabulary and nothing is spelled twice.
 
-Messages are frozen dataclasses that validate themselves when built, so a message that exists is a
-valid message. :func:`decode` turns untrusted input into a message or raises :class:`MessageError`,
-which says which field was wrong and why; handlers answer it with :class:`Error` and change nothing.
+Messages are frozen msgspec structs. Types, patterns, bounds and lengths are checked by msgspec's
+decoder as it parses (in C); what a type cannot say (no duplicate codecs, a URL's shape, the
+protocol version) is checked in ``__post_init__``. A message that exists is a valid message.
+:func:`decode` turns untrusted input into a message or raises :class:`MessageError`, which says
+which field was wrong and why; handlers answer it with :class:`Error` and change nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import re
-import types
 import typing
-from dataclasses import dataclass, field
-from functools import cache
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from collections.abc import Collection, Iterable
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
+import msgspec
+
+from relay.reasons import Code
+
+#: Device link protocol (register.version).
 PROTOCOL_VERSION = 1
+#: Trunk protocol (announce.version): 2 is the tree of any depth with bounded directory updates.
+TRUNK_VERSION = 2
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_SDP_CHARS = 64 * 1024
+#: At most this many entries in each list of one directory message; more go in more messages.
+MAX_DIRECTORY_ENTRIES = 500
+MAX_URL_CHARS = 2048
+#: Servers a call may cross (a path longer than this is a routing loop or a hostile peer).
+MAX_PATH = 32
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_CALL_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+# The (?!\n) refuses a trailing newline, which Python's "$" would let through; JSON Schema's
+# (ECMA) "$" never matches before one, so the same pattern means the same in both.
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+NAME_PATTERN = rf"^{_NAME}$(?!\n)"
+CALL_ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$(?!\n)"
+ADDRESS_PATTERN = rf"^({_NAME}/)?{_NAME}$(?!\n)"
+SDP_PATTERN = r"^v=0"
+_NAME_RE = re.compile(NAME_PATTERN)
+_CALL_ID_RE = re.compile(CALL_ID_PATTERN)
+_ADDRESS_RE = re.compile(ADDRESS_PATTERN)
+
+#: What each pattern means, for error messages a person can read.
+_PATTERN_TEXT = {
+    NAME_PATTERN: "a name: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit",
+    CALL_ID_PATTERN: "a call id: 1-64 characters of A-Z a-z 0-9 -",
+    ADDRESS_PATTERN: "SERVER/DEVICE or DEVICE, each a name of 1-64 characters of A-Z a-z 0-9 . _ -",
+    SDP_PATTERN: "an SDP session description starting with 'v=0'",
+}
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+CallId = Annotated[str, msgspec.Meta(pattern=CALL_ID_PATTERN)]
+Address = Annotated[str, msgspec.Meta(pattern=ADDRESS_PATTERN)]
+Sdp = Annotated[str, msgspec.Meta(pattern=SDP_PATTERN, max_length=MAX_SDP_CHARS)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+#: Seconds since the epoch on the sender's clock (finite, not negative).
+Time = Annotated[float, msgspec.Meta(ge=0, lt=1e11)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Text = Annotated[str, msgspec.Meta(max_length=1024)]
 
 DeviceState = Literal["idle", "busy"]
 Role = Literal["caller", "callee"]
 ServerRole = Literal["lower", "upper"]
+VideoCodec = Literal["video/VP8", "video/H264"]
+MediaMode = Literal["full", "none"]
+Direction = Literal["caller_to_callee", "callee_to_caller"]
+TimelineEvent = Literal["t_received", "t_caller_woken", "t_routed", "t_callee_woken",
+                        "t_media_up", "t_first_frame_callee", "t_first_frame_caller", "t_end"]
 
 #: Timeline events, as DESIGN.md names them; a call's timeline holds only these keys.
-TIMELINE_EVENTS: tuple[str, ...] = (
-    "t_received",
-    "t_caller_woken",
-    "t_routed",
-    "t_callee_woken",
-    "t_media_up",
-    "t_first_frame_callee",
-    "t_first_frame_caller",
-    "t_end",
-)
+TIMELINE_EVENTS: tuple[str, ...] = typing.get_args(TimelineEvent)
 #: Video codecs devices and servers negotiate, by mime type.
 VIDEO_CODECS: tuple[str, ...] = ("video/VP8", "video/H264")
+Codecs = Annotated[list[VideoCodec], msgspec.Meta(min_length=1, max_length=len(VIDEO_CODECS))]
 #: "full": a real call with audio and video both ways; "none": signalling only (devices are
 #: woken and acknowledge, no media leg is made), to time a server's command handling alone.
-MEDIA_MODES: tuple[str, ...] = ("full", "none")
-
-
-def check_media(value: str) -> None:
-    if value not in MEDIA_MODES:
-        raise MessageError(f"media_mode must be one of {', '.join(MEDIA_MODES)}, not "
-                           f"{value!r}", field="media_mode")
+MEDIA_MODES: tuple[str, ...] = typing.get_args(MediaMode)
 #: Media directions, named by who sends: ``caller_to_callee`` is measured at the callee.
-DIRECTIONS: tuple[str, ...] = ("caller_to_callee", "callee_to_caller")
+DIRECTIONS: tuple[str, ...] = typing.get_args(Direction)
 
 
 class MessageError(ValueError):
     """The peer sent something we cannot accept. Nothing was changed because of it."""
 
-    def __init__(self, message: str, field: str | None = None, code: str = "bad_message") -> None:
+    def __init__(self, message: str, field: str | None = None,
+                 code: Code = Code.BAD_MESSAGE, ref: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.code = code
+        self.ref = ref  #: the type of the refused message, when it could be read
 
 
-def check_token(value: str | None) -> None:
-    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128):
-        raise MessageError("token must be a string of 1 to 128 characters", field="token")
+# --------------------------------------------------------------------------------------------
+# Checks for what a type cannot say. Each raises MessageError naming the field.
 
 
 def check_name(value: str, what: str) -> str:
     """A device or server name: 1-64 of letters, digits, '.', '_', '-', not starting with a sign."""
-    if not _NAME.match(value):
-        raise MessageError(
-            f"{what} {value!r} is not a valid name (1-64 characters of A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit)",
-            field=what,
-        )
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise MessageError(f"{what} {value!r} is not {_PATTERN_TEXT[NAME_PATTERN]}", field=what)
     return value
 
 
 def check_call_id(value: str, what: str = "call") -> str:
-    if not _CALL_ID.match(value):
+    if not isinstance(value, str) or not _CALL_ID_RE.match(value):
         raise MessageError(f"{what} {value!r} is not a valid call id", field=what)
     return value
 
 
 def check_address(value: str, what: str) -> str:
     """A device address: ``SERVER/DEVICE``, or a bare ``DEVICE`` to be resolved in the tree."""
-    parts = value.split("/")
-    if len(parts) > 2:
+    if not isinstance(value, str) or not _ADDRESS_RE.match(value):
         raise MessageError(f"{what} {value!r} must be SERVER/DEVICE or DEVICE", field=what)
-    for part in parts:
-        check_name(part, what)
     return value
 
 
@@ -107,492 +128,400 @@ def split_address(address: str) -> tuple[str | None, str]:
     return (server or None), device
 
 
-def check_codecs(codecs: list[str], what: str) -> None:
-    if not codecs:
-        raise MessageError(f"{what} must name at least one video codec", field=what)
-    for i, codec in enumerate(codecs):
-        if codec not in VIDEO_CODECS:
-            raise MessageError(f"{what}[{i}] {codec!r} is not one of {', '.join(VIDEO_CODECS)}",
-                               field=f"{what}[{i}]")
-
-
-def check_time(value: float, what: str) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise MessageError(f"{what} must be a finite, non-negative number of seconds", field=what)
+def check_url(value: str, what: str = "url") -> str:
+    """A server's URL as others reach it: http(s) or ws(s), a host, printable, bounded."""
+    if len(value) > MAX_URL_CHARS:
+        raise MessageError(f"{what} is longer than {MAX_URL_CHARS} characters", field=what)
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise MessageError(f"{what} must be printable, with no spaces", field=what)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise MessageError(f"{what} {value[:80]!r} must be an http://, https://, ws:// or wss:// "
+                           "URL with a host", field=what)
     return value
+
+
+def _unique(codecs: Iterable[str], what: str) -> None:
+    seen: set[str] = set()
+    for i, codec in enumerate(codecs):
+        if codec in seen:
+            raise MessageError(f"{what}[{i}] {codec!r} is named twice", field=f"{what}[{i}]")
+        seen.add(codec)
+
+
+def _version(version: int, expected: int) -> None:
+    if version != expected:
+        raise MessageError(f"protocol version {version} is not supported (this server speaks "
+                           f"{expected})", field="version", code=Code.UNSUPPORTED_VERSION)
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding machinery: JSON objects to dataclasses, checking every field's type on the way.
+# The base of every message and body.
 
 
-@dataclass(frozen=True)
-class Body:
+class Body(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Base of every message and body: conversion to and from plain JSON objects."""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        tag = getattr(type(self), "TYPE", None)
-        if tag:
-            out["type"] = tag
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            out[f.name] = _plain(value)
-        return out
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return _ENCODER.encode(self).decode()
 
     @classmethod
-    def from_dict(cls, data: Any, path: str = "") -> typing.Self:
-        if not isinstance(data, dict):
-            raise MessageError(f"{path or 'message'} must be a JSON object", field=path or None)
-        hints = _hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(data) - known - {"type"}
-        if extra:
-            name = sorted(extra)[0]
-            raise MessageError(f"unknown field {name!r}", field=_join(path, name))
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            where = _join(path, f.name)
-            if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise MessageError(f"missing field {f.name!r}", field=where)
-                continue
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], where)
+    def from_dict(cls, data: Any) -> typing.Self:
+        """Check a plain object (a parsed HTTP body) against this type."""
         try:
-            return cls(**kwargs)
-        except MessageError as exc:
-            if exc.field and path and not exc.field.startswith(path):
-                exc.field = _join(path, exc.field)
-            raise
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise _message_error(exc) from None
 
 
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+_ENCODER = msgspec.json.Encoder()
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Body):
-        return value.to_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, where)
-            except MessageError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is Literal:
-        allowed = get_args(hint)
-        if value not in allowed:
-            choices = ", ".join(map(repr, allowed))
-            raise MessageError(f"{where} must be one of {choices}, not {value!r}", field=where)
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise MessageError(f"{where} must be a list", field=where)
-        (item,) = get_args(hint)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise MessageError(f"{where} must be an object", field=where)
-        _, item = get_args(hint)
-        return {str(k): _convert(v, item, _join(where, str(k))) for k, v in value.items()}
-    if isinstance(hint, type) and issubclass(hint, Body):
-        return hint.from_dict(value, where)
-    if hint is Any:
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise MessageError(f"{where} must be a number", field=where)
-        if not math.isfinite(value):
-            raise MessageError(f"{where} must be finite", field=where)
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MessageError(f"{where} must be an integer", field=where)
-        return value
-    if hint in (str, bool):
-        if not isinstance(value, hint):
-            raise MessageError(f"{where} must be {_TYPE_NAMES[hint]}", field=where)
-        return value
-    raise TypeError(f"unsupported field type {hint!r} at {where}")  # a bug in this module
+def _message_error(exc: msgspec.ValidationError, ref: str | None = None) -> MessageError:
+    """msgspec's error, with the field it names (``$.devices[0].server`` -> ``devices[0].server``)
+    as ``field``, our own code and field when a ``__post_init__`` check raised, and patterns put
+    in words."""
+    text = str(exc)
+    path = None
+    key = re.fullmatch(r"(.*) - at `key` in `\$\.?(.*)`", text, re.S)
+    if key:  # a dict key that is not allowed, e.g. an unknown timeline event
+        path = key.group(2) or None
+        name = re.search(r"'(.*)'", key.group(1))
+        if name:
+            where = ".".join(p for p in (path, name.group(1)) if p)
+            return MessageError(f"{path or 'object'}: unknown key {name.group(1)!r}",
+                                field=where, ref=ref)
+        text = key.group(1)
+    head, sep, at = text.rpartition(" - at `$")
+    if sep:
+        text, path = head, at.rstrip("`").lstrip(".") or None
+    cause = exc.__cause__
+    if isinstance(cause, MessageError):
+        field = ".".join(p for p in (path, cause.field) if p) or None
+        return MessageError(cause.message, field=field, code=cause.code, ref=ref)
+    missing = re.match(r"Object missing required field `(.+)`", text)
+    if missing:
+        field = ".".join(p for p in (path, missing.group(1)) if p)
+        return MessageError(f"missing field {missing.group(1)!r}", field=field, ref=ref)
+    unknown = re.match(r"Object contains unknown field `(.+)`", text)
+    if unknown:
+        field = ".".join(p for p in (path, unknown.group(1)) if p)
+        return MessageError(f"unknown field {unknown.group(1)!r}", field=field, ref=ref)
+    for pattern, words in _PATTERN_TEXT.items():
+        text = text.replace(f"`str` matching regex {pattern!r}", words)
+    text = text[0].lower() + text[1:] if text else "invalid"
+    return MessageError(f"{path}: {text}" if path else text, field=path, ref=ref)
 
 
 # --------------------------------------------------------------------------------------------
 # Parts shared by several messages.
 
 
-@dataclass(frozen=True)
-class DeviceInfo(Body):
+class DeviceInfo(Body, frozen=True):
     """A device as its server and the directory describe it."""
 
-    id: str
-    server: str
+    id: Name
+    server: Name
     state: DeviceState = "idle"
     #: video codecs the device takes, in its order of preference
-    codecs: list[str] = field(default_factory=lambda: list(VIDEO_CODECS))
+    codecs: Codecs = msgspec.field(default_factory=lambda: list(VIDEO_CODECS))
+    #: SERVER/DEVICE (filled in; checked when given)
+    address: str = ""
 
     def __post_init__(self) -> None:
-        check_name(self.id, "id")
-        check_name(self.server, "server")
-        check_codecs(self.codecs, "codecs")
-
-    @property
-    def address(self) -> str:
-        return f"{self.server}/{self.id}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "address": self.address}
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str = "") -> DeviceInfo:
-        if isinstance(data, dict) and "address" in data:
-            data = {k: v for k, v in data.items() if k != "address"}
-        return super().from_dict(data, path)
+        _unique(self.codecs, "codecs")
+        address = f"{self.server}/{self.id}"
+        if not self.address:
+            msgspec.structs.force_setattr(self, "address", address)
+        elif self.address != address:
+            raise MessageError(f"address {self.address!r} is not {address!r}", field="address")
 
 
-@dataclass(frozen=True)
-class MediaStats(Body):
+class ServerEntry(Body, frozen=True):
+    """A server of the tree, as the directory describes it."""
+
+    name: Name
+    role: ServerRole
+    url: str
+    parent: Name | None = None  #: its parent server; None for the root
+
+    def __post_init__(self) -> None:
+        check_url(self.url)
+
+
+class MediaStats(Body, frozen=True):
     """What one device measured of the media it received in one call (one direction)."""
 
-    frames: int = 0  #: video frames decoded (stamped or not)
-    frames_lost: int = 0  #: stamped frames never seen (gaps in the frame counter)
-    unreadable: int = 0  #: of the decoded frames, those without a readable stamp
-    fps: float = 0.0  #: decoded frames per second since the first one
-    latency_ms_p50: float | None = None  #: send (stamp) -> decoded at the receiver
-    latency_ms_p95: float | None = None
-    latency_ms_max: float | None = None
-    gaps: int = 0  #: freezes: inter-frame gap >= max(3 x mean interval, mean + 150 ms)
-    audio_frames: int = 0  #: audio frames received
-    audio_level_dbfs: float | None = None  #: mean level of the received audio
-    duration_s: float = 0.0  #: first stamped frame -> this report
-
-    def __post_init__(self) -> None:
-        for name in ("frames", "frames_lost", "unreadable", "gaps", "audio_frames"):
-            if getattr(self, name) < 0:
-                raise MessageError(f"{name} must not be negative", field=name)
+    frames: Count = 0  #: video frames decoded (stamped or not)
+    frames_lost: Count = 0  #: stamped frames never seen (gaps in the frame counter)
+    unreadable: Count = 0  #: of the decoded frames, those without a readable stamp
+    fps: Annotated[float, msgspec.Meta(ge=0, lt=1e6)] = 0.0  #: decoded frames a second
+    latency_ms_p50: Annotated[float, msgspec.Meta(lt=1e9)] | None = None  #: stamp -> decoded
+    latency_ms_p95: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
+    latency_ms_max: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
+    gaps: Count = 0  #: freezes: inter-frame gap >= max(3 x mean interval, mean + 150 ms)
+    audio_frames: Count = 0  #: audio frames received
+    audio_level_dbfs: Annotated[float, msgspec.Meta(gt=-1e6, lt=1e6)] | None = None
+    duration_s: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] = 0.0  #: first frame -> report
 
 
 # --------------------------------------------------------------------------------------------
-# WebSocket messages. Each has a TYPE; decode() picks the class by it.
-
-_TYPES: dict[str, type[Message]] = {}
+# WebSocket messages. Each has a type tag; decode() picks the class by it.
 
 
-@dataclass(frozen=True)
-class Message(Body):
+class Message(Body, frozen=True, tag_field="type"):
     TYPE: ClassVar[str] = ""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.TYPE:
-            _TYPES[cls.TYPE] = cls
 
-
-@dataclass(frozen=True)
-class Error(Message):
+class Error(Message, frozen=True, tag="error"):
     """Answer to a message that was refused; ``field`` names the part that was wrong."""
 
-    TYPE = "error"
-    code: str
-    message: str
-    field: str | None = None
-    call: str | None = None
-    ref: str | None = None  #: the type of the refused message, when known
+    code: Code
+    message: Text
+    field: Text | None = None
+    call: CallId | None = None
+    ref: Text | None = None  #: the type of the refused message, when known
 
     @classmethod
     def from_exception(cls, exc: MessageError, ref: str | None = None,
                        call: str | None = None) -> Error:
-        return cls(code=exc.code, message=exc.message, field=exc.field, call=call, ref=ref)
+        ref = ref or exc.ref
+        return cls(code=exc.code, message=exc.message[:1024],
+                   field=exc.field[:1024] if exc.field else None, call=call,
+                   ref=ref[:64] if ref else None)
 
 
-@dataclass(frozen=True)
-class Heartbeat(Message):
+class Heartbeat(Message, frozen=True, tag="heartbeat"):
     """Either side, any time; the other side answers with the same ``seq``."""
 
-    TYPE = "heartbeat"
-    seq: int = 0
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = 0
 
 
 # Device -> lower server.
 
 
-@dataclass(frozen=True)
-class Register(Message):
+class Register(Message, frozen=True, tag="register"):
     """First message of a device: claims an id, unique on this server."""
 
-    TYPE = "register"
-    device: str
+    device: Name
     version: int = PROTOCOL_VERSION
     #: video codecs the device can send and receive, in its order of preference
-    codecs: list[str] = field(default_factory=lambda: list(VIDEO_CODECS))
-    token: str | None = None  #: HMAC credential for "device:ID" when auth is on (relay/auth.py)
+    codecs: Codecs = msgspec.field(default_factory=lambda: list(VIDEO_CODECS))
+    token: Token | None = None  #: HMAC credential for "device:ID" when auth is on (relay/auth.py)
 
     def __post_init__(self) -> None:
-        check_name(self.device, "device")
-        check_codecs(self.codecs, "codecs")
-        check_token(self.token)
-        if self.version != PROTOCOL_VERSION:
-            raise MessageError(
-                f"protocol version {self.version} is not supported (this server speaks "
-                f"{PROTOCOL_VERSION})", field="version", code="unsupported_version")
+        _unique(self.codecs, "codecs")
+        _version(self.version, PROTOCOL_VERSION)
 
 
-@dataclass(frozen=True)
-class Registered(Message):
-    TYPE = "registered"
-    server: str
-    device: str
-    address: str
+class Registered(Message, frozen=True, tag="registered"):
+    server: Name
+    device: Name
+    address: Address
     heartbeat_s: float
 
 
-@dataclass(frozen=True)
-class _Moment(Message):
-    """Something that happened at a device during a call, at ``at`` on the device's clock."""
+class Woken(Message, frozen=True, tag="woken"):
+    """The device acknowledges a wake-up, at ``at`` on its clock."""
 
-    call: str
-    at: float
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        check_time(self.at, "at")
+    call: CallId
+    at: Time
 
 
-@dataclass(frozen=True)
-class Woken(_Moment):
-    """The device acknowledges a wake-up."""
+class FirstFrame(Message, frozen=True, tag="first_frame"):
+    """The device decoded the first video frame of the other party, at ``at`` on its clock."""
 
-    TYPE = "woken"
-
-
-@dataclass(frozen=True)
-class FirstFrame(_Moment):
-    """The device decoded the first video frame of the other party."""
-
-    TYPE = "first_frame"
+    call: CallId
+    at: Time
 
 
-@dataclass(frozen=True)
-class Stats(Message):
+class Stats(Message, frozen=True, tag="stats"):
     """The device's figures for the media it received in this call so far."""
 
-    TYPE = "stats"
-    call: str
+    call: CallId
     media: MediaStats
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
 
 
 # Lower server -> device.
 
 
-@dataclass(frozen=True)
-class Wake(Message):
+class Wake(Message, frozen=True, tag="wake"):
     """Wake a device for a call; it answers with Woken, then gets an Offer."""
 
-    TYPE = "wake"
-    call: str
+    call: CallId
     role: Role
-    peer: str  #: the address of the other party
-    media_mode: str = "full"  #: "none": acknowledge only, no offer follows
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        check_address(self.peer, "peer")
-        check_media(self.media_mode)
+    peer: Address  #: the address of the other party
+    media_mode: MediaMode = "full"  #: "none": acknowledge only, no offer follows
 
 
 # Both ways, on device and trunk links.
 
 
-@dataclass(frozen=True)
-class _Description(Message):
-    """An SDP description for one leg of a call (every ICE candidate included: no trickle)."""
+class Offer(Message, frozen=True, tag="offer"):
+    """An SDP offer for one leg of a call (every ICE candidate included: no trickle)."""
 
-    call: str
-    leg: str
-    sdp: str
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        check_call_id(self.leg, "leg")
-        if len(self.sdp) > MAX_SDP_CHARS:
-            raise MessageError(f"sdp is longer than {MAX_SDP_CHARS} characters", field="sdp")
-        if not self.sdp.startswith("v=0"):
-            raise MessageError("sdp must be an SDP session description starting with 'v=0'",
-                               field="sdp")
+    call: CallId
+    leg: CallId
+    sdp: Sdp
 
 
-@dataclass(frozen=True)
-class Offer(_Description):
-    TYPE = "offer"
+class Answer(Message, frozen=True, tag="answer"):
+    """The SDP answer to an Offer."""
+
+    call: CallId
+    leg: CallId
+    sdp: Sdp
 
 
-@dataclass(frozen=True)
-class Answer(_Description):
-    TYPE = "answer"
-
-
-@dataclass(frozen=True)
-class Hangup(Message):
+class Hangup(Message, frozen=True, tag="hangup"):
     """End a call; travels along the call's path away from whoever ended it."""
 
-    TYPE = "hangup"
-    call: str
-    reason: str
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        check_name(self.reason, "reason")
+    call: CallId
+    reason: Code  #: relay/reasons.py
 
 
-# Lower <-> upper (trunk).
+# Child <-> parent (trunk).
 
 
-@dataclass(frozen=True)
-class Announce(Message):
-    """A lower server's first message on its trunk: who it is and which devices it holds."""
+class Announce(Message, frozen=True, tag="announce"):
+    """A server's first message on the trunk to its parent: who it is. Its subtree follows as
+    directory increments once welcomed."""
 
-    TYPE = "announce"
-    server: str
+    server: Name
     url: str
-    devices: list[DeviceInfo] = field(default_factory=list)
-    version: int = PROTOCOL_VERSION
-    token: str | None = None  #: HMAC credential for "server:NAME" when auth is on
+    role: ServerRole = "lower"
+    version: int = TRUNK_VERSION
+    token: Token | None = None  #: HMAC credential for "server:NAME" when auth is on
 
     def __post_init__(self) -> None:
-        check_name(self.server, "server")
-        check_token(self.token)
-        for i, device in enumerate(self.devices):
-            if device.server != self.server:
-                raise MessageError(
-                    f"device {device.id!r} is announced by {self.server!r} but names server "
-                    f"{device.server!r}", field=f"devices[{i}].server")
-        if self.version != PROTOCOL_VERSION:
-            raise MessageError(f"protocol version {self.version} is not supported",
-                               field="version", code="unsupported_version")
+        _version(self.version, TRUNK_VERSION)
+        check_url(self.url)
 
 
-@dataclass(frozen=True)
-class Welcome(Message):
-    """The upper server accepted an Announce."""
+class Welcome(Message, frozen=True, tag="welcome"):
+    """The parent accepted an Announce."""
 
-    TYPE = "welcome"
-    server: str
+    server: Name
 
 
-@dataclass(frozen=True)
-class Directory(Message):
-    """Device changes. Up the tree: a lower server's own devices. Down: the whole tree's.
+class Directory(Message, frozen=True, tag="directory"):
+    """Bounded increments of the directory (relay/directory.py).
 
-    ``full`` replaces what the receiver knew from this sender; otherwise it is a delta.
+    Up the tree (child -> parent): servers of the child's subtree and their devices. Down (parent
+    -> child): the servers of the rest of the tree, never devices. Each list holds at most
+    MAX_DIRECTORY_ENTRIES; a removed server takes its devices with it.
     """
 
-    TYPE = "directory"
-    devices: list[DeviceInfo] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)  #: addresses
-    full: bool = False
+    servers: Annotated[list[ServerEntry],
+                       msgspec.Meta(max_length=MAX_DIRECTORY_ENTRIES)] = []
+    servers_removed: Annotated[list[Name], msgspec.Meta(max_length=MAX_DIRECTORY_ENTRIES)] = []
+    devices: Annotated[list[DeviceInfo], msgspec.Meta(max_length=MAX_DIRECTORY_ENTRIES)] = []
+    #: addresses SERVER/DEVICE
+    devices_removed: Annotated[list[Address],
+                               msgspec.Meta(max_length=MAX_DIRECTORY_ENTRIES)] = []
+
+    @property
+    def empty(self) -> bool:
+        return not (self.servers or self.servers_removed or self.devices
+                    or self.devices_removed)
+
+    @property
+    def size(self) -> int:
+        return (len(self.servers) + len(self.servers_removed) + len(self.devices)
+                + len(self.devices_removed))
+
+
+Path = Annotated[list[Name], msgspec.Meta(min_length=1, max_length=MAX_PATH)]
+
+
+class CallSetup(Message, frozen=True, tag="call_setup"):
+    """A call entering the next server on its path: route it on toward the callee."""
+
+    call: CallId
+    caller: Address  #: SERVER/DEVICE
+    callee: Address  #: SERVER/DEVICE, or a bare DEVICE resolved on the way
+    path: Path  #: the servers crossed so far, from the caller's
+    #: the caller's video codecs in its order of preference; the callee's server picks one
+    codecs: Codecs = msgspec.field(default_factory=lambda: list(VIDEO_CODECS))
+    media_mode: MediaMode = "full"
 
     def __post_init__(self) -> None:
-        for i, address in enumerate(self.removed):
-            check_address(address, f"removed[{i}]")
+        _unique(self.codecs, "codecs")
 
 
-@dataclass(frozen=True)
-class CallSetup(Message):
-    """A call entering the next server on its path: find the callee and set up the next leg."""
+class CallAccept(Message, frozen=True, tag="call_accept"):
+    """The callee's server took the call; travels back to the caller's server. Every server it
+    passes starts its legs with ``codec``."""
 
-    TYPE = "call_setup"
-    call: str
-    caller: str
-    callee: str
-    #: the video codec the call's trunks carry (the caller's first choice the callee shares)
-    codec: str = VIDEO_CODECS[0]
-    media_mode: str = "full"  #: see MEDIA_MODES
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        check_codecs([self.codec], "codec")
-        check_media(self.media_mode)
-        check_address(self.caller, "caller")
-        check_address(self.callee, "callee")
+    call: CallId
+    callee: Address  #: SERVER/DEVICE, resolved
+    codec: VideoCodec  #: the video codec every trunk of the call carries
+    path: Path  #: every server of the call, from the caller's to the callee's
 
 
-@dataclass(frozen=True)
-class CallUpdate(Message):
+class CallUpdate(Message, frozen=True, tag="call_update"):
     """Timeline events and media figures of a call, passed along its path to every server."""
 
-    TYPE = "call_update"
-    call: str
-    events: dict[str, float] = field(default_factory=dict)
-    media: dict[str, MediaStats] = field(default_factory=dict)
-    transcoded: list[str] = field(default_factory=list)  #: "SERVER:KIND:DIRECTION"
-
-    def __post_init__(self) -> None:
-        check_call_id(self.call)
-        for name, at in self.events.items():
-            if name not in TIMELINE_EVENTS:
-                raise MessageError(f"unknown timeline event {name!r}", field=f"events.{name}")
-            check_time(at, f"events.{name}")
-        for name in self.media:
-            if name not in DIRECTIONS:
-                raise MessageError(f"unknown media direction {name!r}", field=f"media.{name}")
+    call: CallId
+    events: dict[TimelineEvent, Time] = {}
+    media: dict[Direction, MediaStats] = {}
+    #: "SERVER:KIND:DIRECTION"
+    transcoded: Annotated[list[Annotated[str, msgspec.Meta(max_length=200)]],
+                          msgspec.Meta(max_length=8)] = []
 
 
-def decode(raw: str | bytes | dict[str, Any],
-           allowed: typing.Collection[type[Message]] | None = None) -> Message:
+def _registry(*classes: type[Message]) -> dict[str, type[Message]]:
+    """Every message type by its tag. A tag used twice is a bug, found when the module loads."""
+    types: dict[str, type[Message]] = {}
+    for cls in classes:
+        tag = cls.__struct_config__.tag
+        if not isinstance(tag, str) or not tag:
+            raise TypeError(f"{cls.__name__} has no type tag")
+        if tag in types:
+            raise TypeError(f"message type {tag!r} is defined twice: {types[tag].__name__} "
+                            f"and {cls.__name__}")
+        cls.TYPE = tag
+        types[tag] = cls
+    return types
+
+
+_TYPES = _registry(Error, Heartbeat, Register, Registered, Woken, FirstFrame, Stats, Wake,
+                   Offer, Answer, Hangup, Announce, Welcome, Directory, CallSetup, CallAccept,
+                   CallUpdate)
+_DECODER = msgspec.json.Decoder(typing.Union[tuple(_TYPES.values())])  # type: ignore[misc]  # noqa: UP007
+_TAG = re.compile(rb'"type"\s*:\s*"([A-Za-z0-9_]{1,64})"')
+
+
+def decode(raw: str | bytes, allowed: Collection[type[Message]] | None = None) -> Message:
     """Parse one WebSocket frame. Raises MessageError naming what is wrong."""
-    if isinstance(raw, str | bytes):
-        if len(raw) > MAX_MESSAGE_BYTES:
-            raise MessageError(f"message is larger than {MAX_MESSAGE_BYTES} bytes",
-                               code="too_large")
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise MessageError(f"message is not valid JSON: {exc}") from None
-    else:
-        data = raw
-    if not isinstance(data, dict):
-        raise MessageError("message must be a JSON object")
-    tag = data.get("type")
-    if not isinstance(tag, str):
-        raise MessageError("message has no 'type' string", field="type")
-    cls = _TYPES.get(tag)
-    if cls is None:
-        raise MessageError(f"unknown message type {tag!r}", field="type", code="unknown_type")
-    if allowed is not None and cls not in allowed:
-        raise MessageError(f"message type {tag!r} is not accepted on this link", field="type",
-                           code="unexpected_type")
-    return cls.from_dict(data)
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message is larger than {MAX_MESSAGE_BYTES} bytes", code=Code.TOO_LARGE)
+    data = raw.encode() if isinstance(raw, str) else raw
+    try:
+        message = _DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        found = _TAG.search(data[:4096])
+        ref = found.group(1).decode() if found else None
+        error = _message_error(exc, ref)
+        if error.field == "type" and "invalid value" in error.message:
+            error.code = Code.UNKNOWN_TYPE
+            error.message = f"unknown message type {ref!r}" if ref else "unknown message type"
+        elif error.field == "type" and error.message.startswith("missing"):
+            error.message = "message has no 'type' string"
+        elif not error.field and "expected `object`" in error.message:
+            error.message = "message must be a JSON object"
+        raise error from None
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MessageError("message is nested too deeply") from None
+    if allowed is not None and type(message) not in allowed:
+        raise MessageError(f"message type {message.TYPE!r} is not accepted on this link",
+                           field="type", code=Code.UNEXPECTED_TYPE, ref=message.TYPE)
+    return message
 
 
 def message_types() -> dict[str, type[Message]]:
@@ -606,77 +535,86 @@ DEVICE_TO_SERVER: tuple[type[Message], ...] = (
 SERVER_TO_DEVICE: tuple[type[Message], ...] = (
     Registered, Heartbeat, Wake, Offer, Hangup, Error)
 CHILD_TO_PARENT: tuple[type[Message], ...] = (
-    Announce, Directory, Heartbeat, CallSetup, Offer, Answer, CallUpdate, Hangup, Error)
+    Announce, Directory, Heartbeat, CallSetup, CallAccept, Offer, Answer, CallUpdate, Hangup,
+    Error)
 PARENT_TO_CHILD: tuple[type[Message], ...] = (
-    Welcome, Directory, Heartbeat, CallSetup, Offer, Answer, CallUpdate, Hangup, Error)
+    Welcome, Directory, Heartbeat, CallSetup, CallAccept, Offer, Answer, CallUpdate, Hangup,
+    Error)
 
 
 # --------------------------------------------------------------------------------------------
 # HTTP bodies (probe <-> server).
 
 
-@dataclass(frozen=True)
-class CreateCall(Body):
+class CreateCall(Body, frozen=True):
     """``POST /v1/calls``: the caller must be a device of the server that gets the command."""
 
-    caller: str
-    callee: str
-    media_mode: str = "full"  #: see MEDIA_MODES
-
-    def __post_init__(self) -> None:
-        check_address(self.caller, "caller")
-        check_address(self.callee, "callee")
-        check_media(self.media_mode)
+    caller: Address
+    callee: Address
+    media_mode: MediaMode = "full"
 
 
-@dataclass(frozen=True)
-class CallInfo(Body):
+class CallInfo(Body, frozen=True):
     """``GET /v1/calls/{id}``: a call's state, timeline and media figures at one server."""
 
-    call: str
-    state: str
-    caller: str
-    callee: str
-    server: str
-    timeline: dict[str, float] = field(default_factory=dict)
-    media: dict[str, MediaStats] = field(default_factory=dict)
+    call: CallId
+    state: Literal["setup", "active", "ended"]
+    caller: Address
+    callee: Address
+    server: Name
+    #: the servers the call crosses, from the caller's to the callee's (known once routed)
+    path: list[Name] = []
+    timeline: dict[str, float] = {}
+    media: dict[str, MediaStats] = {}
     reason: str | None = None
     codec: str | None = None  #: the video codec the call's trunks carry
     #: where media is decoded and re-encoded on its way ("SERVER:KIND:DIRECTION"), if anywhere
-    transcoded: list[str] = field(default_factory=list)
+    transcoded: list[str] = []
     server_time_ms: float | None = None  #: time the server spent on this request
 
 
-@dataclass(frozen=True)
-class ChildInfo(Body):
-    name: str
-    url: str
-    devices: int
+class CallList(Body, frozen=True):
+    """``GET /v1/calls``: the calls in progress at one server."""
+
+    server: Name
+    calls: list[CallInfo] = []
 
 
-@dataclass(frozen=True)
-class ServerInfo(Body):
-    """``GET /v1/server``."""
-
-    name: str
+class ChildInfo(Body, frozen=True):
+    name: Name
     role: ServerRole
     url: str
-    parent: str | None = None
+    devices: int  #: devices in the child's subtree
+
+
+class ServerInfo(Body, frozen=True):
+    """``GET /v1/server``."""
+
+    name: Name
+    role: ServerRole
+    url: str
+    parent: str | None = None  #: the parent's URL, as configured
+    parent_name: Name | None = None  #: the parent's name, once welcomed
     parent_connected: bool = False
-    children: list[ChildInfo] = field(default_factory=list)
+    children: list[ChildInfo] = []
     version: int = PROTOCOL_VERSION
 
 
-@dataclass(frozen=True)
-class DeviceList(Body):
-    """``GET /v1/devices``: a lower server's own devices, an upper server's whole tree."""
+class ServerList(Body, frozen=True):
+    """``GET /v1/servers``: every server of the tree this server knows, itself included."""
 
-    server: str
-    devices: list[DeviceInfo] = field(default_factory=list)
+    server: Name
+    servers: list[ServerEntry] = []
 
 
-@dataclass(frozen=True)
-class ErrorBody(Body):
+class DeviceList(Body, frozen=True):
+    """``GET /v1/devices``: a lower server's own devices, an upper server's whole subtree."""
+
+    server: Name
+    devices: list[DeviceInfo] = []
+
+
+class ErrorBody(Body, frozen=True):
     """Every HTTP error: ``{"error": {"code", "message", "field"}}``."""
 
     error: Error

@@ -1,0 +1,702 @@
+"""The signalling core of one server: calls, links and messages in (with ``now``), effects out.
+
+It does no I/O and imports neither aiohttp nor aiortc, in the manner of aioquic's
+``QuicConnection``: the server (relay/node.py) feeds it every message that arrives, every link
+that opens or closes, every clock tick and every media event, and carries out what it puts in the
+outbox (relay/effects.py): messages to send, legs to open, offers to apply, legs to close.
+
+A call at a server is a :class:`Session` with two ports: ``up`` toward the caller and ``down``
+toward the callee, each a named link (a device, a child, the parent). A call is set up in two
+passes along its path:
+
+1. ``call_setup`` goes from the caller's server toward the callee's, each server choosing the next
+   link (relay/routing.py) and adding itself to ``path``;
+2. the callee's server wakes the callee, picks the video codec (the caller's first that the callee
+   takes) and sends ``call_accept`` back with the whole path; each server it passes starts its two
+   legs (it offers on device legs and on the downstream trunk, and answers on the upstream one).
+
+Timeline events and media figures travel the path to every server; a hang-up travels away from
+whoever ended the call. Messages are dispatched by :data:`HANDLERS` (link kind, message type): a
+pair that is not in the table is refused, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from msgspec.structs import replace
+
+from relay.admission import Limits, Refused, admit
+from relay.auth import Auth
+from relay.call import (
+    BOTH_WOKEN,
+    MEDIA_BOTH_WAYS,
+    Call,
+    CallStateError,
+    MediaReport,
+    Milestone,
+    Timeouts,
+)
+from relay.directory import TreeDirectory
+from relay.effects import (
+    PARENT,
+    CallChanged,
+    Link,
+    LinkKind,
+    Negotiate,
+    PortPlan,
+    StartMedia,
+    StopMedia,
+)
+from relay.ended import Ended, EndedCalls
+from relay.logs import event
+from relay.messages import (
+    MAX_PATH,
+    VIDEO_CODECS,
+    Announce,
+    Answer,
+    CallAccept,
+    CallInfo,
+    CallSetup,
+    CallUpdate,
+    CreateCall,
+    DeviceInfo,
+    Directory,
+    Error,
+    FirstFrame,
+    Hangup,
+    Heartbeat,
+    Message,
+    Offer,
+    Register,
+    Registered,
+    Role,
+    ServerEntry,
+    Stats,
+    Wake,
+    Welcome,
+    Woken,
+    split_address,
+)
+from relay.reasons import Code
+from relay.routing import Local, route
+
+log = logging.getLogger("relay.switch")
+
+#: why a call ends when one of its links closes, by the link's kind
+LINK_LOST: dict[LinkKind, Code] = {"device": Code.DEVICE_GONE, "child": Code.SERVER_GONE,
+                                   "parent": Code.TRUNK_LOST}
+
+
+@dataclass
+class Port:
+    """One side of a call at this server: the link, and for a device its part and codecs."""
+
+    link: Link
+    role: Role | None = None
+    codecs: tuple[str, ...] = VIDEO_CODECS
+
+
+@dataclass
+class Session:
+    call: Call
+    up: Port  #: toward the caller
+    down: Port  #: toward the callee
+    routed: bool = False  #: the callee's server accepted: the legs are up or coming
+
+    @property
+    def ports(self) -> tuple[Port, Port]:
+        return (self.up, self.down)
+
+    def port_for(self, link: Link) -> Port | None:
+        if self.up.link == link:
+            return self.up
+        if self.down.link == link:
+            return self.down
+        return None
+
+
+@dataclass
+class Counters:
+    """What /metrics reports of the core."""
+
+    calls_started: int = 0
+    ended_by_reason: dict[str, int] = field(default_factory=dict)
+    #: requests, messages and links turned away, by code
+    refusals: dict[str, int] = field(default_factory=dict)
+
+    def refused(self, code: str) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+
+
+def new_call_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class Switch:
+    """Calls at one server, and the links that carry them."""
+
+    def __init__(self, directory: TreeDirectory, limits: Limits | None = None,
+                 timeouts: Timeouts | None = None, auth: Auth | None = None,
+                 heartbeat_s: float = 2.0, call_id: Callable[[], str] = new_call_id) -> None:
+        self.directory = directory
+        self.outbox = directory.outbox
+        self.limits = limits or Limits()
+        self.timeouts = timeouts or Timeouts()
+        self.auth = auth or Auth()
+        self.heartbeat_s = heartbeat_s
+        self.new_call_id = call_id
+        self.sessions: dict[str, Session] = {}
+        self.ended = EndedCalls()
+        self.counters = Counters()
+        #: set on SIGTERM: new calls and links are refused while the calls in progress end
+        self.draining = False
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    # ------------------------------------------------------------------ links
+
+    def device_register(self, register: Register, now: float) -> Refused | None:
+        """A device's first message. Returns the refusal, or None when it is registered."""
+        # In this order: a draining server says so; a stranger learns nothing more; a taken
+        # id is named before the server is full.
+        refusal = None
+        if self.draining:
+            refusal = admit("device", self.name, self.limits, True, 0)
+        refusal = refusal or self._credential(f"device:{register.device}", register.token)
+        if refusal is None and register.device in self.directory.own:
+            refusal = Refused(Code.DUPLICATE_DEVICE, f"device {register.device!r} is already "
+                              f"registered on {self.name}", "device")
+        refusal = refusal or admit("device", self.name, self.limits, self.draining,
+                                   len(self.sessions), len(self.directory.own))
+        if refusal is not None:
+            self.counters.refused(refusal.code)
+            return refusal
+        info = DeviceInfo(id=register.device, server=self.name, codecs=list(register.codecs))
+        link = Link("device", register.device)
+        self.outbox.send(link, Registered(server=self.name, device=register.device,
+                                          address=info.address, heartbeat_s=self.heartbeat_s))
+        self.directory.device_added(info)
+        event(log, "device.registered", device=register.device, codecs=",".join(info.codecs))
+        return None
+
+    def child_announce(self, announce: Announce, now: float) -> Refused | None:
+        """A child server's first message. Returns the refusal, or None when it is welcomed."""
+        refusal = admit("server", self.name, self.limits, self.draining, len(self.sessions))
+        refusal = refusal or self._credential(f"server:{announce.server}", announce.token)
+        if refusal is None and self.directory.server(announce.server) is not None:
+            refusal = Refused(Code.DUPLICATE_SERVER, f"a server named {announce.server!r} is "
+                              "already in the tree", "server")
+        if refusal is not None:
+            self.counters.refused(refusal.code)
+            return refusal
+        entry = ServerEntry(name=announce.server, role=announce.role, url=announce.url,
+                            parent=self.name)
+        self.outbox.send(Link("child", announce.server), Welcome(server=self.name))
+        self.directory.child_joined(entry)
+        event(log, "child.connected", server=announce.server, role=announce.role,
+              url=announce.url)
+        return None
+
+    def parent_welcomed(self, welcome: Welcome, now: float) -> None:
+        self.directory.parent_welcomed(welcome.server)
+        event(log, "parent.connected", parent=welcome.server)
+
+    def link_lost(self, link: Link, now: float) -> None:
+        """A link closed: every call over it ends, and the directory forgets what it brought."""
+        reason = LINK_LOST[link.kind]
+        for session in list(self.sessions.values()):
+            if session.port_for(link) is not None:
+                self._end(session, reason, now, source=link)
+        if link.kind == "device":
+            self.directory.device_removed(link.name)
+            event(log, "device.gone", device=link.name)
+        elif link.kind == "child":
+            gone = self.directory.child_lost(link.name)
+            event(log, "child.lost", logging.WARNING, server=link.name, servers=len(gone))
+        else:
+            parent = self.directory.parent
+            self.directory.parent_lost()
+            event(log, "parent.lost", logging.WARNING, parent=parent)
+        self.outbox.drop(link)
+
+    def _credential(self, identity: str, token: str | None) -> Refused | None:
+        refusal = self.auth.check(identity, token)
+        return Refused(Code(refusal[0]), refusal[1], "token") if refusal else None
+
+    # ------------------------------------------------------------------ the probe's commands
+
+    def create_call(self, request: CreateCall, now: float) -> Call:
+        """``POST /v1/calls`` at the caller's server. Raises Refused (and changes nothing)."""
+        refusal = admit("call", self.name, self.limits, self.draining, len(self.sessions))
+        if refusal is not None:
+            self.counters.refused(refusal.code)
+            raise refusal
+        if self.directory.role != "lower":
+            raise Refused(Code.NOT_A_LOWER_SERVER, f"{self.name} is an upper server: send call "
+                          "commands to the caller's lower server")
+        caller = self._own_caller(request.caller)
+        where = route(self.directory, request.callee)
+        if isinstance(where, Local) and where.device == caller.id:
+            raise Refused(Code.SAME_DEVICE, "caller and callee are the same device", "callee")
+        for info, what in ((caller, "caller"), (self.directory.own.get(
+                where.device) if isinstance(where, Local) else None, "callee")):
+            if info is not None and info.state == "busy":
+                raise Refused(Code.BUSY_DEVICE, f"{what} {info.address} is busy (in a call)",
+                              what)
+        call = Call(self.new_call_id(), caller.address, "", now, self.timeouts,
+                    media_mode=request.media_mode, path=[self.name])
+        call.timeline["t_received"] = now
+        up = Port(Link("device", caller.id), "caller", tuple(caller.codecs))
+        if isinstance(where, Local):
+            callee = self.directory.own[where.device]
+            call.callee = callee.address
+            # The caller's first choice that the callee takes too; with none in common, the
+            # caller's, and this server transcodes for the callee alone.
+            call.codec = next((c for c in caller.codecs if c in callee.codecs),
+                              caller.codecs[0])
+            session = Session(call, up, Port(Link("device", callee.id), "callee",
+                                             tuple(callee.codecs)), routed=True)
+            self._open(session)
+            self._wake(session, session.up)
+            self._wake(session, session.down)
+            self._start_media(session)
+        else:
+            call.callee = where.callee
+            call.codec = caller.codecs[0]
+            session = Session(call, up, Port(where.link))
+            self._open(session)
+            self._wake(session, session.up)
+            self.outbox.send(where.link, CallSetup(
+                call=call.id, caller=call.caller, callee=where.callee, codecs=list(caller.codecs),
+                media_mode=request.media_mode, path=[self.name]))
+        return call
+
+    def _own_caller(self, address: str) -> DeviceInfo:
+        server, device = split_address(address)
+        if server not in (None, self.name):
+            if self.directory.server(server or "") is None:
+                raise Refused(Code.UNKNOWN_SERVER, f"no server {server!r} in the tree", "caller")
+            raise Refused(Code.CALLER_NOT_HERE, f"caller {address} is on {server}, not "
+                          f"{self.name}: send the command to the caller's server", "caller")
+        info = self.directory.own.get(device)
+        if info is None:
+            raise Refused(Code.UNKNOWN_DEVICE, f"no device {device!r} on {self.name}", "caller")
+        return info
+
+    def hangup(self, call_id: str, now: float) -> Call | None:
+        """``DELETE /v1/calls/{id}``: end the call (reason hangup); the call, or None."""
+        session = self.sessions.get(call_id)
+        if session is not None:
+            event(log, "call.hangup_requested", call=call_id)
+            self._end(session, Code.HANGUP, now)
+        return self.find_call(call_id)
+
+    def find_call(self, call_id: str) -> Call | None:
+        session = self.sessions.get(call_id)
+        if session is not None:
+            return session.call
+        ended = self.ended.get(call_id)
+        return ended.call if ended is not None else None
+
+    def call_info(self, call: Call) -> CallInfo:
+        return CallInfo(call=call.id, state=call.state.value, caller=call.caller,  # type: ignore[arg-type]
+                        callee=call.callee or call.caller, server=self.name,
+                        path=list(call.path), timeline=dict(call.timeline),
+                        media=dict(call.media), reason=call.reason, codec=call.codec,
+                        transcoded=list(call.transcoded))
+
+    # ------------------------------------------------------------------ messages
+
+    def receive(self, link: Link, message: Message, now: float) -> None:
+        """A valid message arrived on ``link``."""
+        handler = HANDLERS.get((link.kind, type(message)))
+        if handler is None:
+            self._refuse(link, message, Code.UNEXPECTED_TYPE,
+                         f"{message.TYPE!r} is not expected on a {link.kind} link", "type")
+            return
+        handler(self, link, message, now)
+
+    def _echo(self, link: Link, message: Heartbeat, now: float) -> None:
+        self.outbox.send(link, message)
+
+    def _again(self, link: Link, message: Message, now: float) -> None:
+        self._refuse(link, message, Code.ALREADY_REGISTERED if link.kind == "device"
+                     else Code.PROTOCOL_ERROR, f"{message.TYPE} was already received on this "
+                     "link", "type")
+
+    def _peer_error(self, link: Link, message: Error, now: float) -> None:
+        event(log, "peer.error", logging.WARNING, peer=str(link), code=message.code,
+              reason=message.message, field=message.field, call=message.call, ref=message.ref)
+
+    def _child_directory(self, link: Link, update: Directory, now: float) -> None:
+        self._directory_refusals(link, update, self.directory.child_update(link.name, update))
+
+    def _parent_directory(self, link: Link, update: Directory, now: float) -> None:
+        self._directory_refusals(link, update, self.directory.parent_update(update))
+
+    def _directory_refusals(self, link: Link, update: Directory, refused: list[Refused]) -> None:
+        if refused:
+            first = refused[0]
+            more = f" ({len(refused)} of {update.size} entries refused)" if len(refused) > 1 \
+                else ""
+            self._refuse(link, update, first.code, first.message + more, first.field)
+
+    # ------------------------------------------------------------------ call setup
+
+    def _setup(self, link: Link, setup: CallSetup, now: float) -> None:
+        """A call entering this server from a neighbour."""
+        if setup.call in self.sessions or setup.call in self.ended:
+            self._refuse(link, setup, Code.DUPLICATE_CALL,
+                         f"call {setup.call!r} already exists here", "call")
+            return
+        problem = self._setup_problem(link, setup)
+        if problem is None:
+            refusal = admit("call", self.name, self.limits, self.draining, len(self.sessions))
+            problem = (refusal.code, refusal.message) if refusal else None
+        if problem is not None:
+            self._turn_away(link, setup, *problem, now)
+            return
+        if self.directory.role == "lower":
+            self._terminate(link, setup, now)
+        else:
+            self._transit(link, setup, now)
+
+    def _turn_away(self, link: Link, setup: CallSetup, code: Code, text: str,
+                   now: float) -> None:
+        """Refuse a call arriving over ``link``: a hang-up back with the reason. The refused
+        call is kept as ended, so what crossed with the refusal is dropped quietly and
+        ``GET /v1/calls/{id}`` here says why."""
+        self.counters.refused(code)
+        event(log, "call.refused", logging.WARNING, call=setup.call, caller=setup.caller,
+              callee=setup.callee, code=code, reason=text, peer=str(link))
+        self.outbox.send(link, Hangup(call=setup.call, reason=code))
+        if setup.call not in self.ended:
+            call = Call(setup.call, setup.caller, setup.callee, now, self.timeouts,
+                        media_mode=setup.media_mode, path=[*setup.path, self.name])
+            call.end(code, now)
+            self.ended.add(Ended(call, (link,)), now)
+
+    def _setup_problem(self, link: Link, setup: CallSetup) -> tuple[Code, str] | None:
+        """Why a call_setup from ``link`` cannot be taken (None: it can)."""
+        caller_server, _ = split_address(setup.caller)
+        sender = link.name if link.kind == "child" else self.directory.parent
+        if caller_server != setup.path[0] or setup.path[-1] != sender:
+            return Code.NOT_YOURS, f"path {setup.path} must run from the caller's server " \
+                f"{caller_server!r} to the sender {sender!r}"
+        if link.kind == "child":
+            if self.directory.via.get(caller_server or "") != link.name:
+                return Code.NOT_YOURS, f"{link.name} may not start calls for " \
+                    f"{caller_server!r}: it is not in its subtree"
+        elif caller_server == self.name or caller_server in self.directory.below:
+            return Code.NOT_YOURS, f"the parent may not start calls for {caller_server!r}: " \
+                "it is in this server's subtree"
+        if self.name in setup.path or len(setup.path) >= MAX_PATH:
+            return Code.MISROUTED, f"the call has crossed {self.name} already: {setup.path}"
+        return None
+
+    def _terminate(self, link: Link, setup: CallSetup, now: float) -> None:
+        """We are the callee's server: wake the callee, pick the codec, accept."""
+        server, device = split_address(setup.callee)
+        info = self.directory.own.get(device) if server in (None, self.name) else None
+        if info is None:
+            self._turn_away(link, setup, Code.UNKNOWN_DEVICE,
+                            f"no device {device!r} on {self.name}", now)
+            return
+        if info.state == "busy":
+            self._turn_away(link, setup, Code.CALLEE_BUSY, f"{info.address} is in a call", now)
+            return
+        path = [*setup.path, self.name]
+        codec = next((c for c in setup.codecs if c in info.codecs), setup.codecs[0])
+        call = Call(setup.call, setup.caller, info.address, now, self.timeouts, codec=codec,
+                    media_mode=setup.media_mode, path=path)
+        session = Session(call, Port(link), Port(Link("device", info.id), "callee",
+                                                 tuple(info.codecs)), routed=True)
+        self._open(session)
+        self.outbox.send(link, CallAccept(call=call.id, callee=info.address, codec=codec,
+                                          path=path))
+        self._wake(session, session.down)
+        self._start_media(session)
+
+    def _transit(self, link: Link, setup: CallSetup, now: float) -> None:
+        try:
+            where = route(self.directory, setup.callee)
+        except Refused as refusal:
+            self._turn_away(link, setup, refusal.code, refusal.message, now)
+            return
+        assert not isinstance(where, Local)  # an upper server holds no devices
+        if where.link == link:
+            self._turn_away(link, setup, Code.MISROUTED, f"{setup.callee} is back where the "
+                            "call came from", now)
+            return
+        path = [*setup.path, self.name]
+        call = Call(setup.call, setup.caller, where.callee, now, self.timeouts,
+                    codec=setup.codecs[0], media_mode=setup.media_mode, path=path)
+        session = Session(call, Port(link), Port(where.link))
+        self._open(session)
+        self.outbox.send(where.link, replace(setup, callee=where.callee, path=path))
+        if self._hands_over(session):
+            # The last upper server on the path hands the call to the callee's server. The
+            # callee's server hears of it once it has accepted (see _accept).
+            self._record(session, "t_routed", now, session.down.link)
+
+    def _accept(self, session: Session, link: Link, accept: CallAccept, now: float) -> None:
+        call = session.call
+        if session.routed or link != session.down.link or accept.path[:len(call.path)] != \
+                call.path:
+            self._refuse(link, accept, Code.PROTOCOL_ERROR, "call_accept out of turn, or with "
+                         f"a path that does not continue {call.path}", "path")
+            return
+        call.path, call.codec, call.callee = list(accept.path), accept.codec, accept.callee
+        session.routed = True
+        if session.up.link.is_trunk:
+            self.outbox.send(session.up.link, accept)
+        routed = call.timeline.get("t_routed")
+        if routed is not None and self._hands_over(session):
+            self.outbox.send(link, CallUpdate(call=call.id, events={"t_routed": routed}))
+        self._start_media(session)
+        self.outbox.add(CallChanged(call.id))
+
+    def _hands_over(self, session: Session) -> bool:
+        """This server passes the call straight to the callee's (lower) server."""
+        link = session.down.link
+        entry = self.directory.server(link.name) if link.kind == "child" else None
+        return entry is not None and entry.role == "lower"
+
+    def _open(self, session: Session) -> None:
+        call = session.call
+        self.sessions[call.id] = session
+        self.counters.calls_started += 1
+        for port in session.ports:
+            if port.role is not None:
+                self.directory.device_state(port.link.name, "busy")
+        event(log, "call.session", call=call.id, caller=call.caller, callee=call.callee,
+              upstream=str(session.up.link), downstream=str(session.down.link))
+
+    def _wake(self, session: Session, port: Port) -> None:
+        assert port.role is not None
+        call = session.call
+        peer = call.callee if port.role == "caller" else call.caller
+        self.outbox.send(port.link, Wake(call=call.id, role=port.role, peer=peer,
+                                         media_mode=call.media_mode))  # type: ignore[arg-type]
+
+    def _start_media(self, session: Session) -> None:
+        call = session.call
+        if call.media_mode != "full":
+            return  # signalling only: no legs
+
+        def plan(port: Port, offer: bool) -> PortPlan:
+            codec = call.codec if port.role is None or call.codec in port.codecs \
+                else port.codecs[0]  # the device's own: this server transcodes for it
+            return PortPlan(port.link, offer, codec, port.role)
+        self.outbox.add(StartMedia(call.id, plan(session.up, session.up.role is not None),
+                                   plan(session.down, True)))
+
+    # ------------------------------------------------------------------ calls in progress
+
+    def _call_message(self, link: Link, message: Message, now: float) -> None:
+        call_id: str = message.call  # type: ignore[attr-defined]
+        session = self.sessions.get(call_id)
+        port = session.port_for(link) if session is not None else None
+        if session is None or port is None:
+            self._late(link, message, now)
+            return
+        if isinstance(message, Hangup):
+            self._end(session, message.reason, now, source=link)
+        elif isinstance(message, CallUpdate) and link.is_trunk:
+            self._update(session, link, message)
+        elif isinstance(message, CallAccept):
+            self._accept(session, link, message, now)
+        elif isinstance(message, Offer | Answer):
+            # This server answers on the upstream trunk and offers everywhere else.
+            expects_offer = port is session.up and link.is_trunk
+            if session.routed and isinstance(message, Offer) == expects_offer and \
+                    session.call.media_mode == "full":
+                self.outbox.add(Negotiate(call_id, link, message))
+            else:
+                self._refuse(link, message, Code.PROTOCOL_ERROR, f"no {message.TYPE} is "
+                             "expected on this leg now", "type")
+        elif isinstance(message, Woken | FirstFrame) and port.role is not None:
+            name = (f"t_{port.role}_woken" if isinstance(message, Woken)
+                    else f"t_first_frame_{port.role}")
+            self._record(session, name, message.at, None)
+        elif isinstance(message, Stats) and port.role is not None:
+            self._report(session.call, port.role, message, [p.link for p in session.ports])
+        else:
+            self._refuse(link, message, Code.UNEXPECTED_TYPE,
+                         f"{message.TYPE!r} is not expected here", "type")
+
+    def _late(self, link: Link, message: Message, now: float) -> None:
+        """A message for a call this server does not carry over ``link``: a device's last
+        figures after the hang-up are kept and passed on; what crossed with the end is
+        dropped; anything else is an unknown call."""
+        call_id: str = message.call  # type: ignore[attr-defined]
+        ended = self.ended.get(call_id)
+        if ended is None or not (link in ended.trunks if link.is_trunk
+                                 else link.name in ended.devices):
+            self._refuse(link, message, Code.UNKNOWN_CALL, f"no call {call_id!r} on this link",
+                         "call")
+            return
+        if isinstance(message, Stats) and link.kind == "device":
+            self._report(ended.call, ended.devices[link.name], message, list(ended.trunks))
+        elif isinstance(message, CallUpdate) and message.media and link in ended.trunks:
+            for direction, stats in message.media.items():
+                ended.call.handle(MediaReport(direction, stats))
+            self._relay(list(ended.trunks), CallUpdate(call=call_id, media=message.media), link)
+        # else: it crossed with our end of the call (a hang-up, an answer): nothing to do
+
+    def _report(self, call: Call, role: Role, stats: Stats, links: list[Link]) -> None:
+        direction = "callee_to_caller" if role == "caller" else "caller_to_callee"
+        try:
+            call.handle(MediaReport(direction, stats.media))
+        except CallStateError as exc:
+            event(log, "call.stats_refused", logging.WARNING, call=call.id, reason=exc.message)
+            return
+        self._relay(links, CallUpdate(call=call.id, media={direction: stats.media}), None)
+
+    def _update(self, session: Session, link: Link, update: CallUpdate) -> None:
+        call = session.call
+        before = call.state
+        for name, at in update.events.items():
+            try:
+                transition = call.handle(Milestone(name, at))
+            except CallStateError as exc:
+                event(log, "call.event_refused", logging.WARNING, call=call.id,
+                      reason=exc.message, peer=str(link))
+                continue
+            if transition.activated:
+                event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
+        for direction, stats in update.media.items():
+            call.handle(MediaReport(direction, stats))
+        call.transcoded.extend(w for w in update.transcoded if w not in call.transcoded)
+        self._relay([p.link for p in session.ports], update, link)
+        if before is not call.state:
+            self.outbox.add(CallChanged(call.id))
+
+    def _record(self, session: Session, name: str, at: float, source: Link | None) -> None:
+        """A timeline event here: keep it and pass it to the other servers on the path."""
+        call = session.call
+        try:
+            transition = call.handle(Milestone(name, at))
+        except CallStateError as exc:
+            event(log, "call.event_refused", logging.WARNING, call=call.id, reason=exc.message)
+            return
+        self._relay([p.link for p in session.ports],
+                    CallUpdate(call=call.id, events={name: at}), source)  # type: ignore[dict-item]
+        if transition.activated:
+            event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
+        self.outbox.add(CallChanged(call.id))
+
+    def _relay(self, links: list[Link], update: CallUpdate, source: Link | None) -> None:
+        for link in links:
+            if link.is_trunk and link != source:
+                self.outbox.send(link, update)
+
+    # ------------------------------------------------------------------ the media layer
+
+    def media_up(self, call_id: str, now: float) -> None:
+        """The caller's first packet reached this server (the caller's server only)."""
+        session = self.sessions.get(call_id)
+        if session is not None and "t_media_up" not in session.call.timeline:
+            self._record(session, "t_media_up", now, None)
+
+    def media_failed(self, call_id: str, code: Code, now: float) -> None:
+        session = self.sessions.get(call_id)
+        if session is not None:
+            self._end(session, code, now)
+
+    def transcoded(self, call_id: str, where: str) -> None:
+        """A direction of this call fell back to transcoding here: the call's record says
+        where, at every server."""
+        session = self.sessions.get(call_id)
+        if session is not None:
+            session.call.transcoded.append(where)
+            self._relay([p.link for p in session.ports],
+                        CallUpdate(call=call_id, transcoded=[where]), None)
+
+    def undeliverable(self, link: Link, message: Message, now: float) -> None:
+        """A message could not be sent: a wake-up or a call setup ends its call."""
+        if isinstance(message, Wake):
+            session = self.sessions.get(message.call)
+            if session is not None:
+                self._end(session, Code(f"{message.role}_unreachable"), now)
+        elif isinstance(message, CallSetup):
+            session = self.sessions.get(message.call)
+            if session is not None:
+                self._end(session, Code.SERVER_UNREACHABLE, now)
+
+    # ------------------------------------------------------------------ ending, time
+
+    def _end(self, session: Session, reason: Code, now: float, source: Link | None = None) -> None:
+        """End a call here, tell the rest of its path (not ``source``), close its legs."""
+        if session.call.end(reason, now).ended:
+            self._finish(session, reason, source, now)
+
+    def _finish(self, session: Session, reason: str, source: Link | None, now: float) -> None:
+        call = session.call
+        self.sessions.pop(call.id, None)
+        self.counters.ended_by_reason[reason] = self.counters.ended_by_reason.get(reason, 0) + 1
+        for port in session.ports:
+            if port.link != source:
+                self.outbox.send(port.link, Hangup(call=call.id, reason=Code(reason)))
+        if session.routed and call.media_mode == "full":
+            self.outbox.add(StopMedia(call.id))
+        devices: dict[str, Role] = {}
+        for port in session.ports:
+            if port.role is not None:
+                devices[port.link.name] = port.role
+                self.directory.device_state(port.link.name, "idle")
+        self.ended.add(Ended(call, tuple(p.link for p in session.ports if p.link.is_trunk),
+                             devices), now)
+        self.outbox.add(CallChanged(call.id))
+        needed = MEDIA_BOTH_WAYS if call.media_mode == "full" else BOTH_WOKEN
+        event(log, "call.ended", call=call.id, caller=call.caller, callee=call.callee,
+              reason=reason, was_active=all(m in call.timeline for m in needed),
+              duration_s=round(call.timeline["t_end"] - call.created_at, 3))
+
+    def tick(self, now: float) -> None:
+        """Enforce every call's timeouts; forget ended calls past their keep."""
+        for session in list(self.sessions.values()):
+            if session.call.tick(now).ended:
+                self._finish(session, session.call.reason or Code.SETUP_TIMEOUT, None, now)
+        self.ended.expire(now)
+
+    def end_all(self, reason: Code, now: float) -> None:
+        for session in list(self.sessions.values()):
+            self._end(session, reason, now)
+
+    def _refuse(self, link: Link, message: Message, code: Code, text: str,
+                field_name: str | None = None) -> None:
+        """Answer a message we will not act on; log it once."""
+        call = getattr(message, "call", None)
+        self.counters.refused(code)
+        event(log, "message.refused", logging.WARNING, peer=str(link), code=code, reason=text,
+              field=field_name, call=call, ref=message.TYPE)
+        self.outbox.send(link, Error(code=code, message=text[:1024], field=field_name,
+                                     call=call, ref=message.TYPE))
+
+
+Handler = Callable[[Switch, Link, Message, float], None]
+_CALL = Switch._call_message
+#: (link kind, message type) -> handler. A pair that is not here is refused (unexpected_type).
+HANDLERS: dict[tuple[LinkKind, type[Message]], Handler] = {
+    **{(kind, Heartbeat): Switch._echo for kind in ("device", "child", "parent")},
+    **{(kind, Error): Switch._peer_error for kind in ("device", "child", "parent")},
+    ("device", Register): Switch._again,
+    ("child", Announce): Switch._again,
+    ("parent", Welcome): Switch._again,
+    **{("device", t): _CALL for t in (Woken, FirstFrame, Stats, Answer, Hangup)},
+    **{(kind, t): _CALL for kind in ("child", "parent")
+       for t in (CallAccept, Offer, Answer, CallUpdate, Hangup)},
+    ("child", CallSetup): Switch._setup,
+    ("parent", CallSetup): Switch._setup,
+    ("child", Directory): Switch._child_directory,
+    ("parent", Directory): Switch._parent_directory,
+}  # type: ignore[dict-item]
+
+__all__ = ["HANDLERS", "PARENT", "Counters", "Port", "Session", "Switch"]
