@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.messages import NAME_PATTERN, decode  # noqa: E402
+from relay.messages import NAME_PATTERN, decode
 
 CALL = "5f2c0e9d3a6b41c7"
 SDP = "v=0\r\n" + "a=candidate:1 1 UDP 2130706431 127.0.0.1 40000 typ host\r\n" * 60

@@ -41,6 +41,16 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"counts {text!r} must be N,N,...") from None
+    if any(n < 0 for n in counts):
+        raise argparse.ArgumentTypeError("counts must not be negative")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m endpoint", description=__doc__)
@@ -53,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many devices this process hosts")
     p.add_argument("--start", type=int, default=int(env("ENDPOINT_START", "0")),
                    help="first index with --count (ids PREFIX-START ...)")
+    p.add_argument("--counts", type=_counts, default=None, metavar="N,N,...",
+                   help="with several --server: how many devices each gets, in order "
+                        "(default: --count each)")
     p.add_argument("--video", default=env("ENDPOINT_VIDEO", "synthetic"),
                    help="synthetic: drawn and encoded live per call; preencoded: a VP8 loop "
                         "encoded once and sent by every device, received decoded; packets: the "
@@ -98,10 +111,14 @@ async def run(args: argparse.Namespace) -> None:
                               record=args.record, token=args.token)
     supply = MediaSupply.for_settings(settings)
     devices = []
-    for n, server in enumerate(args.server):
-        start = args.start + n * args.count if (args.start or len(args.server) > 1) else 0
+    counts = args.counts or [args.count] * len(args.server)
+    # One server and no --start: a single device keeps its bare id. Otherwise ids are
+    # numbered on across the servers, with no two alike.
+    start = args.start or (1 if len(args.server) > 1 else 0)
+    for server, count in zip(args.server, counts, strict=True):
         devices += [Device(server, d, settings, supply=supply)
-                    for d in device_ids(args.device, args.count, start)]
+                    for d in device_ids(args.device, count, start)]
+        start += count if start else 0
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -121,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args.server = args.server or split_list(os.environ.get("ENDPOINT_SERVER"))
     if not args.server:
         parser.error("give --server (or ENDPOINT_SERVER)")
+    if args.counts is not None and len(args.counts) != len(args.server):
+        parser.error(f"--counts gives {len(args.counts)} numbers for {len(args.server)} "
+                     "--server")
     setup_logging(f"endpoint:{args.device}", args.log_level)
     try:
         settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,

@@ -389,12 +389,13 @@ class Device:
             try:
                 async with session.ws_connect(self.url, heartbeat=self.settings.heartbeat_s,
                                               max_msg_size=MAX_MESSAGE_BYTES) as ws:
-                    channel = WebSocketChannel(ws, "parent", "server")
+                    channel = WebSocketChannel(ws, "server")
                     await channel.send(Register(device=self.id,
                                                 token=token_for(f"device:{self.id}",
                                                                 self.settings.token),
                                                 codecs=list(self.settings.video_codecs)))
-                    reply = await receive(ws, SERVER_TO_DEVICE, "server", timeout=10)
+                    async with asyncio.timeout(10):
+                        reply = await receive(ws, SERVER_TO_DEVICE, "server")
                     if not isinstance(reply, Registered):
                         reason = reply.message if isinstance(reply, Error) else "no reply"
                         event(log, "device.refused", logging.ERROR, device=self.id,

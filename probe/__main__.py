@@ -37,14 +37,22 @@ from relay.logs import setup_logging
 from relay.messages import DIRECTIONS
 from relay.server import event_loop_factory
 from relay.stack import LocalStack, StackError, StackSettings
+from relay.topology import DEFAULT, TopologyError
+from relay.topology import load as load_topology
 
 
 def _common(c: argparse.ArgumentParser, devices: int, video: str) -> None:
     c.add_argument("--server", action="append", default=None,
-                   help="a server URL (repeatable); upper servers name their lower servers "
-                        "and lower servers their parent (env PROBE_SERVERS, comma-separated)")
+                   help="a server URL (repeatable): any server of the tree; the probe finds "
+                        "the rest (env PROBE_SERVERS, comma-separated)")
     c.add_argument("--local", action="store_true",
-                   help="start a local stack (upper, lower-a, lower-b, devices) for this run")
+                   help="start a local stack (upper, lower-a, lower-b, devices; or --topology) "
+                        "for this run")
+    c.add_argument("--topology", type=Path, default=None, metavar="FILE",
+                   help="with --local: the tree's shape (JSON, as `relay stack --topology`)")
+    c.add_argument("--via", default=None, metavar="SERVER",
+                   help="only calls whose path crosses SERVER (capacity: the rate SERVER "
+                        "sustains as a transit)")
     c.add_argument("--devices", type=int, default=devices,
                    help="with --local: devices per lower server")
     c.add_argument("--size", default="640x480", help="with --local: device picture size")
@@ -130,13 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.asynccontextmanager
 async def servers_for(args: argparse.Namespace) -> AsyncIterator[list[str]]:
     if args.local:
-        settings = StackSettings(devices=args.devices, size=args.size, video=args.video)
+        try:
+            topology = load_topology(args.topology) if args.topology else DEFAULT
+        except TopologyError as exc:
+            raise ProbeError("bad_arguments", str(exc)) from None
+        settings = StackSettings(devices=args.devices, size=args.size, video=args.video,
+                                 topology=topology)
         async with LocalStack(settings) as stack:
             if not args.json:
-                names = ", ".join(f"{c.name} {c.url}" for c in stack.children if c.url)
+                names = ", ".join(f"{c.name} {c.url}" for c in stack.servers if c.url)
                 print(f"local stack: {names} (logs in {stack.log_dir})", flush=True)
             yield stack.urls
         return
+    if args.topology:
+        raise ProbeError("bad_arguments", "--topology goes with --local")
     urls = args.server or [u for u in os.environ.get("PROBE_SERVERS", "").split(",") if u]
     if not urls:
         raise ProbeError("no_servers", "give --server URL (repeatable), PROBE_SERVERS, or --local")
@@ -146,8 +161,10 @@ async def servers_for(args: argparse.Namespace) -> AsyncIterator[list[str]]:
 def describe(result: CallResult) -> str:
     lines = [f"call {result.call or '-'}  {result.caller} -> {result.callee}  via {result.server}"
              f"  {'OK' if result.ok else 'FAILED'}  (ended: {result.reason})"]
+    if result.path:
+        lines.append(f"  path: {' -> '.join(result.path)}")
     labels = {"response_ms": "response", "caller_woken_ms": "caller woken",
-              "routed_ms": "routed by upper", "callee_woken_ms": "callee woken",
+              "routed_ms": "routed to the callee's server", "callee_woken_ms": "callee woken",
               "media_up_ms": "caller media at its server",
               "first_frame_callee_ms": "first frame at callee",
               "first_frame_caller_ms": "first frame at caller", "setup_ms": "setup (both ways)"}
@@ -208,7 +225,7 @@ async def _calls(args: argparse.Namespace, session: aiohttp.ClientSession, urls:
         elif args.caller or args.callee:
             raise ProbeError("bad_arguments", "give both caller and callee, or neither")
         else:
-            caller, callee = pick_pair(servers)
+            caller, callee = pick_pair(servers, args.via)
         result = await run_call(session, servers, caller, callee, args.hold,
                                 args.setup_timeout)
         results.append(result)
@@ -238,6 +255,7 @@ def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:
                             setup_timeout_s=args.setup_timeout, late_ms=args.late_ms,
                             request_timeout_s=args.request_timeout,
                             pairing=args.pairing, pairs=tuple(pairs), media=args.media,
+                            via=args.via,
                             window_s=args.window, seed=args.seed, max_lag_ms=args.max_lag_ms)
     except ValueError as exc:
         raise ProbeError("bad_arguments", str(exc)) from None

@@ -45,6 +45,8 @@ class CallResult:
     active: bool = False  #: the call was up (media both ways, or woken with --media none)
     server_time_ms: float | None = None  #: the server's own time on the create command
     media_mode: str = "full"
+    #: the servers the call crossed, from the caller's to the callee's
+    path: list[str] = field(default_factory=list)
 
     @property
     def outcome(self) -> Outcome:
@@ -72,7 +74,8 @@ class CallResult:
     def to_dict(self) -> dict[str, Any]:
         outcome = self.outcome
         return {"call": self.call, "caller": self.caller, "callee": self.callee,
-                "server": self.server, "ok": self.ok, "reason": self.reason,
+                "server": self.server, "path": self.path, "ok": self.ok,
+                "reason": self.reason,
                 "failure": outcome.failure, "failure_detail": outcome.detail,
                 "media_mode": self.media_mode,
                 "timeline": dict(sorted(self.timeline.items(), key=lambda kv: kv[1])),
@@ -125,6 +128,7 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
         result.reason = result.error = exc.code
         return result
     result.timeline.update(info.timeline)
+    result.path = list(info.path)
     up = ("t_caller_woken", "t_callee_woken") if media == "none" else (
         "t_first_frame_callee", "t_first_frame_caller")
     result.active = all(e in info.timeline for e in up)

@@ -1,10 +1,12 @@
-"""Capacity search: per lower server, raise the call rate step by step until the objective is
-missed, then bisect between the last passing and the first failing rate.
+"""Capacity search: per lower server, or for one server as a transit (``--via NAME``), raise the
+call rate step by step until the objective is missed, then bisect between the last passing and the
+first failing rate.
 
-Each step is a whole open-loop load run (``probe/load.py``) with every caller under the server
-searched (callees elsewhere), judged on that server's figures only. A step also fails when starts
-were skipped (cap reached, or no idle pair of devices: the load was not really offered), and a
-step in which the probe itself lagged stops the search for that server as invalid.
+Each step is a whole open-loop load run (``probe/load.py``). Per lower server: every caller under
+the server searched (callees elsewhere), judged on that server's figures only. With ``via``: every
+call's path crosses the server under test, and the step is judged on the calls that crossed it. A
+step also fails when starts were skipped (cap reached, or no idle pair of devices: the load was
+not really offered), and a step in which the probe itself lagged stops the search as invalid.
 """
 
 from __future__ import annotations
@@ -46,16 +48,18 @@ class Step:
     report: LoadReport
     #: each server's /metrics over this step (probe/scrape.py), when they were watched
     server_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    via: bool = False  #: the server was searched as a transit: judged on calls crossing it
 
     def row(self) -> dict[str, Any]:
-        figures = self.report.recorder.servers.get(self.server)
+        figures = _figures(self.report, self.server, self.via)
         phases = figures.summary()["phases"] if figures else {}
 
         def p95(name: str) -> float | None:
             found = phases.get(name)
             return found["p95"] if found else None
 
-        return {"server": self.server, "rate": self.rate, "passed": self.passed, "why": self.why,
+        return {"server": self.server, "as": "transit" if self.via else "caller",
+                "rate": self.rate, "passed": self.passed, "why": self.why,
                 "calls": figures.calls if figures else 0,
                 "success_rate": figures.success_rate if figures else None,
                 "response_p95_ms": p95("response_ms"), "setup_p95_ms": p95("setup_ms"),
@@ -68,11 +72,17 @@ class Step:
                     n: m.get("loop_lag_p99_ms_at_most") for n, m in self.server_metrics.items()}}
 
 
+def _figures(report: LoadReport, server: str, via: bool) -> Any:
+    recorder = report.recorder
+    return (recorder.crossing if via else recorder.servers).get(server)
+
+
 @dataclass
 class Capacity:
     """What the search found for one server."""
 
     server: str
+    via: bool = False  #: searched as a transit server
     rate: float | None = None  #: highest rate that met the objective
     concurrent: int | None = None  #: the most calls up at once at that rate
     failed_rate: float | None = None  #: lowest rate seen to miss it
@@ -81,16 +91,17 @@ class Capacity:
     steps: list[Step] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"rate": self.rate, "concurrent": self.concurrent,
+        return {"server_under_test": self.server, "as": "transit" if self.via else "caller",
+                "rate": self.rate, "concurrent": self.concurrent,
                 "failed_rate": self.failed_rate, "failed_because": self.failed_because,
                 "invalid": self.invalid}
 
 
 def judge(report: LoadReport, server: str, objective: Objective, media: bool,
-          max_skipped: float) -> list[str]:
+          max_skipped: float, via: bool = False) -> list[str]:
     """Why a step fails for ``server`` (empty: it passed)."""
     why: list[str] = []
-    figures = report.recorder.servers.get(server)
+    figures = _figures(report, server, via)
     if figures is None:
         return ["no calls"]
     why += objective.missed(figures, media)
@@ -108,8 +119,13 @@ async def search(session: aiohttp.ClientSession, servers: list[Server], load: Lo
                  objective: Objective, settings: CapacitySettings,
                  on_step: Callable[[Step], None] | None = None,
                  watch: ServerWatch | None = None) -> dict[str, Capacity]:
-    """``watch``: read every server's /metrics over each step (``Step.server_metrics``)."""
+    """``watch``: read every server's /metrics over each step (``Step.server_metrics``). With
+    ``load.via``, one search: the rate the server ``load.via`` sustains as a transit."""
     found: dict[str, Capacity] = {}
+    if load.via is not None:
+        found[load.via] = await _search_one(session, servers, load.via, load, objective,
+                                            settings, on_step, watch, via=True)
+        return found
     for server in lower_servers(servers):
         if server.devices:
             found[server.name] = await _search_one(session, servers, server.name, load,
@@ -120,17 +136,17 @@ async def search(session: aiohttp.ClientSession, servers: list[Server], load: Lo
 async def _search_one(session: aiohttp.ClientSession, servers: list[Server], name: str,
                       load: LoadSettings, objective: Objective, settings: CapacitySettings,
                       on_step: Callable[[Step], None] | None,
-                      watch: ServerWatch | None) -> Capacity:
-    capacity = Capacity(name)
+                      watch: ServerWatch | None, via: bool = False) -> Capacity:
+    capacity = Capacity(name, via)
+    offered = replace(load, via=name) if via else replace(load, callers_on=name)
 
     async def step(rate: float) -> Step:
         async with (watch.window() if watch is not None
                     else contextlib.nullcontext({})) as tracks:
-            report = await run_load(session, servers, replace(load, rate=rate,
-                                                              callers_on=name))
-        why = judge(report, name, objective, load.media == "full", settings.max_skipped)
+            report = await run_load(session, servers, replace(offered, rate=rate))
+        why = judge(report, name, objective, load.media == "full", settings.max_skipped, via)
         done = Step(name, rate, not why, why, report,
-                    {server: track.summary() for server, track in tracks.items()})
+                    {server: track.summary() for server, track in tracks.items()}, via)
         capacity.steps.append(done)
         if on_step is not None:
             on_step(done)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -18,7 +17,9 @@ from relay.messages import (
     DeviceList,
     ErrorBody,
     MessageError,
+    ServerEntry,
     ServerInfo,
+    ServerList,
     split_address,
 )
 
@@ -37,13 +38,24 @@ class ProbeError(Exception):
 
 @dataclass
 class Server:
+    """A server of the tree as the probe found it: where to reach it, its place in the tree,
+    and (a lower server) its devices."""
+
     url: str
-    info: ServerInfo
+    entry: ServerEntry
     devices: list[DeviceInfo] = field(default_factory=list)
 
     @property
     def name(self) -> str:
-        return self.info.name
+        return self.entry.name
+
+    @property
+    def role(self) -> str:
+        return self.entry.role
+
+    @property
+    def parent(self) -> str | None:
+        return self.entry.parent
 
 
 class ServerClient:
@@ -87,6 +99,9 @@ class ServerClient:
     async def server(self) -> ServerInfo:
         return ServerInfo.from_dict(await self._get("/v1/server"))
 
+    async def servers(self) -> list[ServerEntry]:
+        return ServerList.from_dict(await self._get("/v1/servers")).servers
+
     async def devices(self) -> list[DeviceInfo]:
         return DeviceList.from_dict(await self._get("/v1/devices")).devices
 
@@ -107,48 +122,64 @@ class ServerClient:
 
 
 async def discover(session: aiohttp.ClientSession, urls: list[str],
-                   optional_timeout_s: float = 3.0) -> list[Server]:
-    """Ask every server given, concurrently; add the parent a lower server names and the lower
-    servers an upper server names. A server given must answer; one found through another may
-    be down (it is left out, and the calls that need it will say so)."""
-    seen: dict[str, Server] = {}
+                   optional_timeout_s: float = 3.0, concurrency: int = 64) -> list[Server]:
+    """The whole tree from any of its servers: each server given (which must answer) lists every
+    server it knows, from the root down (``GET /v1/servers``); then every lower server is asked
+    for its devices. A server found through another may be down: it is left out, and the calls
+    that need it will say so. Lower servers first, then upper; by name."""
+    entries: dict[str, ServerEntry] = {}
+    reach: dict[str, str] = {}  #: name -> the URL to use (a given one wins over an announced)
 
-    async def visit(url: str, optional: bool = False) -> None:
-        client = ServerClient(session, url, optional_timeout_s if optional else 10.0)
-        try:
-            info, devices = await asyncio.gather(client.server(), client.devices())
-        except ProbeError as exc:
-            if not optional:
-                raise
-            event(log, "discover.skipped", logging.WARNING, url=url, code=exc.code,
-                  reason=exc.message)
+    async def ask(url: str) -> None:
+        client = ServerClient(session, url)
+        info, known = await asyncio.gather(client.server(), client.servers())
+        reach[info.name] = client.url
+        for entry in known:
+            entries.setdefault(entry.name, entry)
+
+    await asyncio.gather(*(ask(u) for u in urls))
+    gate = asyncio.Semaphore(concurrency)
+    found: dict[str, Server] = {}
+
+    async def devices(entry: ServerEntry) -> None:
+        url = reach.get(entry.name, entry.url).rstrip("/")
+        given = entry.name in reach
+        if entry.role != "lower":
+            found[entry.name] = Server(url, entry)
             return
-        seen[info.name] = Server(client.url, info,
-                                 devices if info.role == "lower" else [])
+        async with gate:
+            client = ServerClient(session, url, 10.0 if given else optional_timeout_s)
+            try:
+                found[entry.name] = Server(url, entry, await client.devices())
+            except ProbeError as exc:
+                if given:
+                    raise
+                event(log, "discover.skipped", logging.WARNING, url=url, server=entry.name,
+                      code=exc.code, reason=exc.message)
 
-    await asyncio.gather(*(visit(u) for u in urls))
-    # From a lower server up to its parent, and from an upper server down to its children.
-    parents = {http_url(s.info.parent) for s in seen.values()
-               if s.info.parent and s.info.parent_connected}
-    known = {s.url for s in seen.values()}
-    if parents - known:
-        await asyncio.gather(*(visit(u, optional=True) for u in parents - known))
-    extra = {c.url for s in list(seen.values()) for c in s.info.children
-             if c.name not in seen and c.url}
-    if extra:
-        await asyncio.gather(*(visit(u, optional=True) for u in extra))
-    return sorted(seen.values(), key=lambda s: (s.info.role != "lower", s.name))
+    await asyncio.gather(*(devices(e) for e in entries.values()))
+    return sorted(found.values(), key=lambda s: (s.role != "lower", s.name))
 
 
-def http_url(url: str) -> str:
-    """A server's HTTP base URL from the ws:// or http:// URL it was given as a parent."""
-    parts = urlsplit(url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, "", "", ""))
+def tree_path(servers: list[Server], a: str, b: str) -> list[str]:
+    """The servers a call from lower server ``a`` to ``b`` crosses: up to their lowest common
+    ancestor, then down (the path the servers route it on)."""
+    parents = {s.name: s.parent for s in servers}
+
+    def up(name: str) -> list[str]:
+        chain = [name]
+        while parents.get(chain[-1]) is not None and len(chain) <= len(parents):
+            chain.append(parents[chain[-1]])  # type: ignore[arg-type]
+        return chain
+    ua, ub = up(a), up(b)
+    common = next((n for n in ua if n in ub), None)
+    if common is None:
+        raise ProbeError("no_path", f"{a} and {b} are not in one tree")
+    return ua[:ua.index(common) + 1] + ub[:ub.index(common)][::-1]
 
 
 def lower_servers(servers: list[Server]) -> list[Server]:
-    return [s for s in servers if s.info.role == "lower"]
+    return [s for s in servers if s.role == "lower"]
 
 
 def find_device(servers: list[Server], address: str) -> tuple[Server, DeviceInfo]:
@@ -163,12 +194,15 @@ def find_device(servers: list[Server], address: str) -> tuple[Server, DeviceInfo
     return matches[0]
 
 
-def pick_pair(servers: list[Server]) -> tuple[str, str]:
-    """The first idle device under one lower server and the first under another."""
+def pick_pair(servers: list[Server], via: str | None = None) -> tuple[str, str]:
+    """The first idle device under one lower server and the first under another (with ``via``:
+    another such that the call's path crosses server ``via``)."""
     idle = [(s, d) for s in lower_servers(servers) for d in s.devices if d.state == "idle"]
     for s1, d1 in idle:
         for s2, d2 in idle:
-            if s2.name != s1.name:
+            if s2.name != s1.name and (via is None or via in tree_path(servers, s1.name,
+                                                                       s2.name)):
                 return d1.address, d2.address
-    raise ProbeError("no_pair", "need idle devices under two different lower servers; found "
-                     + (", ".join(d.address for _, d in idle) or "none"))
+    through = f" whose path crosses {via}" if via else ""
+    raise ProbeError("no_pair", f"need idle devices under two different lower servers{through};"
+                     " found " + (", ".join(d.address for _, d in idle) or "none"))

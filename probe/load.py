@@ -21,9 +21,17 @@ import aiohttp
 from hdrh.histogram import HdrHistogram
 
 from probe.calls import CallResult, run_call
-from probe.client import ProbeError, Server, ServerClient, find_device, lower_servers
+from probe.client import (
+    ProbeError,
+    Server,
+    ServerClient,
+    find_device,
+    lower_servers,
+    tree_path,
+)
 from probe.stats import Recorder, encode, new_histogram, percentiles, record_ms
 from probe.watch import LoopWatch
+from relay.messages import split_address
 
 PairingMode = Literal["random", "every-pair", "same-server", "explicit"]
 PAIRING_MODES: tuple[str, ...] = ("random", "every-pair", "same-server", "explicit")
@@ -52,12 +60,15 @@ class Pairing:
     - ``every-pair``: each ordered pair of lower servers in turn (A→B, B→A, A→C ...);
     - ``same-server``: both under one lower server (bridged there alone), servers in turn;
     - ``explicit``: the pairs given, in turn.
-    ``callers_on`` keeps callers on one server (the capacity search targets one server).
+    ``callers_on`` keeps callers on one server (the capacity search targets one server);
+    ``via`` keeps the routes whose path (``paths``: each ordered pair of servers' path)
+    crosses that server.
     """
 
     def __init__(self, mode: PairingMode, devices: dict[str, list[str]],
                  pairs: list[tuple[str, str]] | None = None, rng: random.Random | None = None,
-                 callers_on: str | None = None) -> None:
+                 callers_on: str | None = None, via: str | None = None,
+                 paths: dict[tuple[str, str], list[str]] | None = None) -> None:
         if mode not in PAIRING_MODES:
             raise ValueError(f"pairing must be one of {', '.join(PAIRING_MODES)}")
         if mode == "explicit" and not pairs:
@@ -75,8 +86,15 @@ class Pairing:
             self._routes = [(a, b) for a in servers for b in servers if a != b]
         if callers_on is not None:
             self._routes = [r for r in self._routes if r[0] == callers_on]
-        if mode != "explicit" and not self._routes:
-            raise ValueError(f"no {mode} route between the servers' devices: "
+        if via is not None:
+            def crosses(a: str, b: str) -> bool:
+                return via in (paths or {}).get((a, b), ())
+            self._routes = [r for r in self._routes if crosses(*r)]
+            self.pairs = [p for p in self.pairs if crosses(split_address(p[0])[0] or "",
+                                                           split_address(p[1])[0] or "")]
+        if (not self._routes if mode != "explicit" else not self.pairs):
+            where = f" through {via}" if via is not None else ""
+            raise ValueError(f"no {mode} route{where} between the servers' devices: "
                              f"{ {s: len(d) for s, d in self.devices.items()} }")
 
     def pick(self, busy: set[str]) -> tuple[str, str] | None:
@@ -121,6 +139,8 @@ class LoadSettings:
     pairing: PairingMode = "random"
     pairs: tuple[tuple[str, str], ...] = ()
     callers_on: str | None = None
+    #: only calls whose path crosses this server (a transit server under test)
+    via: str | None = None
     media: Literal["full", "none"] = "full"
     window_s: float = 5.0
     cooldown_s: float = 0.05  #: a device rests this long after its call before the next
@@ -161,7 +181,7 @@ class LoadReport:
         return {
             "rate": s.rate, "poisson": s.poisson, "duration_s": s.duration_s,
             "max_concurrent": s.max_concurrent, "hold_s": s.hold_s, "pairing": s.pairing,
-            "media": s.media, "callers_on": s.callers_on,
+            "media": s.media, "callers_on": s.callers_on, "via": s.via,
             "scheduled": self.scheduled, "started": self.started,
             "skipped_cap": self.skipped_cap, "skipped_no_devices": self.skipped_no_devices,
             "late_starts": self.late, "max_concurrent_seen": self.max_concurrent_seen,
@@ -180,7 +200,12 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
     """Start calls on schedule for ``settings.duration_s``, then wait for the last to finish."""
     rng = random.Random(settings.seed)
     devices = {s.name: [d.address for d in s.devices] for s in lower_servers(servers)}
-    pairing = Pairing(settings.pairing, devices, list(settings.pairs), rng, settings.callers_on)
+    names = [s.name for s in lower_servers(servers)]
+    paths = {(a, b): tree_path(servers, a, b) for a in names for b in names}
+    if settings.via is not None and not any(s.name == settings.via for s in servers):
+        raise ValueError(f"--via {settings.via}: no such server in the tree")
+    pairing = Pairing(settings.pairing, devices, list(settings.pairs), rng, settings.callers_on,
+                      settings.via, paths)
     offsets = schedule(settings.rate, settings.duration_s, settings.poisson, rng)
     report = LoadReport(settings, Recorder(settings.window_s), scheduled=len(offsets))
     busy: set[str] = set()
@@ -195,8 +220,12 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                                     media=settings.media,
                                     request_timeout_s=settings.request_timeout_s)
             report.results.append(result)
+            # every server the call was routed through (the tree path: the servers route
+            # exactly on it), whether or not it got that far
+            planned = paths.get((split_address(caller)[0] or "", split_address(callee)[0] or ""),
+                                result.path)
             report.recorder.add(result.server, offset, result.outcome, result.intervals,
-                                result.media, late)
+                                result.media, late, planned)
             if on_result is not None:
                 on_result(result)
             # The callee's server frees the callee when the hang-up reaches it; then the

@@ -13,6 +13,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from relay.reasons import reason as reason_of
+
 #: What a failed call is counted as. Every failed call gets exactly one class.
 FAILURE_CLASSES = (
     "timeout",             # no answer in time: the command, a wake-up, or setup
@@ -85,6 +87,13 @@ class Outcome:
     detail: str | None = None  #: the server's code or the call's end reason
 
 
+def failure_class(code: str) -> str:
+    """The failure class of a refusal or end reason, from the reasons table (relay/reasons.py);
+    a code the table does not know is a rejection."""
+    found = reason_of(code)
+    return found.failure if found is not None and found.failure else "rejected"
+
+
 def classify(error_code: str | None, reason: str | None, was_active: bool,
              media: dict[str, dict[str, Any]], directions: tuple[str, ...],
              woken: bool = False) -> Outcome:
@@ -92,27 +101,13 @@ def classify(error_code: str | None, reason: str | None, was_active: bool,
     or never answered it), how the call ended (``reason``), whether it was ever up, whether
     both devices acknowledged their wake-up, and the media each direction reported."""
     if error_code is not None:
-        if error_code in ("timeout", "server_unreachable", "unknown_device"):
-            return Outcome(False, error_code, error_code)
-        if error_code in ("busy_device", "callee_busy", "caller_busy"):
-            return Outcome(False, "busy_device", error_code)
-        return Outcome(False, "rejected", error_code)
+        return Outcome(False, failure_class(error_code), error_code)
     if not was_active:
+        if reason is None:
+            return Outcome(False, "timeout", reason)  # the probe gave up waiting
         if reason == "setup_timeout" and woken:
             return Outcome(False, "no_media", reason)  # both devices there, no picture came
-        if reason is None or reason == "setup_timeout" or reason.endswith("_wake_timeout"):
-            return Outcome(False, "timeout", reason)
-        if reason == "media_failed":
-            return Outcome(False, "ice_dtls_failed", reason)
-        if reason == "unknown_device":
-            return Outcome(False, "unknown_device", reason)
-        if reason in ("callee_busy", "caller_busy", "busy_device"):
-            return Outcome(False, "busy_device", reason)
-        if reason == "server_unreachable":
-            return Outcome(False, "server_unreachable", reason)
-        if reason.endswith("_unreachable") or reason == "device_gone":
-            return Outcome(False, "device_unreachable", reason)
-        return Outcome(False, "rejected", reason)
+        return Outcome(False, failure_class(reason), reason)
     if reason != "hangup":
         return Outcome(False, "dropped", reason)
     for direction in directions:
@@ -245,18 +240,23 @@ class Figures:
 
 @dataclass
 class Recorder:
-    """A run's figures: everything, per server (the caller's), and per time window (by the
-    call's scheduled start, ``window_s`` wide)."""
+    """A run's figures: everything, per server (the caller's), per server crossed (every server
+    on the call's path, the caller's and callee's included), and per time window (by the call's
+    scheduled start, ``window_s`` wide)."""
 
     window_s: float = 5.0
     total: Figures = field(default_factory=Figures)
     servers: dict[str, Figures] = field(default_factory=dict)
     windows: dict[int, Figures] = field(default_factory=dict)
+    crossing: dict[str, Figures] = field(default_factory=dict)
 
     def add(self, server: str, offset_s: float, outcome: Outcome, intervals: dict[str, float],
-            media: dict[str, dict[str, Any]], late: bool = False) -> None:
-        for figures in (self.total, self.servers.setdefault(server, Figures()),
-                        self.windows.setdefault(int(offset_s // self.window_s), Figures())):
+            media: dict[str, dict[str, Any]], late: bool = False,
+            path: tuple[str, ...] | list[str] = ()) -> None:
+        slices = [self.total, self.servers.setdefault(server, Figures()),
+                  self.windows.setdefault(int(offset_s // self.window_s), Figures())]
+        slices += [self.crossing.setdefault(name, Figures()) for name in dict.fromkeys(path)]
+        for figures in slices:
             figures.add_call(outcome, intervals, media, late)
 
     def merge(self, other: Recorder, shift: int = 0) -> None:
@@ -266,18 +266,23 @@ class Recorder:
         self.total.merge(other.total)
         for name, figures in other.servers.items():
             self.servers.setdefault(name, Figures()).merge(figures)
+        for name, figures in other.crossing.items():
+            self.crossing.setdefault(name, Figures()).merge(figures)
         for index, figures in other.windows.items():
             self.windows.setdefault(index + shift, Figures()).merge(figures)
 
     def summary(self) -> dict[str, Any]:
         return {"window_s": self.window_s, "total": self.total.summary(),
                 "servers": {n: f.summary() for n, f in sorted(self.servers.items())},
+                "crossing": {n: f.summary() for n, f in sorted(self.crossing.items())},
                 "windows": {str(i): f.summary() for i, f in sorted(self.windows.items())}}
 
     @classmethod
     def from_summary(cls, data: dict[str, Any]) -> Recorder:
         return cls(window_s=data["window_s"], total=Figures.from_summary(data["total"]),
                    servers={n: Figures.from_summary(f) for n, f in data["servers"].items()},
+                   crossing={n: Figures.from_summary(f)
+                             for n, f in data.get("crossing", {}).items()},
                    windows={int(i): Figures.from_summary(f) for i, f in data["windows"].items()})
 
     def timeseries(self) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""``python -m relay lower|upper|stack``: run one server, or the whole local stack."""
+"""``python -m relay lower|upper|stack|token|reasons``: run one server, or a whole local stack of
+any shape; print a credential; print the reasons table."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import signal
 import sys
 from pathlib import Path
 
+from relay.admission import Limits
 from relay.auth import Auth
 from relay.call import Timeouts
 from relay.logs import setup_logging
+from relay.reasons import markdown
 from relay.rtc import MediaSettings
 from relay.server import event_loop_factory, serve
 from relay.settings import ServerSettings, SettingsError, env_defaults, split_list
 from relay.stack import LocalStack, StackError, StackSettings
+from relay.topology import DEFAULT, TopologyError, load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
                        default=env.get("loop", "auto"),
                        help="event loop: uvloop (faster per packet) when installed, by default")
-        if role == "lower":
-            s.add_argument("--parent", default=env.get("parent"),
-                           help="the upper server's URL (ws:// or http://)")
+        s.add_argument("--parent", default=env.get("parent"),
+                       help="the parent (upper) server's URL (ws:// or http://); an upper "
+                            "server without one is the root of its tree")
     t = sub.add_parser("token", help="print the credential for an identity (device:ID, "
                                      "server:NAME, probe), signed with VPHONE_AUTH_SECRET")
     t.add_argument("identity")
-    s = sub.add_parser("stack", help="run upper, lower-a, lower-b and devices until stopped")
-    s.add_argument("--devices", type=int, default=1, help="devices under each lower server")
+    sub.add_parser("reasons", help="print every end reason and refusal code (markdown)")
+    s = sub.add_parser("stack", help="run a tree of servers and devices until stopped "
+                                     "(default: upper, lower-a, lower-b)")
+    s.add_argument("--topology", type=Path, default=None, metavar="FILE",
+                   help='JSON: {"name": "root", "children": [{"name": "lower-a", '
+                        '"devices": 2}, ...]}; a node with children is an upper server')
+    s.add_argument("--devices", type=int, default=1,
+                   help="devices under each lower server (a leaf's own \"devices\" wins)")
+    s.add_argument("--video", default="synthetic",
+                   choices=["synthetic", "preencoded", "packets"])
     s.add_argument("--size", default="640x480")
     s.add_argument("--fps", type=float, default=30.0)
     s.add_argument("--media-address", action="append", default=None,
@@ -80,14 +92,19 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         parent=getattr(args, "parent", None) or None, public_url=args.public_url,
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
         timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode,
-        max_devices=args.max_devices, max_calls=args.max_calls,
-        max_message_rate=args.max_message_rate, auth=Auth.from_env())
+        limits=Limits(max_devices=args.max_devices, max_calls=args.max_calls,
+                      max_message_rate=args.max_message_rate), auth=Auth.from_env())
 
 
 async def run_stack(args: argparse.Namespace) -> int:
-    settings = StackSettings(devices=args.devices, size=args.size, fps=args.fps,
-                             media_addresses=tuple(args.media_address or ("127.0.0.1",)),
-                             log_dir=args.log_dir)
+    try:
+        topology = load(args.topology) if args.topology else DEFAULT
+        settings = StackSettings(devices=args.devices, size=args.size, fps=args.fps,
+                                 media_addresses=tuple(args.media_address or ("127.0.0.1",)),
+                                 log_dir=args.log_dir, topology=topology, video=args.video)
+    except (TopologyError, ValueError) as exc:
+        print(f"relay stack: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         print(auth.token(args.identity))
+        return 0
+    if args.command == "reasons":
+        print(markdown())
         return 0
     if args.command == "stack":
         setup_logging("stack", args.log_level)

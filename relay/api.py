@@ -1,7 +1,7 @@
 """The HTTP API a server offers the probe (``/v1/...``), and the WebSocket routes of its links.
 
-Every error is JSON: ``{"error": {"code", "message", "field"}}`` with a 4xx status that says whose
-mistake it was; nothing a client sends produces a 5xx.
+Every error is JSON: ``{"error": {"code", "message", "field"}}`` with the status the reasons table
+(relay/reasons.py) gives its code; nothing a client sends produces a 5xx.
 """
 
 from __future__ import annotations
@@ -11,25 +11,32 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from functools import partial
 
 from aiohttp import web
+from msgspec.structs import replace
 
+from relay.admission import Refused
 from relay.call import CallState
 from relay.logs import event
-from relay.lower import ApiError, LowerServer
+from relay.lower import device_link, device_page
 from relay.messages import (
+    PROTOCOL_VERSION,
+    CallList,
+    ChildInfo,
     CreateCall,
     DeviceList,
     Error,
     ErrorBody,
     MessageError,
     ServerInfo,
+    ServerList,
     check_call_id,
 )
 from relay.node import Node
 from relay.openapi import openapi
-from relay.upper import UpperServer
+from relay.reasons import Code
+from relay.upper import child_link
 
 log = logging.getLogger("relay.api")
 
@@ -40,7 +47,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
-    body = ErrorBody(error=Error(code=code, message=message, field=field))
+    body = ErrorBody(error=Error(code=code, message=message, field=field))  # type: ignore[arg-type]
     return web.json_response(body.to_dict(), status=status, headers=headers)
 
 
@@ -50,7 +57,7 @@ OPEN_PATHS = ("/healthz", "/metrics", "/device", "/v1/device", "/v1/trunk", "/op
 
 
 def check_probe(request: web.Request) -> None:
-    """Raise ApiError 401/403 unless the request carries the probe's token (when auth is on)."""
+    """Raise Refused 401/403 unless the request carries the probe's token (when auth is on)."""
     node = request.app[NODE]
     auth = node.settings.auth
     if not auth.on or request.path in OPEN_PATHS:
@@ -59,10 +66,8 @@ def check_probe(request: web.Request) -> None:
     token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
     refusal = auth.check("probe", token)
     if refusal is not None:
-        node.refused(refusal[0])
-        code, reason = refusal
-        raise ApiError(401 if code == "unauthorized" else 403, code,
-                       reason + " (send Authorization: Bearer TOKEN)")
+        node.core.counters.refused(refusal[0])
+        raise Refused(Code(refusal[0]), refusal[1] + " (send Authorization: Bearer TOKEN)")
 
 
 @web.middleware
@@ -70,7 +75,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         check_probe(request)
         return await handler(request)
-    except ApiError as exc:
+    except Refused as exc:
         event(log, "api.refused", logging.INFO, path=request.path, method=request.method,
               status=exc.status, code=exc.code, reason=exc.message)
         headers = ({"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None
@@ -83,7 +88,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED}.get(exc.status,
+                                                                       Code.HTTP_ERROR)
         return error_response(exc.status, code, f"{request.method} {request.path}: {exc.reason}",
                               headers={k: v for k, v in exc.headers.items()
                                        if k.lower() == "allow"})
@@ -91,62 +97,63 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def read_json(request: web.Request) -> object:
     if request.content_length is not None and request.content_length > 64 * 1024:
-        raise ApiError(413, "too_large", "request body is larger than 64 KiB")
+        raise Refused(Code.TOO_LARGE, "request body is larger than 64 KiB")
     try:
         return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise Refused(Code.BAD_JSON, f"request body is not valid JSON: {exc}") from None
 
 
 def server_info(node: Node) -> ServerInfo:
-    if isinstance(node, LowerServer):
-        return ServerInfo(name=node.name, role="lower", url=node.url,
-                          parent=node.settings.parent,
-                          parent_connected=node.parent is not None)
-    assert isinstance(node, UpperServer)
-    return ServerInfo(name=node.name, role="upper", url=node.url, children=node.child_infos())
+    directory = node.directory
+    children = [ChildInfo(name=n, role=directory.below[n].role, url=directory.below[n].url,
+                          devices=directory.device_count(n)) for n in directory.children()]
+    return ServerInfo(name=node.name, role=node.role, url=node.url,
+                      parent=node.settings.parent, parent_name=directory.parent,
+                      parent_connected=directory.parent is not None, children=children,
+                      version=PROTOCOL_VERSION)
 
 
 async def get_server(request: web.Request) -> web.Response:
     return web.json_response(server_info(request.app[NODE]).to_dict())
 
 
+async def get_servers(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return web.json_response(ServerList(server=node.name,
+                                        servers=node.directory.servers()).to_dict())
+
+
 async def get_devices(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    if isinstance(node, LowerServer):
-        devices = node.own_devices()
-    else:
-        assert isinstance(node, UpperServer)
-        devices = node.all_devices()
-    return web.json_response(DeviceList(server=node.name, devices=devices).to_dict())
+    return web.json_response(DeviceList(server=node.name,
+                                        devices=node.directory.subtree_devices()).to_dict())
 
 
 async def healthz(request: web.Request) -> web.Response:
     node = request.app[NODE]
+    directory = node.directory
     body: dict[str, object] = {"status": "ok", "name": node.name, "role": node.role,
-                               "calls": len(node.sessions),
+                               "calls": len(node.core.sessions),
+                               "parent_connected": directory.parent is not None,
                                "forwarding": dataclasses.asdict(node.forwarding)}
-    if isinstance(node, LowerServer):
-        body["devices"] = len(node.devices)
-        body["parent_connected"] = node.parent is not None
+    if node.role == "lower":
+        body["devices"] = len(directory.own)
     else:
-        assert isinstance(node, UpperServer)
-        body["children"] = len(node.children)
+        body["children"] = len(directory.children())
+        body["devices"] = len(directory.devices)
     return web.json_response(body)
 
 
 async def post_call(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    received_at = request.app[NODE].clock()
     node = request.app[NODE]
-    if not isinstance(node, LowerServer):
-        raise ApiError(405, "not_a_lower_server",
-                       f"{node.name} is an upper server: send call commands to the caller's "
-                       "lower server")
+    received_at = node.clock()
     command = CreateCall.from_dict(await read_json(request))
-    call = node.create_call(command, received_at)
-    info = dataclasses.replace(node.call_info(call),
-                               server_time_ms=round((time.perf_counter() - started) * 1000, 3))
+    call = node.core.create_call(command, received_at)
+    node.execute()
+    info = replace(node.call_info(call),
+                   server_time_ms=round((time.perf_counter() - started) * 1000, 3))
     return web.json_response(info.to_dict(), status=201,
                              headers={"Location": f"/v1/calls/{call.id}"})
 
@@ -156,7 +163,7 @@ def _call_id(request: web.Request) -> str:
     try:
         return check_call_id(call_id)
     except MessageError as exc:
-        raise ApiError(400, "bad_call_id", exc.message, "call") from None
+        raise Refused(Code.BAD_CALL_ID, exc.message, "call") from None
 
 
 async def get_call(request: web.Request) -> web.Response:
@@ -166,46 +173,34 @@ async def get_call(request: web.Request) -> web.Response:
     if wait is not None:
         states = {"active": {CallState.ACTIVE}, "ended": {CallState.ENDED}}.get(wait)
         if states is None:
-            raise ApiError(400, "bad_query", "wait must be 'active' or 'ended'", "wait")
+            raise Refused(Code.BAD_QUERY, "wait must be 'active' or 'ended'", "wait")
         try:
             timeout = float(request.query.get("timeout", "10"))
         except ValueError:
-            raise ApiError(400, "bad_query", "timeout must be a number", "timeout") from None
+            raise Refused(Code.BAD_QUERY, "timeout must be a number", "timeout") from None
         if not 0 <= timeout <= 120:
-            raise ApiError(400, "bad_query", "timeout must be between 0 and 120 s", "timeout")
+            raise Refused(Code.BAD_QUERY, "timeout must be between 0 and 120 s", "timeout")
         if node.find_call(call_id) is not None:
             await node.wait_for(call_id, states, timeout)
     call = node.find_call(call_id)
     if call is None:
-        raise ApiError(404, "unknown_call", f"no call {call_id!r} on {node.name}", "call")
+        raise Refused(Code.UNKNOWN_CALL, f"no call {call_id!r} on {node.name}", "call")
     return web.json_response(node.call_info(call).to_dict())
 
 
 async def list_calls(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    calls = [node.call_info(s.call).to_dict() for s in node.sessions.values()]
-    return web.json_response({"server": node.name, "calls": calls})
+    calls = [node.call_info(s.call) for s in node.core.sessions.values()]
+    return web.json_response(CallList(server=node.name, calls=calls).to_dict())
 
 
 async def delete_call(request: web.Request) -> web.Response:
     node = request.app[NODE]
     call_id = _call_id(request)
-    session = node.sessions.get(call_id)
-    if session is not None:
-        event(log, "call.hangup_requested", call=call_id)
-        node.end_session(session, "hangup")
-    call = node.find_call(call_id)
+    call = node.feed(node.core.hangup, call_id)
     if call is None:
-        raise ApiError(404, "unknown_call", f"no call {call_id!r} on {node.name}", "call")
+        raise Refused(Code.UNKNOWN_CALL, f"no call {call_id!r} on {node.name}", "call")
     return web.json_response(node.call_info(call).to_dict())
-
-
-DEVICE_PAGE = Path(__file__).parent / "static" / "device.html"
-
-
-async def device_page(request: web.Request) -> web.FileResponse:
-    """The browser device page: a person (or a kiosk, with ?device=ID) joins as a device."""
-    return web.FileResponse(DEVICE_PAGE, headers={"Cache-Control": "no-cache"})
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -216,14 +211,15 @@ async def openapi_json(request: web.Request) -> web.Response:
 def setup_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/v1/server", get_server)
+    app.router.add_get("/v1/servers", get_servers)
     app.router.add_get("/v1/devices", get_devices)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/calls", list_calls)
     app.router.add_post("/v1/calls", post_call)
     app.router.add_get("/v1/calls/{call}", get_call)
     app.router.add_delete("/v1/calls/{call}", delete_call)
-    if isinstance(node, LowerServer):
-        app.router.add_get("/v1/device", node.device_link)
+    if node.role == "lower":
+        app.router.add_get("/v1/device", partial(device_link, node))
         app.router.add_get("/device", device_page)
-    elif isinstance(node, UpperServer):
-        app.router.add_get("/v1/trunk", node.child_link)
+    else:
+        app.router.add_get("/v1/trunk", partial(child_link, node))

@@ -27,9 +27,9 @@ class EndedCalls:
     KEEP_S = 120.0
     KEPT = 10_000
 
-    def __init__(self, keep_s: float = KEEP_S, kept: int = KEPT) -> None:
-        self.keep_s = keep_s
-        self.kept = kept
+    def __init__(self, keep_s: float | None = None, kept: int | None = None) -> None:
+        self.keep_s = self.KEEP_S if keep_s is None else keep_s
+        self.kept = self.KEPT if kept is None else kept
         self._calls: OrderedDict[str, Ended] = OrderedDict()
 
     def add(self, ended: Ended, now: float) -> None:

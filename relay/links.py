@@ -1,62 +1,112 @@
-"""WebSocket links: the Channel a server talks to a device or another server over, and the
-reader loop that validates every frame before anything acts on it."""
+"""WebSocket links: the channel a server talks to a device or another server over, and the reader
+loop that validates every frame before anything acts on it.
+
+A channel sends in order from one queue, drained by a task that lives only while there is
+something to send; a peer too slow to take what it is sent (the queue past MAX_QUEUE) is cut off
+rather than allowed to grow the server's memory."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Collection
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
 
+from relay.admission import Refused
 from relay.logs import event
 from relay.messages import MAX_MESSAGE_BYTES, Error, Message, MessageError, decode
-from relay.node import Channel, ChannelKind
 
 log = logging.getLogger("relay.links")
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 M = TypeVar("M", bound=Message)
+#: messages waiting to be sent on one link, at most
+MAX_QUEUE = 10_000
+#: a link must send its first message (register, announce) within this many seconds
+FIRST_MESSAGE_S = 10.0
 
 
-class WebSocketChannel(Channel):
-    """A device, child or parent link over one WebSocket. Sends are serialised."""
+class WebSocketChannel:
+    """A device, child or parent link over one WebSocket. Sends are queued and kept in order."""
 
-    def __init__(self, ws: WebSocket, kind: ChannelKind, name: str) -> None:
+    def __init__(self, ws: WebSocket, peer: str,
+                 undeliverable: Callable[[Message], None] | None = None) -> None:
         self.ws = ws
-        self.kind = kind
-        self.name = name
-        self._lock = asyncio.Lock()
+        self.peer = peer
+        self._undeliverable = undeliverable
+        self._queue: deque[Message] = deque()
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def open(self) -> bool:
         return not self.ws.closed
 
-    async def send(self, message: Message) -> bool:
+    def post(self, message: Message) -> None:
+        """Queue a message; it goes out after everything posted before it."""
         if self.ws.closed:
-            event(log, "link.send_dropped", logging.DEBUG, peer=self.name, type=message.TYPE)
-            return False
-        try:
-            async with self._lock:
+            self._lost(message, "closed")
+            return
+        if len(self._queue) >= MAX_QUEUE:
+            event(log, "link.too_slow", logging.WARNING, peer=self.peer, queued=len(self._queue))
+            self._lost(message, "queue full")
+            asyncio.get_running_loop().create_task(self.close(
+                aiohttp.WSCloseCode.TRY_AGAIN_LATER, "too slow"))
+            return
+        self._queue.append(message)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(
+                self._drain(), name=f"send-{self.peer}")
+
+    async def _drain(self) -> None:
+        while self._queue:
+            message = self._queue.popleft()
+            try:
                 await self.ws.send_str(message.to_json())
-        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
-            event(log, "link.send_failed", logging.WARNING, peer=self.name, type=message.TYPE,
-                  error=repr(exc))
-            return False
-        return True
+            except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+                event(log, "link.send_failed", logging.WARNING, peer=self.peer,
+                      type=message.TYPE, error=repr(exc))
+                self._lost(message, "send failed")
+                while self._queue:
+                    self._lost(self._queue.popleft(), "send failed")
+
+    def _lost(self, message: Message, why: str) -> None:
+        event(log, "link.send_dropped", logging.DEBUG, peer=self.peer, type=message.TYPE,
+              why=why)
+        if self._undeliverable is not None:
+            self._undeliverable(message)
+
+    async def send(self, message: Message) -> bool:
+        """Send now, after what is queued; False (logged, not raised) if the link is gone."""
+        self.post(message)
+        await self.flush()
+        return not self.ws.closed
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Wait (a bounded time) until everything queued has been written."""
+        if self._writer is not None and not self._writer.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout)
 
     async def close(self, code: int = aiohttp.WSCloseCode.OK, reason: str = "") -> None:
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        self._queue.clear()
         await self.ws.close(code=code, message=reason.encode()[:120])
 
 
 async def receive(ws: WebSocket, allowed: Collection[type[Message]], peer: str,
-                  timeout: float | None = None) -> Message | None:
-    """The next valid message, or None when the link closed. Bad frames are answered and skipped."""
+                  on_invalid: Callable[[], bool] | None = None) -> Message | None:
+    """The next valid message, or None when the link closed. Bad frames are answered and skipped
+    (``on_invalid`` returns False to skip answering: the peer sends too many)."""
     while True:
-        msg = await ws.receive(timeout=timeout)
+        msg = await ws.receive()
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                         aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
             return None
@@ -65,53 +115,45 @@ async def receive(ws: WebSocket, allowed: Collection[type[Message]], peer: str,
         try:
             return decode(msg.data, allowed)
         except MessageError as exc:
-            await refuse_frame(ws, exc, peer, msg.data)
+            if on_invalid is None or on_invalid():
+                await refuse_frame(ws, exc, peer)
 
 
-async def refuse_frame(ws: WebSocket, exc: MessageError, peer: str, raw: Any = None) -> None:
-    ref = None
-    if isinstance(raw, str | bytes) and len(raw) < 4096:
-        try:
-            data = json.loads(raw)
-            if isinstance(data, dict) and isinstance(data.get("type"), str):
-                ref = data["type"][:64]
-        except ValueError:
-            pass
+async def refuse_frame(ws: WebSocket, exc: MessageError, peer: str) -> None:
     event(log, "message.invalid", logging.WARNING, peer=peer, code=exc.code, field=exc.field,
-          reason=exc.message, ref=ref)
+          reason=exc.message, ref=exc.ref)
     if not ws.closed:
-        await ws.send_str(Error.from_exception(exc, ref=ref).to_json())
+        await ws.send_str(Error.from_exception(exc).to_json())
 
 
-async def accept_link(request: web.Request, first: type[M], heartbeat_s: float,
-                      refuse: Callable[[M], tuple[str, str] | None],
-                      ) -> tuple[web.WebSocketResponse, M | None]:
-    """Open a WebSocket whose first message must be ``first``.
-
-    ``refuse`` returns ``(code, reason)`` to turn the peer away (e.g. a name already taken), or
-    None to accept; a refused peer gets an error saying why, and the link is closed.
-    Returns the socket and the first message (None if the peer was turned away).
-    """
+async def first_message(request: web.Request, first: type[M], heartbeat_s: float,
+                        ) -> tuple[web.WebSocketResponse, M | None]:
+    """Open a WebSocket whose first message must be ``first``, sent within FIRST_MESSAGE_S
+    (pings do not extend it). Returns the socket and the message (None: closed, or too late)."""
     ws = web.WebSocketResponse(heartbeat=heartbeat_s, max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     peer = request.remote or "peer"
-    message = await receive(ws, (first,), peer, timeout=10)
+    message = None
+    try:
+        async with asyncio.timeout(FIRST_MESSAGE_S):
+            message = await receive(ws, (first,), peer)
+    except TimeoutError:
+        event(log, "link.silent", logging.WARNING, peer=peer, expected=first.TYPE,
+              waited_s=FIRST_MESSAGE_S)
     if not isinstance(message, first):
-        await ws.close()
-        return ws, None
-    refusal = refuse(message)
-    if refusal is not None:
-        code, text = refusal
-        event(log, "link.refused", logging.WARNING, peer=peer, code=code, reason=text)
-        await ws.send_str(Error(code=code, message=text, field=_name_field(message),
-                                ref=first.TYPE).to_json())
-        await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode())
+        await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"no " +
+                       first.TYPE.encode())
         return ws, None
     return ws, message
 
 
-def _name_field(message: Message) -> str:
-    return "device" if hasattr(message, "device") else "server"
+async def refuse_link(ws: web.WebSocketResponse, refusal: Refused, ref: str, peer: str) -> None:
+    """Turn a peer away: an error saying why, then close."""
+    event(log, "link.refused", logging.WARNING, peer=peer, code=refusal.code,
+          reason=refusal.message)
+    await ws.send_str(Error(code=refusal.code, message=refusal.message, field=refusal.field,
+                            ref=ref).to_json())
+    await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=refusal.code.encode())
 
 
 class RateLimit:
@@ -134,30 +176,36 @@ class RateLimit:
 
 
 async def serve_messages(channel: WebSocketChannel, allowed: Collection[type[Message]],
-                         handle: Callable[[Message], Awaitable[None]],
-                         rate: float | None = None,
+                         handle: Callable[[Message], None], rate: float | None = None,
                          on_refused: Callable[[str], None] | None = None) -> None:
     """Read until the link closes, handing each valid message to ``handle`` in order.
 
     With ``rate``, a peer sending faster than ``rate`` messages a second (bursts of two
-    seconds' worth allowed) has the excess dropped: it gets one ``rate_limited`` error a second
-    saying so, and nothing else changes."""
+    seconds' worth allowed), valid or not, has the excess dropped: it gets one
+    ``rate_limited`` error a second saying so, and nothing else changes."""
     limit = RateLimit(rate, 2 * rate) if rate else None
     loop = asyncio.get_running_loop()
     told_at = -1.0
+
+    def over(what: str) -> bool:
+        nonlocal told_at
+        if limit is None or limit.allow(loop.time()):
+            return False
+        if on_refused is not None:
+            on_refused("rate_limited")
+        if loop.time() - told_at >= 1.0:
+            told_at = loop.time()
+            event(log, "link.rate_limited", logging.WARNING, peer=channel.peer, type=what,
+                  rate=rate)
+            channel.post(Error(code="rate_limited", message=f"more than {rate:g} messages a "
+                               "second: this one was dropped", ref=what))  # type: ignore[arg-type]
+        return True
+
     while True:
-        message = await receive(channel.ws, allowed, channel.name)
+        message = await receive(channel.ws, allowed, channel.peer,
+                                on_invalid=lambda: not over("invalid"))
         if message is None:
             return
-        if limit is not None and not limit.allow(loop.time()):
-            if on_refused is not None:
-                on_refused("rate_limited")
-            if loop.time() - told_at >= 1.0:
-                told_at = loop.time()
-                event(log, "link.rate_limited", logging.WARNING, peer=channel.name,
-                      type=message.TYPE, rate=rate)
-                await channel.send(Error(code="rate_limited", message=f"more than {rate:g} "
-                                         "messages a second: this one was dropped",
-                                         ref=message.TYPE))
+        if over(message.TYPE):
             continue
-        await handle(message)
+        handle(message)

@@ -381,6 +381,8 @@ class Hangup(Message, frozen=True, tag="hangup"):
 
     call: CallId
     reason: Code  #: relay/reasons.py
+    #: a call turned away before it was routed: the servers it reached, the last one refusing
+    path: Annotated[list[Name], msgspec.Meta(max_length=MAX_PATH)] | None = None
 
 
 # Child <-> parent (trunk).

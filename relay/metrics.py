@@ -47,21 +47,27 @@ class NodeCollector(Collector):
             metric.add_metric(me, value)
             return metric
 
+        core = node.core
         states: dict[str, int] = {"setup": 0, "active": 0}
-        legs: dict[str, int] = {}
-        for session in node.sessions.values():
+        for session in core.sessions.values():
             states[session.call.state.value] = states.get(session.call.state.value, 0) + 1
-            for port in session.ports:
-                state = port.leg.connection_state
-                legs[state] = legs.get(state, 0) + 1
+        legs: dict[str, int] = {}
+        for leg in node.media.legs():
+            legs[leg.connection_state] = legs.get(leg.connection_state, 0) + 1
         yield by(GaugeMetricFamily, "relay_calls", "Calls in progress, by state", "state",
                  states)
         yield one(CounterMetricFamily, "relay_calls_started", "Calls started at this server",
-                  node.calls_started)
+                  core.counters.calls_started)
         yield by(CounterMetricFamily, "relay_calls_ended", "Calls ended here, by reason "
-                 "(hangup is the normal end)", "reason", node.ended_by_reason)
+                 "(hangup is the normal end)", "reason", core.counters.ended_by_reason)
         yield by(GaugeMetricFamily, "relay_legs", "Media legs (peer connections) of calls in "
                  "progress, by connection state", "state", legs)
+        yield one(GaugeMetricFamily, "relay_directory_servers", "Servers of the tree this "
+                  "server knows, itself included", len(node.directory.servers()))
+        yield one(GaugeMetricFamily, "relay_directory_devices", "Devices this server holds "
+                  "(a lower server's own; an upper server's whole subtree)",
+                  len(node.directory.own) if node.role == "lower"
+                  else len(node.directory.devices))
         f = node.forwarding
         for name, value, text in (
                 ("relay_forwarded_packets", f.packets, "RTP packets forwarded"),
@@ -79,8 +85,8 @@ class NodeCollector(Collector):
             yield one(CounterMetricFamily, name, text, value)
         yield one(GaugeMetricFamily, "relay_transcoding", "Call directions transcoding now",
                   f.transcoding)
-        yield by(CounterMetricFamily, "relay_refusals", "Requests and messages turned away by "
-                 "a limit (server_busy, server_full, rate_limited)", "code", node.refusals)
+        yield by(CounterMetricFamily, "relay_refusals", "Requests, messages and links turned "
+                 "away, by code (relay/reasons.py)", "code", core.counters.refusals)
         yield one(GaugeMetricFamily, "relay_asyncio_tasks", "asyncio tasks alive in the server "
                   "(a leak shows as growth)", len(asyncio.all_tasks()))
 

@@ -15,17 +15,13 @@ from aiohttp import web
 
 from relay.api import NODE, errors, setup_routes
 from relay.logs import event
-from relay.lower import LowerServer
 from relay.metrics import setup_metrics
-from relay.node import SHUTTING_DOWN, Node
+from relay.node import Node
+from relay.parent import parent_link
+from relay.reasons import Code
 from relay.settings import ServerSettings
-from relay.upper import UpperServer
 
 log = logging.getLogger("relay.server")
-
-
-def create_node(settings: ServerSettings) -> Node:
-    return LowerServer(settings) if settings.role == "lower" else UpperServer(settings)
 
 
 def create_app(node: Node) -> web.Application:
@@ -35,7 +31,7 @@ def create_app(node: Node) -> web.Application:
     setup_routes(app, node)
     setup_metrics(app, node)
     app.cleanup_ctx.append(_node_lifetime)
-    if isinstance(node, LowerServer) and node.settings.parent:
+    if node.settings.parent:
         app.cleanup_ctx.append(_parent_link)
     return app
 
@@ -49,9 +45,8 @@ async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 async def _parent_link(app: web.Application) -> AsyncIterator[None]:
     node = app[NODE]
-    assert isinstance(node, LowerServer)
     async with aiohttp.ClientSession() as session:
-        task = asyncio.create_task(node.parent_link(session), name="parent-link")
+        task = asyncio.create_task(parent_link(node, session), name="parent-link")
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -60,8 +55,10 @@ async def _parent_link(app: web.Application) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def running_server(settings: ServerSettings) -> AsyncIterator[Node]:
-    """Start one server (listening, node started, parent link up-ing); stop it on exit."""
-    node = create_node(settings)
+    """Start one server (listening, node started, parent link up-ing). On exit it drains:
+    new calls and links are refused, every call in progress ends with server_shutting_down at
+    every hop (the hang-ups are sent before the links close), then everything closes."""
+    node = Node(settings)
     runner = web.AppRunner(create_app(node), handle_signals=False, access_log=None,
                            shutdown_timeout=2)
     await runner.setup()
@@ -69,11 +66,14 @@ async def running_server(settings: ServerSettings) -> AsyncIterator[Node]:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        node.url = settings.public_url or f"http://{settings.host}:{port}"
+        node.set_url(settings.public_url or f"http://{settings.host}:{port}")
         node.listening.set()
         event(log, "server.ready", server=settings.name, role=settings.role, url=node.url,
               parent=settings.parent)
         yield node
+        node.core.draining = True
+        event(log, "server.stopping", server=settings.name, calls=len(node.core.sessions))
+        await node.close(Code.SERVER_SHUTTING_DOWN)
     finally:
         await runner.cleanup()
         event(log, "server.stopped", server=settings.name)
@@ -90,13 +90,7 @@ async def serve(settings: ServerSettings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        # Drain: refuse what is new, end what is up (every call ends with a reason, sent to
-        # its other hops), then close. The links and legs close in the cleanup.
-        node.draining = True
-        calls = len(node.sessions)
-        event(log, "server.stopping", server=settings.name, calls=calls)
-        await node.close(SHUTTING_DOWN)
+        await stop.wait()  # then running_server drains
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

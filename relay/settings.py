@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from relay.admission import Limits
 from relay.auth import Auth
 from relay.call import Timeouts
-from relay.messages import MessageError, check_name
+from relay.messages import MessageError, check_name, check_url
 from relay.rtc import MediaSettings
 
 
@@ -24,7 +25,7 @@ class ServerSettings:
     name: str
     host: str = "127.0.0.1"
     port: int = 0  #: 0: any free port (the ready line on stdout says which)
-    parent: str | None = None  #: the parent server's URL (ws:// or http://)
+    parent: str | None = None  #: the parent server's URL (ws:// or http://); either role
     public_url: str | None = None  #: how others reach this server, if not http://host:port
     media: MediaSettings = field(default_factory=MediaSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -33,9 +34,7 @@ class ServerSettings:
     #: the baseline a simple relay would be, for comparisons)
     media_mode: Literal["forward", "transcode"] = "forward"
     #: limits: past them the server answers "busy" at once (never a hang)
-    max_devices: int = 1000  #: devices registered at a lower server
-    max_calls: int = 500  #: calls in progress at this server
-    max_message_rate: float = 50.0  #: WebSocket messages per second per link (burst: 2 s)
+    limits: Limits = field(default_factory=Limits)
     #: credentials on every link (relay/auth.py); off unless a secret is configured
     auth: Auth = field(default_factory=Auth)
 
@@ -55,8 +54,11 @@ class ServerSettings:
                                 f"{self.media_mode!r}")
         if self.heartbeat_s <= 0:
             raise SettingsError("heartbeat_s must be positive")
-        if self.max_devices < 1 or self.max_calls < 1 or self.max_message_rate <= 0:
-            raise SettingsError("max_devices, max_calls and max_message_rate must be positive")
+        if self.public_url is not None:
+            try:
+                check_url(self.public_url, "public_url")
+            except MessageError as exc:
+                raise SettingsError(str(exc)) from None
 
 
 def parent_url(url: str, path: str) -> str:

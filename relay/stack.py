@@ -1,5 +1,6 @@
-"""The local stack: upper, lower-a and lower-b, with synthetic devices under each lower server, as
-separate processes on free loopback ports. Used by ``python -m relay stack`` and ``probe --local``.
+"""The local stack: a tree of servers (by default upper, lower-a and lower-b; any shape with a
+topology, relay/topology.py) and devices under each lower server, as separate processes on free
+loopback ports. Used by ``python -m relay stack`` and ``probe --local``.
 
 Every child is started with a parent-death signal, so even a killed launcher leaves no process
 behind; a normal stop sends SIGTERM and, after a grace period, SIGKILL.
@@ -24,10 +25,9 @@ from typing import IO, Any
 import aiohttp
 
 from relay.logs import event
+from relay.topology import DEFAULT, TreeNode
 
 log = logging.getLogger("relay.stack")
-
-LOWER_NAMES = ("lower-a", "lower-b")
 
 
 class StackError(RuntimeError):
@@ -45,10 +45,14 @@ class StackSettings:
     video: str = "synthetic"
     log_dir: Path | None = None  #: where children's logs go (default: a new temp dir)
     start_timeout_s: float = 30.0
+    topology: TreeNode = DEFAULT
 
     def __post_init__(self) -> None:
         if not 1 <= self.devices <= 500:
             raise ValueError("devices must be between 1 and 500 per lower server")
+
+    def devices_of(self, leaf: TreeNode) -> int:
+        return self.devices if leaf.devices is None else leaf.devices
 
 
 def _die_with_parent() -> None:
@@ -65,6 +69,8 @@ class Child:
     log_path: Path
     log_file: IO[bytes]
     url: str | None = None
+    role: str | None = None  #: a server's role; None for a devices process
+    parent: str | None = None  #: a server's parent's name
 
 
 @dataclass
@@ -88,22 +94,42 @@ class LocalStack:
         self.log_dir = self.settings.log_dir or Path(tempfile.mkdtemp(prefix="vphone-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         media = [a for addr in self.settings.media_addresses for a in ("--media-address", addr)]
-        upper = await self._server("upper", ["upper", "--name", "upper", *media])
-        for name in LOWER_NAMES:
-            await self._server(name, ["lower", "--name", name, "--parent", upper, *media])
-        n = self.settings.devices
-        common = ["--device", "cam", "--count", str(n), "--size", self.settings.size,
-                  "--fps", str(self.settings.fps), "--video", self.settings.video, *media]
-        lowers = list(self.children[1:])
-        if self.settings.video == "synthetic":
-            for i, child in enumerate(lowers):
-                await self._spawn(f"devices-{child.name}", [
-                    "-m", "endpoint", "--server", child.url or "", "--start", str(i * n + 1),
-                    *common])
-        else:
-            servers = [a for child in lowers for a in ("--server", child.url or "")]
-            await self._spawn("devices", ["-m", "endpoint", *servers, "--start", "1", *common])
-        await self._wait_registered(upper, n * len(LOWER_NAMES))
+        urls: dict[str, str] = {}
+        # Level by level from the root: a level's servers start together, each told its
+        # parent's URL.
+        levels: dict[int, list[tuple[TreeNode, str | None]]] = {}
+        for node, parent, depth in self.settings.topology.walk():
+            levels.setdefault(depth, []).append((node, parent))
+        for depth in sorted(levels):
+            started = await asyncio.gather(*(self._server(node, parent, [
+                node.role, "--name", node.name, *(["--parent", urls[parent]] if parent else []),
+                *media]) for node, parent in levels[depth]))
+            urls.update(zip((n.name for n, _ in levels[depth]), started, strict=True))
+        await self._devices(urls, media)
+        expected = sum(self.settings.devices_of(leaf)
+                       for leaf in self.settings.topology.leaves())
+        await self._wait_registered(urls[self.settings.topology.name], expected)
+
+    async def _devices(self, urls: dict[str, str], media: list[str]) -> None:
+        """Synthetic devices encode live: one process per lower server. Pre-encoded and packet
+        devices are cheap and share a send log (latency between servers): one process."""
+        s = self.settings
+        common = ["--device", "cam", "--size", s.size, "--fps", str(s.fps), "--video", s.video,
+                  *media]
+        leaves = [(leaf, s.devices_of(leaf)) for leaf in s.topology.leaves()]
+        leaves = [(leaf, n) for leaf, n in leaves if n > 0]
+        first = 1
+        if s.video == "synthetic":
+            for leaf, count in leaves:
+                await self._spawn(f"devices-{leaf.name}", [
+                    "-m", "endpoint", "--server", urls[leaf.name], "--start", str(first),
+                    "--count", str(count), *common])
+                first += count
+        elif leaves:
+            servers = [a for leaf, _ in leaves for a in ("--server", urls[leaf.name])]
+            counts = ",".join(str(n) for _, n in leaves)
+            await self._spawn("devices", ["-m", "endpoint", *servers, "--counts", counts,
+                                          "--start", "1", *common])
 
     async def _spawn(self, name: str, args: list[str]) -> Child:
         assert self.log_dir is not None
@@ -117,8 +143,10 @@ class LocalStack:
         self.children.append(child)
         return child
 
-    async def _server(self, name: str, args: list[str]) -> str:
+    async def _server(self, node: TreeNode, parent: str | None, args: list[str]) -> str:
+        name = node.name
         child = await self._spawn(name, ["-m", "relay", *args])
+        child.role, child.parent = node.role, parent
         assert child.process.stdout is not None
         try:
             async with asyncio.timeout(self.settings.start_timeout_s):
@@ -129,7 +157,8 @@ class LocalStack:
             raise StackError(f"{name} exited with {await child.process.wait()}; "
                              f"see {child.log_path}")
         child.url = json.loads(line)["url"]
-        event(log, "stack.started", process=name, url=child.url, pid=child.process.pid)
+        event(log, "stack.started", process=name, role=node.role, parent=parent, url=child.url,
+              pid=child.process.pid)
         return child.url
 
     async def _wait_registered(self, upper: str, expected: int) -> None:
@@ -150,13 +179,20 @@ class LocalStack:
                 await asyncio.sleep(0.1)
 
     def info(self) -> dict[str, Any]:
-        servers = [{"name": c.name, "role": "upper" if c.name == "upper" else "lower",
-                    "url": c.url} for c in self.children if c.url]
-        return {"event": "stack_ready", "servers": servers, "logs": str(self.log_dir)}
+        return {"event": "stack_ready", "servers": [
+            {"name": c.name, "role": c.role, "url": c.url, "parent": c.parent}
+            for c in self.servers], "logs": str(self.log_dir)}
+
+    @property
+    def servers(self) -> list[Child]:
+        return [c for c in self.children if c.role is not None]
 
     @property
     def urls(self) -> list[str]:
-        return [c.url for c in self.children if c.url]
+        return [c.url for c in self.servers if c.url]
+
+    def url(self, name: str) -> str:
+        return next(c.url for c in self.servers if c.name == name and c.url)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM every child (devices first), wait, then SIGKILL what is left."""

@@ -375,7 +375,8 @@ class Switch:
         self.counters.refused(code)
         event(log, "call.refused", logging.WARNING, call=setup.call, caller=setup.caller,
               callee=setup.callee, code=code, reason=text, peer=str(link))
-        self.outbox.send(link, Hangup(call=setup.call, reason=code))
+        self.outbox.send(link, Hangup(call=setup.call, reason=code,
+                                      path=[*setup.path, self.name]))
         if setup.call not in self.ended:
             call = Call(setup.call, setup.caller, setup.callee, now, self.timeouts,
                         media_mode=setup.media_mode, path=[*setup.path, self.name])
@@ -507,6 +508,10 @@ class Switch:
             self._late(link, message, now)
             return
         if isinstance(message, Hangup):
+            call = session.call
+            if message.path and not session.routed and link == session.down.link and \
+                    message.path[:len(call.path)] == call.path:
+                call.path = list(message.path)  # how far it got, and who turned it away
             self._end(session, message.reason, now, source=link)
         elif isinstance(message, CallUpdate) and link.is_trunk:
             self._update(session, link, message)
@@ -641,9 +646,12 @@ class Switch:
         call = session.call
         self.sessions.pop(call.id, None)
         self.counters.ended_by_reason[reason] = self.counters.ended_by_reason.get(reason, 0) + 1
+        path = list(call.path) if not session.routed else None
         for port in session.ports:
             if port.link != source:
-                self.outbox.send(port.link, Hangup(call=call.id, reason=Code(reason)))
+                self.outbox.send(port.link, Hangup(
+                    call=call.id, reason=Code(reason),
+                    path=path if port is session.up and port.link.is_trunk else None))
         if session.routed and call.media_mode == "full":
             self.outbox.add(StopMedia(call.id))
         devices: dict[str, Role] = {}

@@ -1,4 +1,5 @@
-"""Fixtures: a whole tree (upper, lower-a, lower-b) and devices, in this process, on 127.0.0.1.
+"""Fixtures: a whole tree (by default upper, lower-a, lower-b; any topology) and devices, in this
+process, on 127.0.0.1.
 
 In-process so the tests can look inside: every leg, peer connection and task a call made.
 """
@@ -14,13 +15,14 @@ import aiohttp
 import pytest
 
 from endpoint.device import Device, DeviceSettings
+from relay.admission import Limits
 from relay.auth import Auth
 from relay.call import Timeouts
-from relay.lower import LowerServer
+from relay.node import Node
 from relay.rtc import MediaSettings
 from relay.server import running_server
 from relay.settings import ServerSettings
-from relay.upper import UpperServer
+from relay.topology import DEFAULT, TreeNode
 
 LOOPBACK = MediaSettings(addresses=("127.0.0.1",))
 #: Small pictures keep four transcoding hops cheap enough for one test process.
@@ -30,11 +32,12 @@ DEVICE_SETTINGS = DeviceSettings(width=320, height=240, fps=15, media=LOOPBACK,
 
 @dataclass
 class Tree:
-    upper: UpperServer
-    lowers: dict[str, LowerServer]
+    upper: Node  #: the root
+    lowers: dict[str, Node]
     session: aiohttp.ClientSession
     devices: dict[str, Device] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    servers: dict[str, Node] = field(default_factory=dict)  #: every server, by name
 
     @property
     def urls(self) -> list[str]:
@@ -47,35 +50,51 @@ class Tree:
         return device
 
     async def add_device(self, server: str, device_id: str,
-                        settings: DeviceSettings = DEVICE_SETTINGS) -> Device:
+                         settings: DeviceSettings = DEVICE_SETTINGS) -> Device:
         device = self.start(server, Device(self.lowers[server].url, device_id, settings))
         await asyncio.wait_for(device.registered.wait(), 10)
+        await self.until(lambda: self.known(f"{server}/{device_id}"), 10,
+                         f"{server}/{device_id} in the root's directory")
         return device
 
+    def known(self, address: str) -> bool:
+        """The root knows the device: a call to it from anywhere in the tree can be routed."""
+        return address in self.upper.directory.devices
+
     async def until(self, predicate, timeout: float = 10.0, what: str = "condition") -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():  # noqa: ASYNC110 - polls state owned by other objects
-                await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():  # noqa: ASYNC110 - polls state owned by other objects
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"waited {timeout} s for {what}") from None
 
 
 @contextlib.asynccontextmanager
 async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None,
-                    max_calls: int = ServerSettings.max_calls) -> AsyncIterator[Tree]:
+                    max_calls: int = Limits.max_calls,
+                    topology: TreeNode = DEFAULT) -> AsyncIterator[Tree]:
     """``max_calls``: the lower servers' limit on calls in progress."""
     timeouts = timeouts or Timeouts()
     auth = auth or Auth()
     async with contextlib.AsyncExitStack() as stack:
-        upper = await stack.enter_async_context(running_server(ServerSettings(
-            role="upper", name="upper", media=LOOPBACK, timeouts=timeouts, auth=auth)))
-        lowers = {}
-        for name in ("lower-a", "lower-b"):
-            lowers[name] = await stack.enter_async_context(running_server(ServerSettings(
-                role="lower", name=name, parent=upper.url, media=LOOPBACK, timeouts=timeouts,
-                auth=auth, max_calls=max_calls)))
+        servers: dict[str, Node] = {}
+        for node, parent, _ in topology.walk():
+            limits = Limits(max_calls=max_calls) if node.role == "lower" else Limits()
+            servers[node.name] = await stack.enter_async_context(running_server(ServerSettings(
+                role=node.role, name=node.name,  # type: ignore[arg-type]
+                parent=servers[parent].url if parent else None, media=LOOPBACK,
+                timeouts=timeouts, auth=auth, limits=limits)))
         headers = {"Authorization": f"Bearer {auth.token('probe')}"} if auth.on else None
         session = await stack.enter_async_context(aiohttp.ClientSession(headers=headers))
-        tree = Tree(upper, lowers, session)  # type: ignore[arg-type]
-        await tree.until(lambda: all(s.parent is not None for s in lowers.values()))
+        lowers = {n: s for n, s in servers.items() if s.role == "lower"}
+        tree = Tree(servers[topology.name], lowers, session, servers=servers)
+        await tree.until(lambda: all(s.directory.parent is not None
+                                     for n, s in servers.items() if n != topology.name),
+                         10, "every server linked to its parent")
+        await tree.until(lambda: all(len(s.directory.servers()) == len(servers)
+                                     for s in servers.values()), 10,
+                         "every server knowing the whole tree")
         try:
             yield tree
         finally:
@@ -91,8 +110,4 @@ async def tree() -> AsyncIterator[Tree]:
         await t.add_device("lower-a", "cam-1")
         await t.add_device("lower-b", "cam-2")
         await t.add_device("lower-a", "cam-3")
-        await t.until(lambda: len(t.upper.directory) == 3)
-        # each lower server learns the devices of the other one through the upper server
-        await t.until(lambda: len(t.lowers["lower-a"].tree) == 1
-                      and len(t.lowers["lower-b"].tree) == 2)
         yield t

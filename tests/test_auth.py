@@ -59,7 +59,7 @@ async def test_every_link_checks_its_credential():
         tree.start("lower-a", Device(tree.lowers["lower-a"].url, "cam-1", good))
         tree.start("lower-b", Device(tree.lowers["lower-b"].url, "cam-2", replace(
             DEVICE_SETTINGS, token=SECRET.token("device:cam-2"))))
-        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 15)
+        await tree.until(lambda: tree.known("lower-b/cam-2"), 15)
         ws_url = tree.lowers["lower-a"].url.replace("http", "ws") + "/v1/device"
         async with aiohttp.ClientSession() as anonymous:
             for token, code in ((None, "unauthorized"), (SECRET.token("device:cam-1"),
@@ -71,7 +71,7 @@ async def test_every_link_checks_its_credential():
                     await ws.send_str(json.dumps(body))
                     reply = json.loads((await ws.receive(timeout=5)).data)
                     assert reply["code"] == code, reply
-            assert "intruder" not in tree.lowers["lower-a"].devices
+            assert "intruder" not in tree.lowers["lower-a"].directory.own
             # the probe's HTTP: none, a wrong one, the right one
             calls = f"{tree.lowers['lower-a'].url}/v1/calls"
             body = {"caller": "lower-a/cam-1", "callee": "lower-b/cam-2", "media_mode": "none"}
@@ -84,7 +84,7 @@ async def test_every_link_checks_its_credential():
                 assert r.status == 200  # health stays open
         async with tree.session.post(calls, json=body) as r:  # the tree's session has it
             assert r.status == 201
-        assert tree.lowers["lower-a"].refusals == {"unauthorized": 2, "forbidden": 2}
+        assert tree.lowers["lower-a"].core.counters.refusals == {"unauthorized": 2, "forbidden": 2}
 
 
 @pytest.mark.e2e
@@ -93,5 +93,5 @@ async def test_a_lower_server_without_the_secret_is_refused_by_the_upper():
     async with running_server(upper_settings) as upper, running_server(ServerSettings(
             role="lower", name="lower-x", parent=upper.url, media=LOOPBACK)) as lower:
         await asyncio.sleep(1.5)
-        assert "lower-x" not in upper.children and lower.parent is None
-        assert upper.refusals.get("unauthorized", 0) >= 1
+        assert "lower-x" not in upper.directory.below and lower.directory.parent is None
+        assert upper.core.counters.refusals.get("unauthorized", 0) >= 1

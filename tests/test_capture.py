@@ -74,8 +74,8 @@ async def _call(source: DeviceSettings, seconds: float = 3.0):
     async with make_tree() as tree:
         tree.start("lower-a", Device(tree.lowers["lower-a"].url, "cam-1", source))
         await tree.add_device("lower-b", "cam-2")
-        await tree.until(lambda: "lower-a/cam-1" in tree.lowers["lower-b"].tree, 15)
-        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 15)
+        await tree.until(lambda: tree.known("lower-a/cam-1"), 15)
+        await tree.until(lambda: tree.known("lower-b/cam-2"), 15)
         client = ServerClient(tree.session, tree.lowers["lower-a"].url)
         info = await client.create_call("lower-a/cam-1", "lower-b/cam-2")
         info = await client.call(info.call, wait="active", timeout_s=20)
@@ -113,8 +113,8 @@ async def test_received_video_is_recorded(tmp_path: Path):
         tree.start("lower-a", Device(tree.lowers["lower-a"].url, "cam-1", DEVICE_SETTINGS))
         tree.start("lower-b", Device(tree.lowers["lower-b"].url, "cam-2",
                                      replace(DEVICE_SETTINGS, record=str(record))))
-        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 15)
-        await tree.until(lambda: "lower-a/cam-1" in tree.lowers["lower-b"].tree, 15)
+        await tree.until(lambda: tree.known("lower-b/cam-2"), 15)
+        await tree.until(lambda: tree.known("lower-a/cam-1"), 15)
         client = ServerClient(tree.session, tree.lowers["lower-a"].url)
         info = await client.create_call("lower-a/cam-1", "lower-b/cam-2")
         info = await client.call(info.call, wait="active", timeout_s=20)
@@ -151,7 +151,7 @@ async def test_the_remote_party_is_shown_in_a_window(tmp_path: Path):
             tree.start("lower-a", Device(tree.lowers["lower-a"].url, "cam-1", DEVICE_SETTINGS))
             tree.start("lower-b", Device(tree.lowers["lower-b"].url, "cam-2",
                                          replace(DEVICE_SETTINGS, show=True)))
-            await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 15)
+            await tree.until(lambda: tree.known("lower-b/cam-2"), 15)
             client = ServerClient(tree.session, tree.lowers["lower-a"].url)
             info = await client.create_call("lower-a/cam-1", "lower-b/cam-2")
             await client.call(info.call, wait="active", timeout_s=20)

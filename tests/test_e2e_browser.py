@@ -47,9 +47,9 @@ async def test_a_browser_device_calls_a_python_device_across_servers():
         await tree.add_device("lower-b", "cam-2")
         page = f"{tree.lowers['lower-a'].url}/device?device=web-1"
         async with chromium_on(page):
-            await tree.until(lambda: "web-1" in tree.lowers["lower-a"].devices, 60,
+            await tree.until(lambda: "web-1" in tree.lowers["lower-a"].directory.own, 60,
                              "the browser device to register")
-            await tree.until(lambda: "lower-a/web-1" in tree.lowers["lower-b"].tree, 10)
+            await tree.until(lambda: tree.known("lower-a/web-1"), 10)
             client = ServerClient(tree.session, tree.lowers["lower-a"].url)
             info = await client.create_call("lower-a/web-1", "lower-b/cam-2")
             info = await client.call(info.call, wait="active", timeout_s=30)

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.e2e
 
 def server_legs(tree: Tree, call_id: str):
     legs = []
-    for node in (tree.upper, *tree.lowers.values()):
-        session = node.sessions.get(call_id)
-        if session is not None:
-            legs += [port.leg for port in session.ports]
+    for node in tree.servers.values():
+        media = node.media.calls.get(call_id)
+        if media is not None:
+            legs += list(media.legs.values())
     return legs
 
 
@@ -51,7 +51,7 @@ async def test_cross_server_call_media_both_ways(tree: Tree):
     assert result.intervals["response_ms"] < 1000
     # the call went through every tier: each server kept its own record
     for node in (tree.upper, tree.lowers["lower-b"]):
-        assert node.ended[result.call].reason == "hangup"
+        assert node.find_call(result.call).reason == "hangup"
     summary = summarize([result])
     assert summary["ok"] == 1 and "latency_ms_caller_to_callee" in summary["figures"]
 
@@ -65,7 +65,11 @@ async def test_discovery_from_one_lower_server_finds_the_tree(tree: Tree):
 
 async def test_device_heartbeat_is_echoed(tree: Tree):
     device = tree.devices["lower-a/cam-1"]
-    await tree.until(lambda: device.last_heartbeat is not None, 5)
+    await tree.until(lambda: device.last_heartbeat is not None, 5, "a first echo")
+    first = device.last_heartbeat
+    # the device beats every heartbeat_s: the server echoes each seq back
+    await tree.until(lambda: device.last_heartbeat != first, 5, "a second, different echo")
+    assert device.last_heartbeat > first
 
 
 async def test_same_server_call_is_bridged_locally(tree: Tree):
@@ -73,16 +77,20 @@ async def test_same_server_call_is_bridged_locally(tree: Tree):
     result = await run_call(tree.session, servers, "lower-a/cam-1", "cam-3", hold_s=1.0)
     assert result.ok, result.to_dict()
     assert "t_routed" not in result.timeline
-    assert result.call not in tree.upper.ended and not tree.upper.sessions
+    assert result.path == ["lower-a"]
+    assert tree.upper.find_call(result.call) is None and not tree.upper.core.sessions
     assert result.media["caller_to_callee"]["frames"] > 0
     assert result.media["callee_to_caller"]["frames"] > 0
 
 
 async def test_unknown_and_busy_devices_are_refused(tree: Tree):
+    """What the caller's server knows (its own devices, the tree's servers) is refused at once;
+    what only the callee's server knows ends the call with its reason."""
     a = ServerClient(tree.session, tree.lowers["lower-a"].url)
     for caller, callee, status, code, field in (
-        ("lower-a/cam-1", "lower-b/nope", 404, "unknown_device", "callee"),
+        ("lower-a/cam-1", "lower-a/nope", 404, "unknown_device", "callee"),
         ("lower-a/cam-1", "lower-z/cam-9", 404, "unknown_server", "callee"),
+        ("lower-a/cam-1", "upper/cam-9", 404, "unknown_device", "callee"),
         ("lower-a/ghost", "lower-b/cam-2", 404, "unknown_device", "caller"),
         ("lower-b/cam-2", "lower-a/cam-1", 421, "caller_not_here", "caller"),
     ):
@@ -93,17 +101,22 @@ async def test_unknown_and_busy_devices_are_refused(tree: Tree):
         assert body["error"]["code"] == code and body["error"]["field"] == field
         assert body["error"]["message"]
 
+    nobody = await a.create_call("lower-a/cam-1", "lower-b/nope")
+    ended = await a.call(nobody.call, wait="ended", timeout_s=5)
+    assert ended.reason == "unknown_device"
+    assert ended.path == ["lower-a", "upper", "lower-b"]  # refused where it was known
+
     info = await a.create_call("lower-a/cam-1", "lower-b/cam-2")
-    await tree.until(lambda: tree.lowers["lower-a"].tree["lower-b/cam-2"].state == "busy")
-    with pytest.raises(ProbeError) as caught:
-        await a.create_call("lower-a/cam-3", "lower-b/cam-2")
-    assert (caught.value.status, caught.value.code) == (409, "busy_device")
+    await tree.until(lambda: tree.upper.directory.devices["lower-b/cam-2"].state == "busy")
+    busy = await a.create_call("lower-a/cam-3", "lower-b/cam-2")
+    ended = await a.call(busy.call, wait="ended", timeout_s=5)
+    assert ended.reason == "callee_busy"
     with pytest.raises(ProbeError) as caught:
         await a.create_call("lower-a/cam-1", "lower-a/cam-3")
     assert (caught.value.status, caught.value.code) == (409, "busy_device")
     assert "busy" in caught.value.message
     # nothing changed because of the refusals: one call, still going
-    assert list(tree.lowers["lower-a"].sessions) == [info.call]
+    assert list(tree.lowers["lower-a"].core.sessions) == [info.call]
     await a.hangup(info.call)
 
 
@@ -151,14 +164,14 @@ async def test_hangup_closes_all_four_legs(tree: Tree):
 
     await tree.until(lambda: all(leg.connection_state == "closed" for leg in legs), 10)
     await tree.until(lambda: all(pc.connectionState == "closed" for pc in device_pcs), 10)
-    for node in (tree.upper, *tree.lowers.values()):
-        assert not node.sessions, node.name
+    for node in tree.servers.values():
+        assert not node.core.sessions and not node.media.calls, node.name
         assert node.find_call(info.call).state is CallState.ENDED
     await tree.until(lambda: all(not d.calls for d in tree.devices.values()), 5)
     # every task the call started is gone (aiortc's included)
     await tree.until(lambda: call_tasks() <= baseline, 10)
     # and both devices are free again, everywhere
-    await tree.until(lambda: all(d.state == "idle" for d in tree.upper.directory.values()))
+    await tree.until(lambda: all(d.state == "idle" for d in tree.upper.directory.devices.values()))
 
 
 async def test_device_gone_ends_its_call_with_reason(tree: Tree):
@@ -169,8 +182,8 @@ async def test_device_gone_ends_its_call_with_reason(tree: Tree):
     callee_task.cancel()
     ended = await a.call(info.call, wait="ended", timeout_s=5)
     assert ended.state == "ended" and ended.reason == "device_gone"
-    assert not tree.lowers["lower-a"].sessions
-    await tree.until(lambda: "lower-b/cam-2" not in tree.upper.directory)
+    assert not tree.lowers["lower-a"].core.sessions
+    await tree.until(lambda: "lower-b/cam-2" not in tree.upper.directory.devices)
 
 
 async def test_duplicate_device_and_malformed_messages(tree: Tree):
@@ -184,7 +197,7 @@ async def test_duplicate_device_and_malformed_messages(tree: Tree):
         assert error["code"] == "duplicate_device" and error["field"] == "device"
         assert (await ws.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     # the registered cam-1 is untouched
-    assert "cam-1" in tree.lowers["lower-a"].devices
+    assert "cam-1" in tree.lowers["lower-a"].directory.own
     async with tree.session.ws_connect(url) as ws:
         await ws.send_json({"type": "register", "device": "cam-9"})
         assert json.loads((await ws.receive()).data)["type"] == "registered"
@@ -202,7 +215,7 @@ async def test_wake_timeout_when_device_never_answers():
         async with tree.session.ws_connect(url) as ws:  # registers, then ignores everything
             await ws.send_json({"type": "register", "device": "mute"})
             await ws.receive()
-            await tree.until(lambda: "lower-b/mute" in tree.lowers["lower-a"].tree)
+            await tree.until(lambda: tree.known("lower-b/mute"))
             a = ServerClient(tree.session, tree.lowers["lower-a"].url)
             info = await a.create_call("lower-a/cam-1", "lower-b/mute")
             ended = await a.call(info.call, wait="ended", timeout_s=5)

@@ -39,8 +39,8 @@ async def loop_devices_call(tree: Tree, video: str):
     devices = [tree.start(server, Device(tree.lowers[server].url, name, settings,
                                          supply=supply))
                for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2"))]
-    await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
-    await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
+    await tree.until(lambda: tree.known("lower-b/cam-2"))
+    await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].directory.own)
     client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
     return supply, devices, client, info
 
@@ -79,8 +79,8 @@ async def test_servers_create_no_decoder_or_encoder(monkeypatch):
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             stack.push_async_callback(process.wait)
             stack.callback(process.terminate)
-        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree, 20)
-        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices, 20)
+        await tree.until(lambda: tree.known("lower-b/cam-2"), 20)
+        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].directory.own, 20)
         client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
         info = await media_after(client, info.call, 2.0)
         for direction in ("caller_to_callee", "callee_to_caller"):
@@ -99,7 +99,7 @@ async def test_device_preferring_vp8_follows_a_h264_call(tree: Tree):
     """A device that takes both codecs sends what the call carries: no transcoding."""
     tree.start("lower-b", Device(tree.lowers["lower-b"].url, "h264-only",
                                  replace(DEVICE_SETTINGS, codecs=("video/H264",))))
-    await tree.until(lambda: "lower-b/h264-only" in tree.lowers["lower-a"].tree)
+    await tree.until(lambda: tree.known("lower-b/h264-only"))
     client, info = await active_call(tree, "lower-a/cam-1", "lower-b/h264-only")
     info = await media_after(client, info.call, 1.0)
     assert info.codec == "video/H264"
@@ -111,8 +111,8 @@ async def test_h264_negotiated_end_to_end():
         h264 = replace(DEVICE_SETTINGS, codecs=("video/H264",))
         for server, name in (("lower-a", "cam-1"), ("lower-b", "cam-2")):
             tree.start(server, Device(tree.lowers[server].url, name, h264))
-        await tree.until(lambda: "lower-b/cam-2" in tree.lowers["lower-a"].tree)
-        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].devices)
+        await tree.until(lambda: tree.known("lower-b/cam-2"))
+        await tree.until(lambda: "cam-1" in tree.lowers["lower-a"].directory.own)
         client, info = await active_call(tree, "lower-a/cam-1", "lower-b/cam-2")
         info = await media_after(client, info.call, 1.5)
         assert info.codec == "video/H264"
@@ -128,8 +128,8 @@ async def test_codec_mismatch_transcodes_at_the_callee_server_only():
                                      replace(DEVICE_SETTINGS, codecs=("video/VP8",))))
         tree.start("lower-b", Device(tree.lowers["lower-b"].url, "h264-only",
                                      replace(DEVICE_SETTINGS, codecs=("video/H264",))))
-        await tree.until(lambda: "lower-b/h264-only" in tree.lowers["lower-a"].tree)
-        await tree.until(lambda: "vp8-only" in tree.lowers["lower-a"].devices)
+        await tree.until(lambda: tree.known("lower-b/h264-only"))
+        await tree.until(lambda: "vp8-only" in tree.lowers["lower-a"].directory.own)
         client, info = await active_call(tree, "lower-a/vp8-only", "lower-b/h264-only")
         info = await media_after(client, info.call, 1.5)
         assert info.codec == "video/VP8"
@@ -180,7 +180,7 @@ async def test_loss_on_a_trunk_is_repaired_by_nack(tree: Tree, monkeypatch):
     # Drop every 6th video packet the upper server receives from lower-a. They arrive on the
     # fast path (straight off the socket); retransmissions come on their own SSRC (RTX), which
     # takes aiortc's path and is not dropped.
-    forwarder = tree.upper.sessions[info.call].bridge.forwarders["video", "caller_to_callee"]
+    forwarder = tree.upper.media.calls[info.call].bridge.forwarders["video", "caller_to_callee"]
     ssrc = forwarder._fast_ssrc
     assert ssrc is not None, "the fast path should carry this stream"
     routes = forwarder.datagrams._routes

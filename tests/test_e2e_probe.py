@@ -33,8 +33,8 @@ async def packet_tree(tree: Tree, per_server: int) -> None:
             tree.start(server, Device(tree.lowers[server].url, f"{server[-1]}{i}", PACKETS,
                                       supply=supply))
     total = 2 * per_server
-    await tree.until(lambda: len(tree.upper.directory) == total, 15)
-    await tree.until(lambda: all(len(s.tree) == per_server for s in tree.lowers.values()), 15)
+    await tree.until(lambda: len(tree.upper.directory.devices) == total, 15,
+                     f"{total} devices in the upper server's directory")
 
 
 async def load(tree: Tree, **kwargs):
@@ -115,7 +115,7 @@ async def test_unknown_and_busy_devices_are_counted_as_such():
         async with tree.session.post(f"{tree.lowers['lower-a'].url}/v1/calls", json={
                 "caller": "lower-a/a1", "callee": "lower-b/b0", "media_mode": "none"}) as r:
             assert r.status == 201
-        await tree.until(lambda: tree.lowers["lower-a"].tree["lower-b/b0"].state == "busy")
+        await tree.until(lambda: tree.upper.directory.devices["lower-b/b0"].state == "busy")
         busy = await load(tree, pairing="explicit", pairs=(("lower-a/a0", "lower-b/b0"),),
                           rate=2, duration_s=1.0)
         assert busy.recorder.total.failures == {"busy_device": 2}, busy.recorder.total.details

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import string
-from dataclasses import fields
 
 import aiohttp
 import pytest
@@ -34,7 +33,7 @@ JSON = st.recursive(SCALARS, lambda children: st.one_of(
 
 
 def field_names(tag: str) -> list[str]:
-    return [f.name for f in fields(TYPES[tag])]
+    return list(TYPES[tag].__struct_fields__)
 
 
 @st.composite

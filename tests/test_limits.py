@@ -10,6 +10,8 @@ import aiohttp
 import pytest
 
 from endpoint.device import Device
+from relay.admission import Limits
+from relay.ended import EndedCalls
 from relay.links import RateLimit
 from relay.server import running_server
 from relay.settings import ServerSettings
@@ -34,8 +36,8 @@ def refusals(text: str, code: str) -> float:
 
 @pytest.mark.e2e
 async def test_calls_devices_and_messages_past_the_limits_are_refused_at_once():
-    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK, max_calls=1,
-                              max_devices=3, max_message_rate=5)
+    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK,
+                              limits=Limits(max_calls=1, max_devices=3, max_message_rate=5))
     async with running_server(settings) as server, aiohttp.ClientSession() as session:
         devices = [Device(server.url, f"cam-{i}", DEVICE_SETTINGS) for i in range(4)]
         tasks = [asyncio.create_task(d.run(session)) for d in devices[:3]]
@@ -59,7 +61,7 @@ async def test_calls_devices_and_messages_past_the_limits_are_refused_at_once():
                 assert reply["code"] == "server_full" and reply["ref"] == "register"
                 assert (await ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
                                                               aiohttp.WSMsgType.CLOSED)
-            assert "cam-3" not in server.devices
+            assert "cam-3" not in server.directory.own
             async with session.get(f"{server.url}/metrics") as r:
                 metrics = await r.text()
             assert refusals(metrics, "server_busy") == 1
@@ -73,7 +75,8 @@ async def test_calls_devices_and_messages_past_the_limits_are_refused_at_once():
 
 @pytest.mark.e2e
 async def test_a_flooding_device_is_rate_limited_and_stays_connected():
-    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK, max_message_rate=5)
+    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK,
+                              limits=Limits(max_message_rate=5))
     async with running_server(settings) as server, aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{server.url.replace('http', 'ws')}/v1/device") as ws:
             await ws.send_str(json.dumps({"type": "register", "device": "flood"}))
@@ -88,7 +91,7 @@ async def test_a_flooding_device_is_rate_limited_and_stays_connected():
             echoed = [r for r in replies if r["type"] == "heartbeat"]
             assert len(limited) == 1 and limited[0]["ref"] == "heartbeat"
             assert 8 <= len(echoed) <= 14  # the burst (10) and a little refill, not all 40
-            assert "flood" in server.devices  # still registered
+            assert "flood" in server.directory.own  # still registered
         async with session.get(f"{server.url}/metrics") as r:
             assert refusals(await r.text(), "rate_limited") >= 25
 
@@ -97,7 +100,7 @@ async def test_a_flooding_device_is_rate_limited_and_stays_connected():
 async def test_a_draining_server_refuses_new_calls_and_devices_at_once():
     settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK)
     async with running_server(settings) as server, aiohttp.ClientSession() as session:
-        server.draining = True  # what SIGTERM sets (see test_e2e_shutdown.py)
+        server.core.draining = True  # what SIGTERM sets (see test_e2e_shutdown.py)
         async with session.post(f"{server.url}/v1/calls", json={
                 "caller": "lower-a/cam-0", "callee": "lower-a/cam-1"}) as r:
             assert r.status == 503 and r.headers["Retry-After"] == "5"
@@ -110,28 +113,26 @@ async def test_a_draining_server_refuses_new_calls_and_devices_at_once():
 
 @pytest.mark.e2e
 async def test_ended_calls_are_kept_for_a_while_then_let_go(monkeypatch):
-    from relay.node import Node
-
-    monkeypatch.setattr(Node, "ENDED_KEEP_S", 0.5)
+    monkeypatch.setattr(EndedCalls, "KEEP_S", 0.5)
     settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK)
     async with running_server(settings) as server, aiohttp.ClientSession() as session:
         devices = [Device(server.url, f"cam-{i}", DEVICE_SETTINGS) for i in range(2)]
         tasks = [asyncio.create_task(d.run(session)) for d in devices]
         try:
             await asyncio.wait_for(asyncio.gather(*(d.registered.wait() for d in devices)), 10)
-            ids = []
-            for _ in range(2):
-                async with session.post(f"{server.url}/v1/calls", json={
-                        "caller": "lower-a/cam-0", "callee": "lower-a/cam-1",
-                        "media_mode": "none"}) as r:
-                    ids.append((await r.json())["call"])
-                async with session.delete(f"{server.url}/v1/calls/{ids[-1]}") as r:
-                    assert (await r.json())["reason"] == "hangup"
-                await asyncio.sleep(0.7)
-            async with session.get(f"{server.url}/v1/calls/{ids[0]}") as r:
-                assert r.status == 404  # let go: older than ENDED_KEEP_S when the next ended
-            async with session.get(f"{server.url}/v1/calls/{ids[1]}") as r:
-                assert r.status == 200 and (await r.json())["state"] == "ended"
+            async with session.post(f"{server.url}/v1/calls", json={
+                    "caller": "lower-a/cam-0", "callee": "lower-a/cam-1",
+                    "media_mode": "none"}) as r:
+                call = (await r.json())["call"]
+            async with session.delete(f"{server.url}/v1/calls/{call}") as r:
+                assert (await r.json())["reason"] == "hangup"
+            await asyncio.sleep(0.2)
+            async with session.get(f"{server.url}/v1/calls/{call}") as r:
+                assert r.status == 200 and (await r.json())["state"] == "ended"  # kept
+            await asyncio.sleep(0.8)  # past KEEP_S: the server's clock tick lets it go
+            async with session.get(f"{server.url}/v1/calls/{call}") as r:
+                assert r.status == 404
+            assert len(server.core.ended) == 0
         finally:
             for task in tasks:
                 task.cancel()

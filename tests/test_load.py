@@ -14,15 +14,16 @@ from aiohttp import web
 
 from probe.client import Server
 from probe.load import LoadSettings, run_load
-from relay.messages import DeviceInfo, Error, ErrorBody, ServerInfo
+from relay.messages import DeviceInfo, Error, ErrorBody, ServerEntry
 
 
 def servers_at(url: str, devices: int = 20) -> list[Server]:
-    out = []
+    """Two lower servers under one upper, all answering at ``url``."""
+    out = [Server(url, ServerEntry(name="upper", role="upper", url=url))]
     for name in ("lower-a", "lower-b"):
-        info = ServerInfo(name=name, role="lower", url=url)
-        out.append(Server(url, info, [DeviceInfo(id=f"cam-{i}", server=name)
-                                      for i in range(devices)]))
+        entry = ServerEntry(name=name, role="lower", url=url, parent="upper")
+        out.append(Server(url, entry, [DeviceInfo(id=f"cam-{i}", server=name)
+                                       for i in range(devices)]))
     return out
 
 
@@ -43,7 +44,7 @@ async def test_starts_stay_on_schedule_when_the_server_is_slow():
     async def slow(request: web.Request) -> web.Response:
         received.append(asyncio.get_running_loop().time())
         await asyncio.sleep(1.0)  # a server that takes a second to refuse
-        body = ErrorBody(error=Error(code="overloaded", message="try later"))
+        body = ErrorBody(error=Error(code="server_busy", message="try later"))
         return web.json_response(body.to_dict(), status=503)
 
     runner, url = await serve(slow)
@@ -63,7 +64,7 @@ async def test_starts_stay_on_schedule_when_the_server_is_slow():
     response = report.recorder.total.histograms["response_ms"]
     assert response.get_min_value() >= 990_000  # µs (1 % buckets), from the scheduled start
     assert report.recorder.total.failures == {"rejected": 30}
-    assert report.recorder.total.details == {"rejected:overloaded": 30}
+    assert report.recorder.total.details == {"rejected:server_busy": 30}
     assert report.valid
 
 

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from relay.messages import (
     CHILD_TO_PARENT,
     DEVICE_TO_SERVER,
     Announce,
+    CallAccept,
+    CallSetup,
     CallUpdate,
     CreateCall,
     DeviceInfo,
     Directory,
     Hangup,
     MediaStats,
+    Message,
     MessageError,
     Offer,
     Register,
+    ServerEntry,
     Stats,
     Wake,
+    _registry,
     decode,
     message_types,
     split_address,
@@ -35,9 +41,13 @@ SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\n"
     Offer(call="abc", leg="abc", sdp=SDP),
     Hangup(call="abc", reason="hangup"),
     Stats(call="abc", media=MediaStats(frames=3, latency_ms_p50=12.5)),
-    Announce(server="lower-a", url="http://x", devices=[DeviceInfo(id="cam-1", server="lower-a")]),
+    Announce(server="lower-a", url="http://x:8080", role="upper"),
     Directory(devices=[DeviceInfo(id="cam-1", server="lower-a", state="busy")],
-              removed=["lower-a/cam-2"]),
+              devices_removed=["lower-a/cam-2"], servers_removed=["lower-z"],
+              servers=[ServerEntry(name="mid-1", role="upper", url="http://m:1", parent="root")]),
+    CallSetup(call="abc", caller="lower-a/cam-1", callee="cam-2", path=["lower-a", "mid-1"]),
+    CallAccept(call="abc", callee="lower-b/cam-2", codec="video/H264",
+               path=["lower-a", "root", "lower-b"]),
     CallUpdate(call="abc", events={"t_routed": 1.5},
                media={"caller_to_callee": MediaStats(frames=1)}),
 ])
@@ -64,8 +74,22 @@ def test_round_trip(message):
      "bad_message"),
     ('{"type": "stats", "call": "c1", "media": {"frames": -1}}', "media.frames", "bad_message"),
     ('{"type": "stats", "call": "c1", "media": {"frames": "x"}}', "media.frames", "bad_message"),
-    ('{"type": "announce", "server": "a", "url": "u", "devices": [{"id": "d", "server": "b"}]}',
-     "devices[0].server", "bad_message"),
+    ('{"type": "directory", "devices": [{"id": "d", "server": "b", "address": "x/d"}]}',
+     "devices[0].address", "bad_message"),
+    # a trailing newline is not part of a name (Python's "$" would let it through)
+    ('{"type": "register", "device": "cam-1\\n"}', "device", "bad_message"),
+    ('{"type": "hangup", "call": "c1\\n", "reason": "hangup"}', "call", "bad_message"),
+    ('{"type": "register", "device": "cam", "codecs": ["video/VP8", "video/VP8"]}',
+     "codecs[1]", "bad_message"),
+    ('{"type": "register", "device": "cam", "codecs": []}', "codecs", "bad_message"),
+    ('{"type": "hangup", "call": "c1", "reason": "because"}', "reason", "bad_message"),
+    ('{"type": "announce", "server": "a", "url": "javascript:alert(1)"}', "url", "bad_message"),
+    ('{"type": "announce", "server": "a", "url": ""}', "url", "bad_message"),
+    ('{"type": "announce", "server": "a", "url": "http://x/\\u0000"}', "url", "bad_message"),
+    ('{"type": "announce", "server": "a", "url": "http://x", "version": 1}', "version",
+     "unsupported_version"),
+    ('{"type": "call_setup", "call": "c", "caller": "a/b", "callee": "c", "path": []}', "path",
+     "bad_message"),
 ])
 def test_refused_with_field(raw, field, code):
     with pytest.raises(MessageError) as caught:
@@ -90,10 +114,42 @@ def test_oversized_frame_refused():
     assert caught.value.code == "too_large"
 
 
-def test_every_type_is_registered_once():
+def subclasses(cls: type) -> set[type]:
+    return {c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))}
+
+
+def test_every_message_class_is_registered_under_its_own_tag():
     types = message_types()
-    assert {"register", "wake", "offer", "answer", "hangup", "stats", "call_setup",
-            "call_update", "directory", "announce", "error"} <= set(types)
+    assert set(types.values()) == subclasses(Message)  # none left out of the decoder
+    for tag, cls in types.items():
+        assert cls.TYPE == tag
+        assert cls.__struct_config__.tag == tag
+
+
+def test_a_tag_used_twice_is_refused_when_the_module_loads():
+    class Again(Message, frozen=True, tag="register"):
+        pass
+
+    with pytest.raises(TypeError, match="defined twice"):
+        _registry(Register, Again)
+
+
+def test_deep_nesting_is_refused_with_a_reason_not_a_crash():
+    for depth in (1_000, 2_000, 100_000):
+        raw = '{"type": "stats", "call": "c1", "media": ' + "[" * depth + "]" * depth + "}"
+        with pytest.raises(MessageError) as caught:
+            decode(raw)
+        assert caught.value.message and caught.value.ref == "stats"
+
+
+def test_an_http_body_is_checked_as_strictly_as_a_frame():
+    with pytest.raises(MessageError) as caught:
+        CreateCall.from_dict({"caller": "lower-a/cam-1", "callee": "x", "bogus": 1})
+    assert caught.value.field == "bogus"
+    with pytest.raises(MessageError) as caught:
+        CreateCall.from_dict({"caller": "a/b/c", "callee": "x"})
+    assert caught.value.field == "caller" and "SERVER/DEVICE" in caught.value.message
+    assert isinstance(msgspec.json.encode(CreateCall(caller="a/b", callee="c")), bytes)
 
 
 def test_create_call_body_and_addresses():

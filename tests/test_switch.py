@@ -160,7 +160,10 @@ def test_what_only_the_callee_s_server_knows_ends_the_call_with_its_reason() -> 
         # refused before a session was made, and kept to say why
         refused = tree.servers["b2"].find_call(call)
         assert refused.state is CallState.ENDED and refused.reason == reason
-        assert refused.path == ["a1" if call == busy else "a2", "mid-1", "root", "mid-2", "b2"]
+        path = ["a1" if call == busy else "a2", "mid-1", "root", "mid-2", "b2"]
+        assert refused.path == path
+        # the caller's server learns how far it got, and who turned it away
+        assert tree.servers[path[0]].find_call(call).path == path
         assert not any(isinstance(e, StartMedia) and e.call == call
                        for effects in tree.media.values() for e in effects)
     assert tree.servers["b2"].find_call(first).state is CallState.ACTIVE  # untouched

@@ -1,0 +1,152 @@
+"""The media layer of one server: carries out the core's media effects (relay/effects.py).
+
+For each call it makes the two legs (relay/leg.py: one aiortc peer connection each) and the bridge
+that forwards encoded packets between them (relay/forward.py), makes the offers this server owes,
+applies the offers and answers the core hands it, and closes it all once when the call ends. It
+owns every task it starts, per call and for itself; what happens to the media (the caller's
+first packet, a leg that failed, a direction that fell back to transcoding) goes back to the core
+through :class:`MediaEvents`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiortc.contrib.media import MediaRelay
+
+from relay.effects import Link, Negotiate, PortPlan, StartMedia
+from relay.forward import Bridge, Forwarder, ForwardingStats
+from relay.leg import Leg
+from relay.logs import event
+from relay.messages import Answer, Error, Message, Offer
+from relay.reasons import Code
+from relay.rtc import MediaSettings
+
+log = logging.getLogger("relay.media")
+
+
+class MediaEvents(Protocol):
+    """What the media layer tells the core (the server feeds these in with ``now``)."""
+
+    def media_up(self, call: str) -> None: ...
+    def media_failed(self, call: str, code: Code) -> None: ...
+    def transcoded(self, call: str, where: str) -> None: ...
+
+
+@dataclass
+class CallMedia:
+    """One call's legs, by the link each runs over, its bridge, and its tasks."""
+
+    call: str
+    bridge: Bridge
+    legs: dict[Link, Leg]
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+class MediaPlane:
+    def __init__(self, server: str, settings: MediaSettings, transcode_all: bool,
+                 send: Callable[[Link, Message], None], events: MediaEvents) -> None:
+        self.server = server
+        self.settings = settings
+        self.transcode_all = transcode_all
+        self.stats = ForwardingStats()
+        self._send = send
+        self._events = events
+        self._relay = MediaRelay()  # decodes, for the transcoding fallback only
+        self.calls: dict[str, CallMedia] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
+
+    def legs(self) -> list[Leg]:
+        return [leg for media in self.calls.values() for leg in media.legs.values()]
+
+    def start(self, effect: StartMedia) -> None:
+        call = effect.call
+        on_media_up = (lambda: self._events.media_up(call)) if effect.up.role == "caller" \
+            else None
+        bridge = Bridge(call, self.stats, self._relay, transcode_all=self.transcode_all,
+                        on_media_up=on_media_up,
+                        on_transcode=lambda f: self._transcoded(call, f))
+        media = CallMedia(call, bridge, {})
+        for plan, upstream in ((effect.up, True), (effect.down, False)):
+            media.legs[plan.link] = Leg(
+                call, str(plan.link), self.settings,
+                on_ready=lambda transceivers, up=upstream: bridge.leg_ready(transceivers, up),
+                on_failed=lambda leg: self._events.media_failed(call, Code.MEDIA_FAILED))
+        self.calls[call] = media
+        for plan in (effect.up, effect.down):
+            if plan.offer:
+                self._spawn(media, self._offer(media, plan), f"{call}-offer-{plan.link}")
+
+    async def _offer(self, media: CallMedia, plan: PortPlan) -> None:
+        sdp = await media.legs[plan.link].create_offer(plan.codec)
+        self._send(plan.link, Offer(call=media.call, leg=media.call, sdp=sdp))
+
+    def negotiate(self, effect: Negotiate) -> None:
+        media = self.calls.get(effect.call)
+        if media is None or effect.link not in media.legs:
+            return  # the call ended meanwhile
+        self._spawn(media, self._negotiate(media, effect), f"{effect.call}-sdp-{effect.link}")
+
+    async def _negotiate(self, media: CallMedia, effect: Negotiate) -> None:
+        leg = media.legs[effect.link]
+        description = effect.description
+        try:
+            if isinstance(description, Offer):
+                sdp = await leg.create_answer(description.sdp)
+            else:
+                await leg.accept_answer(description.sdp)
+        except Exception as exc:  # a bad SDP from the peer must not take the server down
+            event(log, "leg.bad_sdp", logging.WARNING, call=media.call, leg=leg.name,
+                  ref=description.TYPE, error=repr(exc))
+            self._send(effect.link, Error(code=Code.BAD_SDP, message=f"{description.TYPE} "
+                                          f"refused: {exc}"[:1024], field="sdp",
+                                          call=media.call, ref=description.TYPE))
+            self._events.media_failed(media.call, Code.BAD_SDP)
+            return
+        if isinstance(description, Offer):
+            self._send(effect.link, Answer(call=media.call, leg=description.leg, sdp=sdp))
+
+    def _transcoded(self, call: str, forwarder: Forwarder) -> None:
+        self._events.transcoded(call, f"{self.server}:{forwarder.kind}:{forwarder.direction}")
+
+    def stop(self, call: str) -> None:
+        """Close a call's legs, once; its tasks are cancelled first."""
+        media = self.calls.pop(call, None)
+        if media is not None:
+            task = asyncio.get_running_loop().create_task(self._close(media),
+                                                          name=f"{call}-close")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close(self, media: CallMedia) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in media.tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        media.bridge.close()
+        await asyncio.gather(*(leg.close() for leg in media.legs.values()),
+                             return_exceptions=True)
+
+    async def close(self) -> None:
+        for call in list(self.calls):
+            self.stop(call)
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+    def _spawn(self, media: CallMedia, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        media.tasks.add(task)
+        task.add_done_callback(media.tasks.discard)
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.error("task.failed", extra={"task": task.get_name(), "error": repr(exc)},
+                  exc_info=exc)
