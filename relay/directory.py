@@ -56,6 +56,13 @@ class TreeDirectory:
     above: dict[str, ServerEntry] = field(default_factory=dict)
     #: the parent's name while its link is up
     parent: str | None = None
+    #: this server is configured with a parent (so without its link it is cut off, not a root)
+    has_parent: bool = False
+
+    @property
+    def cut_off(self) -> bool:
+        """Configured with a parent, and its link is down: the rest of the tree is unknown."""
+        return self.has_parent and self.parent is None
 
     @property
     def name(self) -> str:

@@ -37,6 +37,7 @@ from relay.effects import (
     StartMedia,
     StopMedia,
 )
+from relay.forward import ForwardingStats
 from relay.links import WebSocketChannel
 from relay.media import MediaPlane
 from relay.messages import CallInfo, Message, ServerEntry
@@ -61,7 +62,8 @@ class Node:
         self.url = settings.public_url or f"http://{settings.host}:{settings.port}"
         me = ServerEntry(name=settings.name, role=settings.role, url=self.url)
         self.directory = TreeDirectory(me, Outbox(),
-                                       max_devices=settings.limits.max_directory_devices)
+                                       max_devices=settings.limits.max_directory_devices,
+                                       has_parent=settings.parent is not None)
         self.core = Switch(self.directory, settings.limits, settings.timeouts, settings.auth,
                            settings.heartbeat_s)
         self.media = MediaPlane(settings.name, settings.media,
@@ -74,7 +76,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
-    def forwarding(self) -> Any:
+    def forwarding(self) -> ForwardingStats:
         return self.media.stats
 
     def set_url(self, url: str) -> None:

@@ -48,6 +48,9 @@ def route(directory: TreeDirectory, callee: str, field: str = "callee") -> Route
             return Local(device)
         raise Refused(Code.UNKNOWN_DEVICE, f"no device {device!r} on {here}", field)
     entry = directory.server(server)
+    if entry is None and directory.cut_off:
+        raise Refused(Code.SERVER_UNREACHABLE, f"{server} cannot be reached: {here} has lost "
+                                               "its link to its parent", field)
     if entry is None:
         raise Refused(Code.UNKNOWN_SERVER, f"no server {server!r} in the tree", field)
     if entry.role != "lower":
@@ -74,6 +77,9 @@ def _bare(directory: TreeDirectory, device: str, field: str) -> Route:
             hop = directory.next_hop(server or "")
             if hop is not None:
                 return Onward(hop, found[0])
+    if directory.cut_off:
+        raise Refused(Code.SERVER_UNREACHABLE, f"{device!r} is not here, and {directory.name} "
+                                               "has lost its link to its parent", field)
     if directory.parent is None:
         raise Refused(Code.UNKNOWN_DEVICE, f"no device {device!r} in the tree", field)
     return Onward(PARENT, device)

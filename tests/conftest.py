@@ -38,6 +38,23 @@ class Tree:
     devices: dict[str, Device] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     servers: dict[str, Node] = field(default_factory=dict)  #: every server, by name
+    #: each server's running context, so one can stop and another start in its place
+    contexts: dict[str, contextlib.AbstractAsyncContextManager[Node]] = field(
+        default_factory=dict)
+
+    async def start_server(self, settings: ServerSettings) -> Node:
+        context = running_server(settings)
+        node = await context.__aenter__()
+        self.contexts[settings.name], self.servers[settings.name] = context, node
+        if settings.role == "lower":
+            self.lowers[settings.name] = node
+        return node
+
+    async def stop_server(self, name: str) -> None:
+        """Stop one server as SIGTERM would (it drains, then closes every link)."""
+        self.servers.pop(name)
+        self.lowers.pop(name, None)
+        await self.contexts.pop(name).__aexit__(None, None, None)
 
     @property
     def urls(self) -> list[str]:
@@ -73,35 +90,48 @@ class Tree:
 @contextlib.asynccontextmanager
 async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None,
                     max_calls: int = Limits.max_calls,
-                    topology: TreeNode = DEFAULT) -> AsyncIterator[Tree]:
-    """``max_calls``: the lower servers' limit on calls in progress."""
+                    topology: TreeNode = DEFAULT,
+                    max_calls_at: dict[str, int] | None = None) -> AsyncIterator[Tree]:
+    """``max_calls``: the lower servers' limit on calls in progress; ``max_calls_at``: the
+    limit of particular servers (of either role)."""
     timeouts = timeouts or Timeouts()
     auth = auth or Auth()
     async with contextlib.AsyncExitStack() as stack:
-        servers: dict[str, Node] = {}
-        for node, parent, _ in topology.walk():
-            limits = Limits(max_calls=max_calls) if node.role == "lower" else Limits()
-            servers[node.name] = await stack.enter_async_context(running_server(ServerSettings(
-                role=node.role, name=node.name,  # type: ignore[arg-type]
-                parent=servers[parent].url if parent else None, media=LOOPBACK,
-                timeouts=timeouts, auth=auth, limits=limits)))
         headers = {"Authorization": f"Bearer {auth.token('probe')}"} if auth.on else None
         session = await stack.enter_async_context(aiohttp.ClientSession(headers=headers))
-        lowers = {n: s for n, s in servers.items() if s.role == "lower"}
-        tree = Tree(servers[topology.name], lowers, session, servers=servers)
-        await tree.until(lambda: all(s.directory.parent is not None
-                                     for n, s in servers.items() if n != topology.name),
-                         10, "every server linked to its parent")
-        await tree.until(lambda: all(len(s.directory.servers()) == len(servers)
-                                     for s in servers.values()), 10,
-                         "every server knowing the whole tree")
+        tree: Tree | None = None
         try:
+            for node, parent, _ in topology.walk():
+                limits = Limits(max_calls=max_calls) if node.role == "lower" else Limits()
+                if max_calls_at and node.name in max_calls_at:
+                    limits = Limits(max_calls=max_calls_at[node.name])
+                settings = ServerSettings(
+                    role=node.role, name=node.name,  # type: ignore[arg-type]
+                    parent=tree.servers[parent].url if tree and parent else None,
+                    media=LOOPBACK, timeouts=timeouts, auth=auth, limits=limits)
+                if tree is None:
+                    root = running_server(settings)
+                    tree = Tree(await root.__aenter__(), {}, session)
+                    tree.servers[node.name], tree.contexts[node.name] = tree.upper, root
+                else:
+                    await tree.start_server(settings)
+            assert tree is not None
+            servers = tree.servers
+            await tree.until(lambda: all(s.directory.parent is not None
+                                         for n, s in servers.items() if n != topology.name),
+                             10, "every server linked to its parent")
+            await tree.until(lambda: all(len(s.directory.servers()) == len(servers)
+                                         for s in servers.values()), 10,
+                             "every server knowing the whole tree")
             yield tree
         finally:
-            for task in tree.tasks:
-                task.cancel()
-            await asyncio.gather(*tree.tasks, return_exceptions=True)
-            await asyncio.gather(*(d.close() for d in tree.devices.values()))
+            if tree is not None:
+                for task in tree.tasks:
+                    task.cancel()
+                await asyncio.gather(*tree.tasks, return_exceptions=True)
+                await asyncio.gather(*(d.close() for d in tree.devices.values()))
+                for context in reversed(list(tree.contexts.values())):
+                    await context.__aexit__(None, None, None)
 
 
 @pytest.fixture

@@ -124,7 +124,8 @@ class FakeTree:
 
     def add_server(self, name: str, role: str, parent: str | None) -> Refused | None:
         entry = ServerEntry(name=name, role=role, url=f"http://{name}:80")  # type: ignore[arg-type]
-        switch = Switch(TreeDirectory(entry, Outbox()), self.limits, self.timeouts,
+        switch = Switch(TreeDirectory(entry, Outbox(), has_parent=parent is not None),
+                        self.limits, self.timeouts,
                         call_id=lambda: f"call-{next(self._ids)}")
         self.servers[name] = switch
         self.parent_of[name] = parent

@@ -88,7 +88,8 @@ async def test_load_with_packet_devices_and_metrics():
             assert server["legs"]["peak"] >= 2 and server["legs"]["end"] == 0
             assert server["memory_mb"]["peak"] >= server["memory_mb"]["start"] > 10
             assert server["loop_lag_p99_ms_at_most"] is not None
-            assert server["cpu_pct"] is not None and server["cpu_pct"] >= 0
+            # the servers share this test's process: it was busy carrying the calls
+            assert server["cpu_pct"] is not None and server["cpu_pct"] > 0
 
 
 async def test_signalling_only_calls_make_no_media_leg():

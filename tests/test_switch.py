@@ -119,18 +119,19 @@ def test_a_call_inside_one_lower_server_is_bridged_there_alone() -> None:
     ("a1/ghost", Code.UNKNOWN_DEVICE),  # its own server: known at once
     ("mid-2/cam-b1", Code.UNKNOWN_DEVICE),  # an upper server holds no devices
     ("a1/cam-a1", Code.SAME_DEVICE),
-    ("bad", Code.UNKNOWN_DEVICE),  # a bare id no server of the tree has
+    ("bad", Code.SERVER_UNREACHABLE),  # a bare id, and no parent to ask: cut off
+    ("b1/cam-b1", Code.SERVER_UNREACHABLE),  # known before; now cut off from the tree
 ])
 def test_what_the_caller_s_server_can_know_is_refused_at_once(callee: str, code: Code) -> None:
     tree = populated(2)
     before = [m for m in tree.sent]
-    if callee == "bad":
+    if callee in ("bad", "b1/cam-b1"):
         tree.kill("mid-1")  # a1 now has no parent to ask
     with pytest.raises(Refused) as caught:
         tree.call("a1", "a1/cam-a1", callee)
     assert caught.value.code is code and caught.value.field == "callee"
     assert caught.value.message
-    if callee != "bad":
+    if callee not in ("bad", "b1/cam-b1"):
         assert tree.sent == before  # nothing was sent: nothing changed
     assert not tree.servers["a1"].sessions
 

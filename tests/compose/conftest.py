@@ -3,6 +3,7 @@ the image and starts the engine; without VPHONE_COMPOSE_TESTS these tests skip).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,10 +46,17 @@ class Lab:
     project: str
     ports: dict[str, int]
     env: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ("docker-compose.yml",)
+    root: str = "upper"  #: the server at the top of the lab's tree
+    devices: int = 2 * DEVICES_PER_SERVER  #: devices in the whole lab
+
+    def _command(self) -> list[str]:
+        return [*compose_command(), "-p", self.project,
+                *(a for f in self.files for a in ("-f", f))]
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([*compose_command(), "-p", self.project, *args], cwd=ROOT,
+        done = subprocess.run([*self._command(), *args], cwd=ROOT,
                               env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise RuntimeError(f"compose {' '.join(args)} exited {done.returncode}:\n"
@@ -81,7 +89,7 @@ class Lab:
 
     def probe_background(self, name: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [*compose_command(), "-p", self.project, "run", "--rm", "-T", "--no-deps", "probe",
+            [*self._command(), "run", "--rm", "-T", "--no-deps", "probe",
              "probe", *args, "--json", "--out", f"/results/{name}"],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -103,11 +111,12 @@ class Lab:
         raise AssertionError(f"timed out after {timeout} s waiting for {what} ({last!r})")
 
     def devices_registered(self) -> int:
-        return len(self.get("upper", "/v1/devices")["devices"])
+        return len(self.get(self.root, "/v1/devices")["devices"])
 
-    def wait_devices(self, count: int = 2 * DEVICES_PER_SERVER, timeout: float = 60) -> None:
+    def wait_devices(self, count: int | None = None, timeout: float = 60) -> None:
+        count = self.devices if count is None else count
         self.wait_for(lambda: self.devices_registered() == count, timeout,
-                      f"{count} devices registered at the upper server")
+                      f"{count} devices registered at {self.root}")
 
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", service).stdout.strip()
@@ -118,21 +127,46 @@ class Lab:
                               capture_output=True, text=True, check=True).stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
-    ports = {"upper": free_port(), "lower-a": free_port(), "lower-b": free_port()}
-    env = {**os.environ, "VPHONE_IMAGE": os.environ.get("VPHONE_IMAGE", "vphone:test"),
-           "UPPER_PORT": str(ports["upper"]), "LOWER_A_PORT": str(ports["lower-a"]),
-           "LOWER_B_PORT": str(ports["lower-b"]), "DEVICES_PER_SERVER": str(DEVICES_PER_SERVER),
-           "CI": "true", "VPHONE_AUTH_SECRET": SECRET}
-    lab = Lab(f"vphonetest{os.getpid()}", ports, env)
+@contextlib.contextmanager
+def running_lab(lab: Lab, services: list[str]) -> Iterator[Lab]:
+    """Bring the lab's services up, wait for every device, and take it all down after (the
+    logs are kept in VPHONE_COMPOSE_LOGS, /tmp by default)."""
     try:
-        lab.compose("up", "-d", "upper", "lower-a", "lower-b", "devices-a", "devices-b",
-                    timeout=600)
-        lab.wait_devices(timeout=90)
+        lab.compose("up", "-d", *services, timeout=600)
+        lab.wait_devices(timeout=120)
         yield lab
     finally:
-        logs = lab.compose("logs", "--no-color", "--tail", "200", check=False).stdout
+        logs = lab.compose("logs", "--no-color", "--tail", "300", check=False).stdout
         (Path(os.environ.get("VPHONE_COMPOSE_LOGS", "/tmp")) / f"{lab.project}.log").write_text(
             logs)
         lab.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
+
+
+def lab_env(ports: dict[str, int]) -> dict[str, str]:
+    return {**os.environ, "VPHONE_IMAGE": os.environ.get("VPHONE_IMAGE", "vphone:test"),
+            **{f"{name.upper().replace('-', '_')}_PORT": str(port)
+               for name, port in ports.items()},
+            "DEVICES_PER_SERVER": str(DEVICES_PER_SERVER), "CI": "true",
+            "VPHONE_AUTH_SECRET": SECRET}
+
+
+TREE_SERVERS = ("root", "mid-1", "mid-2", "lower-a1", "lower-a2", "lower-b1", "lower-b2")
+
+
+@pytest.fixture(scope="module")
+def tree_lab() -> Iterator[Lab]:
+    """docker-compose.tree.yml: root, two mid servers, four lower servers, their devices."""
+    ports = {name: free_port() for name in TREE_SERVERS}
+    lab = Lab(f"vphonetree{os.getpid()}", ports, lab_env(ports),
+              files=("docker-compose.tree.yml",), root="root", devices=4 * DEVICES_PER_SERVER)
+    devices = [f"devices-{n.split('-')[1]}" for n in TREE_SERVERS if n.startswith("lower")]
+    with running_lab(lab, [*TREE_SERVERS, *devices]) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    ports = {"upper": free_port(), "lower-a": free_port(), "lower-b": free_port()}
+    lab = Lab(f"vphonetest{os.getpid()}", ports, lab_env(ports))
+    with running_lab(lab, ["upper", "lower-a", "lower-b", "devices-a", "devices-b"]) as running:
+        yield running

@@ -1,0 +1,95 @@
+"""The three-level lab (docker-compose.tree.yml) across containers: calls within and across the
+mid servers' subtrees carry media both ways along the tree path; a mid server killed mid-call
+ends every call through it with a reason within 5 s at every server left and at the probe, while
+the other subtree's calls go on; restarted, it announces again and takes calls again."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from .conftest import Lab
+
+pytestmark = pytest.mark.compose
+
+ACROSS = "lower-a1/cam-1:lower-b1/cam-201"  # lower-a1 -> mid-1 -> root -> mid-2 -> lower-b1
+BACK = "lower-b2/cam-301:lower-a2/cam-101"
+WITHIN = "lower-a1/cam-2:lower-a2/cam-102"  # lower-a1 -> mid-1 -> lower-a2
+OTHER_SUBTREE = "lower-b1/cam-202:lower-b2/cam-302"
+
+
+def test_tree_a_calls_within_and_across_subtrees(tree_lab: Lab):
+    status, summary, calls = tree_lab.probe(
+        "tree-a", "load", "--pairing", "explicit", "--pair", ACROSS, "--pair", BACK,
+        "--pair", WITHIN, "--rate", "1", "--duration", "3", "--hold", "3")
+    assert status == 0, summary
+    paths = {c["caller"]: c["path"] for c in calls}
+    assert paths == {
+        "lower-a1/cam-1": ["lower-a1", "mid-1", "root", "mid-2", "lower-b1"],
+        "lower-b2/cam-301": ["lower-b2", "mid-2", "root", "mid-1", "lower-a2"],
+        "lower-a1/cam-2": ["lower-a1", "mid-1", "lower-a2"]}
+    for call in calls:
+        assert call["ok"], call
+        for direction in ("caller_to_callee", "callee_to_caller"):
+            media = call["media"][direction]
+            assert media["frames"] > 20 and media["latency_ms_p50"] < 500, media
+    crossing = summary["figures"]["crossing"]
+    assert crossing["root"]["calls"] == 2 and crossing["mid-1"]["calls"] == 3
+    # what each container's own /metrics says: the call within mid-1's subtree missed the root
+    started = {name: seen["counters"]["relay_calls_started_total"]
+               for name, seen in summary["server_metrics"].items()}
+    assert started["root"] == 2 and started["mid-1"] == 3 and started["mid-2"] == 2, started
+
+
+def _calls(lab: Lab, server: str) -> list[dict]:
+    return lab.get(server, "/v1/calls")["calls"]
+
+
+def test_tree_b_a_mid_server_killed_mid_call(tree_lab: Lab):
+    probe = tree_lab.probe_background(
+        "tree-b", "load", "--pairing", "explicit", "--pair", ACROSS, "--pair", OTHER_SUBTREE,
+        "--rate", "2", "--duration", "1", "--hold", "15", "--setup-timeout", "10")
+    try:
+        tree_lab.wait_for(lambda: [c["state"] for c in _calls(tree_lab, "lower-a1")] == [
+            "active"] and [c["state"] for c in _calls(tree_lab, "lower-b1")] == ["active"] * 2,
+            40, "both calls up")
+        through = _calls(tree_lab, "lower-a1")[0]["call"]
+        inside = next(c["call"] for c in _calls(tree_lab, "lower-b1") if c["call"] != through)
+        killed_at = time.time()
+        tree_lab.compose("kill", "mid-1")
+        ends = {}
+        for server in ("lower-a1", "root", "mid-2", "lower-b1"):
+            tree_lab.wait_for(lambda server=server: tree_lab.get(
+                server, f"/v1/calls/{through}")["state"] == "ended", 5 - (time.time() -
+                                                                         killed_at),
+                f"the call through mid-1 to end at {server} within 5 s")
+            ended = tree_lab.get(server, f"/v1/calls/{through}")
+            ends[server] = (ended["reason"], round(ended["timeline"]["t_end"] - killed_at, 2))
+        # each says why from where it stands: lower-a1 lost its parent, root its child mid-1,
+        # and the far side heard it from root
+        assert {s: r for s, (r, _) in ends.items()} == {
+            "lower-a1": "trunk_lost", "root": "server_gone", "mid-2": "server_gone",
+            "lower-b1": "server_gone"}, ends
+        assert all(0 <= t < 5 for _, t in ends.values()), ends
+        for server in ("lower-b1", "mid-2", "lower-b2"):  # the other subtree's call goes on
+            assert tree_lab.get(server, f"/v1/calls/{inside}")["state"] == "active", server
+        probe.communicate(timeout=90)
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+    calls = {c["caller"]: c for c in tree_lab.calls("tree-b")}
+    across, other = calls["lower-a1/cam-1"], calls["lower-b1/cam-202"]
+    assert across["failure"] == "dropped" and across["failure_detail"] == "trunk_lost", across
+    assert across["timeline"]["t_end"] - killed_at < 5, across
+    assert other["ok"] and other["reason"] == "hangup", other
+    assert "root" not in other["path"]
+    print("\n(tree-b) seconds from the kill to the end at each server:", ends)
+    # mid-1 back: its lower servers announce again through it, and calls cross it again
+    tree_lab.compose("start", "mid-1")
+    tree_lab.wait_devices(timeout=90)
+    status, summary, calls = tree_lab.probe("tree-b2", "load", "--pairing", "explicit",
+                                            "--pair", ACROSS, "--rate", "1", "--duration", "1",
+                                            "--hold", "2")
+    assert status == 0 and calls[0]["ok"], (summary, calls)
+    assert calls[0]["path"] == ["lower-a1", "mid-1", "root", "mid-2", "lower-b1"]
