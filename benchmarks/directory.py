@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,6 +38,14 @@ from relay.messages import (
 )
 from relay.stack import LocalStack, StackSettings
 from relay.topology import TreeNode
+
+
+class _Counted(msgspec.Struct):
+    servers: list[msgspec.Raw] = []
+    servers_removed: list[msgspec.Raw] = []
+
+
+COUNTED = msgspec.json.Decoder(_Counted)
 
 
 @dataclass
@@ -70,18 +79,22 @@ class FakeLower:
             id=f"cam-{device}", server=self.name, state=state)]).to_json())  # type: ignore[arg-type]
 
     async def _read(self) -> None:
+        """Count what arrives. The first message (the welcome) is decoded whole; the rest only
+        as far as counting needs (a thousand simulated servers share this one process, and
+        must answer their parents' pings in time as real ones would)."""
         assert self.ws is not None
         async for frame in self.ws:
             if frame.type != aiohttp.WSMsgType.TEXT:
                 continue
-            message = decode(frame.data)
             self.messages += 1
             self.bytes += len(frame.data)
             self.largest = max(self.largest, len(frame.data))
-            if isinstance(message, Welcome):
-                self.welcomed.set()
-            elif isinstance(message, Directory):
-                self.entries += len(message.servers) + len(message.servers_removed)
+            if not self.welcomed.is_set():
+                if isinstance(decode(frame.data), Welcome):
+                    self.welcomed.set()
+                continue
+            counted = COUNTED.decode(frame.data)
+            self.entries += len(counted.servers) + len(counted.servers_removed)
 
     def counts(self) -> tuple[int, int]:
         return self.messages, self.entries
@@ -93,6 +106,10 @@ class FakeLower:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reader
+
+
+def log(text: str) -> None:
+    print(f"directory: {text}", file=sys.stderr, flush=True)
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> Any:
@@ -132,7 +149,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         root = stack.url("root")
         fakes = [FakeLower(f"lower-{i:04d}", args.devices) for i in range(args.lowers)]
         began = time.monotonic()
-        gate = asyncio.Semaphore(100)
+        next_log = began + 10
+        gate = asyncio.Semaphore(50)
 
         async def join(i: int, fake: FakeLower) -> None:
             async with gate:
@@ -140,15 +158,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         try:
             await asyncio.gather(*(join(i, f) for i, f in enumerate(fakes)))
+            log(f"{len(fakes)} lower servers joined after {time.monotonic() - began:.1f} s")
             expected = args.lowers * args.devices + 2  # and the two real devices
             while True:
                 health = await get(session, root + "/healthz")
                 if health["devices"] >= expected:
                     break
+                if time.monotonic() >= next_log:
+                    next_log += 10
+                    log(f"{health['devices']} of {expected} devices at the root")
                 if time.monotonic() - began > 600:
                     raise RuntimeError(f"only {health['devices']} of {expected} devices")
                 await asyncio.sleep(0.5)
             out["fill_s"] = round(time.monotonic() - began, 2)
+            log(f"filled in {out['fill_s']} s")
             await settle(fakes)
             servers = len((await get(session, root + "/v1/servers"))["servers"])
             out["root"] = {"devices": health["devices"], "servers": servers,
@@ -168,10 +191,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             address = f"{fakes[5].name}/cam-3"
             started = time.monotonic()
             while True:
-                devices = (await get(session, root + "/v1/devices"))["devices"]
+                devices = (await get(session, root + f"/v1/devices?server={fakes[5].name}")
+                           )["devices"]
                 if any(d["address"] == address and d["state"] == "busy" for d in devices):
                     break
                 await asyncio.sleep(0.02)
+            log("device change seen")
             out["device_change"] = {
                 "seen_at_root_ms": round((time.monotonic() - started) * 1000, 1),
                 "messages_to_other_lowers": sum(
@@ -181,7 +206,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await settle(fakes, 0.5)
             before = [f.counts() for f in fakes]
             late = FakeLower("lower-late", args.devices)
-            await late.connect(session, stack.url("mid-3"))
+            await late.connect(session, stack.url(f"mid-{args.mids - 1}"))
             await settle(fakes)
             got = [f.entries - b[1] for f, b in zip(fakes, before, strict=True)]
             out["server_join"] = {"lowers_told": sum(1 for g in got if g),

@@ -32,6 +32,7 @@ from relay.messages import (
     ServerInfo,
     ServerList,
     check_call_id,
+    check_name,
 )
 from relay.node import Node
 from relay.openapi import openapi
@@ -125,9 +126,18 @@ async def get_servers(request: web.Request) -> web.Response:
 
 
 async def get_devices(request: web.Request) -> web.Response:
+    """A lower server's devices, an upper server's subtree; ``?server=NAME``: one server's."""
     node = request.app[NODE]
-    return web.json_response(DeviceList(server=node.name,
-                                        devices=node.directory.subtree_devices()).to_dict())
+    server = request.query.get("server")
+    if server is not None:
+        try:
+            check_name(server, "server")
+        except MessageError as exc:
+            raise Refused(Code.BAD_QUERY, exc.message, "server") from None
+        devices = node.directory.devices_of(server)
+    else:
+        devices = node.directory.subtree_devices()
+    return web.json_response(DeviceList(server=node.name, devices=devices).to_dict())
 
 
 async def healthz(request: web.Request) -> web.Response:

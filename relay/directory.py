@@ -113,6 +113,12 @@ class TreeDirectory:
             return [self.own[d] for d in sorted(self.own)]
         return [self.devices[a] for a in sorted(self.devices)]
 
+    def devices_of(self, server: str) -> list[DeviceInfo]:
+        """The devices of one server of the subtree (this one's own, for a lower server)."""
+        if server == self.name:
+            return self.subtree_devices() if self.role == "lower" else []
+        return [self.devices[a] for a in sorted(self.by_server.get(server, ()))]
+
     def device_count(self, child: str) -> int:
         return sum(len(self.by_server.get(n, ())) for n in self.subtree_of(child))
 

@@ -173,9 +173,11 @@ class DirectoryBatch:
 
 
 class Outbox:
-    """Effects in the order they were made. Directory changes wait per link and are cut into
-    bounded messages when the outbox is drained, or before anything else is sent on that link
-    (so a link sees changes and messages in the order they happened)."""
+    """Effects in the order they were made. Directory changes wait per link, coalescing, and are
+    cut into bounded messages when they are flushed (``take(directory=True)``: the server does
+    it a moment after the first change, so a burst of changes, such as many servers joining at
+    once, goes out as a few messages) or before anything else is sent on that link (so a link
+    sees changes and messages in the order they happened)."""
 
     def __init__(self) -> None:
         self._effects: list[Effect] = []
@@ -204,8 +206,14 @@ class Outbox:
         if batch:
             self._effects.extend(Send(link, m) for m in batch.messages())
 
-    def take(self) -> list[Effect]:
-        for link in list(self._batches):
-            self._flush(link)
+    @property
+    def directory_pending(self) -> bool:
+        return any(self._batches.values())
+
+    def take(self, directory: bool = True) -> list[Effect]:
+        """The effects so far; with ``directory``, the waiting directory changes too."""
+        if directory:
+            for link in list(self._batches):
+                self._flush(link)
         effects, self._effects = self._effects, []
         return effects

@@ -49,6 +49,8 @@ log = logging.getLogger("relay.node")
 
 Clock = Callable[[], float]
 TICK_S = 0.25
+#: directory changes wait this long to go out together (a burst of joins costs a few messages)
+DIRECTORY_FLUSH_S = 0.05
 
 
 class Node:
@@ -73,6 +75,7 @@ class Node:
         self.listening = asyncio.Event()
         self._changed = asyncio.Event()
         self._executing = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -97,6 +100,9 @@ class Node:
         for channel in list(self.channels.values()):
             with contextlib.suppress(Exception):
                 await channel.close(aiohttp.WSCloseCode.GOING_AWAY, "server shutting down")
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -124,14 +130,16 @@ class Node:
     def receive(self, link: Link, message: Message) -> None:
         self.feed(self.core.receive, link, message)
 
-    def execute(self) -> None:
-        """Carry out the core's effects, and those they cause, in order."""
+    def execute(self, directory: bool = False) -> None:
+        """Carry out the core's effects, and those they cause, in order. Directory changes go
+        out DIRECTORY_FLUSH_S after the first one (or with ``directory``, now)."""
         if self._executing:
             return  # the loop below picks up what was added
         self._executing = True
         changed = False
+        outbox = self.core.outbox
         try:
-            while effects := self.core.outbox.take():
+            while effects := outbox.take(directory):
                 for effect in effects:
                     changed = self._carry_out(effect) or changed
         finally:
@@ -139,6 +147,13 @@ class Node:
         if changed:
             self._changed.set()
             self._changed = asyncio.Event()
+        if outbox.directory_pending and self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                DIRECTORY_FLUSH_S, self._flush_directory)
+
+    def _flush_directory(self) -> None:
+        self._flush_timer = None
+        self.execute(directory=True)
 
     def _carry_out(self, effect: Effect) -> bool:
         if isinstance(effect, Send):

@@ -10,6 +10,7 @@ import msgspec
 
 from relay.messages import (
     CALL_ID_PATTERN,
+    NAME_PATTERN,
     PROTOCOL_VERSION,
     CallInfo,
     CallList,
@@ -60,8 +61,10 @@ def openapi(role: str) -> dict[str, Any]:
         "/v1/servers": {"get": {"summary": "Every server of the tree this server knows",
                                 "responses": {**ok(ServerList), **_errors(401, 403)}}},
         "/v1/devices": {"get": {"summary": "A lower server's devices; an upper server's "
-                                           "whole subtree",
-                                "responses": {**ok(DeviceList), **_errors(401, 403)}}},
+                                           "whole subtree; ?server=NAME: one server's",
+                                "parameters": [{"name": "server", "in": "query", "schema": {
+                                    "type": "string", "pattern": NAME_PATTERN}}],
+                                "responses": {**ok(DeviceList), **_errors(400, 401, 403)}}},
         "/v1/calls": {"get": {"summary": "Calls in progress",
                               "responses": {**ok(CallList), **_errors(401, 403)}}},
         "/v1/calls/{call}": {

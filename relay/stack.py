@@ -192,7 +192,10 @@ class LocalStack:
         return [c.url for c in self.servers if c.url]
 
     def url(self, name: str) -> str:
-        return next(c.url for c in self.servers if c.name == name and c.url)
+        for child in self.servers:
+            if child.name == name and child.url:
+                return child.url
+        raise KeyError(f"no server {name!r} in this stack")
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM every child (devices first), wait, then SIGKILL what is left."""

@@ -58,3 +58,18 @@ def test_soak_reads_every_server_back_to_idle():
         assert fds["after_warmup"] > fds["baseline"] > 0, (name, server)  # legs' sockets seen
         assert fds["end"] <= fds["baseline"] + 4, (name, server)
         assert server["memory_mb"]["end"] > 10
+
+
+def test_directory_benchmark_shows_what_a_change_costs():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "directory.py"), "--lowers", "40",
+                           "--devices", "20", "--mids", "3", "--json"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["root"]["devices"] == 40 * 20 + 2
+    assert out["root"]["servers"] == out["lower"]["servers_known"] == 1 + 3 + 40 + 2 + 1
+    assert out["device_change"]["messages_to_other_lowers"] == 0  # devices never go down
+    assert out["server_join"] == {**out["server_join"], "lowers_told": 40,
+                                  "entries_per_lower": [1]}  # one entry at every server
+    assert out["call"]["state"] == "active"
+    assert out["call"]["path"] == ["real-0", "mid-0", "root", "mid-1", "real-1"]
