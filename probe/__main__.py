@@ -369,7 +369,8 @@ def describe_run(summary: dict[str, Any]) -> str:
              f"{'met' if summary['objective_met'] else 'MISSED'}"
              + ("" if summary["valid"] else "  (INVALID: the probe itself lagged)")]
     for name, found in (summary.get("capacity") or {}).items():
-        lines.append(f"  {name}: sustainable {found['rate']} calls/s with up to "
+        role = " (as a transit: every call crossed it)" if found.get("as") == "transit" else ""
+        lines.append(f"  {name}{role}: sustainable {found['rate']} calls/s with up to "
                      f"{found['concurrent']} calls at once; first failing "
                      f"{found['failed_rate']} calls/s ({'; '.join(found['failed_because'])})")
         for step in summary.get("capacity_steps", {}).get(name, []):

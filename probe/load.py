@@ -78,7 +78,8 @@ class Pairing:
         self.pairs = list(pairs or [])
         self.rng = rng or random.Random()
         self.callers_on = callers_on
-        self._turn = 0
+        self._turn = 0  #: explicit pairs: the next to try
+        self._served: dict[tuple[str, str], int] = {}  #: calls started per route
         servers = sorted(self.devices)
         if mode == "same-server":
             self._routes = [(s, s) for s in servers if len(self.devices[s]) > 1]
@@ -110,7 +111,10 @@ class Pairing:
         if self.mode == "random":
             self.rng.shuffle(routes)
         else:
-            routes = routes[self._turn % len(routes):] + routes[:self._turn % len(routes)]
+            # In turn: the route served least so far first, so one whose devices were busy
+            # when its turn came is not passed over for the rest of the cycle.
+            order = {route: i for i, route in enumerate(routes)}
+            routes.sort(key=lambda r: (self._served.get(r, 0), order[r]))
         for a, b in routes:
             callers = [d for d in self.devices[a] if d not in busy]
             callees = [d for d in self.devices[b] if d not in busy]
@@ -121,7 +125,7 @@ class Pairing:
             if not callees:
                 continue
             callee = self.rng.choice(callees) if self.mode == "random" else callees[0]
-            self._turn += 1
+            self._served[a, b] = self._served.get((a, b), 0) + 1
             return caller, callee
         return None
 

@@ -87,10 +87,14 @@ class WebSocketChannel:
         return not self.ws.closed
 
     async def flush(self, timeout: float = 2.0) -> None:
-        """Wait (a bounded time) until everything queued has been written."""
+        """Wait (a bounded time) until everything queued has been written. Cancelling the wait
+        cancels only the wait: the writer goes on (shielded)."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the writer finishes, and the cancelled task would then run on.
         if self._writer is not None and not self._writer.done():
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._writer)
 
     async def close(self, code: int = aiohttp.WSCloseCode.OK, reason: str = "") -> None:
         if self._writer is not None and not self._writer.done():

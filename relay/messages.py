@@ -360,20 +360,20 @@ class Wake(Message, frozen=True, tag="wake"):
 # Both ways, on device and trunk links.
 
 
-class Offer(Message, frozen=True, tag="offer"):
-    """An SDP offer for one leg of a call (every ICE candidate included: no trickle)."""
+class _Description(Message, frozen=True):
+    """An SDP description for one leg of a call (every ICE candidate included: no trickle)."""
 
     call: CallId
     leg: CallId
     sdp: Sdp
 
 
-class Answer(Message, frozen=True, tag="answer"):
+class Offer(_Description, frozen=True, tag="offer"):
+    """The offer of a leg: the side nearer the caller makes it, or the server to a device."""
+
+
+class Answer(_Description, frozen=True, tag="answer"):
     """The SDP answer to an Offer."""
-
-    call: CallId
-    leg: CallId
-    sdp: Sdp
 
 
 class Hangup(Message, frozen=True, tag="hangup"):

@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp import web
 from msgspec.structs import replace
 
+from relay.admission import Refused
 from relay.call import Call, CallState
 from relay.directory import TreeDirectory
 from relay.effects import (
@@ -38,7 +40,7 @@ from relay.effects import (
     StopMedia,
 )
 from relay.forward import ForwardingStats
-from relay.links import WebSocketChannel
+from relay.links import WebSocketChannel, first_message, refuse_link, serve_messages
 from relay.media import MediaPlane
 from relay.messages import CallInfo, Message, ServerEntry
 from relay.reasons import Code
@@ -48,6 +50,7 @@ from relay.switch import Switch
 log = logging.getLogger("relay.node")
 
 Clock = Callable[[], float]
+M = TypeVar("M", bound=Message)
 TICK_S = 0.25
 #: directory changes wait this long to go out together (a burst of joins costs a few messages)
 DIRECTORY_FLUSH_S = 0.05
@@ -198,6 +201,30 @@ class Node:
 
     def channel(self, link: Link, ws: Any, peer: str) -> WebSocketChannel:
         return WebSocketChannel(ws, peer, lambda message: self.undeliverable(link, message))
+
+    async def serve_link(self, request: web.Request, first: type[M],
+                         admit: Callable[[M, float], Refused | None],
+                         link_of: Callable[[M], Link], allowed: Collection[type[Message]],
+                         rate: float | None = None) -> web.WebSocketResponse:
+        """A link a peer opens (a device, a child server): its first message goes to the core's
+        ``admit`` (which refuses it, or queues the welcome); then every message to the core,
+        until the link closes."""
+        ws, message = await first_message(request, first, self.settings.heartbeat_s)
+        if message is None:
+            return ws
+        refusal = admit(message, self.clock())  # carried out once attached
+        if refusal is not None:
+            await refuse_link(ws, refusal, first.TYPE, request.remote or "peer")
+            return ws
+        link = link_of(message)
+        channel = self.channel(link, ws, str(link))
+        self.attach(link, channel)
+        try:
+            await serve_messages(channel, allowed, lambda m: self.receive(link, m), rate=rate,
+                                 on_refused=self.core.counters.refused)
+        finally:
+            self.detach(link, channel)
+        return ws
 
     # ------------------------------------------------------------------ queries
 

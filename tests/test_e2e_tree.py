@@ -92,6 +92,8 @@ async def test_a_mid_server_stopped_mid_call_ends_its_calls_and_no_others():
         await tree.until(lambda: {"lower-a1", "lower-a2"} <= set(again.directory.below), 15,
                          "lower-a1 and lower-a2 back under mid-1")
         await tree.until(lambda: tree.known("lower-a1/a1-1"), 10, "a1-1 known at the root")
+        await tree.until(lambda: tree.servers["lower-b1"].directory.server("lower-a1")
+                         is not None, 5, "lower-b1 told of lower-a1 again")
         servers = await discover(tree.session, [tree.upper.url])
         result = await run_call(tree.session, servers, "lower-b1/b1-1", "lower-a1/a1-1",
                                 hold_s=0.5)

@@ -119,6 +119,13 @@ def test_pairing_modes():
     routes = [tuple(x.split("/")[0] for x in every.pick(set())) for _ in range(6)]
     assert sorted(routes) == sorted([("a", "b"), ("a", "c"), ("b", "a"), ("b", "c"),
                                      ("c", "a"), ("c", "b")])
+    # a route whose devices are busy when its turn comes is served as soon as they are free,
+    # not passed over for the rest of the cycle
+    every = Pairing("every-pair", devices)
+    first = every.pick({"c/1"})  # c has no idle device: routes from or to c wait
+    served = [first] + [every.pick(set()) for _ in range(5)]
+    assert sorted(tuple(x.split("/")[0] for x in p) for p in served) == sorted(
+        [("a", "b"), ("a", "c"), ("b", "a"), ("b", "c"), ("c", "a"), ("c", "b")])
     same = Pairing("same-server", devices)
     for _ in range(4):
         caller, callee = same.pick(set())
