@@ -15,9 +15,10 @@ passes along its path:
    takes) and sends ``call_accept`` back with the whole path; each server it passes starts its two
    legs (it offers on device legs and on the downstream trunk, and answers on the upstream one).
 
-Timeline events and media figures travel the path to every server; a hang-up travels away from
-whoever ended the call. Messages are dispatched by :data:`HANDLERS` (link kind, message type): a
-pair that is not in the table is refused, and nothing changes.
+Timeline events and media figures travel the path to every server (relay/timeline.py); a hang-up
+travels away from whoever ended the call. Who may join a link, and what the directory hears of
+it, is relay/membership.py. Messages are dispatched by :data:`HANDLERS` (link kind, message
+type): a pair that is not in the table is refused, and nothing changes.
 """
 
 from __future__ import annotations
@@ -25,21 +26,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from msgspec.structs import replace
 
 from relay.admission import Limits, Refused, admit
 from relay.auth import Auth
-from relay.call import (
-    BOTH_WOKEN,
-    MEDIA_BOTH_WAYS,
-    Call,
-    CallStateError,
-    MediaReport,
-    Milestone,
-    Timeouts,
-)
+from relay.call import BOTH_WOKEN, MEDIA_BOTH_WAYS, Call, Timeouts
 from relay.directory import TreeDirectory
 from relay.effects import (
     PARENT,
@@ -53,9 +45,9 @@ from relay.effects import (
 )
 from relay.ended import Ended, EndedCalls
 from relay.logs import event
+from relay.membership import Counters, Membership
 from relay.messages import (
     MAX_PATH,
-    VIDEO_CODECS,
     Announce,
     Answer,
     CallAccept,
@@ -72,9 +64,7 @@ from relay.messages import (
     Message,
     Offer,
     Register,
-    Registered,
     Role,
-    ServerEntry,
     Stats,
     Wake,
     Welcome,
@@ -83,6 +73,8 @@ from relay.messages import (
 )
 from relay.reasons import Code
 from relay.routing import Local, route
+from relay.session import Port, Session
+from relay.timeline import Timeline
 
 log = logging.getLogger("relay.switch")
 
@@ -91,53 +83,13 @@ LINK_LOST: dict[LinkKind, Code] = {"device": Code.DEVICE_GONE, "child": Code.SER
                                    "parent": Code.TRUNK_LOST}
 
 
-@dataclass
-class Port:
-    """One side of a call at this server: the link, and for a device its part and codecs."""
-
-    link: Link
-    role: Role | None = None
-    codecs: tuple[str, ...] = VIDEO_CODECS
-
-
-@dataclass
-class Session:
-    call: Call
-    up: Port  #: toward the caller
-    down: Port  #: toward the callee
-    routed: bool = False  #: the callee's server accepted: the legs are up or coming
-
-    @property
-    def ports(self) -> tuple[Port, Port]:
-        return (self.up, self.down)
-
-    def port_for(self, link: Link) -> Port | None:
-        if self.up.link == link:
-            return self.up
-        if self.down.link == link:
-            return self.down
-        return None
-
-
-@dataclass
-class Counters:
-    """What /metrics reports of the core."""
-
-    calls_started: int = 0
-    ended_by_reason: dict[str, int] = field(default_factory=dict)
-    #: requests, messages and links turned away, by code
-    refusals: dict[str, int] = field(default_factory=dict)
-
-    def refused(self, code: str) -> None:
-        self.refusals[code] = self.refusals.get(code, 0) + 1
-
-
 def new_call_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
 class Switch:
-    """Calls at one server, and the links that carry them."""
+    """Calls at one server: set up, carried and ended; the entry point for everything the
+    server's I/O layer feeds the core."""
 
     def __init__(self, directory: TreeDirectory, limits: Limits | None = None,
                  timeouts: Timeouts | None = None, auth: Auth | None = None,
@@ -154,6 +106,9 @@ class Switch:
         self.counters = Counters()
         #: set on SIGTERM: new calls and links are refused while the calls in progress end
         self.draining = False
+        self.membership = Membership(directory, self.limits, self.auth, self.counters,
+                                     heartbeat_s, lambda: (self.draining, len(self.sessions)))
+        self.timeline = Timeline(self.outbox)
 
     @property
     def name(self) -> str:
@@ -163,49 +118,14 @@ class Switch:
 
     def device_register(self, register: Register, now: float) -> Refused | None:
         """A device's first message. Returns the refusal, or None when it is registered."""
-        # In this order: a draining server says so; a stranger learns nothing more; a taken
-        # id is named before the server is full.
-        refusal = None
-        if self.draining:
-            refusal = admit("device", self.name, self.limits, True, 0)
-        refusal = refusal or self._credential(f"device:{register.device}", register.token)
-        if refusal is None and register.device in self.directory.own:
-            refusal = Refused(Code.DUPLICATE_DEVICE, f"device {register.device!r} is already "
-                              f"registered on {self.name}", "device")
-        refusal = refusal or admit("device", self.name, self.limits, self.draining,
-                                   len(self.sessions), len(self.directory.own))
-        if refusal is not None:
-            self.counters.refused(refusal.code)
-            return refusal
-        info = DeviceInfo(id=register.device, server=self.name, codecs=list(register.codecs))
-        link = Link("device", register.device)
-        self.outbox.send(link, Registered(server=self.name, device=register.device,
-                                          address=info.address, heartbeat_s=self.heartbeat_s))
-        self.directory.device_added(info)
-        event(log, "device.registered", device=register.device, codecs=",".join(info.codecs))
-        return None
+        return self.membership.device(register)
 
     def child_announce(self, announce: Announce, now: float) -> Refused | None:
         """A child server's first message. Returns the refusal, or None when it is welcomed."""
-        refusal = admit("server", self.name, self.limits, self.draining, len(self.sessions))
-        refusal = refusal or self._credential(f"server:{announce.server}", announce.token)
-        if refusal is None and self.directory.server(announce.server) is not None:
-            refusal = Refused(Code.DUPLICATE_SERVER, f"a server named {announce.server!r} is "
-                              "already in the tree", "server")
-        if refusal is not None:
-            self.counters.refused(refusal.code)
-            return refusal
-        entry = ServerEntry(name=announce.server, role=announce.role, url=announce.url,
-                            parent=self.name)
-        self.outbox.send(Link("child", announce.server), Welcome(server=self.name))
-        self.directory.child_joined(entry)
-        event(log, "child.connected", server=announce.server, role=announce.role,
-              url=announce.url)
-        return None
+        return self.membership.child(announce)
 
     def parent_welcomed(self, welcome: Welcome, now: float) -> None:
-        self.directory.parent_welcomed(welcome.server)
-        event(log, "parent.connected", parent=welcome.server)
+        self.membership.welcomed(welcome)
 
     def link_lost(self, link: Link, now: float) -> None:
         """A link closed: every call over it ends, and the directory forgets what it brought."""
@@ -213,21 +133,7 @@ class Switch:
         for session in list(self.sessions.values()):
             if session.port_for(link) is not None:
                 self._end(session, reason, now, source=link)
-        if link.kind == "device":
-            self.directory.device_removed(link.name)
-            event(log, "device.gone", device=link.name)
-        elif link.kind == "child":
-            gone = self.directory.child_lost(link.name)
-            event(log, "child.lost", logging.WARNING, server=link.name, servers=len(gone))
-        else:
-            parent = self.directory.parent
-            self.directory.parent_lost()
-            event(log, "parent.lost", logging.WARNING, parent=parent)
-        self.outbox.drop(link)
-
-    def _credential(self, identity: str, token: str | None) -> Refused | None:
-        refusal = self.auth.check(identity, token)
-        return Refused(Code(refusal[0]), refusal[1], "token") if refusal else None
+        self.membership.lost(link)
 
     # ------------------------------------------------------------------ the probe's commands
 
@@ -334,13 +240,8 @@ class Switch:
         event(log, "peer.error", logging.WARNING, peer=str(link), code=message.code,
               reason=message.message, field=message.field, call=message.call, ref=message.ref)
 
-    def _child_directory(self, link: Link, update: Directory, now: float) -> None:
-        self._directory_refusals(link, update, self.directory.child_update(link.name, update))
-
-    def _parent_directory(self, link: Link, update: Directory, now: float) -> None:
-        self._directory_refusals(link, update, self.directory.parent_update(update))
-
-    def _directory_refusals(self, link: Link, update: Directory, refused: list[Refused]) -> None:
+    def _directory(self, link: Link, update: Directory, now: float) -> None:
+        refused = self.membership.update(link, update)
         if refused:
             first = refused[0]
             more = f" ({len(refused)} of {update.size} entries refused)" if len(refused) > 1 \
@@ -444,7 +345,7 @@ class Switch:
         if self._hands_over(session):
             # The last upper server on the path hands the call to the callee's server. The
             # callee's server hears of it once it has accepted (see _accept).
-            self._record(session, "t_routed", now, session.down.link)
+            self.timeline.record(session, "t_routed", now, session.down.link)
 
     def _accept(self, session: Session, link: Link, accept: CallAccept, now: float) -> None:
         call = session.call
@@ -514,7 +415,7 @@ class Switch:
                 call.path = list(message.path)  # how far it got, and who turned it away
             self._end(session, message.reason, now, source=link)
         elif isinstance(message, CallUpdate) and link.is_trunk:
-            self._update(session, link, message)
+            self.timeline.update(session, link, message)
         elif isinstance(message, CallAccept):
             self._accept(session, link, message, now)
         elif isinstance(message, Offer | Answer):
@@ -529,78 +430,21 @@ class Switch:
         elif isinstance(message, Woken | FirstFrame) and port.role is not None:
             name = (f"t_{port.role}_woken" if isinstance(message, Woken)
                     else f"t_first_frame_{port.role}")
-            self._record(session, name, message.at, None)
+            self.timeline.record(session, name, message.at, None)
         elif isinstance(message, Stats) and port.role is not None:
-            self._report(session.call, port.role, message, [p.link for p in session.ports])
+            self.timeline.report(session.call, port.role, message, session.links)
         else:
             self._refuse(link, message, Code.UNEXPECTED_TYPE,
                          f"{message.TYPE!r} is not expected here", "type")
 
     def _late(self, link: Link, message: Message, now: float) -> None:
-        """A message for a call this server does not carry over ``link``: a device's last
-        figures after the hang-up are kept and passed on; what crossed with the end is
-        dropped; anything else is an unknown call."""
+        """A message for a call this server does not carry over ``link``: what the timeline
+        keeps of an ended call, or else an unknown call."""
         call_id: str = message.call  # type: ignore[attr-defined]
         ended = self.ended.get(call_id)
-        if ended is None or not (link in ended.trunks if link.is_trunk
-                                 else link.name in ended.devices):
+        if ended is None or not self.timeline.late(ended, link, message):
             self._refuse(link, message, Code.UNKNOWN_CALL, f"no call {call_id!r} on this link",
                          "call")
-            return
-        if isinstance(message, Stats) and link.kind == "device":
-            self._report(ended.call, ended.devices[link.name], message, list(ended.trunks))
-        elif isinstance(message, CallUpdate) and message.media and link in ended.trunks:
-            for direction, stats in message.media.items():
-                ended.call.handle(MediaReport(direction, stats))
-            self._relay(list(ended.trunks), CallUpdate(call=call_id, media=message.media), link)
-        # else: it crossed with our end of the call (a hang-up, an answer): nothing to do
-
-    def _report(self, call: Call, role: Role, stats: Stats, links: list[Link]) -> None:
-        direction = "callee_to_caller" if role == "caller" else "caller_to_callee"
-        try:
-            call.handle(MediaReport(direction, stats.media))
-        except CallStateError as exc:
-            event(log, "call.stats_refused", logging.WARNING, call=call.id, reason=exc.message)
-            return
-        self._relay(links, CallUpdate(call=call.id, media={direction: stats.media}), None)
-
-    def _update(self, session: Session, link: Link, update: CallUpdate) -> None:
-        call = session.call
-        before = call.state
-        for name, at in update.events.items():
-            try:
-                transition = call.handle(Milestone(name, at))
-            except CallStateError as exc:
-                event(log, "call.event_refused", logging.WARNING, call=call.id,
-                      reason=exc.message, peer=str(link))
-                continue
-            if transition.activated:
-                event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
-        for direction, stats in update.media.items():
-            call.handle(MediaReport(direction, stats))
-        call.transcoded.extend(w for w in update.transcoded if w not in call.transcoded)
-        self._relay([p.link for p in session.ports], update, link)
-        if before is not call.state:
-            self.outbox.add(CallChanged(call.id))
-
-    def _record(self, session: Session, name: str, at: float, source: Link | None) -> None:
-        """A timeline event here: keep it and pass it to the other servers on the path."""
-        call = session.call
-        try:
-            transition = call.handle(Milestone(name, at))
-        except CallStateError as exc:
-            event(log, "call.event_refused", logging.WARNING, call=call.id, reason=exc.message)
-            return
-        self._relay([p.link for p in session.ports],
-                    CallUpdate(call=call.id, events={name: at}), source)  # type: ignore[dict-item]
-        if transition.activated:
-            event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
-        self.outbox.add(CallChanged(call.id))
-
-    def _relay(self, links: list[Link], update: CallUpdate, source: Link | None) -> None:
-        for link in links:
-            if link.is_trunk and link != source:
-                self.outbox.send(link, update)
 
     # ------------------------------------------------------------------ the media layer
 
@@ -608,7 +452,7 @@ class Switch:
         """The caller's first packet reached this server (the caller's server only)."""
         session = self.sessions.get(call_id)
         if session is not None and "t_media_up" not in session.call.timeline:
-            self._record(session, "t_media_up", now, None)
+            self.timeline.record(session, "t_media_up", now, None)
 
     def media_failed(self, call_id: str, code: Code, now: float) -> None:
         session = self.sessions.get(call_id)
@@ -620,9 +464,7 @@ class Switch:
         where, at every server."""
         session = self.sessions.get(call_id)
         if session is not None:
-            session.call.transcoded.append(where)
-            self._relay([p.link for p in session.ports],
-                        CallUpdate(call=call_id, transcoded=[where]), None)
+            self.timeline.transcoded(session, where)
 
     def undeliverable(self, link: Link, message: Message, now: float) -> None:
         """A message could not be sent: a wake-up or a call setup ends its call."""
@@ -703,8 +545,8 @@ HANDLERS: dict[tuple[LinkKind, type[Message]], Handler] = {
        for t in (CallAccept, Offer, Answer, CallUpdate, Hangup)},
     ("child", CallSetup): Switch._setup,
     ("parent", CallSetup): Switch._setup,
-    ("child", Directory): Switch._child_directory,
-    ("parent", Directory): Switch._parent_directory,
+    ("child", Directory): Switch._directory,
+    ("parent", Directory): Switch._directory,
 }  # type: ignore[dict-item]
 
 __all__ = ["HANDLERS", "PARENT", "Counters", "Port", "Session", "Switch"]

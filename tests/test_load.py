@@ -59,7 +59,9 @@ async def test_starts_stay_on_schedule_when_the_server_is_slow():
     # Closed loop would have sent 1-2 commands in 1.5 s; open loop sent all 30 on time.
     assert len(received) == 30
     gaps = [b - a for a, b in itertools.pairwise(received)]
-    assert max(gaps) < 0.1 and sum(gaps) / len(gaps) == pytest.approx(0.05, abs=0.01)
+    # closed loop: a second between commands; open loop: 50 ms (a busy CI machine may hiccup
+    # once, which the schedule-error p99 below would still show)
+    assert max(gaps) < 0.5 and sum(gaps) / len(gaps) == pytest.approx(0.05, abs=0.01)
     assert report.summary()["schedule_error_ms"]["p99"] < 30
     response = report.recorder.total.histograms["response_ms"]
     assert response.get_min_value() >= 990_000  # µs (1 % buckets), from the scheduled start
