@@ -324,18 +324,19 @@ class Registered(Message, frozen=True, tag="registered"):
     heartbeat_s: float
 
 
-class Woken(Message, frozen=True, tag="woken"):
-    """The device acknowledges a wake-up, at ``at`` on its clock."""
+class _Moment(Message, frozen=True):
+    """Something that happened at a device during a call, at ``at`` on the device's clock."""
 
     call: CallId
     at: Time
 
 
-class FirstFrame(Message, frozen=True, tag="first_frame"):
-    """The device decoded the first video frame of the other party, at ``at`` on its clock."""
+class Woken(_Moment, frozen=True, tag="woken"):
+    """The device acknowledges a wake-up."""
 
-    call: CallId
-    at: Time
+
+class FirstFrame(_Moment, frozen=True, tag="first_frame"):
+    """The device decoded the first video frame of the other party."""
 
 
 class Stats(Message, frozen=True, tag="stats"):

@@ -45,6 +45,17 @@ def wait_gone(marker: str, timeout: float = 10.0) -> list[int]:
     return left
 
 
+def stop_clean(stack: subprocess.Popen[str], marker: str) -> None:
+    """SIGTERM the stack: it exits 0 and leaves no process of its own behind."""
+    try:
+        stack.send_signal(signal.SIGTERM)
+        assert stack.wait(timeout=20) == 0
+    finally:
+        if stack.poll() is None:
+            stack.kill()
+    assert wait_gone(marker) == []
+
+
 def test_probe_call_local_json():
     env, marker = marked_env()
     done = subprocess.run(
@@ -120,12 +131,8 @@ def test_stack_prints_servers_and_stops_clean_on_sigterm():
         assert [s["name"] for s in info["servers"]] == ["upper", "lower-a", "lower-b"]
         assert all(s["url"].startswith("http://127.0.0.1:") for s in info["servers"])
         assert len(processes_with(marker)) == 6  # stack + 3 servers + 2 device processes
-        stack.send_signal(signal.SIGTERM)
-        assert stack.wait(timeout=20) == 0
     finally:
-        if stack.poll() is None:
-            stack.kill()
-    assert wait_gone(marker) == []
+        stop_clean(stack, marker)
 
 
 def test_killed_stack_leaves_no_process_behind():
@@ -173,12 +180,8 @@ def test_stack_takes_a_topology_and_lists_every_server_with_its_parent(tmp_path:
         assert sorted(d["address"] for d in devices if d["server"] == "lower-a1") == [
             "lower-a1/cam-1", "lower-a1/cam-2"]  # its own count; the others the default
         assert len(devices) == 5
-        stack.send_signal(signal.SIGTERM)
-        assert stack.wait(timeout=20) == 0
     finally:
-        if stack.poll() is None:
-            stack.kill()
-    assert wait_gone(marker) == []
+        stop_clean(stack, marker)
 
 
 def test_probe_call_local_topology_prints_the_path(tmp_path: Path):
