@@ -104,7 +104,10 @@ def test_probe_capacity_local_writes_each_steps_server_metrics(tmp_path: Path):
         searched = run["step"]["server"]
         seen = run["server_metrics"][searched]["counters"]
         assert seen["relay_calls_started_total"] == run["started"] > 0, run
-        assert run["step"]["server_cpu_pct"][searched] > 0
+        # read over each step (a step of a few signalling calls may stay under the 10 ms
+        # that process CPU time counts in, so only the whole run must show some)
+        assert isinstance(run["step"]["server_cpu_pct"][searched], float), run["step"]
+    assert all(summary["server_metrics"][name]["cpu_pct"] > 0 for name in ("lower-a", "lower-b"))
     assert "CPU %" in (tmp_path / "report.html").read_text()
     assert "lower-a: sustainable 4.0 calls/s" in done.stdout
     assert "at 4 calls/s (pass): CPU lower-a" in done.stdout  # where the load went
