@@ -161,21 +161,35 @@ async def discover(session: aiohttp.ClientSession, urls: list[str],
     return sorted(found.values(), key=lambda s: (s.role != "lower", s.name))
 
 
-def tree_path(servers: list[Server], a: str, b: str) -> list[str]:
-    """The servers a call from lower server ``a`` to ``b`` crosses: up to their lowest common
-    ancestor, then down (the path the servers route it on)."""
-    parents = {s.name: s.parent for s in servers}
+class TreePaths:
+    """The servers a call between two lower servers crosses: up to their lowest common
+    ancestor, then down (the path the servers route it on). Built once from the tree; each
+    path is worked out once."""
 
-    def up(name: str) -> list[str]:
+    def __init__(self, servers: list[Server]) -> None:
+        self._parents = {s.name: s.parent for s in servers}
+        self._known: dict[tuple[str, str], list[str]] = {}
+
+    def _up(self, name: str) -> list[str]:
         chain = [name]
-        while parents.get(chain[-1]) is not None and len(chain) <= len(parents):
-            chain.append(parents[chain[-1]])  # type: ignore[arg-type]
+        while self._parents.get(chain[-1]) is not None and len(chain) <= len(self._parents):
+            chain.append(self._parents[chain[-1]])  # type: ignore[arg-type]
         return chain
-    ua, ub = up(a), up(b)
-    common = next((n for n in ua if n in ub), None)
-    if common is None:
-        raise ProbeError("no_path", f"{a} and {b} are not in one tree")
-    return ua[:ua.index(common) + 1] + ub[:ub.index(common)][::-1]
+
+    def __call__(self, a: str, b: str) -> list[str]:
+        found = self._known.get((a, b))
+        if found is None:
+            ua, ub = self._up(a), self._up(b)
+            common = next((n for n in ua if n in ub), None)
+            if common is None:
+                raise ProbeError("no_path", f"{a} and {b} are not in one tree")
+            found = self._known[a, b] = ua[:ua.index(common) + 1] + ub[:ub.index(common)][::-1]
+        return found
+
+
+def tree_path(servers: list[Server], a: str, b: str) -> list[str]:
+    """The tree path from lower server ``a`` to ``b`` (see TreePaths, to ask many times)."""
+    return TreePaths(servers)(a, b)
 
 
 def lower_servers(servers: list[Server]) -> list[Server]:
@@ -198,10 +212,10 @@ def pick_pair(servers: list[Server], via: str | None = None) -> tuple[str, str]:
     """The first idle device under one lower server and the first under another (with ``via``:
     another such that the call's path crosses server ``via``)."""
     idle = [(s, d) for s in lower_servers(servers) for d in s.devices if d.state == "idle"]
+    path = TreePaths(servers)
     for s1, d1 in idle:
         for s2, d2 in idle:
-            if s2.name != s1.name and (via is None or via in tree_path(servers, s1.name,
-                                                                       s2.name)):
+            if s2.name != s1.name and (via is None or via in path(s1.name, s2.name)):
                 return d1.address, d2.address
     through = f" whose path crosses {via}" if via else ""
     raise ProbeError("no_pair", f"need idle devices under two different lower servers{through};"

@@ -25,9 +25,9 @@ from probe.client import (
     ProbeError,
     Server,
     ServerClient,
+    TreePaths,
     find_device,
     lower_servers,
-    tree_path,
 )
 from probe.stats import Recorder, encode, new_histogram, percentiles, record_ms
 from probe.watch import LoopWatch
@@ -61,14 +61,14 @@ class Pairing:
     - ``same-server``: both under one lower server (bridged there alone), servers in turn;
     - ``explicit``: the pairs given, in turn.
     ``callers_on`` keeps callers on one server (the capacity search targets one server);
-    ``via`` keeps the routes whose path (``paths``: each ordered pair of servers' path)
-    crosses that server.
+    ``via`` keeps the routes whose path (``path(a, b)``: the servers a call from server a to
+    server b crosses) crosses that server.
     """
 
     def __init__(self, mode: PairingMode, devices: dict[str, list[str]],
                  pairs: list[tuple[str, str]] | None = None, rng: random.Random | None = None,
                  callers_on: str | None = None, via: str | None = None,
-                 paths: dict[tuple[str, str], list[str]] | None = None) -> None:
+                 path: Callable[[str, str], list[str]] | None = None) -> None:
         if mode not in PAIRING_MODES:
             raise ValueError(f"pairing must be one of {', '.join(PAIRING_MODES)}")
         if mode == "explicit" and not pairs:
@@ -89,7 +89,7 @@ class Pairing:
             self._routes = [r for r in self._routes if r[0] == callers_on]
         if via is not None:
             def crosses(a: str, b: str) -> bool:
-                return via in (paths or {}).get((a, b), ())
+                return path is not None and via in path(a, b)
             self._routes = [r for r in self._routes if crosses(*r)]
             self.pairs = [p for p in self.pairs if crosses(split_address(p[0])[0] or "",
                                                            split_address(p[1])[0] or "")]
@@ -204,12 +204,11 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
     """Start calls on schedule for ``settings.duration_s``, then wait for the last to finish."""
     rng = random.Random(settings.seed)
     devices = {s.name: [d.address for d in s.devices] for s in lower_servers(servers)}
-    names = [s.name for s in lower_servers(servers)]
-    paths = {(a, b): tree_path(servers, a, b) for a in names for b in names}
+    path = TreePaths(servers)
     if settings.via is not None and not any(s.name == settings.via for s in servers):
         raise ValueError(f"--via {settings.via}: no such server in the tree")
     pairing = Pairing(settings.pairing, devices, list(settings.pairs), rng, settings.callers_on,
-                      settings.via, paths)
+                      settings.via, path)
     offsets = schedule(settings.rate, settings.duration_s, settings.poisson, rng)
     report = LoadReport(settings, Recorder(settings.window_s), scheduled=len(offsets))
     busy: set[str] = set()
@@ -226,8 +225,7 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
             report.results.append(result)
             # every server the call was routed through (the tree path: the servers route
             # exactly on it), whether or not it got that far
-            planned = paths.get((split_address(caller)[0] or "", split_address(callee)[0] or ""),
-                                result.path)
+            planned = path(split_address(caller)[0] or "", split_address(callee)[0] or "")
             report.recorder.add(result.server, offset, result.outcome, result.intervals,
                                 result.media, late, planned)
             if on_result is not None:

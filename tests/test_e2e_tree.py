@@ -43,8 +43,9 @@ async def test_every_pair_of_lower_servers_calls_along_the_tree_path():
         await with_devices(tree, 3)
         servers = await discover(tree.session, [tree.lowers["lower-b2"].url])  # any one
         assert {s.name for s in servers} == set(tree.servers)
+        # 18 starts for 12 routes: a start or two may find a route's devices still busy
         report = await run_load(tree.session, servers, LoadSettings(
-            rate=2, duration_s=6.0, hold_s=1.0, pairing="every-pair", seed=1,
+            rate=2, duration_s=9.0, hold_s=1.0, pairing="every-pair", seed=1,
             max_lag_ms=500))
         pairs = {}
         for result in report.results:
@@ -63,8 +64,9 @@ async def test_every_pair_of_lower_servers_calls_along_the_tree_path():
                 assert len(path) == 5 and path[2] == "root", path
         # every server judged on the calls that crossed it
         crossing = report.recorder.crossing
-        assert crossing["root"].calls == sum(1 for p in pairs.values() if "root" in p)
-        assert crossing["mid-1"].calls == sum(1 for p in pairs.values() if "mid-1" in p)
+        every = [r.path for r in report.results]
+        assert crossing["root"].calls == sum(1 for p in every if "root" in p)
+        assert crossing["mid-1"].calls == sum(1 for p in every if "mid-1" in p)
 
 
 async def test_a_mid_server_stopped_mid_call_ends_its_calls_and_no_others():
