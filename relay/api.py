@@ -6,6 +6,7 @@ Every error is JSON: ``{"error": {"code", "message", "field"}}`` with the status
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -99,8 +100,15 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def read_json(request: web.Request) -> object:
     if request.content_length is not None and request.content_length > 64 * 1024:
         raise Refused(Code.TOO_LARGE, "request body is larger than 64 KiB")
+    limit = request.app[NODE].settings.http_body_timeout_s
     try:
-        return json.loads(await request.read())
+        async with asyncio.timeout(limit):
+            body = await request.read()
+    except TimeoutError:
+        raise Refused(Code.REQUEST_TIMEOUT,
+                      f"the request body did not arrive within {limit:g} s") from None
+    try:
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Refused(Code.BAD_JSON, f"request body is not valid JSON: {exc}") from None
 

@@ -57,16 +57,16 @@ def openapi(role: str) -> dict[str, Any]:
 
     paths: dict[str, Any] = {
         "/v1/server": {"get": {"summary": "This server: name, role, parent, children",
-                               "responses": {**ok(ServerInfo), **_errors(401, 403)}}},
+                               "responses": {**ok(ServerInfo), **_errors(400, 401, 403)}}},
         "/v1/servers": {"get": {"summary": "Every server of the tree this server knows",
-                                "responses": {**ok(ServerList), **_errors(401, 403)}}},
+                                "responses": {**ok(ServerList), **_errors(400, 401, 403)}}},
         "/v1/devices": {"get": {"summary": "A lower server's devices; an upper server's "
                                            "whole subtree; ?server=NAME: one server's",
                                 "parameters": [{"name": "server", "in": "query", "schema": {
                                     "type": "string", "pattern": NAME_PATTERN}}],
                                 "responses": {**ok(DeviceList), **_errors(400, 401, 403)}}},
         "/v1/calls": {"get": {"summary": "Calls in progress",
-                              "responses": {**ok(CallList), **_errors(401, 403)}}},
+                              "responses": {**ok(CallList), **_errors(400, 401, 403)}}},
         "/v1/calls/{call}": {
             "get": {"summary": "A call's state, path, timeline and media; ?wait holds the "
                                "request", "parameters": [call_id, *wait],
@@ -76,14 +76,15 @@ def openapi(role: str) -> dict[str, Any]:
                        "responses": {**ok(CallInfo), **_errors(400, 401, 403, 404)}}},
         "/healthz": {"get": {"summary": "Health and forwarding counters",
                              "responses": {"200": {"description": "ok",
-                                                   **_json({"type": "object"})}}}},
+                                                   **_json({"type": "object"})},
+                                           **_errors(400)}}},
     }
     if role == "lower":
         paths["/v1/calls"]["post"] = {
             "summary": "Start a call from a device of this server",
             "requestBody": {"required": True, **_json(_ref(CreateCall))},
             "responses": {**ok(CallInfo, "201"),
-                          **_errors(400, 401, 403, 404, 409, 413, 421, 503)}}
+                          **_errors(400, 401, 403, 404, 408, 409, 413, 421, 503)}}
     return {
         "openapi": "3.1.0",
         "info": {"title": f"vphone-relay {role} server", "version": str(PROTOCOL_VERSION),

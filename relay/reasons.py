@@ -19,6 +19,8 @@ class Code(enum.StrEnum):
     # the normal end
     HANGUP = "hangup"
     # a request or message that is malformed
+    BAD_REQUEST = "bad_request"
+    REQUEST_TIMEOUT = "request_timeout"
     BAD_JSON = "bad_json"
     BAD_MESSAGE = "bad_message"
     TOO_LARGE = "too_large"
@@ -101,6 +103,11 @@ def _table(*reasons: Reason) -> dict[Code, Reason]:
 
 REASONS: dict[Code, Reason] = _table(
     Reason(Code.HANGUP, "normal", None, None, "the call was hung up (the normal end)"),
+    Reason(Code.BAD_REQUEST, "remote", 400, "rejected",
+           "the HTTP request itself is malformed (a request line or header over 8190 bytes, "
+           "a bad header): refused by the HTTP parser before any route"),
+    Reason(Code.REQUEST_TIMEOUT, "remote", 408, "rejected",
+           "a request head (10 s from its first byte) or body (10 s) came too slowly"),
     Reason(Code.BAD_JSON, "remote", 400, "rejected", "the request body is not valid JSON"),
     Reason(Code.BAD_MESSAGE, "remote", 400, "rejected",
            "a message or body failed validation; `field` names the part"),

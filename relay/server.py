@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.api import NODE, errors, setup_routes
+from relay.httpd import GuardedRunner
 from relay.logs import event
 from relay.metrics import setup_metrics
 from relay.node import Node
@@ -59,8 +60,9 @@ async def running_server(settings: ServerSettings) -> AsyncIterator[Node]:
     new calls and links are refused, every call in progress ends with server_shutting_down at
     every hop (the hang-ups are sent before the links close), then everything closes."""
     node = Node(settings)
-    runner = web.AppRunner(create_app(node), handle_signals=False, access_log=None,
-                           shutdown_timeout=2)
+    runner = GuardedRunner(create_app(node), refused=node.core.counters.refused,
+                           head_timeout=settings.http_head_timeout_s, handle_signals=False,
+                           access_log=None, shutdown_timeout=2)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)

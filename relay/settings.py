@@ -37,6 +37,10 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     #: credentials on every link (relay/auth.py); off unless a secret is configured
     auth: Auth = field(default_factory=Auth)
+    #: seconds a request head may take from its first byte, and a body once its head is in
+    #: (relay/httpd.py): a slow client is cut off, not held
+    http_head_timeout_s: float = 10.0
+    http_body_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.role not in ("lower", "upper"):
@@ -54,6 +58,8 @@ class ServerSettings:
                                 f"{self.media_mode!r}")
         if self.heartbeat_s <= 0:
             raise SettingsError("heartbeat_s must be positive")
+        if self.http_head_timeout_s <= 0 or self.http_body_timeout_s <= 0:
+            raise SettingsError("http_head_timeout_s and http_body_timeout_s must be positive")
         if self.public_url is not None:
             try:
                 check_url(self.public_url, "public_url")
