@@ -25,6 +25,7 @@ import aiohttp
 from probe.calls import CallResult, run_call, summarize, wait_idle
 from probe.capacity import CapacitySettings, Step, search
 from probe.client import ProbeError, Server, discover, find_device, pick_pair
+from probe.credentials import Credentials
 from probe.load import PAIRING_MODES, LoadReport, LoadSettings, run_load
 from probe.objective import Objective
 from probe.report import CallLog, write_summary
@@ -32,7 +33,6 @@ from probe.scrape import ServerWatch
 from probe.scrape import describe as describe_server_metrics
 from probe.summary import build as build_summary
 from probe.summary import merge as merge_summaries
-from relay.auth import token_for
 from relay.logs import setup_logging
 from relay.messages import DIRECTIONS
 from relay.server import event_loop_factory
@@ -45,6 +45,10 @@ def _common(c: argparse.ArgumentParser, devices: int, video: str) -> None:
     c.add_argument("--server", action="append", default=None,
                    help="a server URL (repeatable): any server of the tree; the probe finds "
                         "the rest (env PROBE_SERVERS, comma-separated)")
+    c.add_argument("--trust-announced", action="store_true",
+                   help="show the probe's token (PROBE_TOKEN) to servers found at the URLs the "
+                        "tree announced, not only to those given (with the secret in the "
+                        "environment each gets a token of its own anyway)")
     c.add_argument("--local", action="store_true",
                    help="start a local stack (upper, lower-a, lower-b, devices; or --topology) "
                         "for this run")
@@ -202,10 +206,10 @@ def watch_servers(session: aiohttp.ClientSession, servers: list[Server],
 
 async def command_call(args: argparse.Namespace) -> int:
     results: list[CallResult] = []
-    async with servers_for(args) as urls, new_session() as session:
-        servers: list[Server] = await discover(session, urls)
+    async with servers_for(args) as urls, probe_session(args, urls) as (session, credentials):
+        servers: list[Server] = await discover(session, urls, credentials)
         async with watch_servers(session, servers, args) as watch:
-            await _calls(args, session, urls, servers, results)
+            await _calls(args, session, urls, servers, results, credentials)
     server_metrics = watch.summary()
     if args.count > 1:
         summary = {**summarize(results), "server_metrics": server_metrics}
@@ -216,10 +220,11 @@ async def command_call(args: argparse.Namespace) -> int:
 
 
 async def _calls(args: argparse.Namespace, session: aiohttp.ClientSession, urls: list[str],
-                 servers: list[Server], results: list[CallResult]) -> None:
+                 servers: list[Server], results: list[CallResult],
+                 credentials: Credentials) -> None:
     for i in range(args.count):
         if i:
-            servers = await discover(session, urls)
+            servers = await discover(session, urls, credentials)
         if args.caller and args.callee:
             caller, callee = args.caller, args.callee
         elif args.caller or args.callee:
@@ -267,19 +272,25 @@ def full_addresses(servers: list[Server], pairs: tuple[tuple[str, str], ...]
                  for a, b in pairs)
 
 
-def new_session() -> aiohttp.ClientSession:
+@contextlib.asynccontextmanager
+async def probe_session(args: argparse.Namespace, urls: list[str]
+                        ) -> AsyncIterator[tuple[aiohttp.ClientSession, Credentials]]:
+    """The probe's HTTP session, and its credentials: its token goes only where
+    probe/credentials.py says (the servers in ``urls``, and what discovery finds)."""
+    credentials = Credentials.from_env(trust_announced=args.trust_announced)
+    credentials.given(urls)
     # No connection cap: each call holds a long poll, and a capped pool would make the probe
     # itself queue starts (coordinated omission inside the client).
-    token = token_for("probe", os.environ.get("PROBE_TOKEN"))
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     middlewares=(credentials.middleware,)) as session:
+        yield session, credentials
 
 
 async def command_load(args: argparse.Namespace) -> int:
     objective = objective_of(args)
     progress = Progress(enabled=not args.json)
-    async with servers_for(args) as urls, new_session() as session:
-        servers = await discover(session, urls)
+    async with servers_for(args) as urls, probe_session(args, urls) as (session, credentials):
+        servers = await discover(session, urls, credentials)
         settings = load_settings_of(args, args.rate)
         settings = replace(settings, pairs=full_addresses(servers, settings.pairs))
         log = CallLog(args.out) if args.out else None
@@ -324,8 +335,8 @@ async def command_capacity(args: argparse.Namespace) -> int:
                       f"(max {step.report.max_concurrent_seen} concurrent"
                       + (f"; CPU {cpu})" if cpu else ")"))
 
-    async with servers_for(args) as urls, new_session() as session:
-        servers = await discover(session, urls)
+    async with servers_for(args) as urls, probe_session(args, urls) as (session, credentials):
+        servers = await discover(session, urls, credentials)
         load = load_settings_of(args, args.start_rate)
         async with watch_servers(session, servers, args) as watch:
             found = await search(session, servers, load, objective, cap_settings, on_step,

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 
+from probe.credentials import Credentials
 from relay.logs import event
 from relay.messages import (
     CallInfo,
@@ -122,11 +123,13 @@ class ServerClient:
 
 
 async def discover(session: aiohttp.ClientSession, urls: list[str],
-                   optional_timeout_s: float = 3.0, concurrency: int = 64) -> list[Server]:
+                   credentials: Credentials | None = None, optional_timeout_s: float = 3.0,
+                   concurrency: int = 64) -> list[Server]:
     """The whole tree from any of its servers: each server given (which must answer) lists every
     server it knows, from the root down (``GET /v1/servers``); then every lower server is asked
     for its devices. A server found through another may be down: it is left out, and the calls
-    that need it will say so. Lower servers first, then upper; by name."""
+    that need it will say so. Lower servers first, then upper; by name. ``credentials`` learns
+    each server found (which token it may be shown)."""
     entries: dict[str, ServerEntry] = {}
     reach: dict[str, str] = {}  #: name -> the URL to use (a given one wins over an announced)
 
@@ -144,6 +147,8 @@ async def discover(session: aiohttp.ClientSession, urls: list[str],
     async def devices(entry: ServerEntry) -> None:
         url = reach.get(entry.name, entry.url).rstrip("/")
         given = entry.name in reach
+        if credentials is not None and not given:
+            credentials.found(url, entry.name)
         if entry.role != "lower":
             found[entry.name] = Server(url, entry)
             return
@@ -154,8 +159,12 @@ async def discover(session: aiohttp.ClientSession, urls: list[str],
             except ProbeError as exc:
                 if given:
                     raise
+                reason = exc.message
+                if exc.status == 401 and credentials is not None and credentials.withheld(url):
+                    reason = ("the probe shows its token only to the servers it was given: "
+                              "give this one with --server, or --trust-announced")
                 event(log, "discover.skipped", logging.WARNING, url=url, server=entry.name,
-                      code=exc.code, reason=exc.message)
+                      code=exc.code, reason=reason)
 
     await asyncio.gather(*(devices(e) for e in entries.values()))
     return sorted(found.values(), key=lambda s: (s.role != "lower", s.name))
@@ -201,7 +210,13 @@ def find_device(servers: list[Server], address: str) -> tuple[Server, DeviceInfo
     matches = [(s, d) for s in lower_servers(servers) for d in s.devices
                if d.id == device and server_name in (None, s.name)]
     if not matches:
-        raise ProbeError("unknown_device", f"no device {address!r} on the servers given")
+        lowers = lower_servers(servers)
+        if server_name is not None and server_name not in {s.name for s in lowers}:
+            where = f"no lower server {server_name!r} in the tree"
+        else:
+            where = "searched " + (", ".join(f"{s.name} ({len(s.devices)} devices)"
+                                             for s in lowers) or "no lower server")
+        raise ProbeError("unknown_device", f"no device {address!r}: {where}")
     if len(matches) > 1:
         raise ProbeError("ambiguous_device", f"{address!r} names several devices: "
                          + ", ".join(d.address for _, d in matches))

@@ -18,6 +18,7 @@ from aiohttp import web
 from msgspec.structs import replace
 
 from relay.admission import Refused
+from relay.auth import probe_identity
 from relay.call import CallState
 from relay.logs import event
 from relay.lower import device_link, device_page
@@ -66,7 +67,7 @@ def check_probe(request: web.Request) -> None:
         return
     header = request.headers.get("Authorization", "")
     token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
-    refusal = auth.check("probe", token)
+    refusal = auth.check(probe_identity(), token, probe_identity(node.name))
     if refusal is not None:
         node.core.counters.refused(refusal[0])
         raise Refused(Code(refusal[0]), refusal[1] + " (send Authorization: Bearer TOKEN)")

@@ -41,16 +41,18 @@ class Auth:
             raise ValueError("auth is off: no secret to sign with")
         return _sign(self.secret, identity)
 
-    def check(self, identity: str, token: str | None) -> tuple[str, str] | None:
-        """None if ``token`` proves ``identity`` (or auth is off); else (code, reason):
-        ``unauthorized`` when no token came, ``forbidden`` when it is wrong."""
+    def check(self, identity: str, token: str | None, *also: str) -> tuple[str, str] | None:
+        """None if ``token`` proves ``identity`` or one of ``also`` (or auth is off); else
+        (code, reason): ``unauthorized`` when no token came (or an empty one), ``forbidden``
+        when it is wrong."""
         if self.secret is None:
             return None
         if not token:
             return "unauthorized", f"{identity}: a token is required (auth is on)"
         for secret in (self.secret, *self.previous):
-            if hmac.compare_digest(token, _sign(secret, identity)):
-                return None
+            for name in (identity, *also):
+                if hmac.compare_digest(token, _sign(secret, name)):
+                    return None
         return "forbidden", f"{identity}: the token is not valid for this identity"
 
     @classmethod
@@ -64,6 +66,14 @@ class Auth:
         if not secrets:
             return cls()
         return cls(secrets[0].encode(), tuple(secret.encode() for secret in secrets[1:]))
+
+
+def probe_identity(server: str | None = None) -> str:
+    """The probe's identity: ``probe`` commands every server; ``probe:NAME`` only server NAME.
+    A probe that holds the secret shows each server found through others its own
+    ``probe:NAME`` token, so a server that announced a URL it should not have learns nothing
+    it could use elsewhere (docs/relay.md, "Trust")."""
+    return "probe" if server is None else f"probe:{server}"
 
 
 def _sign(secret: bytes, identity: str) -> str:
