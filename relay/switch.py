@@ -231,6 +231,9 @@ class Switch:
     def _echo(self, link: Link, message: Heartbeat, now: float) -> None:
         self.outbox.send(link, message)
 
+    def _heard(self, link: Link, message: Heartbeat, now: float) -> None:
+        pass
+
     def _again(self, link: Link, message: Message, now: float) -> None:
         self._refuse(link, message, Code.ALREADY_REGISTERED if link.kind == "device"
                      else Code.PROTOCOL_ERROR, f"{message.TYPE} was already received on this "
@@ -535,7 +538,11 @@ Handler = Callable[[Switch, Link, Message, float], None]
 _CALL = Switch._call_message
 #: (link kind, message type) -> handler. A pair that is not here is refused (unexpected_type).
 HANDLERS: dict[tuple[LinkKind, type[Message]], Handler] = {
-    **{(kind, Heartbeat): Switch._echo for kind in ("device", "child", "parent")},
+    # A heartbeat is asked from below (a device, a child) and answered from above: one that
+    # comes down from the parent is an answer, taken and not echoed (two servers echoing each
+    # other's would ping-pong for ever).
+    **{(kind, Heartbeat): Switch._echo for kind in ("device", "child")},
+    ("parent", Heartbeat): Switch._heard,
     **{(kind, Error): Switch._peer_error for kind in ("device", "child", "parent")},
     ("device", Register): Switch._again,
     ("child", Announce): Switch._again,
