@@ -96,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "but loopback (env ENDPOINT_MEDIA_ADDRESSES, comma-separated)")
     p.add_argument("--ice-server", action="append", default=None, help="stun:/turn: URL")
     p.add_argument("--log-level", default=env("ENDPOINT_LOG_LEVEL", "info"))
+    p.add_argument("--connect-timeout", type=float,
+                   default=float(env("ENDPOINT_CONNECT_TIMEOUT", "0")), metavar="S",
+                   help="exit 1 (saying why) if the devices are not all registered within S "
+                        "seconds; 0 (default): keep trying for ever")
     return p
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> int:
     media = MediaSettings(
         addresses=tuple(args.media_address or split_list(os.environ.get(
             "ENDPOINT_MEDIA_ADDRESSES"))),
@@ -123,13 +127,36 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    status = 0
     async with aiohttp.ClientSession() as session:
         tasks = [asyncio.create_task(d.run(session), name=d.id) for d in devices]
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(d.close() for d in devices))
+        try:
+            if args.connect_timeout > 0 and not await all_registered(devices,
+                                                                     args.connect_timeout):
+                status = 1
+            else:
+                await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(d.close() for d in devices))
+    return status
+
+
+async def all_registered(devices: list[Device], timeout_s: float) -> bool:
+    """Wait until every device is registered; False (saying what each still waits for) if
+    that takes longer than ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(d.registered.wait() for d in devices))
+        return True
+    except TimeoutError:
+        for device in devices:
+            if not device.registered.is_set():
+                print(f"endpoint: {device.id} not registered within {timeout_s:g} s: "
+                      f"{device.waiting_for or 'no answer yet'}", file=sys.stderr)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"endpoint: {exc}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args))
+        return asyncio.run(run(args))
     return 0
 
 

@@ -28,9 +28,9 @@ from relay.auth import token_for
 from relay.links import WebSocketChannel, receive
 from relay.logs import event
 from relay.messages import (
-    MAX_MESSAGE_BYTES,
     SERVER_TO_DEVICE,
     VIDEO_CODECS,
+    WS_MAX_MSG_SIZE,
     Answer,
     Error,
     FirstFrame,
@@ -379,16 +379,20 @@ class Device:
         self.calls: dict[str, DeviceCall] = {}
         self.pending: dict[str, Wake] = {}
         self.registered = asyncio.Event()
+        #: why the device is not registered now, in words (None: registered, or not tried)
+        self.waiting_for: str | None = None
         self.address: str | None = None
         #: the last heartbeat the server echoed
         self.last_heartbeat: int | None = None
 
     async def run(self, session: aiohttp.ClientSession) -> None:
+        """Stay registered: connect, register, serve; on any failure say what it is waiting
+        for (``waiting_for``; logged when it changes) and retry with backoff."""
         backoff = 0.2
         while True:
             try:
                 async with session.ws_connect(self.url, heartbeat=self.settings.heartbeat_s,
-                                              max_msg_size=MAX_MESSAGE_BYTES) as ws:
+                                              max_msg_size=WS_MAX_MSG_SIZE) as ws:
                     channel = WebSocketChannel(ws, "server")
                     await channel.send(Register(device=self.id,
                                                 token=token_for(f"device:{self.id}",
@@ -397,12 +401,12 @@ class Device:
                     async with asyncio.timeout(10):
                         reply = await receive(ws, SERVER_TO_DEVICE, "server")
                     if not isinstance(reply, Registered):
-                        reason = reply.message if isinstance(reply, Error) else "no reply"
-                        event(log, "device.refused", logging.ERROR, device=self.id,
-                              reason=reason)
-                        raise ConnectionError(reason)
+                        reason = (f"{reply.code}: {reply.message}" if isinstance(reply, Error)
+                                  else "the server closed the link without a reply")
+                        raise ConnectionError(f"the server refused the registration ({reason})")
                     self.address = reply.address
                     self.registered.set()
+                    self.waiting_for = None
                     backoff = 0.2
                     event(log, "device.registered", device=self.id, address=reply.address)
                     beat = asyncio.create_task(self._heartbeat(channel))
@@ -414,10 +418,28 @@ class Device:
                         await self._end_all()
                         event(log, "device.disconnected", logging.WARNING, device=self.id)
             except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as exc:
-                event(log, "device.unreachable", logging.WARNING, device=self.id, url=self.url,
-                      error=repr(exc), retry_s=backoff)
+                self._waiting(exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    def _waiting(self, exc: BaseException, retry_s: float) -> None:
+        """What the device waits for, in words a person can act on; logged once per change."""
+        if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status in (404, 405):
+            what = (f"{self.url} has no device route (HTTP {exc.status}): is --server a lower "
+                    "server? (an upper server takes no devices)")
+        elif isinstance(exc, aiohttp.WSServerHandshakeError):
+            what = f"{self.url} refused the WebSocket (HTTP {exc.status}: {exc.message})"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            what = f"nothing answers at {self.url} ({exc.os_error.strerror or exc}): is the " \
+                   "server up?"
+        elif isinstance(exc, TimeoutError):
+            what = f"{self.url} did not answer the registration within 10 s"
+        else:
+            what = str(exc) or repr(exc)
+        if what != self.waiting_for:
+            event(log, "device.waiting", logging.WARNING, device=self.id, url=self.url,
+                  waiting_for=what, retry_s=retry_s)
+        self.waiting_for = what
 
     async def _heartbeat(self, channel: WebSocketChannel) -> None:
         """An application-level heartbeat, answered by the server with the same ``seq``."""

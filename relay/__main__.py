@@ -18,7 +18,7 @@ from relay.call import Timeouts
 from relay.logs import setup_logging
 from relay.reasons import markdown
 from relay.rtc import MediaSettings
-from relay.server import event_loop_factory, serve
+from relay.server import ListenError, event_loop_factory, serve
 from relay.settings import ServerSettings, SettingsError, env_defaults, split_list
 from relay.stack import LocalStack, StackError, StackSettings
 from relay.topology import DEFAULT, TopologyError, load
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=float(env.get("max_message_rate", "50")),
                        help="WebSocket messages a second per device link; the excess is "
                             "dropped with a rate_limited error")
+        s.add_argument("--max-trunk-rate", type=float,
+                       default=float(env.get("max_trunk_rate", "2000")),
+                       help="messages a second a child server's trunk may send (upper); the "
+                            "excess is dropped with a rate_limited error")
         s.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
                        default=env.get("loop", "auto"),
                        help="event loop: uvloop (faster per packet) when installed, by default")
@@ -93,7 +97,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
         timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode,
         limits=Limits(max_devices=args.max_devices, max_calls=args.max_calls,
-                      max_message_rate=args.max_message_rate), auth=Auth.from_env())
+                      max_message_rate=args.max_message_rate,
+                      max_trunk_rate=args.max_trunk_rate), auth=Auth.from_env())
 
 
 async def run_stack(args: argparse.Namespace) -> int:
@@ -146,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("relay: --loop uvloop: uvloop is not installed", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as r:
-        r.run(serve(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt), \
+                asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings))
+    except ListenError as exc:
+        print(f"relay {settings.role} {settings.name}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

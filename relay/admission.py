@@ -37,12 +37,14 @@ class Limits:
     max_devices: int = 1000  #: devices registered at a lower server
     max_calls: int = 500  #: calls in progress at this server
     max_message_rate: float = 50.0  #: WebSocket messages per second per device link
+    #: messages per second per child trunk: a whole subtree's calls and directory share it
+    max_trunk_rate: float = 2000.0
     #: devices an upper server keeps in its directory (its whole subtree's)
     max_directory_devices: int = 1_000_000
 
     def __post_init__(self) -> None:
         if min(self.max_devices, self.max_calls, self.max_directory_devices) < 1 or \
-                self.max_message_rate <= 0:
+                min(self.max_message_rate, self.max_trunk_rate) <= 0:
             raise ValueError("limits must be positive")
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from relay.admission import Refused
 from relay.logs import event
-from relay.messages import MAX_MESSAGE_BYTES, Error, Message, MessageError, decode
+from relay.messages import WS_MAX_MSG_SIZE, Error, Message, MessageError, decode
 
 log = logging.getLogger("relay.links")
 
@@ -105,6 +105,17 @@ class WebSocketChannel:
         await self.ws.close(code=code, message=reason.encode()[:120])
 
 
+class TooManyInvalid(Exception):
+    """A link kept sending messages that failed validation: it is closed."""
+
+
+#: Invalid messages a link may send: bursts of INVALID_BURST, then INVALID_RATE a second. Past
+#: that it is closed with ``too_many_invalid``: a peer that keeps getting its messages wrong is
+#: broken or hostile, and each error answered costs the server.
+INVALID_BURST = 20
+INVALID_RATE = 1.0
+
+
 async def receive(ws: WebSocket, allowed: Collection[type[Message]], peer: str,
                   on_invalid: Callable[[], bool] | None = None) -> Message | None:
     """The next valid message, or None when the link closed. Bad frames are answered and skipped
@@ -131,22 +142,37 @@ async def refuse_frame(ws: WebSocket, exc: MessageError, peer: str) -> None:
 
 
 async def first_message(request: web.Request, first: type[M], heartbeat_s: float,
+                        within_s: float = FIRST_MESSAGE_S,
                         ) -> tuple[web.WebSocketResponse, M | None]:
-    """Open a WebSocket whose first message must be ``first``, sent within FIRST_MESSAGE_S
-    (pings do not extend it). Returns the socket and the message (None: closed, or too late)."""
-    ws = web.WebSocketResponse(heartbeat=heartbeat_s, max_msg_size=MAX_MESSAGE_BYTES)
+    """Open a WebSocket whose first message must be ``first``, sent within ``within_s``
+    (pings and invalid messages do not extend it; more than INVALID_BURST invalid ones close
+    the link). Returns the socket and the message (None: closed, too late, or too wrong)."""
+    ws = web.WebSocketResponse(heartbeat=heartbeat_s, max_msg_size=WS_MAX_MSG_SIZE)
     await ws.prepare(request)
     peer = request.remote or "peer"
     message = None
+    wrong = 0
+
+    def on_invalid() -> bool:
+        nonlocal wrong
+        wrong += 1
+        if wrong > INVALID_BURST:
+            raise TooManyInvalid
+        return True
+
+    why = b"no " + first.TYPE.encode()
     try:
-        async with asyncio.timeout(FIRST_MESSAGE_S):
-            message = await receive(ws, (first,), peer)
+        async with asyncio.timeout(within_s):
+            message = await receive(ws, (first,), peer, on_invalid)
     except TimeoutError:
         event(log, "link.silent", logging.WARNING, peer=peer, expected=first.TYPE,
-              waited_s=FIRST_MESSAGE_S)
+              waited_s=within_s)
+    except TooManyInvalid:
+        event(log, "link.closed", logging.WARNING, peer=peer, code="too_many_invalid",
+              reason=f"{wrong} invalid messages before {first.TYPE}")
+        why = b"too_many_invalid"
     if not isinstance(message, first):
-        await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"no " +
-                       first.TYPE.encode())
+        await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=why)
         return ws, None
     return ws, message
 
@@ -186,17 +212,23 @@ async def serve_messages(channel: WebSocketChannel, allowed: Collection[type[Mes
 
     With ``rate``, a peer sending faster than ``rate`` messages a second (bursts of two
     seconds' worth allowed), valid or not, has the excess dropped: it gets one
-    ``rate_limited`` error a second saying so, and nothing else changes."""
+    ``rate_limited`` error a second saying so, and nothing else changes. Invalid messages are
+    answered with an error each, and a link that sends more than INVALID_BURST of them at once
+    (or more than INVALID_RATE a second for long) is closed with ``too_many_invalid``."""
     limit = RateLimit(rate, 2 * rate) if rate else None
+    invalid = RateLimit(INVALID_RATE, INVALID_BURST)
     loop = asyncio.get_running_loop()
     told_at = -1.0
+
+    def refused(code: str) -> None:
+        if on_refused is not None:
+            on_refused(code)
 
     def over(what: str) -> bool:
         nonlocal told_at
         if limit is None or limit.allow(loop.time()):
             return False
-        if on_refused is not None:
-            on_refused("rate_limited")
+        refused("rate_limited")
         if loop.time() - told_at >= 1.0:
             told_at = loop.time()
             event(log, "link.rate_limited", logging.WARNING, peer=channel.peer, type=what,
@@ -205,9 +237,24 @@ async def serve_messages(channel: WebSocketChannel, allowed: Collection[type[Mes
                                "second: this one was dropped", ref=what))  # type: ignore[arg-type]
         return True
 
+    def on_invalid() -> bool:
+        if not invalid.allow(loop.time()):
+            raise TooManyInvalid
+        return not over("invalid")
+
     while True:
-        message = await receive(channel.ws, allowed, channel.peer,
-                                on_invalid=lambda: not over("invalid"))
+        try:
+            message = await receive(channel.ws, allowed, channel.peer, on_invalid=on_invalid)
+        except TooManyInvalid:
+            refused("too_many_invalid")
+            why = (f"more than {INVALID_BURST} invalid messages (or {INVALID_RATE:g} a second "
+                   "for long): closed")
+            event(log, "link.closed", logging.WARNING, peer=channel.peer,
+                  code="too_many_invalid", reason=why)
+            channel.post(Error(code="too_many_invalid", message=why))  # type: ignore[arg-type]
+            await channel.flush()
+            await channel.close(aiohttp.WSCloseCode.POLICY_VIOLATION, "too_many_invalid")
+            return
         if message is None:
             return
         if over(message.TYPE):

@@ -29,6 +29,9 @@ PROTOCOL_VERSION = 1
 #: Trunk protocol (announce.version): 2 is the tree of any depth with bounded directory updates.
 TRUNK_VERSION = 2
 MAX_MESSAGE_BYTES = 256 * 1024
+#: What to give aiohttp as max_msg_size: it refuses a frame of exactly its limit, and the
+#: protocol's limit is "at most MAX_MESSAGE_BYTES".
+WS_MAX_MSG_SIZE = MAX_MESSAGE_BYTES + 1
 MAX_SDP_CHARS = 64 * 1024
 #: At most this many entries in each list of one directory message; more go in more messages.
 MAX_DIRECTORY_ENTRIES = 500
@@ -59,7 +62,8 @@ Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 CallId = Annotated[str, msgspec.Meta(pattern=CALL_ID_PATTERN)]
 Address = Annotated[str, msgspec.Meta(pattern=ADDRESS_PATTERN)]
 Sdp = Annotated[str, msgspec.Meta(pattern=SDP_PATTERN, max_length=MAX_SDP_CHARS)]
-Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+#: May be empty: an empty token is no token, refused as ``unauthorized`` when auth is on.
+Token = Annotated[str, msgspec.Meta(max_length=128)]
 #: Seconds since the epoch on the sender's clock (finite, not negative).
 Time = Annotated[float, msgspec.Meta(ge=0, lt=1e11)]
 Count = Annotated[int, msgspec.Meta(ge=0)]

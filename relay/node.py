@@ -209,7 +209,8 @@ class Node:
         """A link a peer opens (a device, a child server): its first message goes to the core's
         ``admit`` (which refuses it, or queues the welcome); then every message to the core,
         until the link closes."""
-        ws, message = await first_message(request, first, self.settings.heartbeat_s)
+        ws, message = await first_message(request, first, self.settings.heartbeat_s,
+                                          self.settings.first_message_s)
         if message is None:
             return ws
         refusal = admit(message, self.clock())  # carried out once attached

@@ -12,7 +12,7 @@ import aiohttp
 from relay.effects import PARENT
 from relay.links import receive, serve_messages
 from relay.logs import event
-from relay.messages import MAX_MESSAGE_BYTES, PARENT_TO_CHILD, Announce, Error, Welcome
+from relay.messages import PARENT_TO_CHILD, WS_MAX_MSG_SIZE, Announce, Error, Welcome
 from relay.node import Node
 from relay.settings import parent_url
 
@@ -29,7 +29,7 @@ async def parent_link(node: Node, session: aiohttp.ClientSession) -> None:
     while True:
         try:
             async with session.ws_connect(url, heartbeat=node.settings.heartbeat_s,
-                                          max_msg_size=MAX_MESSAGE_BYTES) as ws:
+                                          max_msg_size=WS_MAX_MSG_SIZE) as ws:
                 auth = node.settings.auth
                 await ws.send_str(Announce(
                     server=node.name, url=node.url, role=node.role,

@@ -58,6 +58,7 @@ class Code(enum.StrEnum):
     SERVER_FULL = "server_full"
     SERVER_SHUTTING_DOWN = "server_shutting_down"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_INVALID = "too_many_invalid"
     # peers and links that failed
     SERVER_UNREACHABLE = "server_unreachable"
     CALLER_UNREACHABLE = "caller_unreachable"
@@ -164,7 +165,11 @@ REASONS: dict[Code, Reason] = _table(
            "the server is draining (SIGTERM): no new calls or links; calls in progress end",
            retry_after_s=5),
     Reason(Code.RATE_LIMITED, "remote", None, None,
-           "a link sent more than --max-message-rate messages a second: the excess is dropped"),
+           "a link sent more than its rate (--max-message-rate on a device link, "
+           "--max-trunk-rate on a child's trunk) a second: the excess is dropped"),
+    Reason(Code.TOO_MANY_INVALID, "remote", None, None,
+           "a link sent more than 20 invalid messages in a burst (or 1 a second for long): "
+           "it is closed"),
     Reason(Code.SERVER_UNREACHABLE, "network", 503, "server_unreachable",
            "a server on the path has no link to the next one (or the probe could not reach it)"),
     Reason(Code.CALLER_UNREACHABLE, "network", None, "device_unreachable",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -23,6 +24,10 @@ from relay.reasons import Code
 from relay.settings import ServerSettings
 
 log = logging.getLogger("relay.server")
+
+
+class ListenError(Exception):
+    """The server could not take its address (a port in use, a host not on this machine)."""
 
 
 def create_app(node: Node) -> web.Application:
@@ -66,7 +71,14 @@ async def running_server(settings: ServerSettings) -> AsyncIterator[Node]:
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            hint = ("another program (another server?) holds it: choose another --port, or "
+                    "--port 0 for any free one" if exc.errno == errno.EADDRINUSE else
+                    "check --host")
+            raise ListenError(f"cannot listen on {settings.host}:{settings.port}: "
+                              f"{exc.strerror or exc}; {hint}") from None
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         node.set_url(settings.public_url or f"http://{settings.host}:{port}")
         node.listening.set()

@@ -41,6 +41,9 @@ class ServerSettings:
     #: (relay/httpd.py): a slow client is cut off, not held
     http_head_timeout_s: float = 10.0
     http_body_timeout_s: float = 10.0
+    #: seconds a new link has to send its first message (register, announce); pings and
+    #: invalid messages do not extend it
+    first_message_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.role not in ("lower", "upper"):
@@ -58,8 +61,9 @@ class ServerSettings:
                                 f"{self.media_mode!r}")
         if self.heartbeat_s <= 0:
             raise SettingsError("heartbeat_s must be positive")
-        if self.http_head_timeout_s <= 0 or self.http_body_timeout_s <= 0:
-            raise SettingsError("http_head_timeout_s and http_body_timeout_s must be positive")
+        if min(self.http_head_timeout_s, self.http_body_timeout_s, self.first_message_s) <= 0:
+            raise SettingsError("http_head_timeout_s, http_body_timeout_s and first_message_s "
+                                "must be positive")
         if self.public_url is not None:
             try:
                 check_url(self.public_url, "public_url")

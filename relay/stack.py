@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import aiohttp
 
+from relay.auth import token_for
 from relay.logs import event
 from relay.topology import DEFAULT, TreeNode
 
@@ -163,10 +164,16 @@ class LocalStack:
 
     async def _wait_registered(self, upper: str, expected: int) -> None:
         deadline = time.monotonic() + self.settings.start_timeout_s
-        async with aiohttp.ClientSession() as session:
+        # the servers inherit our environment: with a secret in it, they want a probe token
+        token = token_for("probe", os.environ.get("PROBE_TOKEN"))
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with aiohttp.ClientSession(headers=headers) as session:
             while True:
                 async with session.get(f"{upper}/v1/devices") as response:
-                    devices = (await response.json())["devices"]
+                    body = await response.json()
+                if response.status != 200:
+                    raise StackError(f"{upper}/v1/devices answered {response.status}: {body}")
+                devices = body["devices"]
                 if len(devices) >= expected:
                     return
                 for child in self.children:

@@ -12,7 +12,8 @@ from relay.node import Node
 
 
 async def child_link(node: Node, request: web.Request) -> web.WebSocketResponse:
-    """``GET /v1/trunk``: a child server's trunk."""
+    """``GET /v1/trunk``: a child server's trunk. Past ``--max-trunk-rate`` its messages are
+    dropped (relay/links.py)."""
     return await node.serve_link(request, Announce, node.core.child_announce,
                                  lambda announce: Link("child", announce.server),
-                                 CHILD_TO_PARENT)
+                                 CHILD_TO_PARENT, node.settings.limits.max_trunk_rate)
