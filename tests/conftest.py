@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -91,9 +92,11 @@ class Tree:
 async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None,
                     max_calls: int = Limits.max_calls,
                     topology: TreeNode = DEFAULT,
-                    max_calls_at: dict[str, int] | None = None) -> AsyncIterator[Tree]:
+                    max_calls_at: dict[str, int] | None = None,
+                    options: dict[str, Any] | None = None) -> AsyncIterator[Tree]:
     """``max_calls``: the lower servers' limit on calls in progress; ``max_calls_at``: the
-    limit of particular servers (of either role)."""
+    limit of particular servers (of either role); ``options``: more ServerSettings fields for
+    every server (``limits`` among them wins over both)."""
     timeouts = timeouts or Timeouts()
     auth = auth or Auth()
     async with contextlib.AsyncExitStack() as stack:
@@ -108,7 +111,8 @@ async def make_tree(timeouts: Timeouts | None = None, auth: Auth | None = None,
                 settings = ServerSettings(
                     role=node.role, name=node.name,  # type: ignore[arg-type]
                     parent=tree.servers[parent].url if tree and parent else None,
-                    media=LOOPBACK, timeouts=timeouts, auth=auth, limits=limits)
+                    media=LOOPBACK, timeouts=timeouts, auth=auth,
+                    **{"limits": limits, **(options or {})})
                 if tree is None:
                     root = running_server(settings)
                     tree = Tree(await root.__aenter__(), {}, session)

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -213,3 +215,59 @@ def test_a_wrong_topology_is_refused_with_where(tmp_path: Path, topology: dict, 
     done = subprocess.run([sys.executable, "-m", "relay", "stack", "--topology", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and error in done.stderr, done.stderr
+
+
+def test_stack_and_probe_call_local_work_with_auth_on():
+    env, marker = marked_env()
+    env["VPHONE_AUTH_SECRET"] = "cli-test-secret"
+    stack = subprocess.Popen([sys.executable, "-m", "relay", "stack", "--devices", "1",
+                              "--video", "packets"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=env)
+    try:
+        info = json.loads(stack.stdout.readline())  # the launcher itself asked with a token
+        lower_a = next(s["url"] for s in info["servers"] if s["name"] == "lower-a")
+        with urllib.request.urlopen(f"{lower_a}/healthz") as r:
+            assert r.status == 200  # open
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{lower_a}/v1/devices")
+        assert refused.value.code == 401
+    finally:
+        stop_clean(stack, marker)
+    done = subprocess.run(
+        [sys.executable, "-m", "probe", "call", "--local", "--hold", "0.5", "--json",
+         "--video", "packets"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[0])["ok"] is True
+    assert wait_gone(marker) == []
+
+
+def test_a_person_s_mistakes_get_one_line_saying_what_to_do():
+    env, marker = marked_env()
+    upper = subprocess.Popen([sys.executable, "-m", "relay", "upper", "--name", "up",
+                              "--port", "0"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = json.loads(upper.stdout.readline())["url"]
+        port = url.rsplit(":", 1)[1]
+        # the port is taken: one line, and what to do
+        taken = subprocess.run([sys.executable, "-m", "relay", "lower", "--name", "l",
+                                "--port", port, "--log-level", "error"],
+                               capture_output=True, text=True, env=env, timeout=30)
+        assert taken.returncode == 2
+        assert "address already in use" in taken.stderr and "--port 0" in taken.stderr
+        assert "Traceback" not in taken.stderr
+        # a device pointed at an upper server: says so, and gives up at --connect-timeout
+        device = subprocess.run([sys.executable, "-m", "endpoint", "--server", url,
+                                 "--connect-timeout", "2", "--log-level", "error"],
+                                capture_output=True, text=True, env=env, timeout=30)
+        assert device.returncode == 1
+        assert "is --server a lower server?" in device.stderr, device.stderr
+    finally:
+        upper.terminate()
+        upper.wait(timeout=10)
+    nobody = subprocess.run([sys.executable, "-m", "endpoint", "--server", url,
+                             "--connect-timeout", "1.5", "--log-level", "error"],
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert nobody.returncode == 1 and "is the server up?" in nobody.stderr, nobody.stderr
+    assert wait_gone(marker) == []
