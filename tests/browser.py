@@ -36,7 +36,7 @@ def chromium() -> str:
 
 def run(url: str, *args: str, timeout: float = 60) -> str:
     """Chromium on ``url`` with ``args`` (e.g. --dump-dom); its stdout."""
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         done = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", *args, url],
                               capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import subprocess
 import tempfile
 
@@ -25,11 +27,14 @@ BROWSER_DEVICE_FLAGS = ("--use-fake-device-for-media-stream", "--use-fake-ui-for
 
 @contextlib.asynccontextmanager
 async def chromium_on(url: str):
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes (renderer, GPU, crash handler) outlive the main one for a
+    # moment and write into the profile: they run in a session of their own, killed as a
+    # group, so the profile can be removed.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         process = await asyncio.create_subprocess_exec(
             browser.chromium(), *browser.FLAGS, *BROWSER_DEVICE_FLAGS,
             f"--user-data-dir={profile}", url,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             yield process
         finally:
@@ -40,6 +45,9 @@ async def chromium_on(url: str):
                 except TimeoutError:
                     process.kill()
                     await process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await asyncio.sleep(0.2)
 
 
 async def test_a_browser_device_calls_a_python_device_across_servers():
