@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from probe.bottleneck import describe as describe_hops
 from probe.calls import CallResult, run_call, summarize, wait_idle
 from probe.capacity import CapacitySettings, Step, search
 from probe.client import ProbeError, Server, discover, find_device, pick_pair
@@ -183,6 +184,9 @@ def describe(result: CallResult) -> str:
         lines.append(f"  {direction:<28} latency p50 {_ms(p50)} p95 {_ms(p95)}  "
                      f"{m['fps']:.1f} fps  {m['frames']} frames, {m['frames_lost']} lost, "
                      f"{m['gaps']} freezes  audio {m['audio_frames']} frames")
+    if result.links:
+        lines.append("  hops (video, both directions: server transit mean, link RTT/2 est.):")
+        lines += describe_hops(result.hops, result.links)
     return "\n".join(lines)
 
 

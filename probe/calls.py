@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from probe.bottleneck import bottleneck
 from probe.client import ProbeError, Server, ServerClient, find_device
 from probe.stats import Outcome, classify
 from relay.messages import DIRECTIONS, CallInfo
@@ -47,6 +48,13 @@ class CallResult:
     media_mode: str = "full"
     #: the servers the call crossed, from the caller's to the callee's
     path: list[str] = field(default_factory=list)
+    #: each server's own figures, in path order, and each link's (relay/hops.py)
+    hops: list[dict[str, Any]] = field(default_factory=list)
+    links: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bottleneck(self) -> dict[str, dict[str, Any] | None]:
+        return bottleneck(self.hops, self.links)
 
     @property
     def outcome(self) -> Outcome:
@@ -79,7 +87,15 @@ class CallResult:
                 "failure": outcome.failure, "failure_detail": outcome.detail,
                 "media_mode": self.media_mode,
                 "timeline": dict(sorted(self.timeline.items(), key=lambda kv: kv[1])),
-                "intervals": self.intervals, "media": self.media}
+                "intervals": self.intervals, "media": self.media, "hops": self.hops,
+                "links": self.links, "bottleneck": self.bottleneck}
+
+
+def _final(info: CallInfo) -> bool:
+    """Every server of the path sent its figures since the call ended."""
+    end = info.timeline.get("t_end")
+    return end is not None and len(info.hops) == len(info.path) and all(
+        hop.at >= end for hop in info.hops)
 
 
 def _carried_media(info: CallInfo) -> bool:
@@ -122,8 +138,14 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
         if info.state != "ended":
             info = await client.hangup(info.call)
         if media == "full":
-            await asyncio.sleep(0.2)  # the devices' last reports follow the hang-up
+            # the devices' last reports and every server's last hop figures follow the
+            # hang-up along the path
+            deadline = time.monotonic() + 1.0
+            await asyncio.sleep(0.2)
             info = await client.call(info.call)
+            while not _final(info) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                info = await client.call(info.call)
     except ProbeError as exc:
         result.reason = result.error = exc.code
         return result
@@ -133,6 +155,8 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
         "t_first_frame_callee", "t_first_frame_caller")
     result.active = all(e in info.timeline for e in up)
     result.media = {d: s.to_dict() for d, s in info.media.items()}
+    result.hops = [hop.to_dict() for hop in info.hops]
+    result.links = [link.to_dict() for link in info.links]
     result.reason = info.reason
     result.ok = result.outcome.ok
     return result

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from relay.messages import DIRECTIONS, TIMELINE_EVENTS, MediaStats
+from relay.messages import DIRECTIONS, TIMELINE_EVENTS, HopFigures, MediaStats
 from relay.reasons import Code
 
 
@@ -125,6 +125,8 @@ class Call:
     #: where this call's media is decoded and re-encoded ("SERVER:KIND:DIRECTION"); empty when
     #: every hop forwards
     transcoded: list[str] = field(default_factory=list)
+    #: each server's own figures of the call (relay/hops.py), by server
+    hops: dict[str, HopFigures] = field(default_factory=dict)
     #: the servers the call crosses, from the caller's to the callee's (whole once routed)
     path: list[str] = field(default_factory=list)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,9 +32,11 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
+from relay.hops import TRANSIT_EVERY, StreamMeter
 from relay.leg import KINDS
 from relay.logs import event
-from relay.rtc import DatagramTap, ReceiverTap, SenderTap
+from relay.messages import StreamHop
+from relay.rtc import DatagramTap, LossCounters, ReceiverTap, SenderTap
 
 _SEQ_TS = struct.Struct("!HI")  #: sequence number and timestamp, from byte 2 of an RTP header
 
@@ -193,6 +196,36 @@ class ForwardingStats:
     retransmissions: int = 0  #: packets asked for again by downstream NACKs
 
 
+class _Counted:
+    """The loss-repair counters of one forwarder's tap: each count goes to the forwarder's
+    meter and to the server's totals."""
+
+    def __init__(self, meter: StreamMeter, totals: ForwardingStats) -> None:
+        self._meter, self._totals = meter, totals
+
+    @property
+    def nacks_sent(self) -> int:
+        return self._totals.nacks_sent
+
+    @nacks_sent.setter
+    def nacks_sent(self, value: int) -> None:
+        self._meter.nacks_out += value - self._totals.nacks_sent
+        self._totals.nacks_sent = value
+
+    @property
+    def retransmissions(self) -> int:
+        return self._totals.retransmissions
+
+    @retransmissions.setter
+    def retransmissions(self, value: int) -> None:
+        self._meter.nacks_in += value - self._totals.retransmissions
+        self._totals.retransmissions = value
+
+
+def counted(meter: StreamMeter, totals: ForwardingStats) -> LossCounters:
+    return _Counted(meter, totals)
+
+
 class SwitchableTrack(MediaStreamTrack):
     """The track a relay's sender holds. While forwarding, nothing: packets are injected past it.
     For the transcoding fallback a decoded source is attached, and the sender encodes that."""
@@ -249,6 +282,9 @@ class Forwarder:
         self.datagrams: DatagramTap | None = None
         self._fast_ssrc: int | None = None
         self._clock_rate = 90000
+        #: this hop's figures of the stream (relay/hops.py)
+        self.meter = StreamMeter()
+        self._arrivals = 0
 
     # The source leg's receiver calls this for every packet.
     async def on_packet(self, packet: RtpPacket, codec: RTCRtpCodecParameters) -> None:
@@ -261,6 +297,8 @@ class Forwarder:
             return
         sink = self.sink
         assert sink is not None and self._map is not None
+        if self.source is not None and not self.source.repair:  # originals only
+            self.meter.arrived(len(packet.payload) + 12, time.monotonic())
         if packet.ssrc != self._ssrc:
             self._ssrc = packet.ssrc
             self._waiting = self.kind == "video"
@@ -279,6 +317,9 @@ class Forwarder:
         except ConnectionError:
             size = None
         self._sent(size, fast=False)
+        arrived_ms = self.source.arrival_ms if self.source is not None else 0
+        if size is not None and arrived_ms:  # the slow path knows when aiortc read it
+            self.meter.transit.record(max(0.0, time.time() * 1000 - arrived_ms))
 
     def _start_at(self, seq: int, ts: int, payload: bytes) -> bool:
         """While waiting for a keyframe: start the stream here if this packet begins one,
@@ -323,12 +364,20 @@ class Forwarder:
             return
         seq, ts = _SEQ_TS.unpack_from(view, 2)
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
+        meter = self.meter
+        meter.arrived(length, time.monotonic())
         if self._waiting and not self._start_at(seq, ts, payload_of(bytes(view[:length]))):
             return
         mapped = seq_map.map(seq, ts)
         if mapped is None:
             return
-        self._sent(sink.send_rewritten(view, length, self._payload_type, *mapped), fast=True)
+        size = sink.send_rewritten(view, length, self._payload_type, *mapped)
+        self._sent(size, fast=True)
+        self._arrivals += 1
+        if size is not None and not self._arrivals % TRANSIT_EVERY and self.datagrams:
+            stamp = self.datagrams.kernel_arrival()
+            if stamp:  # kernel arrival -> now, on this host's clock
+                meter.transit.record(max(0.0, (time.time() - stamp) * 1000))
 
     def _decide(self, codec: RTCRtpCodecParameters) -> bool:
         """Pick forwarding or transcoding once both legs have negotiated; False until then."""
@@ -358,11 +407,21 @@ class Forwarder:
             self._on_transcode(self)
         return False
 
+    def figures(self) -> StreamHop:
+        """This hop's figures of the stream so far."""
+        lost = repaired = 0
+        jitter_ms = None
+        if self.source is not None and self._ssrc is not None:
+            lost, repaired, jitter = self.source.loss(self._ssrc)
+            jitter_ms = jitter * 1000 / self._clock_rate if jitter is not None else None
+        return self.meter.figures(lost, repaired, jitter_ms)
+
     # The sink leg's sender calls this for each PLI/FIR from downstream.
     def on_keyframe_request(self) -> bool:
         if self.mode == "transcode":
             return False  # the encoder answers it
         self.stats.keyframe_requests_down += 1
+        self.meter.keyframes_in += 1
         self._want_keyframe()
         return True
 
@@ -383,6 +442,7 @@ class Forwarder:
     def _send_keyframe_request(self) -> None:
         assert self.source is not None and self._ssrc is not None
         self.stats.keyframe_requests_up += 1
+        self.meter.keyframes_out += 1
         task = asyncio.ensure_future(self.source.request_keyframe(self._ssrc))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -425,12 +485,22 @@ class Bridge:
         datagrams = DatagramTap(next(iter(transceivers.values())))  # one bundled transport
         for kind, transceiver in transceivers.items():
             source = self.forwarders[kind, incoming]
-            source.source = ReceiverTap(transceiver, source.on_packet, self.stats)
+            source.source = ReceiverTap(transceiver, source.on_packet,
+                                        counted(source.meter, self.stats))
             source.datagrams = datagrams
             sink = self.forwarders[kind, outgoing]
-            sink.sink = SenderTap(transceiver, sink.on_keyframe_request, self.stats)
+            sink.sink = SenderTap(transceiver, sink.on_keyframe_request,
+                                  counted(sink.meter, self.stats))
             sink.sink_track = SwitchableTrack(kind)
             transceiver.sender.replaceTrack(sink.sink_track)
+
+    def figures(self) -> dict[str, dict[str, StreamHop]]:
+        """This hop's figures of the call, by direction and kind (streams that carried any)."""
+        out: dict[str, dict[str, StreamHop]] = {}
+        for (kind, direction), forwarder in self.forwarders.items():
+            if forwarder.meter.packets:
+                out.setdefault(direction, {})[kind] = forwarder.figures()
+        return out
 
     @property
     def transcoding(self) -> list[str]:

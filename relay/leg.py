@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 
 from relay.logs import event
+from relay.messages import LegHop, Role
 from relay.rtc import (
     MediaSettings,
     new_peer_connection,
@@ -23,6 +25,7 @@ from relay.rtc import (
 log = logging.getLogger("relay.leg")
 
 KINDS = ("audio", "video")
+VIDEO_CLOCK = 90000  #: RTP clock rate of every video codec
 
 
 class Leg:
@@ -38,6 +41,10 @@ class Leg:
         self._closing: asyncio.Task[None] | None = None
         self._on_ready = on_ready
         self._on_failed = on_failed
+        self.made_at = time.monotonic()
+        self.ice_ms: float | None = None  #: made -> ICE connected
+        self.dtls_ms: float | None = None  #: made -> DTLS done
+        self.transceivers: dict[str, RTCRtpTransceiver] = {}
 
     @property
     def pc(self) -> RTCPeerConnection:
@@ -46,6 +53,7 @@ class Leg:
         if self._pc is None:
             self._pc = new_peer_connection(self.media)
             self._pc.on("connectionstatechange", self._state)
+            self._pc.on("iceconnectionstatechange", self._ice_state)
         return self._pc
 
     @property
@@ -61,6 +69,7 @@ class Leg:
         transceivers = {kind: self.pc.addTransceiver(kind, direction="sendrecv")
                         for kind in KINDS}
         prefer_video_codec(transceivers["video"], video_codec)
+        self.transceivers = transceivers
         self._on_ready(transceivers)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -74,6 +83,7 @@ class Leg:
             transceivers[transceiver.kind] = transceiver
         if set(transceivers) != set(KINDS):
             raise ValueError(f"offer must carry audio and video, not {sorted(transceivers)}")
+        self.transceivers = transceivers
         self._on_ready(transceivers)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
@@ -82,11 +92,34 @@ class Leg:
     async def accept_answer(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
 
+    async def _ice_state(self) -> None:
+        if self.pc.iceConnectionState == "completed" and self.ice_ms is None:
+            self.ice_ms = round((time.monotonic() - self.made_at) * 1000, 3)
+
     async def _state(self) -> None:
         state = self.pc.connectionState
+        if state == "connected" and self.dtls_ms is None:
+            self.dtls_ms = round((time.monotonic() - self.made_at) * 1000, 3)
         event(log, "leg.state", call=self.call, leg=self.name, state=state)
         if state == "failed" and not self.closed:
             self._on_failed(self)
+
+    def figures(self, toward: Role, peer: str) -> LegHop:
+        """The leg's round trip (RTCP, of its video sender), its setup, and what the far end
+        reported receiving of its video."""
+        rtt_ms = far_lost = far_jitter_ms = None
+        video = self.transceivers.get("video")
+        if video is not None:
+            sender = video.sender
+            rtt = getattr(sender, "_RTCRtpSender__rtt", None)
+            rtt_ms = round(max(0.0, rtt) * 1000, 3) if rtt is not None else None
+            stats = getattr(sender, "_RTCRtpSender__stats", {})
+            for stat in list(stats.values()):
+                if getattr(stat, "type", None) == "remote-inbound-rtp":
+                    far_lost = max(0, stat.packetsLost)
+                    far_jitter_ms = round(stat.jitter * 1000 / VIDEO_CLOCK, 3)
+        return LegHop(toward=toward, peer=peer[:200], rtt_ms=rtt_ms, ice_ms=self.ice_ms,
+                      dtls_ms=self.dtls_ms, far_lost=far_lost, far_jitter_ms=far_jitter_ms)
 
     async def close(self) -> None:
         """Close once, to the end, even if the caller is cancelled while waiting."""

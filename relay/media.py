@@ -11,7 +11,9 @@ through :class:`MediaEvents`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +24,7 @@ from relay.effects import Link, Negotiate, PortPlan, StartMedia
 from relay.forward import Bridge, Forwarder, ForwardingStats
 from relay.leg import Leg
 from relay.logs import event
-from relay.messages import Answer, Error, Message, Offer
+from relay.messages import Answer, Error, HopFigures, Message, Offer, Role
 from relay.reasons import Code
 from relay.rtc import MediaSettings
 
@@ -35,6 +37,7 @@ class MediaEvents(Protocol):
     def media_up(self, call: str) -> None: ...
     def media_failed(self, call: str, code: Code) -> None: ...
     def transcoded(self, call: str, where: str) -> None: ...
+    def hop_figures(self, call: str, figures: HopFigures) -> None: ...
 
 
 @dataclass
@@ -45,6 +48,12 @@ class CallMedia:
     bridge: Bridge
     legs: dict[Link, Leg]
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: each leg's side of the call (the leg toward the caller, the one toward the callee)
+    toward: dict[Link, Role] = field(default_factory=dict)
+
+
+#: seconds between a call's hop figures while it is up (and once more when it ends)
+HOP_REPORT_S = 1.0
 
 
 class MediaPlane:
@@ -59,6 +68,7 @@ class MediaPlane:
         self._relay = MediaRelay()  # decodes, for the transcoding fallback only
         self.calls: dict[str, CallMedia] = {}
         self._closing: set[asyncio.Task[Any]] = set()
+        self._reporter: asyncio.Task[None] | None = None
 
     def legs(self) -> list[Leg]:
         return [leg for media in self.calls.values() for leg in media.legs.values()]
@@ -70,13 +80,17 @@ class MediaPlane:
         bridge = Bridge(call, self.stats, self._relay, transcode_all=self.transcode_all,
                         on_media_up=on_media_up,
                         on_transcode=lambda f: self._transcoded(call, f))
-        media = CallMedia(call, bridge, {})
+        media = CallMedia(call, bridge, {}, toward={effect.up.link: "caller",
+                                                    effect.down.link: "callee"})
         for plan, upstream in ((effect.up, True), (effect.down, False)):
             media.legs[plan.link] = Leg(
                 call, str(plan.link), self.settings,
                 on_ready=lambda transceivers, up=upstream: bridge.leg_ready(transceivers, up),
                 on_failed=lambda leg: self._events.media_failed(call, Code.MEDIA_FAILED))
         self.calls[call] = media
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.get_running_loop().create_task(self._report(),
+                                                                    name="hop-figures")
         for plan in (effect.up, effect.down):
             if plan.offer:
                 self._spawn(media, self._offer(media, plan), f"{call}-offer-{plan.link}")
@@ -113,10 +127,26 @@ class MediaPlane:
     def _transcoded(self, call: str, forwarder: Forwarder) -> None:
         self._events.transcoded(call, f"{self.server}:{forwarder.kind}:{forwarder.direction}")
 
+    def figures(self, media: CallMedia) -> HopFigures:
+        """This server's own part of the call (relay/hops.py)."""
+        return HopFigures(
+            server=self.server, at=time.time(), streams=media.bridge.figures(),  # type: ignore[arg-type]
+            legs=[leg.figures(media.toward[link], str(link))
+                  for link, leg in media.legs.items()])
+
+    async def _report(self) -> None:
+        """Every call's hop figures, every HOP_REPORT_S, to the core (which passes them on)."""
+        while self.calls:
+            await asyncio.sleep(HOP_REPORT_S)
+            for call, media in list(self.calls.items()):
+                self._events.hop_figures(call, self.figures(media))
+
     def stop(self, call: str) -> None:
-        """Close a call's legs, once; its tasks are cancelled first."""
+        """Close a call's legs, once; its tasks are cancelled first. The call's last hop
+        figures go to the core first."""
         media = self.calls.pop(call, None)
         if media is not None:
+            self._events.hop_figures(call, self.figures(media))
             task = asyncio.get_running_loop().create_task(self._close(media),
                                                           name=f"{call}-close")
             self._closing.add(task)
@@ -135,6 +165,10 @@ class MediaPlane:
     async def close(self) -> None:
         for call in list(self.calls):
             self.stop(call)
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 

@@ -280,6 +280,78 @@ class Message(Body, frozen=True, tag_field="type"):
     TYPE: ClassVar[str] = ""
 
 
+# Per-hop figures (relay/hops.py measures them; docs/probe.md says what is measured where).
+
+Ms = Annotated[float, msgspec.Meta(ge=0, lt=1e9)]
+MediaKind = Literal["audio", "video"]
+
+
+class StreamHop(Body, frozen=True):
+    """One kind of media in one direction at one server: what arrived from the previous hop,
+    and how long the server held it (on the server's own clock)."""
+
+    packets: Count = 0  #: RTP packets that arrived (originals, not retransmissions)
+    bytes: Count = 0
+    bitrate_kbps: Ms = 0.0  #: over the time packets arrived
+    lost: Count = 0  #: sequence gaps before repair (expected - arrived)
+    repaired: Count = 0  #: retransmissions (RTX) that arrived
+    jitter_ms: Ms | None = None  #: RFC 3550 interarrival jitter
+    #: kernel arrival -> departure on the other leg, sampled packets; None on no sample
+    transit_ms_mean: Ms | None = None
+    transit_ms_p50: Ms | None = None
+    transit_ms_p95: Ms | None = None
+    transit_ms_max: Ms | None = None
+    transit_samples: Count = 0
+    keyframes_in: Count = 0  #: PLI/FIR from downstream
+    keyframes_out: Count = 0  #: PLI sent upstream
+    nacks_in: Count = 0  #: packets downstream asked for again
+    nacks_out: Count = 0  #: NACKs sent upstream for missing packets
+
+
+class LegHop(Body, frozen=True):
+    """One of a server's two legs of a call: its round trip and its setup."""
+
+    toward: Role  #: the side of the call the leg faces
+    peer: Annotated[str, msgspec.Meta(max_length=200)]  #: a server name or a device address
+    rtt_ms: Ms | None = None  #: from RTCP sender/receiver reports
+    ice_ms: Ms | None = None  #: leg made -> ICE connected
+    dtls_ms: Ms | None = None  #: leg made -> DTLS done (the leg can carry media)
+    #: what the far end reported receiving of this leg's video (RTCP receiver reports)
+    far_lost: Count | None = None
+    far_jitter_ms: Ms | None = None
+
+
+class HopFigures(Body, frozen=True):
+    """A server's own part of one call, as it measured it."""
+
+    server: Name
+    at: Time  #: when measured, on the server's clock
+    streams: Annotated[dict[Direction, dict[MediaKind, StreamHop]], msgspec.Meta(
+        max_length=2)] = {}
+    legs: Annotated[list[LegHop], msgspec.Meta(max_length=2)] = []
+
+
+class LinkDirection(Body, frozen=True):
+    """What crossed one link in one direction (video), as its receiving end saw it."""
+
+    packets: Count = 0
+    lost: Count = 0
+    jitter_ms: Ms | None = None
+
+
+class LinkFigures(Body, frozen=True, rename={"from_": "from"}):
+    """One link between two neighbours of a call's path (a device and its server, or two
+    servers): round trip, setup, and per direction what arrived. ``one_way_ms`` is an
+    estimate: half the round trip."""
+
+    from_: Annotated[str, msgspec.Meta(max_length=200)]
+    to: Annotated[str, msgspec.Meta(max_length=200)]
+    rtt_ms: Ms | None = None
+    one_way_ms: Ms | None = None
+    setup_ms: Ms | None = None
+    directions: dict[Direction, LinkDirection] = {}
+
+
 class Error(Message, frozen=True, tag="error"):
     """Answer to a message that was refused; ``field`` names the part that was wrong."""
 
@@ -478,6 +550,8 @@ class CallUpdate(Message, frozen=True, tag="call_update"):
     #: "SERVER:KIND:DIRECTION"
     transcoded: Annotated[list[Annotated[str, msgspec.Meta(max_length=200)]],
                           msgspec.Meta(max_length=8)] = []
+    #: servers' own figures of the call, by server (each server sends only its own)
+    hops: Annotated[dict[Name, HopFigures], msgspec.Meta(max_length=MAX_PATH)] = {}
 
 
 def _registry(*classes: type[Message]) -> dict[str, type[Message]]:
@@ -578,6 +652,10 @@ class CallInfo(Body, frozen=True):
     #: where media is decoded and re-encoded on its way ("SERVER:KIND:DIRECTION"), if anywhere
     transcoded: list[str] = []
     server_time_ms: float | None = None  #: time the server spent on this request
+    #: each server's own figures, in path order (those heard of so far)
+    hops: list[HopFigures] = []
+    #: each link of the path, device to device, from the hops' figures
+    links: list[LinkFigures] = []
 
 
 class CallList(Body, frozen=True):

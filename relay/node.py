@@ -42,7 +42,7 @@ from relay.effects import (
 from relay.forward import ForwardingStats
 from relay.links import WebSocketChannel, first_message, refuse_link, serve_messages
 from relay.media import MediaPlane
-from relay.messages import CallInfo, Message, ServerEntry
+from relay.messages import CallInfo, HopFigures, Message, ServerEntry
 from relay.reasons import Code
 from relay.settings import ServerSettings
 from relay.switch import Switch
@@ -261,6 +261,9 @@ class _MediaEvents:
     def transcoded(self, call: str, where: str) -> None:
         self.node.core.transcoded(call, where)
         self.node.execute()
+
+    def hop_figures(self, call: str, figures: HopFigures) -> None:
+        self.node.feed(self.node.core.hop_figures, call, figures)
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -19,6 +19,7 @@ Why internals at all:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import struct
 import time
 import types
@@ -175,6 +176,10 @@ class ReceiverTap:
         self._nack = receiver._RTCRtpReceiver__nack_generator
         self._seen = _Seen()
         self._nacks: set[asyncio.Task[None]] = set()
+        #: when aiortc read the packet being handled (ms, wall clock; the slow path only), and
+        #: whether it came as a retransmission
+        self.arrival_ms = 0
+        self.repair = False
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
 
     @property
@@ -199,6 +204,16 @@ class ReceiverTap:
             self._nacks.add(task)
             task.add_done_callback(self._nacks.discard)
 
+    def loss(self, ssrc: int) -> tuple[int, int, int | None]:
+        """What arrived of ``ssrc`` so far, from the receiver statistics kept for RTCP:
+        (lost before repair, retransmissions that arrived, jitter in RTP units)."""
+        stats = self._streams.get(ssrc)
+        repaired = sum(self._streams[rtx].packets_received for rtx, original in
+                       self._rtx_ssrc.items() if original == ssrc and rtx in self._streams)
+        if stats is None:
+            return 0, repaired, None
+        return stats.packets_lost, repaired, stats.jitter
+
     def _statistics(self, ssrc: int, clock_rate: int) -> StreamStatistics:
         stats = self._streams.get(ssrc)
         if stats is None:
@@ -212,11 +227,13 @@ class ReceiverTap:
         return None
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        self.arrival_ms = arrival_time_ms
         codec = self._codecs.get(packet.payload_type)
         if codec is None:
             return
         self._statistics(packet.ssrc, codec.clockRate).add(packet)
-        if is_rtx(codec):
+        self.repair = is_rtx(codec)
+        if self.repair:
             original = self._rtx_ssrc.get(packet.ssrc)
             apt = codec.parameters.get("apt")
             if original is None or len(packet.payload) < 2 or apt not in self._codecs:
@@ -449,6 +466,8 @@ class DatagramTap:
         self._routes: dict[int, Callable[[memoryview, int], None]] = {}
         self._srtp: InPlaceSrtp | None = None
         self._hooked: set[int] = set()
+        self._fd = -1  #: the socket of the datagram being handled
+        self._stamp = bytearray(16)
 
     def extension_ids(self) -> object:
         """The header extension ids of the leg's transport (compared with a sink's)."""
@@ -463,14 +482,25 @@ class DatagramTap:
     def unroute(self, ssrc: int) -> None:
         self._routes.pop(ssrc, None)
 
+    def kernel_arrival(self) -> float:
+        """When the kernel took in the datagram being handled (seconds, wall clock), from
+        ``SIOCGSTAMP`` on its socket; 0.0 if it cannot say. One system call: sample it."""
+        try:
+            fcntl.ioctl(self._fd, _SIOCGSTAMP, self._stamp)
+        except OSError:
+            return 0.0
+        seconds, micros = _TIMEVAL.unpack(self._stamp)
+        return seconds + micros / 1e6
+
     def _hook(self) -> None:
         for protocol in self._dtls.transport._connection._protocols:
             if id(protocol) not in self._hooked:
                 self._hooked.add(id(protocol))
-                protocol.datagram_received = self._receiver(protocol.datagram_received)
+                protocol.datagram_received = self._receiver(protocol.datagram_received,
+                                                            _fileno(protocol))
 
-    def _receiver(self, original: Callable[[bytes, tuple], None]) -> Callable[[bytes, tuple],
-                                                                                None]:
+    def _receiver(self, original: Callable[[bytes, tuple], None], fd: int
+                  ) -> Callable[[bytes, tuple], None]:
         routes = self._routes
         dtls = self._dtls
 
@@ -485,11 +515,25 @@ class DatagramTap:
                         srtp = self._srtp = InPlaceSrtp(session)
                     length = srtp.unprotect(data)
                     if length is not None:
+                        self._fd = fd
                         handler(srtp.view, length)
                     return
             original(data, addr)
 
         return datagram_received
+
+
+_SIOCGSTAMP = 0x8906  #: Linux: the kernel receive time of a socket's last datagram
+_TIMEVAL = struct.Struct("@qq")
+
+
+def _fileno(protocol: object) -> int:
+    transport = getattr(protocol, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    try:
+        return sock.fileno() if sock is not None else -1
+    except OSError:
+        return -1
 
 
 def check_internals() -> list[str]:

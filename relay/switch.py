@@ -44,6 +44,7 @@ from relay.effects import (
     StopMedia,
 )
 from relay.ended import Ended, EndedCalls
+from relay.hops import links_of
 from relay.logs import event
 from relay.membership import Counters, Membership
 from relay.messages import (
@@ -61,6 +62,7 @@ from relay.messages import (
     FirstFrame,
     Hangup,
     Heartbeat,
+    HopFigures,
     Message,
     Offer,
     Register,
@@ -215,7 +217,10 @@ class Switch:
                         callee=call.callee or call.caller, server=self.name,
                         path=list(call.path), timeline=dict(call.timeline),
                         media=dict(call.media), reason=call.reason, codec=call.codec,
-                        transcoded=list(call.transcoded))
+                        transcoded=list(call.transcoded),
+                        hops=[call.hops[name] for name in call.path if name in call.hops],
+                        links=links_of(call.path, call.caller, call.callee or call.caller,
+                                       call.hops))
 
     # ------------------------------------------------------------------ messages
 
@@ -418,7 +423,7 @@ class Switch:
                 call.path = list(message.path)  # how far it got, and who turned it away
             self._end(session, message.reason, now, source=link)
         elif isinstance(message, CallUpdate) and link.is_trunk:
-            self.timeline.update(session, link, message)
+            self.timeline.update(session, link, message, self._beyond(session.call, link))
         elif isinstance(message, CallAccept):
             self._accept(session, link, message, now)
         elif isinstance(message, Offer | Answer):
@@ -445,7 +450,8 @@ class Switch:
         keeps of an ended call, or else an unknown call."""
         call_id: str = message.call  # type: ignore[attr-defined]
         ended = self.ended.get(call_id)
-        if ended is None or not self.timeline.late(ended, link, message):
+        if ended is None or not self.timeline.late(ended, link, message,
+                                                   self._beyond(ended.call, link)):
             self._refuse(link, message, Code.UNKNOWN_CALL, f"no call {call_id!r} on this link",
                          "call")
 
@@ -461,6 +467,26 @@ class Switch:
         session = self.sessions.get(call_id)
         if session is not None:
             self._end(session, code, now)
+
+    def _beyond(self, call: Call, link: Link) -> set[str]:
+        """The servers of the call's path on the far side of trunk ``link`` from here."""
+        path = call.path
+        neighbour = link.name if link.kind == "child" else self.directory.parent
+        if not link.is_trunk or self.name not in path or neighbour not in path:
+            return set()
+        here, there = path.index(self.name), path.index(neighbour)
+        return set(path[there:]) if there > here else set(path[:there + 1])
+
+    def hop_figures(self, call_id: str, figures: HopFigures, now: float) -> None:
+        """This server's own figures of a call (the media layer's, relay/hops.py): kept in
+        the call's record and passed along its path, while it is up and once it ended."""
+        session = self.sessions.get(call_id)
+        if session is not None:
+            self.timeline.hops(session.call, figures, session.links)
+            return
+        ended = self.ended.get(call_id)
+        if ended is not None:
+            self.timeline.hops(ended.call, figures, list(ended.trunks))
 
     def transcoded(self, call_id: str, where: str) -> None:
         """A direction of this call fell back to transcoding here: the call's record says

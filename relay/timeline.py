@@ -6,12 +6,15 @@ device and passed on too. Pure: the outbox is the only way out."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
+
+from msgspec.structs import replace
 
 from relay.call import Call, CallStateError, MediaReport, Milestone
 from relay.effects import CallChanged, Link, Outbox
 from relay.ended import Ended
 from relay.logs import event
-from relay.messages import CallUpdate, Message, Role, Stats
+from relay.messages import CallUpdate, HopFigures, Message, Role, Stats
 from relay.session import Session
 
 log = logging.getLogger("relay.timeline")
@@ -36,8 +39,11 @@ class Timeline:
             event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
         self.outbox.add(CallChanged(call.id))
 
-    def update(self, session: Session, link: Link, update: CallUpdate) -> None:
-        """What another server of the path learned: keep it, pass it on."""
+    def update(self, session: Session, link: Link, update: CallUpdate,
+               beyond: Collection[str] = ()) -> None:
+        """What another server of the path learned: keep it, pass it on. Hop figures are
+        taken only of the servers ``beyond`` the link it came over (each server speaks for its
+        own part)."""
         call = session.call
         before = call.state
         for name, at in update.events.items():
@@ -52,6 +58,7 @@ class Timeline:
         for direction, stats in update.media.items():
             call.handle(MediaReport(direction, stats))
         call.transcoded.extend(w for w in update.transcoded if w not in call.transcoded)
+        update = self._own_hops(call, update, link, beyond)
         self.relay(session.links, update, link)
         if before is not call.state:
             self.outbox.add(CallChanged(call.id))
@@ -66,20 +73,45 @@ class Timeline:
             return
         self.relay(links, CallUpdate(call=call.id, media={direction: stats.media}), None)
 
-    def late(self, ended: Ended, link: Link, message: Message) -> bool:
-        """A message over ``link`` for a call that ended here. A device's last figures are kept
-        and passed on; what crossed with the end is dropped. False: the call never crossed
-        ``link`` here (an unknown call on it)."""
+    def late(self, ended: Ended, link: Link, message: Message,
+             beyond: Collection[str] = ()) -> bool:
+        """A message over ``link`` for a call that ended here. A device's last figures and the
+        servers' last hop figures are kept and passed on; what crossed with the end is
+        dropped. False: the call never crossed ``link`` here (an unknown call on it)."""
         if not (link in ended.trunks if link.is_trunk else link.name in ended.devices):
             return False
         if isinstance(message, Stats) and link.kind == "device":
             self.report(ended.call, ended.devices[link.name], message, list(ended.trunks))
-        elif isinstance(message, CallUpdate) and message.media:
+        elif isinstance(message, CallUpdate) and (message.media or message.hops):
             for direction, stats in message.media.items():
                 ended.call.handle(MediaReport(direction, stats))
-            self.relay(list(ended.trunks), CallUpdate(call=ended.call.id, media=message.media),
-                       link)
+            update = self._own_hops(ended.call, CallUpdate(
+                call=ended.call.id, media=message.media, hops=message.hops), link, beyond)
+            if update.media or update.hops:
+                self.relay(list(ended.trunks), update, link)
         return True
+
+    def hops(self, call: Call, figures: HopFigures, links: list[Link]) -> None:
+        """This server's own figures of a call: keep them, pass them to the path."""
+        call.hops[figures.server] = figures
+        self.relay(links, CallUpdate(call=call.id, hops={figures.server: figures}), None)
+        self.outbox.add(CallChanged(call.id))
+
+    def _own_hops(self, call: Call, update: CallUpdate, link: Link,
+                  beyond: Collection[str]) -> CallUpdate:
+        """``update`` with only the hop figures its sender may give (those of servers beyond
+        ``link``), which are kept; one for another server is dropped, and said so."""
+        if not update.hops:
+            return update
+        taken = {name: hop for name, hop in update.hops.items()
+                 if name in beyond and hop.server == name}
+        if len(taken) != len(update.hops):
+            event(log, "call.hops_refused", logging.WARNING, call=call.id, peer=str(link),
+                  servers=",".join(sorted(set(update.hops) - set(taken))))
+        call.hops.update(taken)
+        if taken:
+            self.outbox.add(CallChanged(call.id))
+        return replace(update, hops=taken)
 
     def transcoded(self, session: Session, where: str) -> None:
         """A direction of this call fell back to transcoding here: every server hears where."""

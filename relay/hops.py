@@ -1,0 +1,158 @@
+"""Per-hop figures: what a server measures of each call it carries, from packets it already
+handles, and how the figures of the hops of one call make its links.
+
+Per direction and kind (relay/forward.py's Forwarder owns one :class:`StreamMeter`): packets
+and bytes that arrived from the previous hop; loss before repair and jitter (RFC 3550, from the
+receiver statistics aiortc keeps for RTCP reports anyway); retransmissions that arrived; keyframe
+requests and NACKs each way; and the transit through this server, from the packet's arrival in
+the kernel (``SIOCGSTAMP`` on the leg's socket, read for one packet in TRANSIT_EVERY) to its
+departure on the other leg. The kernel stamp matters: a server that is slow (stopped, starved of
+CPU) holds packets in its socket buffer, and that wait is the server's, not the link's.
+
+Per leg (relay/leg.py): the round trip from RTCP reports, and the setup split into ICE connected
+and DTLS done. Pure: times are passed in.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+from relay.messages import (
+    DIRECTIONS,
+    HopFigures,
+    LegHop,
+    LinkDirection,
+    LinkFigures,
+    StreamHop,
+)
+
+#: one packet in this many has its transit measured (a power of two)
+TRANSIT_EVERY = 4
+#: transit histogram bounds, ms: 50 µs to ~33 s in steps of 12 %
+_BOUNDS: tuple[float, ...] = tuple(0.05 * 1.12 ** i for i in range(118))
+
+
+class Buckets:
+    """A small log-bucketed histogram (12 % wide buckets), mergeable by adding counts."""
+
+    __slots__ = ("counts", "max", "sum", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BOUNDS) + 1)
+        self.total = 0
+        self.sum = 0.0
+        self.max = 0.0
+
+    def record(self, ms: float) -> None:
+        self.counts[bisect.bisect_left(_BOUNDS, ms)] += 1
+        self.total += 1
+        self.sum += ms
+        if ms > self.max:
+            self.max = ms
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.total if self.total else None
+
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding quantile ``q`` (at most the largest value)."""
+        if not self.total:
+            return None
+        rank = max(1, math.ceil(q * self.total))
+        seen = 0
+        for i, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return min(_BOUNDS[i] if i < len(_BOUNDS) else self.max, self.max)
+        return self.max
+
+
+class StreamMeter:
+    """One kind of media in one direction at one server (see the module's docstring)."""
+
+    __slots__ = ("bytes", "first_at", "keyframes_in", "keyframes_out", "last_at", "nacks_in",
+                 "nacks_out", "packets", "transit")
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.bytes = 0
+        self.first_at: float | None = None
+        self.last_at = 0.0
+        self.transit = Buckets()
+        self.keyframes_in = self.keyframes_out = self.nacks_in = self.nacks_out = 0
+
+    def arrived(self, size: int, now: float) -> None:
+        self.packets += 1
+        self.bytes += size
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
+
+    def figures(self, lost: int = 0, repaired: int = 0,
+                jitter_ms: float | None = None) -> StreamHop:
+        span = self.last_at - (self.first_at or self.last_at)
+        return StreamHop(
+            packets=self.packets, bytes=self.bytes,
+            bitrate_kbps=round(self.bytes * 8 / span / 1000, 1) if span > 0 else 0.0,
+            lost=max(0, lost), repaired=repaired,
+            jitter_ms=round(jitter_ms, 3) if jitter_ms is not None else None,
+            transit_ms_mean=_round(self.transit.mean),
+            transit_ms_p50=_round(self.transit.quantile(0.5)),
+            transit_ms_p95=_round(self.transit.quantile(0.95)),
+            transit_ms_max=_round(self.transit.max if self.transit.total else None),
+            transit_samples=self.transit.total, keyframes_in=self.keyframes_in,
+            keyframes_out=self.keyframes_out, nacks_in=self.nacks_in, nacks_out=self.nacks_out)
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
+
+
+def links_of(path: Sequence[str], caller: str, callee: str,
+             hops: dict[str, HopFigures]) -> list[LinkFigures]:
+    """The links of a call, device to device: caller - its server - ... - callee's server -
+    callee, each with what the hops at its two ends measured. A link's round trip is its two
+    ends' mean; the figures of a direction are the receiving end's (a server's arrivals, or
+    for the last link to a device, what the device reported in RTCP)."""
+    if not path:
+        return []
+    nodes = [caller, *path, callee]
+    links: list[LinkFigures] = []
+    for i in range(len(nodes) - 1):
+        a, b = nodes[i], nodes[i + 1]
+        near = _leg(hops.get(a), "callee")  # a's leg toward b
+        far = _leg(hops.get(b), "caller")  # b's leg toward a
+        rtts = [leg.rtt_ms for leg in (near, far) if leg is not None and leg.rtt_ms is not None]
+        setups = [leg.dtls_ms for leg in (near, far) if leg is not None and leg.dtls_ms
+                  is not None]
+        rtt = round(sum(rtts) / len(rtts), 3) if rtts else None
+        directions: dict[str, LinkDirection] = {}
+        for direction in DIRECTIONS:
+            forward = direction == "caller_to_callee"
+            receiver, sender_leg = (b, near) if forward else (a, far)
+            seen = _arrivals(hops.get(receiver), direction)
+            if seen is not None:
+                directions[direction] = seen
+            elif sender_leg is not None and sender_leg.far_lost is not None:
+                directions[direction] = LinkDirection(lost=sender_leg.far_lost,
+                                                      jitter_ms=sender_leg.far_jitter_ms)
+        links.append(LinkFigures(
+            from_=a, to=b, rtt_ms=rtt, one_way_ms=round(rtt / 2, 3) if rtt is not None else None,
+            setup_ms=max(setups) if setups else None,
+            directions=directions))  # type: ignore[arg-type]
+    return links
+
+
+def _leg(hop: HopFigures | None, toward: str) -> LegHop | None:
+    if hop is None:
+        return None
+    return next((leg for leg in hop.legs if leg.toward == toward), None)
+
+
+def _arrivals(hop: HopFigures | None, direction: str) -> LinkDirection | None:
+    stream = hop.streams.get(direction, {}).get("video") if hop is not None else None  # type: ignore[call-overload]
+    if stream is None:
+        return None
+    return LinkDirection(packets=stream.packets, lost=stream.lost, jitter_ms=stream.jitter_ms)

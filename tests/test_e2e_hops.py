@@ -1,0 +1,96 @@
+"""Every hop measured, on real calls: each server's own part of the call (relay/hops.py)
+travels the path to the caller's server and the probe, and the probe names the hop that holds
+the call back, against a real fault made and removed by the test: one server's process stopped
+and continued on a duty cycle (SIGSTOP/SIGCONT), the others untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+import aiohttp
+import pytest
+
+from probe.calls import run_call
+from probe.client import discover, pick_pair
+from relay.stack import LocalStack, StackSettings
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_a_call_s_record_holds_every_hop_and_link(tree):
+    servers = await discover(tree.session, tree.urls)
+    result = await run_call(tree.session, servers, "lower-a/cam-1", "lower-b/cam-2", 2.5)
+    assert result.ok, result.to_dict()
+    assert [h["server"] for h in result.hops] == result.path == ["lower-a", "upper", "lower-b"]
+    for hop in result.hops:
+        for direction in ("caller_to_callee", "callee_to_caller"):
+            video = hop["streams"][direction]["video"]
+            assert video["packets"] > 30 and video["bitrate_kbps"] > 10, (hop["server"], video)
+            assert video["transit_samples"] > 5 and video["transit_ms_mean"] < 20, video
+            assert hop["streams"][direction]["audio"]["packets"] > 30
+        assert {leg["toward"] for leg in hop["legs"]} == {"caller", "callee"}
+        assert all(leg["dtls_ms"] and leg["dtls_ms"] >= leg["ice_ms"] for leg in hop["legs"])
+    names = [(link["from"], link["to"]) for link in result.links]
+    assert names == [("lower-a/cam-1", "lower-a"), ("lower-a", "upper"), ("upper", "lower-b"),
+                     ("lower-b", "lower-b/cam-2")]
+    for link in result.links[1:-1]:  # between two servers: both ends measured
+        assert link["rtt_ms"] is not None and link["rtt_ms"] < 50, link
+        assert link["directions"]["caller_to_callee"]["packets"] > 30
+    assert set(result.bottleneck) == {"latency_ms", "lost", "setup_ms"}
+    # the record the caller's server keeps says the same
+    async with tree.session.get(f"{tree.lowers['lower-a'].url}/v1/calls/{result.call}") as r:
+        info = await r.json()
+    assert [h["server"] for h in info["hops"]] == result.path and len(info["links"]) == 4
+
+
+@contextlib.asynccontextmanager
+async def duty_cycle(pid: int, stopped_s: float, period_s: float):
+    """Stop ``pid`` for ``stopped_s`` of every ``period_s`` until the block ends; it is always
+    continued at the end."""
+    async def cycle() -> None:
+        while True:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(stopped_s)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(period_s - stopped_s)
+
+    task = asyncio.create_task(cycle())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        os.kill(pid, signal.SIGCONT)
+
+
+STOPPED_S, PERIOD_S = 0.04, 0.15
+#: a packet arriving while the server is stopped waits half the stop on average
+EXPECTED_MS = STOPPED_S / PERIOD_S * STOPPED_S / 2 * 1000  # 5.3 ms
+
+
+async def test_a_server_stopped_on_a_duty_cycle_is_named_the_bottleneck():
+    settings = StackSettings(devices=1, video="packets", size="320x240", fps=15)
+    async with LocalStack(settings) as stack, aiohttp.ClientSession() as session:
+        servers = await discover(session, stack.urls)
+        upper = next(c for c in stack.servers if c.name == "upper")
+        async with duty_cycle(upper.process.pid, STOPPED_S, PERIOD_S):
+            result = await run_call(session, servers, *pick_pair(servers), 5.0)
+        record = result.to_dict()
+        assert result.ok, (record["reason"], record["failure"], record["failure_detail"],
+                           record["media"])
+        transit = {h["server"]: [h["streams"][d]["video"]["transit_ms_mean"]
+                                 for d in ("caller_to_callee", "callee_to_caller")]
+                   for h in result.hops}
+        worst = result.bottleneck["latency_ms"]
+        assert worst is not None and worst["hop"] == "upper", (worst, transit, result.links)
+        # the injected wait is found within a factor of two, both ways; the others near zero
+        for ms in transit["upper"]:
+            assert EXPECTED_MS / 2 < ms < EXPECTED_MS * 2, transit
+        for name in ("lower-a", "lower-b"):
+            assert all(ms < 1.5 for ms in transit[name]), transit

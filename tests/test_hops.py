@@ -1,0 +1,119 @@
+"""Per-hop figures as pure logic: the transit histogram, a stream's figures, the links a call's
+hops make, the bottleneck the probe names, and that a server's figures travel its call's path
+and nobody may speak for another server's hop (tests/fake_tree.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from probe.bottleneck import bottleneck, parts
+from relay.effects import Link
+from relay.hops import Buckets, StreamMeter, links_of
+from relay.messages import CallUpdate, HopFigures, LegHop, StreamHop
+
+from .fake_tree import FakeTree
+
+
+def test_buckets_quantiles_are_within_one_bucket_and_never_past_the_max():
+    buckets = Buckets()
+    assert buckets.quantile(0.5) is None
+    for ms in [0.1] * 90 + [5.0] * 9 + [40.0]:
+        buckets.record(ms)
+    assert 0.1 <= buckets.quantile(0.5) < 0.1 * 1.13
+    assert 5.0 <= buckets.quantile(0.95) < 5.0 * 1.13
+    assert buckets.quantile(1.0) == buckets.max == 40.0
+    assert buckets.total == 100 and buckets.mean == pytest.approx(0.94)
+
+
+def test_a_stream_s_figures():
+    meter = StreamMeter()
+    for i in range(11):
+        meter.arrived(1000, 10.0 + i * 0.1)  # 11 kB over 1 s
+    meter.transit.record(0.5)
+    meter.keyframes_in += 2
+    figures = meter.figures(lost=3, repaired=2, jitter_ms=1.23456)
+    assert figures.packets == 11 and figures.bytes == 11000
+    assert figures.bitrate_kbps == 88.0
+    assert (figures.lost, figures.repaired, figures.jitter_ms) == (3, 2, 1.235)
+    assert figures.transit_samples == 1 and figures.transit_ms_max == 0.5
+    assert figures.keyframes_in == 2
+    assert meter.figures(lost=-1).lost == 0  # a duplicate counted past the expected
+
+
+def hop(server: str, transit: float, rtt_up: float | None, rtt_down: float | None,
+        lost_c2c: int = 0, setup: float = 50.0, far_lost: int = 0) -> HopFigures:
+    stream = {"video": StreamHop(packets=100, lost=lost_c2c, transit_ms_mean=transit)}
+    legs = [LegHop(toward="caller", peer="up", rtt_ms=rtt_up, dtls_ms=setup),
+            LegHop(toward="callee", peer="down", rtt_ms=rtt_down, dtls_ms=setup,
+                   far_lost=far_lost)]
+    return HopFigures(server=server, at=1.0, legs=legs,  # type: ignore[arg-type]
+                      streams={"caller_to_callee": stream,  # type: ignore[dict-item]
+                               "callee_to_caller": {"video": StreamHop(
+                                   packets=90, transit_ms_mean=transit)}})
+
+
+def test_links_run_device_to_device_with_each_end_s_figures():
+    hops = {"a": hop("a", 0.3, 1.0, 2.0), "u": hop("u", 9.0, 4.0, 6.0, lost_c2c=5),
+            "b": hop("b", 0.3, 6.0, 1.0, far_lost=7)}
+    links = links_of(["a", "u", "b"], "a/cam-1", "b/cam-2", hops)
+    assert [(link.from_, link.to) for link in links] == [
+        ("a/cam-1", "a"), ("a", "u"), ("u", "b"), ("b", "b/cam-2")]
+    first, a_u, u_b, last = links
+    assert u_b.rtt_ms == 6.0
+    assert first.rtt_ms == 1.0 and first.one_way_ms == 0.5  # only a's end has a leg there
+    assert a_u.rtt_ms == 3.0  # the mean of a's 2.0 and u's 4.0
+    # caller_to_callee on a -> u: what arrived at u; callee_to_caller: what arrived at a
+    assert a_u.directions["caller_to_callee"].lost == 5
+    assert a_u.directions["callee_to_caller"].packets == 90
+    # toward the callee device nothing of ours receives: the device's RTCP report says
+    assert last.directions["caller_to_callee"].lost == 7
+    assert links_of([], "x/1", "y/2", hops) == []
+
+
+def test_the_bottleneck_is_the_hop_with_the_largest_share():
+    hops = {"a": hop("a", 0.3, 1.0, 2.0), "u": hop("u", 9.0, 4.0, 6.0, lost_c2c=5),
+            "b": hop("b", 0.3, 6.0, 1.0)}
+    links = [link.to_dict() for link in links_of(["a", "u", "b"], "a/1", "b/2", hops)]
+    records = [h.to_dict() for h in hops.values()]
+    found = bottleneck(records, links)
+    assert found["latency_ms"]["hop"] == "u"  # 9 ms each way
+    assert found["latency_ms"]["value"] == 18.0
+    latency = parts(records, links)["latency_ms"]
+    assert found["latency_ms"]["share"] == pytest.approx(18.0 / sum(latency.values()), abs=1e-3)
+    assert found["lost"]["hop"] == "a -> u"
+    assert bottleneck([], [])["latency_ms"] is None
+
+
+def test_hop_figures_travel_the_path_and_nobody_speaks_for_another_hop():
+    tree = FakeTree({"name": "root", "children": [
+        {"name": "mid-1", "children": [{"name": "a1"}, {"name": "a2"}]},
+        {"name": "mid-2", "children": [{"name": "b1"}, {"name": "b2"}]}]})
+    tree.register("a1", "cam-1")
+    tree.register("b1", "cam-2")
+    call = tree.call("a1", "a1/cam-1", "b1/cam-2")
+    path = tree.servers["a1"].find_call(call).path
+    for name in path:
+        tree.servers[name].hop_figures(call, HopFigures(server=name, at=tree.now), tree.now)
+        tree._drain(name)
+    tree.pump()
+    for name in path:  # every server of the path holds every hop
+        info = tree.servers[name].call_info(tree.servers[name].find_call(call))
+        assert [h.server for h in info.hops] == path, name
+        assert len(info.links) == len(path) + 1
+    # b1 (below mid-2) tries to report for mid-1, on the other side of mid-2: dropped
+    mid2 = tree.servers["mid-2"]
+    forged = CallUpdate(call=call, hops={"mid-1": HopFigures(server="mid-1", at=99.0),
+                                         "b1": HopFigures(server="b1", at=98.0)})
+    mid2.receive(Link("child", "b1"), forged, tree.now)
+    tree._drain("mid-2")
+    tree.pump()
+    for name in path:
+        hops = tree.servers[name].find_call(call).hops
+        assert hops["mid-1"].at == tree.now, name
+        assert hops["b1"].at == (98.0 if name != "b1" else tree.now), name
+    # after the end, the last figures still travel (the ended record takes them)
+    tree.hangup("a1", call)
+    tree.servers["root"].hop_figures(call, HopFigures(server="root", at=500.0), tree.now)
+    tree._drain("root")
+    tree.pump()
+    assert tree.servers["a1"].find_call(call).hops["root"].at == 500.0
