@@ -137,7 +137,7 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
                 info = await client.call(info.call)
         if info.state != "ended":
             info = await client.hangup(info.call)
-        if media == "full":
+        if media == "full" and "t_first_frame_callee" in info.timeline:
             # the devices' last reports and every server's last hop figures follow the
             # hang-up along the path
             deadline = time.monotonic() + 1.0
