@@ -79,10 +79,11 @@ def close_window(calls: list[DeviceCall], start: dict[int, tuple[int, int]]) -> 
 
 
 @contextlib.asynccontextmanager
-async def relay_server(mode: str) -> AsyncIterator[tuple[str, int]]:
+async def relay_server(mode: str, hop_figures: bool = True) -> AsyncIterator[tuple[str, int]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "lower", "--name", "bench", "--media-mode", mode,
         "--media-address", "127.0.0.1", "--log-level", "warning",
+        *(() if hop_figures else ("--no-hop-figures",)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         assert process.stdout is not None
@@ -94,8 +95,10 @@ async def relay_server(mode: str) -> AsyncIterator[tuple[str, int]]:
 
 
 async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply: MediaSupply,
-                        warmup: float, seconds: float) -> dict[str, Any]:
-    async with relay_server(mode) as (url, pid), aiohttp.ClientSession() as session:
+                        warmup: float, seconds: float, hop_figures: bool = True
+                        ) -> dict[str, Any]:
+    async with relay_server(mode, hop_figures) as (url, pid), \
+            aiohttp.ClientSession() as session:
         devices = [Device(url, f"d{i}", settings, supply=supply) for i in range(2 * pairs)]
         tasks = [asyncio.create_task(d.run(session)) for d in devices]
         try:
@@ -213,10 +216,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                supply, args.warmup, args.seconds)
         added_latency(scale)
         out["forward_at_scale"] = scale
+    if args.hop_rounds:
+        out["hop_figures_cost"] = await hop_cost(args, settings)
     if "transcode" in out and "forward" in out and out["forward"]["cpu_pct_per_stream"]:
         out["transcode_to_forward_cpu_ratio"] = round(
             out["transcode"]["cpu_pct_per_stream"] / out["forward"]["cpu_pct_per_stream"], 1)
     return out
+
+
+async def hop_cost(args: argparse.Namespace, settings: DeviceSettings) -> dict[str, Any]:
+    """The per-hop accounting's price: forwarding with it and without (``--no-hop-figures``),
+    alternated ``--hop-rounds`` times so drift in the machine's load falls on both."""
+    packets = replace(settings, video="packets")
+    supply = MediaSupply.for_settings(packets)
+    pairs = max(1, args.scale_streams // 2)
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.hop_rounds):
+        for measured in (False, True):
+            run = await through_relay("forward", pairs, packets, supply, args.warmup,
+                                      args.seconds, hop_figures=measured)
+            cpu[measured].append(run["cpu_pct_per_stream"])
+    on, off = (sum(cpu[m]) / len(cpu[m]) for m in (True, False))
+    return {"streams": 2 * pairs, "rounds": args.hop_rounds,
+            "cpu_pct_per_stream_with": round(on, 3), "cpu_pct_per_stream_without": round(off, 3),
+            "added_pct": round((on / off - 1) * 100, 1) if off else None,
+            "runs_with": cpu[True], "runs_without": cpu[False]}
 
 
 def table(out: dict[str, Any]) -> str:
@@ -233,6 +257,13 @@ def table(out: dict[str, Any]) -> str:
         lines += ["", f"{scale['streams']} streams of the same media sent as ready RTP packets "
                       f"and counted without decoding (latency: frame's first packet sent -> "
                       f"last packet received)", *_rows(scale)]
+    if "hop_figures_cost" in out:
+        cost = out["hop_figures_cost"]
+        lines += ["", f"per-hop figures' cost, {cost['streams']} packet streams, "
+                      f"{cost['rounds']} rounds each way: relay CPU per stream "
+                      f"{cost['cpu_pct_per_stream_without']:.3f} % without, "
+                      f"{cost['cpu_pct_per_stream_with']:.3f} % with: "
+                      f"{cost['added_pct']:+.1f} % (target: at most +5 %)"]
     return "\n".join(lines)
 
 
@@ -263,6 +294,9 @@ def main() -> int:
                         help="streams of the packet-level forwarding run at scale; 0 skips it")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring window per mode")
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--hop-rounds", type=int, default=2,
+                        help="price the per-hop figures: forward with and without them this "
+                             "many times each, alternated (0: skip)")
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--modes", default=",".join(MODES),

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=env.get("media_mode", "forward"),
                        help="forward encoded media (default), or decode and re-encode every "
                             "stream (a baseline for comparison)")
+        s.add_argument("--no-hop-figures", action="store_true",
+                       help="do not measure each call's hop (transit, arrivals, legs): only to "
+                            "price the measuring (benchmarks/forwarding.py)")
         s.add_argument("--setup-timeout", type=float, default=float(env.get("setup_timeout",
                                                                             "20")))
         s.add_argument("--log-level", default=env.get("log_level", "info"))
@@ -96,6 +99,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         parent=getattr(args, "parent", None) or None, public_url=args.public_url,
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
         timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode,
+        hop_figures=not args.no_hop_figures,
         limits=Limits(max_devices=args.max_devices, max_calls=args.max_calls,
                       max_message_rate=args.max_message_rate,
                       max_trunk_rate=args.max_trunk_rate), auth=Auth.from_env())

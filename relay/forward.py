@@ -255,7 +255,7 @@ class Forwarder:
     """One kind of media in one direction of one call at this server."""
 
     def __init__(self, call: str, kind: str, direction: Direction, stats: ForwardingStats,
-                 relay: MediaRelay, transcode_all: bool = False,
+                 relay: MediaRelay, transcode_all: bool = False, measure: bool = True,
                  on_first_packet: Callable[[], None] | None = None,
                  on_transcode: Callable[[Forwarder], None] | None = None,
                  keyframe_interval: float = 0.25) -> None:
@@ -284,6 +284,7 @@ class Forwarder:
         self._clock_rate = 90000
         #: this hop's figures of the stream (relay/hops.py)
         self.meter = StreamMeter()
+        self.measure = measure
         self._arrivals = 0
 
     # The source leg's receiver calls this for every packet.
@@ -297,7 +298,7 @@ class Forwarder:
             return
         sink = self.sink
         assert sink is not None and self._map is not None
-        if self.source is not None and not self.source.repair:  # originals only
+        if self.measure and self.source is not None and not self.source.repair:  # originals
             self.meter.arrived(len(packet.payload) + 12, time.monotonic())
         if packet.ssrc != self._ssrc:
             self._ssrc = packet.ssrc
@@ -317,7 +318,7 @@ class Forwarder:
         except ConnectionError:
             size = None
         self._sent(size, fast=False)
-        arrived_ms = self.source.arrival_ms if self.source is not None else 0
+        arrived_ms = self.source.arrival_ms if self.source is not None and self.measure else 0
         if size is not None and arrived_ms:  # the slow path knows when aiortc read it
             self.meter.transit.record(max(0.0, time.time() * 1000 - arrived_ms))
 
@@ -364,8 +365,9 @@ class Forwarder:
             return
         seq, ts = _SEQ_TS.unpack_from(view, 2)
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
-        meter = self.meter
-        meter.arrived(length, time.monotonic())
+        measure = self.measure
+        if measure:
+            self.meter.arrived(length, time.monotonic())
         if self._waiting and not self._start_at(seq, ts, payload_of(bytes(view[:length]))):
             return
         mapped = seq_map.map(seq, ts)
@@ -373,11 +375,12 @@ class Forwarder:
             return
         size = sink.send_rewritten(view, length, self._payload_type, *mapped)
         self._sent(size, fast=True)
-        self._arrivals += 1
-        if size is not None and not self._arrivals % TRANSIT_EVERY and self.datagrams:
-            stamp = self.datagrams.kernel_arrival()
-            if stamp:  # kernel arrival -> now, on this host's clock
-                meter.transit.record(max(0.0, (time.time() - stamp) * 1000))
+        if measure:
+            self._arrivals += 1
+            if size is not None and not self._arrivals % TRANSIT_EVERY and self.datagrams:
+                stamp = self.datagrams.kernel_arrival()
+                if stamp:  # kernel arrival -> now, on this host's clock
+                    self.meter.transit.record(max(0.0, (time.time() - stamp) * 1000))
 
     def _decide(self, codec: RTCRtpCodecParameters) -> bool:
         """Pick forwarding or transcoding once both legs have negotiated; False until then."""
@@ -467,7 +470,7 @@ class Bridge:
     the caller) and the downstream leg (toward the callee)."""
 
     def __init__(self, call: str, stats: ForwardingStats, relay: MediaRelay,
-                 transcode_all: bool = False,
+                 transcode_all: bool = False, measure: bool = True,
                  on_media_up: Callable[[], None] | None = None,
                  on_transcode: Callable[[Forwarder], None] | None = None) -> None:
         self.stats = stats
@@ -476,7 +479,8 @@ class Bridge:
             for direction in ("caller_to_callee", "callee_to_caller"):
                 first = on_media_up if (kind, direction) == ("video", "caller_to_callee") else None
                 self.forwarders[kind, direction] = Forwarder(
-                    call, kind, direction, stats, relay, transcode_all, first, on_transcode)
+                    call, kind, direction, stats, relay, transcode_all, measure, first,
+                    on_transcode)
 
     def leg_ready(self, transceivers: dict[str, RTCRtpTransceiver], upstream: bool) -> None:
         """A leg's transceivers exist: tap its receivers and take over its senders."""

@@ -58,8 +58,10 @@ HOP_REPORT_S = 1.0
 
 class MediaPlane:
     def __init__(self, server: str, settings: MediaSettings, transcode_all: bool,
-                 send: Callable[[Link, Message], None], events: MediaEvents) -> None:
+                 send: Callable[[Link, Message], None], events: MediaEvents,
+                 measure: bool = True) -> None:
         self.server = server
+        self.measure = measure
         self.settings = settings
         self.transcode_all = transcode_all
         self.stats = ForwardingStats()
@@ -78,7 +80,7 @@ class MediaPlane:
         on_media_up = (lambda: self._events.media_up(call)) if effect.up.role == "caller" \
             else None
         bridge = Bridge(call, self.stats, self._relay, transcode_all=self.transcode_all,
-                        on_media_up=on_media_up,
+                        measure=self.measure, on_media_up=on_media_up,
                         on_transcode=lambda f: self._transcoded(call, f))
         media = CallMedia(call, bridge, {}, toward={effect.up.link: "caller",
                                                     effect.down.link: "callee"})
@@ -88,7 +90,7 @@ class MediaPlane:
                 on_ready=lambda transceivers, up=upstream: bridge.leg_ready(transceivers, up),
                 on_failed=lambda leg: self._events.media_failed(call, Code.MEDIA_FAILED))
         self.calls[call] = media
-        if self._reporter is None or self._reporter.done():
+        if self.measure and (self._reporter is None or self._reporter.done()):
             self._reporter = asyncio.get_running_loop().create_task(self._report(),
                                                                     name="hop-figures")
         for plan in (effect.up, effect.down):
@@ -146,7 +148,8 @@ class MediaPlane:
         figures go to the core first."""
         media = self.calls.pop(call, None)
         if media is not None:
-            self._events.hop_figures(call, self.figures(media))
+            if self.measure:
+                self._events.hop_figures(call, self.figures(media))
             task = asyncio.get_running_loop().create_task(self._close(media),
                                                           name=f"{call}-close")
             self._closing.add(task)

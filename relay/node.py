@@ -72,7 +72,8 @@ class Node:
         self.core = Switch(self.directory, settings.limits, settings.timeouts, settings.auth,
                            settings.heartbeat_s)
         self.media = MediaPlane(settings.name, settings.media,
-                                settings.media_mode == "transcode", self.post, _MediaEvents(self))
+                                settings.media_mode == "transcode", self.post, _MediaEvents(self),
+                                measure=settings.hop_figures)
         self.channels: dict[Link, WebSocketChannel] = {}
         #: set once the server listens and knows its URL (the parent link waits for it)
         self.listening = asyncio.Event()

@@ -33,6 +33,8 @@ class ServerSettings:
     #: "forward" (encoded packets, the default) or "transcode" (decode + re-encode every stream:
     #: the baseline a simple relay would be, for comparisons)
     media_mode: Literal["forward", "transcode"] = "forward"
+    #: measure every hop of every call (relay/hops.py); off only to price the measuring
+    hop_figures: bool = True
     #: limits: past them the server answers "busy" at once (never a hang)
     limits: Limits = field(default_factory=Limits)
     #: credentials on every link (relay/auth.py); off unless a secret is configured

@@ -22,7 +22,8 @@ KEYS = {"cpu_pct_per_stream", "added_latency_ms_p50", "added_latency_ms_p95", "f
 
 def test_forwarding_benchmark_json():
     done = subprocess.run([sys.executable, str(SCRIPT), "--streams", "2", "--seconds", "4",
-                           "--warmup", "2", "--scale-streams", "4", "--json"],
+                           "--warmup", "2", "--scale-streams", "4", "--hop-rounds", "1",
+                           "--json"],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
@@ -39,6 +40,9 @@ def test_forwarding_benchmark_json():
         assert KEYS <= set(scale[mode]), (mode, scale[mode])
         assert scale[mode]["fps"] > 25 and scale[mode]["frames_lost"] <= 2, scale[mode]
     assert scale["forward"]["cpu_pct_per_stream"] > 0
+    cost = out["hop_figures_cost"]  # priced both ways, in the same run
+    assert cost["cpu_pct_per_stream_with"] > 0 and cost["cpu_pct_per_stream_without"] > 0
+    assert isinstance(cost["added_pct"], float)
 
 
 def test_soak_reads_every_server_back_to_idle():
