@@ -15,12 +15,12 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from aiortc import MediaStreamTrack, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
 from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, open_video
-from endpoint.meter import AudioMeter, SendLog, VideoMeter
+from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from endpoint.view import Recorder, Viewer, ViewError
@@ -163,6 +163,9 @@ class DeviceCall:
         self.pc = new_peer_connection(settings.media)
         self.video = VideoMeter()
         self.audio = AudioMeter()
+        #: this device's own part of the video it sends: captured -> last packet sent
+        self.sender_part = PartMeter()
+        self._pts_origin: Any = None  #: aiortc's TimestampMapper of the video receiver
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sources: list[MediaStreamTrack] = []
         #: packet mode: what sends and what counts, per kind
@@ -189,6 +192,7 @@ class DeviceCall:
                 video = self._video_source()
                 self.sources.append(video)
                 transceiver = self.pc.addTransceiver(video, direction="sendrecv")
+                self._time_parts(transceiver, video)
                 if isinstance(video, PreEncodedVideoTrack):
                     watch_keyframe_requests(transceiver.sender, video.request_keyframe)
                     prefer_video_codec(transceiver, "video/VP8", only=True)
@@ -205,6 +209,40 @@ class DeviceCall:
                 self.pc.addTransceiver(audio, direction="sendrecv")
             else:
                 self.pc.addTransceiver("audio", direction="recvonly")
+
+    def _time_parts(self, transceiver: RTCRtpTransceiver, video: MediaStreamTrack) -> None:
+        """Time this device's own parts of the video latency: as a sender, from a frame's
+        capture to its last packet sent (the sender asks for the next frame right after
+        sending the last packet of one); as a receiver, from a frame's first packet in to its
+        decoding. Both keyed by the frame's RTP timestamp (its pts: 90 kHz both sides)."""
+        if isinstance(video, SyntheticVideoTrack):
+            part = self.sender_part
+            video.on_captured = part.begin
+            sender = transceiver.sender
+            next_frame = sender._next_encoded_frame
+            pending: list[int] = []
+
+            async def timed_next(codec: Any) -> Any:
+                if pending:
+                    part.end(pending.pop(), self.clock())
+                frame = await next_frame(codec)
+                if frame is not None:
+                    pending.append(frame.timestamp)
+                return frame
+
+            sender._next_encoded_frame = timed_next  # type: ignore[method-assign]
+        receiver = transceiver.receiver
+        handle = receiver._handle_rtp_packet
+        arrived = self.video.receiver
+        # aiortc rebases the decoded frames' pts on the first frame's RTP timestamp
+        self._pts_origin = receiver._RTCRtpReceiver__timestamp_mapper
+
+        async def timed_handle(packet: Any, arrival_time_ms: int) -> None:
+            # (aiortc's arrival_time_ms counts from 1900, and in whole ms: the clock here)
+            arrived.begin(packet.timestamp, self.clock())
+            await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = timed_handle  # type: ignore[method-assign]
 
     def _add_packet_transceivers(self, kinds: list[str]) -> None:
         packets = self.supply.packets
@@ -322,6 +360,9 @@ class DeviceCall:
             while True:
                 frame = await track.recv()
                 now = self.clock()
+                mapper = self._pts_origin
+                if frame.pts is not None and mapper is not None and mapper._origin is not None:
+                    self.video.receiver.end((frame.pts + mapper._origin) & 0xFFFFFFFF, now)
                 if recorder is not None:
                     recorder.write(frame, now)
                 if viewer is not None:
@@ -342,7 +383,8 @@ class DeviceCall:
                 self.audio.frame(frame.to_ndarray())
 
     def stats(self) -> Stats:
-        return Stats(call=self.call, media=self.video.stats(self.clock(), self.audio))
+        return Stats(call=self.call, media=self.video.stats(self.clock(), self.audio),
+                     sender=self.sender_part.part())
 
     async def _report(self) -> None:
         while self.channel is not None:

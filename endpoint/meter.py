@@ -12,7 +12,7 @@ import numpy as np
 from hdrh.histogram import HdrHistogram
 
 from endpoint.stamp import Stamp, unwrap_ms
-from relay.messages import MediaStats
+from relay.messages import DevicePart, MediaStats
 
 #: latencies are recorded in microseconds, 1 us .. 60 s, 3 significant digits
 LATENCY_MAX_US = 60_000_000
@@ -33,6 +33,9 @@ class VideoMeter:
         self._last_counter: int | None = None
         self._interval_sum = 0.0
         self._intervals = 0
+        self._latency_sum_ms = 0.0
+        #: this device's own part: first packet in -> decoded (fed by the device)
+        self.receiver = PartMeter()
 
     def frame(self, found: Stamp | None, now: float, timed: bool = True,
               sent_at: float | None = None) -> bool:
@@ -56,6 +59,7 @@ class VideoMeter:
                     unwrap_ms(found.sent_ms, int(now * 1000)) / 1000
                 self.latency_us.record_value(
                     min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6))))
+                self._latency_sum_ms += (now - sent) * 1000
         first = self.first_at is None
         if first:
             self.first_at = now
@@ -80,13 +84,48 @@ class VideoMeter:
         def pct(p: float) -> float | None:
             return round(self.latency_us.get_value_at_percentile(p) / 1000, 2) if has else None
 
+        timed = self.latency_us.get_total_count()
         return MediaStats(
             frames=self.frames, frames_lost=self.lost, unreadable=self.unreadable,
             fps=round(fps, 2), latency_ms_p50=pct(50), latency_ms_p95=pct(95),
+            latency_ms_mean=round(self._latency_sum_ms / timed, 3) if timed else None,
+            receiver=self.receiver.part(),
             latency_ms_max=round(self.latency_us.get_max_value() / 1000, 2) if has else None,
             gaps=self.gaps, duration_s=round(duration, 3),
             audio_frames=audio.frames if audio else 0,
             audio_level_dbfs=audio.level_dbfs() if audio else None)
+
+
+class PartMeter:
+    """A device's own part of its video's latency, per frame: from ``begin`` (captured; or the
+    first packet in) to ``end`` (the last packet sent; or decoded), matched by the frame's RTP
+    timestamp (its pts). Frames that never end are forgotten past ``keep``."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self._open: dict[int, float] = {}
+        self._keep = keep
+        self.ms = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self._sum_ms = 0.0
+
+    def begin(self, key: int, at: float) -> None:
+        if key not in self._open:
+            self._open[key] = at
+            if len(self._open) > self._keep:
+                del self._open[next(iter(self._open))]
+
+    def end(self, key: int, at: float) -> None:
+        started = self._open.pop(key, None)
+        if started is not None:
+            ms = max(0.0, (at - started) * 1000)
+            self._sum_ms += ms
+            self.ms.record_value(min(LATENCY_MAX_US, max(1, int(ms * 1000))))
+
+    def part(self) -> DevicePart | None:
+        frames = self.ms.get_total_count()
+        if not frames:
+            return None
+        return DevicePart(frames=frames, mean_ms=round(self._sum_ms / frames, 3),
+                          p50_ms=round(self.ms.get_value_at_percentile(50) / 1000, 3))
 
 
 class SendLog:

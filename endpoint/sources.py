@@ -84,15 +84,20 @@ class SyntheticVideoTrack(MediaStreamTrack):
         self._clock = clock
         self._count = 0
         self._pacer = Pacer(1 / fps)
+        #: told (pts, time) of each frame as it is captured (drawn): the sender's part starts
+        self.on_captured: Callable[[int, float], None] | None = None
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
         await self._pacer.wait(self._count)
         n = self._count
-        buffer = self.picture.draw(n, int(self._clock() * 1000))
+        captured = self._clock()
+        buffer = self.picture.draw(n, int(captured * 1000))
         frame = av.VideoFrame.from_ndarray(buffer, format="yuv420p")
         frame.pts = int(n * VIDEO_CLOCK / self.fps)
+        if self.on_captured is not None:
+            self.on_captured(frame.pts, captured)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         self._count += 1
         return frame

@@ -185,8 +185,13 @@ def describe(result: CallResult) -> str:
                      f"{m['fps']:.1f} fps  {m['frames']} frames, {m['frames_lost']} lost, "
                      f"{m['gaps']} freezes  audio {m['audio_frames']} frames")
     if result.links:
-        lines.append("  hops (video, both directions: server transit mean, link RTT/2 est.):")
-        lines += describe_hops(result.hops, result.links)
+        lines.append("  hops (video, both directions: devices' own parts, server transit, "
+                     "link RTT/2 est.; means):")
+        lines += describe_hops(result.hops, result.links, result.media, result.senders)
+        for direction, split in result.latency_parts.items():
+            if split["sum_ms"] is not None and split["glass_to_glass_ms"] is not None:
+                lines.append(f"    {direction}: parts add up to {split['sum_ms']:.1f} ms of "
+                             f"{split['glass_to_glass_ms']:.1f} ms glass-to-glass")
     return "\n".join(lines)
 
 

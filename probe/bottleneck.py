@@ -2,11 +2,12 @@
 latency, loss and setup time, from the figures each server measured of its own part
 (relay/hops.py; ``hops`` and ``links`` of a call's record).
 
-Latency parts, per direction, video: each server's transit (kernel arrival to departure, the
-mean, so that parts add up; on the server's own clock) and each link's one-way delay (half its
-round trip: an estimate). Loss parts: each link's packets lost before repair, as its receiving
-end counted them. Setup parts: each link's setup (ICE and DTLS, the later of its two ends).
-Pure.
+Latency parts, per direction, video: each device's own (the sender's capture to last packet
+sent, the receiver's first packet in to decoded), each server's transit (kernel arrival to
+departure; on the server's own clock) and each link's one-way delay (half its round trip: an
+estimate); means, so that the parts add up. Loss parts: each link's packets lost before
+repair, as its receiving end counted them. Setup parts: each link's setup (ICE and DTLS, the
+later of its two ends). Pure.
 """
 
 from __future__ import annotations
@@ -16,10 +17,23 @@ from typing import Any
 from relay.messages import DIRECTIONS
 
 
-def parts(hops: list[dict[str, Any]], links: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def parts(hops: list[dict[str, Any]], links: list[dict[str, Any]],
+          media: dict[str, Any] | None = None, senders: dict[str, Any] | None = None
+          ) -> dict[str, dict[str, float]]:
     """Per measure (latency_ms, lost, setup_ms), each hop's part, by hop name (a server's
-    name, or ``A -> B`` for a link)."""
+    name, ``A -> B`` for a link, a device's address for its own parts: as the sender of one
+    direction and the receiver of the other)."""
     latency: dict[str, float] = {}
+    if links:
+        caller, callee = links[0]["from"], links[-1]["to"]
+        for direction, (sender, receiver) in (("caller_to_callee", (caller, callee)),
+                                              ("callee_to_caller", (callee, caller))):
+            sent = _mean((senders or {}).get(direction))
+            got = _mean(((media or {}).get(direction) or {}).get("receiver"))
+            if sent is not None:
+                latency[sender] = latency.get(sender, 0.0) + sent
+            if got is not None:
+                latency[receiver] = latency.get(receiver, 0.0) + got
     lost: dict[str, float] = {}
     setup: dict[str, float] = {}
     for hop in hops:
@@ -39,12 +53,47 @@ def parts(hops: list[dict[str, Any]], links: list[dict[str, Any]]) -> dict[str, 
     return {"latency_ms": latency, "lost": lost, "setup_ms": setup}
 
 
-def bottleneck(hops: list[dict[str, Any]], links: list[dict[str, Any]]
+def _mean(part: dict[str, Any] | None) -> float | None:
+    return part.get("mean_ms") if part else None
+
+
+def budget(hops: list[dict[str, Any]], links: list[dict[str, Any]], media: dict[str, Any],
+           senders: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per direction, the video latency split into its parts (means, ms): the sending
+    device's, the links' (one-way estimates), the servers' transit, the receiving device's;
+    their sum, and the glass-to-glass latency the receiving device measured from the stamps.
+    ``unexplained_ms`` is what the parts do not account for."""
+    out: dict[str, dict[str, float | None]] = {}
+    for direction in DIRECTIONS:
+        received = media.get(direction) or {}
+        sender = _mean(senders.get(direction))
+        receiver = _mean(received.get("receiver"))
+        servers = [((h.get("streams", {}).get(direction) or {}).get("video") or {}).get(
+            "transit_ms_mean") for h in hops]
+        ways = [link.get("one_way_ms") for link in links]
+        g2g = received.get("latency_ms_mean")
+        known = [v for v in (sender, receiver, *servers, *ways) if v is not None]
+        total = round(sum(known), 3) if known else None
+        out[direction] = {
+            "sender_ms": sender, "links_ms": _sum(ways), "servers_ms": _sum(servers),
+            "receiver_ms": receiver, "sum_ms": total, "glass_to_glass_ms": g2g,
+            "unexplained_ms": round(g2g - total, 3) if g2g is not None and total is not None
+            else None}
+    return out
+
+
+def _sum(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(sum(known), 3) if known else None
+
+
+def bottleneck(hops: list[dict[str, Any]], links: list[dict[str, Any]],
+               media: dict[str, Any] | None = None, senders: dict[str, Any] | None = None
                ) -> dict[str, dict[str, Any] | None]:
     """Per measure, the hop with the largest part: ``{"hop", "value", "share"}`` (share of
     the sum of all hops' parts), or None where nothing was measured (or nothing was lost)."""
     out: dict[str, dict[str, Any] | None] = {}
-    for measure, values in parts(hops, links).items():
+    for measure, values in parts(hops, links, media, senders).items():
         total = sum(values.values())
         if not values or total <= 0:
             out[measure] = None
@@ -54,9 +103,11 @@ def bottleneck(hops: list[dict[str, Any]], links: list[dict[str, Any]]
     return out
 
 
-def describe(hops: list[dict[str, Any]], links: list[dict[str, Any]]) -> list[str]:
+def describe(hops: list[dict[str, Any]], links: list[dict[str, Any]],
+             media: dict[str, Any] | None = None, senders: dict[str, Any] | None = None
+             ) -> list[str]:
     """The path as lines: each hop with its latency part and share, the bottlenecks last."""
-    found = parts(hops, links)
+    found = parts(hops, links, media, senders)
     latency = found["latency_ms"]
     total = sum(latency.values()) or 1.0
     order: list[str] = []
@@ -71,7 +122,7 @@ def describe(hops: list[dict[str, Any]], links: list[dict[str, Any]]) -> list[st
             extra = f", {lost:.0f} lost" if lost else ""
             lines.append(f"    {name:<34} {latency[name]:8.2f} ms ({latency[name] / total:4.0%})"
                          f"{extra}")
-    for measure, worst in bottleneck(hops, links).items():
+    for measure, worst in bottleneck(hops, links, media, senders).items():
         if worst is not None:
             lines.append(f"    bottleneck by {measure}: {worst['hop']} ({worst['share']:.0%})")
     return lines

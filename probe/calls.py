@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from probe.bottleneck import bottleneck
+from probe.bottleneck import bottleneck, budget
 from probe.client import ProbeError, Server, ServerClient, find_device
 from probe.stats import Outcome, classify
 from relay.messages import DIRECTIONS, CallInfo
@@ -51,10 +51,16 @@ class CallResult:
     #: each server's own figures, in path order, and each link's (relay/hops.py)
     hops: list[dict[str, Any]] = field(default_factory=list)
     links: list[dict[str, Any]] = field(default_factory=list)
+    #: the sending device's own part of each direction (the receiver's is in ``media``)
+    senders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def bottleneck(self) -> dict[str, dict[str, Any] | None]:
-        return bottleneck(self.hops, self.links)
+        return bottleneck(self.hops, self.links, self.media, self.senders)
+
+    @property
+    def latency_parts(self) -> dict[str, dict[str, float | None]]:
+        return budget(self.hops, self.links, self.media, self.senders)
 
     @property
     def outcome(self) -> Outcome:
@@ -88,7 +94,8 @@ class CallResult:
                 "media_mode": self.media_mode,
                 "timeline": dict(sorted(self.timeline.items(), key=lambda kv: kv[1])),
                 "intervals": self.intervals, "media": self.media, "hops": self.hops,
-                "links": self.links, "bottleneck": self.bottleneck}
+                "links": self.links, "senders": self.senders,
+                "latency_parts": self.latency_parts, "bottleneck": self.bottleneck}
 
 
 def _final(info: CallInfo) -> bool:
@@ -157,6 +164,7 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
     result.media = {d: s.to_dict() for d, s in info.media.items()}
     result.hops = [hop.to_dict() for hop in info.hops]
     result.links = [link.to_dict() for link in info.links]
+    result.senders = {d: part.to_dict() for d, part in info.senders.items()}
     result.reason = info.reason
     result.ok = result.outcome.ok
     return result

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from relay.messages import DIRECTIONS, TIMELINE_EVENTS, HopFigures, MediaStats
+from relay.messages import DIRECTIONS, TIMELINE_EVENTS, DevicePart, HopFigures, MediaStats
 from relay.reasons import Code
 
 
@@ -127,6 +127,8 @@ class Call:
     transcoded: list[str] = field(default_factory=list)
     #: each server's own figures of the call (relay/hops.py), by server
     hops: dict[str, HopFigures] = field(default_factory=dict)
+    #: the sending device's own part of each direction
+    senders: dict[str, DevicePart] = field(default_factory=dict)
     #: the servers the call crosses, from the caller's to the callee's (whole once routed)
     path: list[str] = field(default_factory=list)
 

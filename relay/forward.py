@@ -322,6 +322,7 @@ class Forwarder:
         if size is not None and arrived_ms:  # the slow path knows when aiortc read it
             self.meter.transit.record(max(0.0, time.time() * 1000 - arrived_ms))
 
+
     def _start_at(self, seq: int, ts: int, payload: bytes) -> bool:
         """While waiting for a keyframe: start the stream here if this packet begins one,
         else ask upstream for one (rate-limited) and drop it."""

@@ -256,6 +256,16 @@ class ServerEntry(Body, frozen=True):
         check_url(self.url)
 
 
+class DevicePart(Body, frozen=True):
+    """A device's own part of one direction's video latency, per frame, on its clock: the
+    sender's (frame captured -> its last packet sent) or the receiver's (first packet in ->
+    frame decoded)."""
+
+    frames: Count = 0
+    mean_ms: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None
+    p50_ms: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None
+
+
 class MediaStats(Body, frozen=True):
     """What one device measured of the media it received in one call (one direction)."""
 
@@ -270,6 +280,8 @@ class MediaStats(Body, frozen=True):
     audio_frames: Count = 0  #: audio frames received
     audio_level_dbfs: Annotated[float, msgspec.Meta(gt=-1e6, lt=1e6)] | None = None
     duration_s: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] = 0.0  #: first frame -> report
+    latency_ms_mean: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
+    receiver: DevicePart | None = None  #: this device's own part (decoded media only)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,10 +428,12 @@ class FirstFrame(_Moment, frozen=True, tag="first_frame"):
 
 
 class Stats(Message, frozen=True, tag="stats"):
-    """The device's figures for the media it received in this call so far."""
+    """The device's figures for the media it received in this call so far, and its own part
+    of the media it sent."""
 
     call: CallId
     media: MediaStats
+    sender: DevicePart | None = None
 
 
 # Lower server -> device.
@@ -552,6 +566,8 @@ class CallUpdate(Message, frozen=True, tag="call_update"):
                           msgspec.Meta(max_length=8)] = []
     #: servers' own figures of the call, by server (each server sends only its own)
     hops: Annotated[dict[Name, HopFigures], msgspec.Meta(max_length=MAX_PATH)] = {}
+    #: the sending device's own part of each direction
+    senders: dict[Direction, DevicePart] = {}
 
 
 def _registry(*classes: type[Message]) -> dict[str, type[Message]]:
@@ -656,6 +672,8 @@ class CallInfo(Body, frozen=True):
     hops: list[HopFigures] = []
     #: each link of the path, device to device, from the hops' figures
     links: list[LinkFigures] = []
+    #: the sending device's own part of each direction (the receiver's is in ``media``)
+    senders: dict[Direction, DevicePart] = {}
 
 
 class CallList(Body, frozen=True):

@@ -176,7 +176,7 @@ class ReceiverTap:
         self._nack = receiver._RTCRtpReceiver__nack_generator
         self._seen = _Seen()
         self._nacks: set[asyncio.Task[None]] = set()
-        #: when aiortc read the packet being handled (ms, wall clock; the slow path only), and
+        #: when aiortc read the packet being handled (ms, UNIX time; the slow path only), and
         #: whether it came as a retransmission
         self.arrival_ms = 0
         self.repair = False
@@ -227,7 +227,7 @@ class ReceiverTap:
         return None
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
-        self.arrival_ms = arrival_time_ms
+        self.arrival_ms = arrival_time_ms - _NTP_EPOCH_OFFSET * 1000  # aiortc counts from 1900
         codec = self._codecs.get(packet.payload_type)
         if codec is None:
             return

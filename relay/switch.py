@@ -220,7 +220,8 @@ class Switch:
                         transcoded=list(call.transcoded),
                         hops=[call.hops[name] for name in call.path if name in call.hops],
                         links=links_of(call.path, call.caller, call.callee or call.caller,
-                                       call.hops))
+                                       call.hops),
+                        senders=dict(call.senders))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ messages
 

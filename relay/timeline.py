@@ -57,6 +57,7 @@ class Timeline:
                 event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
         for direction, stats in update.media.items():
             call.handle(MediaReport(direction, stats))
+        call.senders.update(update.senders)
         call.transcoded.extend(w for w in update.transcoded if w not in call.transcoded)
         update = self._own_hops(call, update, link, beyond)
         self.relay(session.links, update, link)
@@ -64,14 +65,19 @@ class Timeline:
             self.outbox.add(CallChanged(call.id))
 
     def report(self, call: Call, role: Role, stats: Stats, links: list[Link]) -> None:
-        """A device's figures for what it receives: the direction toward it."""
+        """A device's figures for what it receives (the direction toward it), and its own
+        part of what it sends (the direction away)."""
         direction = "callee_to_caller" if role == "caller" else "caller_to_callee"
+        away = "caller_to_callee" if role == "caller" else "callee_to_caller"
         try:
             call.handle(MediaReport(direction, stats.media))
         except CallStateError as exc:
             event(log, "call.stats_refused", logging.WARNING, call=call.id, reason=exc.message)
             return
-        self.relay(links, CallUpdate(call=call.id, media={direction: stats.media}), None)
+        senders = {away: stats.sender} if stats.sender is not None else {}
+        call.senders.update(senders)
+        self.relay(links, CallUpdate(call=call.id, media={direction: stats.media},  # type: ignore[dict-item]
+                                     senders=senders), None)  # type: ignore[arg-type]
 
     def late(self, ended: Ended, link: Link, message: Message,
              beyond: Collection[str] = ()) -> bool:
@@ -82,12 +88,15 @@ class Timeline:
             return False
         if isinstance(message, Stats) and link.kind == "device":
             self.report(ended.call, ended.devices[link.name], message, list(ended.trunks))
-        elif isinstance(message, CallUpdate) and (message.media or message.hops):
+        elif isinstance(message, CallUpdate) and (message.media or message.hops
+                                                  or message.senders):
             for direction, stats in message.media.items():
                 ended.call.handle(MediaReport(direction, stats))
+            ended.call.senders.update(message.senders)
             update = self._own_hops(ended.call, CallUpdate(
-                call=ended.call.id, media=message.media, hops=message.hops), link, beyond)
-            if update.media or update.hops:
+                call=ended.call.id, media=message.media, hops=message.hops,
+                senders=message.senders), link, beyond)
+            if update.media or update.hops or update.senders:
                 self.relay(list(ended.trunks), update, link)
         return True
 

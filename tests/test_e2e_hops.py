@@ -40,6 +40,12 @@ async def test_a_call_s_record_holds_every_hop_and_link(tree):
         assert link["rtt_ms"] is not None and link["rtt_ms"] < 50, link
         assert link["directions"]["caller_to_callee"]["packets"] > 30
     assert set(result.bottleneck) == {"latency_ms", "lost", "setup_ms"}
+    # sender, each link, each server, receiver: the parts add up to the glass-to-glass latency
+    # the devices measured (Done-when: within 10 ms), each direction
+    for direction, split in result.latency_parts.items():
+        assert split["sender_ms"] is not None and split["receiver_ms"] is not None, split
+        assert split["servers_ms"] is not None and split["links_ms"] is not None, split
+        assert abs(split["unexplained_ms"]) <= 10, (direction, split)
     # the record the caller's server keeps says the same
     async with tree.session.get(f"{tree.lowers['lower-a'].url}/v1/calls/{result.call}") as r:
         info = await r.json()

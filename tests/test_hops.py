@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from probe.bottleneck import bottleneck, parts
+from endpoint.meter import PartMeter
+from probe.bottleneck import bottleneck, budget, parts
 from relay.effects import Link
 from relay.hops import Buckets, StreamMeter, links_of
 from relay.messages import CallUpdate, HopFigures, LegHop, StreamHop
@@ -117,3 +118,36 @@ def test_hop_figures_travel_the_path_and_nobody_speaks_for_another_hop():
     tree._drain("root")
     tree.pump()
     assert tree.servers["a1"].find_call(call).hops["root"].at == 500.0
+
+
+def test_a_device_part_is_matched_by_frame_and_forgets_frames_that_never_end():
+    meter = PartMeter(keep=2)
+    assert meter.part() is None
+    meter.begin(100, 1.000)
+    meter.begin(100, 1.500)  # a later packet of the same frame: the first one counts
+    meter.end(100, 1.010)
+    meter.end(100, 1.020)  # ended already: nothing
+    for key in (200, 300, 400):  # 200 is pushed out before it ends
+        meter.begin(key, 2.0)
+    meter.end(200, 2.5)
+    meter.end(400, 2.004)
+    part = meter.part()
+    assert part is not None and part.frames == 2
+    assert part.mean_ms == pytest.approx(7.0, abs=0.01)
+
+
+def test_the_latency_budget_adds_the_parts_and_says_what_they_miss():
+    hops = {"a": hop("a", 0.5, 1.0, 2.0), "b": hop("b", 1.5, 2.0, 1.0)}
+    links = [link.to_dict() for link in links_of(["a", "b"], "a/1", "b/2", hops)]
+    media = {"caller_to_callee": {"latency_ms_mean": 50.0,
+                                  "receiver": {"frames": 9, "mean_ms": 40.0}},
+             "callee_to_caller": {"latency_ms_mean": 30.0}}
+    senders = {"caller_to_callee": {"frames": 9, "mean_ms": 5.0}}
+    split = budget([h.to_dict() for h in hops.values()], links, media, senders)
+    forward = split["caller_to_callee"]
+    # 5 sender + (0.5 + 1.0 + 0.5) links + (0.5 + 1.5) servers + 40 receiver
+    assert forward["links_ms"] == 2.0 and forward["servers_ms"] == 2.0
+    assert forward["sum_ms"] == 49.0 and forward["unexplained_ms"] == 1.0
+    assert split["callee_to_caller"]["sender_ms"] is None
+    found = bottleneck([h.to_dict() for h in hops.values()], links, media, senders)
+    assert found["latency_ms"]["hop"] == "b/2"  # the receiving device's 40 ms
