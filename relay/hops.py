@@ -115,7 +115,12 @@ def links_of(path: Sequence[str], caller: str, callee: str,
     """The links of a call, device to device: caller - its server - ... - callee's server -
     callee, each with what the hops at its two ends measured. A link's round trip is its two
     ends' mean; the figures of a direction are the receiving end's (a server's arrivals, or
-    for the last link to a device, what the device reported in RTCP)."""
+    for the last link to a device, what the device reported in RTCP).
+
+    The one-way estimate is half the round trip less what the RTCP reports waited at the two
+    ends: a report waits in a slow server's socket like any packet, so a round trip taken
+    across a stalled server carries its stalls (once for the report it answers, once for the
+    answer it reads). Each end's wait is its transit mean; a device's is not known (0)."""
     if not path:
         return []
     nodes = [caller, *path, callee]
@@ -128,6 +133,8 @@ def links_of(path: Sequence[str], caller: str, callee: str,
         setups = [leg.dtls_ms for leg in (near, far) if leg is not None and leg.dtls_ms
                   is not None]
         rtt = round(sum(rtts) / len(rtts), 3) if rtts else None
+        one_way = (round(max(0.0, rtt - _wait(hops.get(a)) - _wait(hops.get(b))) / 2, 3)
+                   if rtt is not None else None)
         directions: dict[str, LinkDirection] = {}
         for direction in DIRECTIONS:
             forward = direction == "caller_to_callee"
@@ -139,10 +146,19 @@ def links_of(path: Sequence[str], caller: str, callee: str,
                 directions[direction] = LinkDirection(lost=sender_leg.far_lost,
                                                       jitter_ms=sender_leg.far_jitter_ms)
         links.append(LinkFigures(
-            from_=a, to=b, rtt_ms=rtt, one_way_ms=round(rtt / 2, 3) if rtt is not None else None,
+            from_=a, to=b, rtt_ms=rtt, one_way_ms=one_way,
             setup_ms=max(setups) if setups else None,
             directions=directions))  # type: ignore[arg-type]
     return links
+
+
+def _wait(hop: HopFigures | None) -> float:
+    """How long a datagram waits at this server on average: its video transit mean."""
+    if hop is None:
+        return 0.0
+    means = [kinds["video"].transit_ms_mean for kinds in hop.streams.values()
+             if "video" in kinds and kinds["video"].transit_ms_mean is not None]
+    return sum(means) / len(means) if means else 0.0  # type: ignore[arg-type]
 
 
 def _leg(hop: HopFigures | None, toward: str) -> LegHop | None:

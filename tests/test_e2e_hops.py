@@ -1,14 +1,10 @@
 """Every hop measured, on real calls: each server's own part of the call (relay/hops.py)
 travels the path to the caller's server and the probe, and the probe names the hop that holds
-the call back, against a real fault made and removed by the test: one server's process stopped
-and continued on a duty cycle (SIGSTOP/SIGCONT), the others untouched."""
+the call back, against real faults made and removed by the tests: one server's process stopped
+and continued on a duty cycle (SIGSTOP/SIGCONT); packets dropped on one link only (a network
+namespace of the test's own, iptables on its veth); the others untouched."""
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
-import os
-import signal
 
 import aiohttp
 import pytest
@@ -16,6 +12,8 @@ import pytest
 from probe.calls import run_call
 from probe.client import discover, pick_pair
 from relay.stack import LocalStack, StackSettings
+
+from .faults import Processes, duty_cycle, namespace, split_tree, until_devices
 
 pytestmark = pytest.mark.e2e
 
@@ -52,29 +50,6 @@ async def test_a_call_s_record_holds_every_hop_and_link(tree):
     assert [h["server"] for h in info["hops"]] == result.path and len(info["links"]) == 4
 
 
-@contextlib.asynccontextmanager
-async def duty_cycle(pid: int, stopped_s: float, period_s: float):
-    """Stop ``pid`` for ``stopped_s`` of every ``period_s`` until the block ends; it is always
-    continued at the end."""
-    async def cycle() -> None:
-        while True:
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                await asyncio.sleep(stopped_s)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            await asyncio.sleep(period_s - stopped_s)
-
-    task = asyncio.create_task(cycle())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        os.kill(pid, signal.SIGCONT)
-
-
 STOPPED_S, PERIOD_S = 0.04, 0.15
 #: a packet arriving while the server is stopped waits half the stop on average
 EXPECTED_MS = STOPPED_S / PERIOD_S * STOPPED_S / 2 * 1000  # 5.3 ms
@@ -100,3 +75,33 @@ async def test_a_server_stopped_on_a_duty_cycle_is_named_the_bottleneck():
             assert EXPECTED_MS / 2 < ms < EXPECTED_MS * 2, transit
         for name in ("lower-a", "lower-b"):
             assert all(ms < 1.5 for ms in transit[name]), transit
+
+
+LOSS = 0.05  #: the share of UDP packets dropped each way on the one faulty link
+
+
+async def test_loss_on_one_link_is_found_on_that_link_and_nowhere_else():
+    with namespace() as ns:
+        processes = Processes()
+        try:
+            urls = await split_tree(ns, processes)
+            async with aiohttp.ClientSession() as session:
+                servers = await until_devices(session, urls, 2)
+                ns.drop(LOSS)
+                result = await run_call(session, servers, "lower-a/cam-a", "lower-b/cam-b", 6.0)
+            dropped = ns.dropped()
+        finally:
+            await processes.stop()
+    record = result.to_dict()
+    assert result.ok, (record["reason"], record["failure"], record["failure_detail"])
+    assert dropped > 0
+    links = {(link["from"], link["to"]): link for link in result.links}
+    faulty = links["lower-a", "upper"]
+    for direction, seen in faulty["directions"].items():
+        share = seen["lost"] / (seen["lost"] + seen["packets"])
+        assert LOSS / 2 < share < LOSS * 2, (direction, seen)  # injected 5 %: found 2.5-10 %
+    for name, link in links.items():
+        if name != ("lower-a", "upper"):
+            for seen in link["directions"].values():
+                assert seen["lost"] <= max(2, 0.005 * seen.get("packets", 0)), (name, link)
+    assert result.bottleneck["lost"]["hop"] == "lower-a -> upper", result.bottleneck

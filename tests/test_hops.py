@@ -61,7 +61,9 @@ def test_links_run_device_to_device_with_each_end_s_figures():
         ("a/cam-1", "a"), ("a", "u"), ("u", "b"), ("b", "b/cam-2")]
     first, a_u, u_b, last = links
     assert u_b.rtt_ms == 6.0
-    assert first.rtt_ms == 1.0 and first.one_way_ms == 0.5  # only a's end has a leg there
+    # only a's end has a leg there; the one-way estimate is half the round trip less what the
+    # reports waited at a (its transit mean, 0.3 ms)
+    assert first.rtt_ms == 1.0 and first.one_way_ms == 0.35
     assert a_u.rtt_ms == 3.0  # the mean of a's 2.0 and u's 4.0
     # caller_to_callee on a -> u: what arrived at u; callee_to_caller: what arrived at a
     assert a_u.directions["caller_to_callee"].lost == 5
@@ -145,9 +147,10 @@ def test_the_latency_budget_adds_the_parts_and_says_what_they_miss():
     senders = {"caller_to_callee": {"frames": 9, "mean_ms": 5.0}}
     split = budget([h.to_dict() for h in hops.values()], links, media, senders)
     forward = split["caller_to_callee"]
-    # 5 sender + (0.5 + 1.0 + 0.5) links + (0.5 + 1.5) servers + 40 receiver
-    assert forward["links_ms"] == 2.0 and forward["servers_ms"] == 2.0
-    assert forward["sum_ms"] == 49.0 and forward["unexplained_ms"] == 1.0
+    # 5 sender + links ((1.0 - 0.5) / 2, (2.0 - 0.5 - 1.5) / 2, 0: the waits at the ends
+    # taken out) + (0.5 + 1.5) servers + 40 receiver
+    assert forward["links_ms"] == 0.25 and forward["servers_ms"] == 2.0
+    assert forward["sum_ms"] == 47.25 and forward["unexplained_ms"] == 2.75
     assert split["callee_to_caller"]["sender_ms"] is None
     found = bottleneck([h.to_dict() for h in hops.values()], links, media, senders)
     assert found["latency_ms"]["hop"] == "b/2"  # the receiving device's 40 ms
