@@ -421,8 +421,26 @@ def describe_run(summary: dict[str, Any]) -> str:
         missed = summary["objective_missed"].get(name)
         if missed and summary["command"] != "capacity":
             lines.append(f"    objective missed: {'; '.join(missed)}")
+    lines.extend(describe_hop_totals(summary["figures"].get("hops", {})))
     lines.extend(describe_server_metrics(summary.get("server_metrics", {})))
     return "\n".join(lines)
+
+
+def describe_hop_totals(hops: dict[str, Any]) -> list[str]:
+    """Every hop of the run's calls: its latency part p50/p95, loss, and how often it was the
+    call's bottleneck (probe/hopstats.py)."""
+    if not hops:
+        return []
+    lines = ["  hops over the run (video latency part p50/p95 ms, loss, bottleneck of calls):"]
+    for name, hop in sorted(hops.items(), key=lambda kv: -(kv[1]["latency_ms"] or {}).get(
+            "p50", 0.0)):
+        latency = hop["latency_ms"] or {}
+        loss = f", loss {hop['loss']:.2%}" if hop.get("loss") else ""
+        worst = ", ".join(f"{m} {n}" for m, n in hop["bottleneck"].items())
+        lines.append(f"    {name:<34} {latency.get('p50', 0.0):7.2f} / "
+                     f"{latency.get('p95', 0.0):7.2f}{loss}"
+                     + (f"  bottleneck: {worst}" if worst else ""))
+    return lines
 
 
 def cpu_line(cpu_pct: dict[str, float | None]) -> str:

@@ -29,7 +29,8 @@ from probe.client import (
     find_device,
     lower_servers,
 )
-from probe.stats import Recorder, encode, new_histogram, percentiles, record_ms
+from probe.histograms import encode, new_histogram, percentiles, record_ms
+from probe.stats import Recorder
 from probe.watch import LoopWatch
 from relay.messages import split_address
 
@@ -227,7 +228,8 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
             # exactly on it), whether or not it got that far
             planned = path(split_address(caller)[0] or "", split_address(callee)[0] or "")
             report.recorder.add(result.server, offset, result.outcome, result.intervals,
-                                result.media, late, planned)
+                                result.media, late, planned, result.hops, result.links,
+                                result.senders)
             if on_result is not None:
                 on_result(result)
             # The callee's server frees the callee when the hang-up reaches it; then the

@@ -7,12 +7,20 @@ same figures as one probe that saw every call (``probe merge``).
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from probe.histograms import (
+    decode,
+    encode,
+    new_histogram,
+    percentiles,
+    record_ms,
+    valid_b64,
+)
+from probe.hopstats import HopsRecorder
 from relay.reasons import reason as reason_of
 
 #: What a failed call is counted as. Every failed call gets exactly one class.
@@ -32,51 +40,6 @@ FAILURE_CLASSES = (
 #: Phases timed per call, in ms from the (scheduled) send time, and media figures.
 PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "setup_ms",
           "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms")
-
-#: Histogram range: 1 µs .. 1 h, values recorded in µs, 2 significant digits (1 % resolution:
-#: ~3,000 buckets, so a percentile scan stays cheap when a run has hundreds of windows).
-_LOWEST, _HIGHEST, _DIGITS = 1, 3_600_000_000, 2
-PERCENTILES = (50, 90, 95, 99)
-
-
-def new_histogram() -> HdrHistogram:
-    return HdrHistogram(_LOWEST, _HIGHEST, _DIGITS)
-
-
-def record_ms(histogram: HdrHistogram, value_ms: float) -> None:
-    histogram.record_value(min(_HIGHEST, max(_LOWEST, round(value_ms * 1000))))
-
-
-def encode(histogram: HdrHistogram) -> str:
-    return histogram.encode().decode("ascii")
-
-
-def decode(text: str) -> HdrHistogram:
-    histogram = new_histogram()
-    if text:
-        histogram.decode_and_add(text.encode("ascii"))
-    return histogram
-
-
-def percentiles(histogram: HdrHistogram) -> dict[str, float] | None:
-    """p50/p90/p95/p99/max (ms) and the count, or None when nothing was recorded."""
-    count = histogram.get_total_count()
-    if not count:
-        return None
-    values = histogram.get_percentile_to_value_dict(list(PERCENTILES))  # one scan for all
-    out: dict[str, float] = {f"p{p}": round(values[p] / 1000, 3) for p in PERCENTILES}
-    out["max"] = round(histogram.get_max_value() / 1000, 3)
-    out["n"] = count
-    return out
-
-
-def _valid_b64(text: str) -> bool:
-    try:
-        base64.b64decode(text, validate=True)
-    except ValueError:
-        return False
-    return True
-
 
 @dataclass
 class Outcome:
@@ -227,7 +190,7 @@ class Figures:
         """Rebuild from :meth:`summary` output (counts and histograms: everything that merges)."""
         media = data.get("media", {})
         encoded = data.get("histograms", {})
-        bad = [name for name, text in encoded.items() if not _valid_b64(text)]
+        bad = [name for name, text in encoded.items() if not valid_b64(text)]
         if bad:
             raise ValueError(f"histograms not HdrHistogram base64: {', '.join(bad)}")
         return cls(calls=data["calls"], ok=data["ok"], failures=dict(data.get("failures", {})),
@@ -249,21 +212,27 @@ class Recorder:
     servers: dict[str, Figures] = field(default_factory=dict)
     windows: dict[int, Figures] = field(default_factory=dict)
     crossing: dict[str, Figures] = field(default_factory=dict)
+    #: every hop of the calls (a server, a link, a device), by name (probe/hopstats.py)
+    hops: HopsRecorder = field(default_factory=HopsRecorder)
 
     def add(self, server: str, offset_s: float, outcome: Outcome, intervals: dict[str, float],
             media: dict[str, dict[str, Any]], late: bool = False,
-            path: tuple[str, ...] | list[str] = ()) -> None:
+            path: tuple[str, ...] | list[str] = (), hops: list[dict[str, Any]] | None = None,
+            links: list[dict[str, Any]] | None = None,
+            senders: dict[str, Any] | None = None) -> None:
         slices = [self.total, self.servers.setdefault(server, Figures()),
                   self.windows.setdefault(int(offset_s // self.window_s), Figures())]
         slices += [self.crossing.setdefault(name, Figures()) for name in dict.fromkeys(path)]
         for figures in slices:
             figures.add_call(outcome, intervals, media, late)
+        self.hops.add(hops or [], links or [], media, senders)
 
     def merge(self, other: Recorder, shift: int = 0) -> None:
         """Add ``other``'s figures; its windows move ``shift`` windows later (a later run)."""
         if other.window_s != self.window_s:
             raise ValueError(f"cannot merge windows of {other.window_s} s into {self.window_s} s")
         self.total.merge(other.total)
+        self.hops.merge(other.hops)
         for name, figures in other.servers.items():
             self.servers.setdefault(name, Figures()).merge(figures)
         for name, figures in other.crossing.items():
@@ -275,7 +244,8 @@ class Recorder:
         return {"window_s": self.window_s, "total": self.total.summary(),
                 "servers": {n: f.summary() for n, f in sorted(self.servers.items())},
                 "crossing": {n: f.summary() for n, f in sorted(self.crossing.items())},
-                "windows": {str(i): f.summary() for i, f in sorted(self.windows.items())}}
+                "windows": {str(i): f.summary() for i, f in sorted(self.windows.items())},
+                "hops": self.hops.summary()}
 
     @classmethod
     def from_summary(cls, data: dict[str, Any]) -> Recorder:
@@ -283,7 +253,8 @@ class Recorder:
                    servers={n: Figures.from_summary(f) for n, f in data["servers"].items()},
                    crossing={n: Figures.from_summary(f)
                              for n, f in data.get("crossing", {}).items()},
-                   windows={int(i): Figures.from_summary(f) for i, f in data["windows"].items()})
+                   windows={int(i): Figures.from_summary(f) for i, f in data["windows"].items()},
+                   hops=HopsRecorder.from_summary(data.get("hops", {})))
 
     def timeseries(self) -> list[dict[str, Any]]:
         """One row per window: calls, success, and phase percentiles (for the CSV and plots)."""

@@ -7,8 +7,9 @@ import dataclasses
 import datetime
 from typing import Any
 
+from probe.histograms import decode, encode, percentiles
 from probe.objective import Objective
-from probe.stats import Recorder, decode, encode, percentiles
+from probe.stats import Recorder
 
 #: Counts of a run that add up when probes share a load.
 RUN_COUNTS = ("scheduled", "started", "skipped_cap", "skipped_no_devices", "late_starts",

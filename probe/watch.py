@@ -7,7 +7,7 @@ import asyncio
 import time
 from types import TracebackType
 
-from probe.stats import new_histogram, percentiles, record_ms
+from probe.histograms import new_histogram, percentiles, record_ms
 
 
 class LoopWatch:

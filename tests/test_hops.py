@@ -154,3 +154,30 @@ def test_the_latency_budget_adds_the_parts_and_says_what_they_miss():
     assert split["callee_to_caller"]["sender_ms"] is None
     found = bottleneck([h.to_dict() for h in hops.values()], links, media, senders)
     assert found["latency_ms"]["hop"] == "b/2"  # the receiving device's 40 ms
+
+
+def test_a_run_s_hops_aggregate_by_name_and_merge_exactly():
+    from probe.hopstats import HopsRecorder, run_name
+
+    hops = {"a": hop("a", 0.5, 1.0, 2.0), "u": hop("u", 9.0, 4.0, 6.0, lost_c2c=5),
+            "b": hop("b", 0.3, 6.0, 1.0)}
+    links = [link.to_dict() for link in links_of(["a", "u", "b"], "a/1", "b/2", hops)]
+    records = [h.to_dict() for h in hops.values()]
+    one, other, both = HopsRecorder(), HopsRecorder(), HopsRecorder()
+    for recorder in (one, both):
+        recorder.add(records, links)
+    for recorder in (other, both):
+        recorder.add(records, links)
+        recorder.add([], [])  # a call that carried no media adds nothing
+    merged = HopsRecorder.from_summary(one.summary())
+    merged.merge(HopsRecorder.from_summary(other.summary()))
+    assert merged.summary() == both.summary()
+    upper = both.summary()["u"]
+    assert upper["calls"] == 2 and upper["bottleneck"] == {"latency_ms": 2}
+    assert upper["latency_ms"]["p50"] == pytest.approx(18.0, rel=0.01)
+    a_u = both.summary()["a - u"]
+    assert a_u["lost"] == 10 and a_u["packets"] == 2 * (100 + 90)
+    assert a_u["bottleneck"] == {"lost": 2}
+    assert a_u["loss"] == pytest.approx(10 / 390, abs=1e-4)
+    assert "a/* - a" not in both.summary() and "a - a/*" in both.summary()  # devices by server
+    assert run_name("b -> a/cam-7") == run_name("a/cam-9 -> b") == "a/* - b"
