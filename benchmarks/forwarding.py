@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -226,7 +227,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def hop_cost(args: argparse.Namespace, settings: DeviceSettings) -> dict[str, Any]:
     """The per-hop accounting's price: forwarding with it and without (``--no-hop-figures``),
-    alternated ``--hop-rounds`` times so drift in the machine's load falls on both."""
+    alternated ``--hop-rounds`` times so drift in the machine's load falls on both; the
+    medians of the runs each way."""
     packets = replace(settings, video="packets")
     supply = MediaSupply.for_settings(packets)
     pairs = max(1, args.scale_streams // 2)
@@ -236,7 +238,8 @@ async def hop_cost(args: argparse.Namespace, settings: DeviceSettings) -> dict[s
             run = await through_relay("forward", pairs, packets, supply, args.warmup,
                                       args.seconds, hop_figures=measured)
             cpu[measured].append(run["cpu_pct_per_stream"])
-    on, off = (sum(cpu[m]) / len(cpu[m]) for m in (True, False))
+    # medians: one run disturbed by the machine moves a mean more than the accounting does
+    on, off = (statistics.median(cpu[m]) for m in (True, False))
     return {"streams": 2 * pairs, "rounds": args.hop_rounds,
             "cpu_pct_per_stream_with": round(on, 3), "cpu_pct_per_stream_without": round(off, 3),
             "added_pct": round((on / off - 1) * 100, 1) if off else None,
@@ -294,7 +297,7 @@ def main() -> int:
                         help="streams of the packet-level forwarding run at scale; 0 skips it")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring window per mode")
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--hop-rounds", type=int, default=2,
+    parser.add_argument("--hop-rounds", type=int, default=4,
                         help="price the per-hop figures: forward with and without them this "
                              "many times each, alternated (0: skip)")
     parser.add_argument("--size", default="640x480")

@@ -299,7 +299,7 @@ class Forwarder:
         sink = self.sink
         assert sink is not None and self._map is not None
         if self.measure and self.source is not None and not self.source.repair:  # originals
-            self.meter.arrived(len(packet.payload) + 12, time.monotonic())
+            self.meter.arrived(len(packet.payload) + 12, time.time())
         if packet.ssrc != self._ssrc:
             self._ssrc = packet.ssrc
             self._waiting = self.kind == "video"
@@ -367,8 +367,10 @@ class Forwarder:
         seq, ts = _SEQ_TS.unpack_from(view, 2)
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
         measure = self.measure
-        if measure:
-            self.meter.arrived(length, time.monotonic())
+        if measure:  # counted inline: this runs for every packet
+            meter = self.meter
+            meter.packets += 1
+            meter.bytes += length
         if self._waiting and not self._start_at(seq, ts, payload_of(bytes(view[:length]))):
             return
         mapped = seq_map.map(seq, ts)
@@ -378,10 +380,12 @@ class Forwarder:
         self._sent(size, fast=True)
         if measure:
             self._arrivals += 1
-            if size is not None and not self._arrivals % TRANSIT_EVERY and self.datagrams:
+            if size is not None and not self._arrivals & (TRANSIT_EVERY - 1) and self.datagrams:
+                now = time.time()
+                meter.seen(now)
                 stamp = self.datagrams.kernel_arrival()
                 if stamp:  # kernel arrival -> now, on this host's clock
-                    self.meter.transit.record(max(0.0, (time.time() - stamp) * 1000))
+                    meter.transit.record(max(0.0, (now - stamp) * 1000))
 
     def _decide(self, codec: RTCRtpCodecParameters) -> bool:
         """Pick forwarding or transcoding once both legs have negotiated; False until then."""

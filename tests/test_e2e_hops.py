@@ -11,6 +11,7 @@ import pytest
 
 from probe.calls import run_call
 from probe.client import discover, pick_pair
+from relay.hops import TRANSIT_EVERY
 from relay.stack import LocalStack, StackSettings
 
 from .faults import Processes, duty_cycle, namespace, split_tree, until_devices
@@ -27,7 +28,9 @@ async def test_a_call_s_record_holds_every_hop_and_link(tree):
         for direction in ("caller_to_callee", "callee_to_caller"):
             video = hop["streams"][direction]["video"]
             assert video["packets"] > 30 and video["bitrate_kbps"] > 10, (hop["server"], video)
-            assert video["transit_samples"] > 5 and video["transit_ms_mean"] < 20, video
+            # one packet in TRANSIT_EVERY is timed (of those sent on: a few wait for a keyframe)
+            assert video["transit_samples"] >= video["packets"] // (2 * TRANSIT_EVERY), video
+            assert video["transit_ms_mean"] < 20, video
             assert hop["streams"][direction]["audio"]["packets"] > 30
         assert {leg["toward"] for leg in hop["legs"]} == {"caller", "callee"}
         assert all(leg["dtls_ms"] and leg["dtls_ms"] >= leg["ice_ms"] for leg in hop["legs"])
