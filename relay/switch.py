@@ -309,6 +309,8 @@ class Switch:
                 "it is in this server's subtree"
         if self.name in setup.path or len(setup.path) >= MAX_PATH:
             return Code.MISROUTED, f"the call has crossed {self.name} already: {setup.path}"
+        if len(set(setup.path)) != len(setup.path):
+            return Code.MISROUTED, f"the path names a server twice: {setup.path}"
         return None
 
     def _terminate(self, link: Link, setup: CallSetup, now: float) -> None:

@@ -147,9 +147,13 @@ def test_no_sequence_from_one_lower_server_touches_what_is_not_its_own(data: st.
                 (call, name)
     # nobody else's directory moved: devices the same and in the same state, servers the same
     after = snapshot(tree, "evil")
+    called = callees_of(tree, "evil")
     for name in before:
-        for key in ("own", "below", "above"):
+        for key in ("below", "above"):
             assert after[name][key] == before[name][key], (name, key)
+        # a server's own devices: unchanged but for those the hostile server may call
+        moved = {d for d, _ in set(after[name]["own"]) ^ set(before[name]["own"])}
+        assert {f"{name}/{d}" for d in moved} <= called, (name, moved)
         # a device's state may change only by a call the hostile server may make
         changed = set(after[name]["devices"]) ^ set(before[name]["devices"])
         assert {a for a, _ in changed} <= callees_of(tree, "evil"), (name, changed)
