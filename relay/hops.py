@@ -122,10 +122,10 @@ def links_of(path: Sequence[str], caller: str, callee: str,
     ends' mean; the figures of a direction are the receiving end's (a server's arrivals, or
     for the last link to a device, what the device reported in RTCP).
 
-    The one-way estimate is half the round trip less what the RTCP reports waited at the two
-    ends: a report waits in a slow server's socket like any packet, so a round trip taken
-    across a stalled server carries its stalls (once for the report it answers, once for the
-    answer it reads). Each end's wait is its transit mean; a device's is not known (0)."""
+    A leg's round trip is the least of its RTCP round trips: a report waits in a slow
+    server's socket like any packet, so round trips taken across a stalled server carry its
+    stalls, but not all of them. The one-way estimate is half of it less what a report waits
+    at the two ends anyway (each end's transit mean; a device's is not known: 0)."""
     if not path:
         return []
     nodes = [caller, *path, callee]
@@ -134,7 +134,7 @@ def links_of(path: Sequence[str], caller: str, callee: str,
         a, b = nodes[i], nodes[i + 1]
         near = _leg(hops.get(a), "callee")  # a's leg toward b
         far = _leg(hops.get(b), "caller")  # b's leg toward a
-        rtts = [leg.rtt_ms for leg in (near, far) if leg is not None and leg.rtt_ms is not None]
+        rtts = [_rtt(leg) for leg in (near, far) if leg is not None and _rtt(leg) is not None]
         setups = [leg.dtls_ms for leg in (near, far) if leg is not None and leg.dtls_ms
                   is not None]
         rtt = round(sum(rtts) / len(rtts), 3) if rtts else None
@@ -155,6 +155,12 @@ def links_of(path: Sequence[str], caller: str, callee: str,
             setup_ms=max(setups) if setups else None,
             directions=directions))  # type: ignore[arg-type]
     return links
+
+
+def _rtt(leg: LegHop) -> float | None:
+    """A leg's round trip: the least seen (a stall at either end inflates some reports), else
+    the smoothed one."""
+    return leg.rtt_min_ms if leg.rtt_min_ms is not None else leg.rtt_ms
 
 
 def _wait(hop: HopFigures | None) -> float:

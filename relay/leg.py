@@ -11,7 +11,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
+from aiortc.rtp import RtcpRrPacket, RtcpSrPacket
 
 from relay.logs import event
 from relay.messages import LegHop, Role
@@ -45,6 +46,9 @@ class Leg:
         self.ice_ms: float | None = None  #: made -> ICE connected
         self.dtls_ms: float | None = None  #: made -> DTLS done
         self.transceivers: dict[str, RTCRtpTransceiver] = {}
+        #: the smallest round trip of the video sender's RTCP reports (s): queueing a stalled
+        #: peer adds to some reports, not all, so the least is the link's own
+        self.rtt_min: float | None = None
 
     @property
     def pc(self) -> RTCPeerConnection:
@@ -71,6 +75,7 @@ class Leg:
         prefer_video_codec(transceivers["video"], video_codec)
         self.transceivers = transceivers
         self._on_ready(transceivers)
+        self._sample_rtt(transceivers["video"].sender)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return self.pc.localDescription.sdp
@@ -85,12 +90,31 @@ class Leg:
             raise ValueError(f"offer must carry audio and video, not {sorted(transceivers)}")
         self.transceivers = transceivers
         self._on_ready(transceivers)
+        self._sample_rtt(transceivers["video"].sender)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return self.pc.localDescription.sdp
 
     async def accept_answer(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    def _sample_rtt(self, sender: RTCRtpSender) -> None:
+        """Take each round trip from the RTCP reports answering this sender's (as aiortc
+        does, RFC 3550: now - LSR sent - DLSR), keeping the least."""
+        original = sender._handle_rtcp_packet
+
+        async def handle(packet: object) -> None:
+            if isinstance(packet, RtcpRrPacket | RtcpSrPacket):
+                sent = getattr(sender, "_RTCRtpSender__lsr_time", None)
+                for report in packet.reports:
+                    if report.ssrc == sender._ssrc and report.dlsr and sent is not None and \
+                            report.lsr == getattr(sender, "_RTCRtpSender__lsr", None):
+                        rtt = time.time() - sent - report.dlsr / 65536
+                        if rtt >= 0 and (self.rtt_min is None or rtt < self.rtt_min):
+                            self.rtt_min = rtt
+            await original(packet)
+
+        sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
 
     async def _ice_state(self) -> None:
         if self.pc.iceConnectionState == "completed" and self.ice_ms is None:
@@ -118,7 +142,9 @@ class Leg:
                 if getattr(stat, "type", None) == "remote-inbound-rtp":
                     far_lost = max(0, stat.packetsLost)
                     far_jitter_ms = round(stat.jitter * 1000 / VIDEO_CLOCK, 3)
-        return LegHop(toward=toward, peer=peer[:200], rtt_ms=rtt_ms, ice_ms=self.ice_ms,
+        rtt_min_ms = round(self.rtt_min * 1000, 3) if self.rtt_min is not None else None
+        return LegHop(toward=toward, peer=peer[:200], rtt_ms=rtt_ms, rtt_min_ms=rtt_min_ms,
+                      ice_ms=self.ice_ms,
                       dtls_ms=self.dtls_ms, far_lost=far_lost, far_jitter_ms=far_jitter_ms)
 
     async def close(self) -> None:

@@ -325,7 +325,8 @@ class LegHop(Body, frozen=True):
 
     toward: Role  #: the side of the call the leg faces
     peer: Annotated[str, msgspec.Meta(max_length=200)]  #: a server name or a device address
-    rtt_ms: Ms | None = None  #: from RTCP sender/receiver reports
+    rtt_ms: Ms | None = None  #: from RTCP sender/receiver reports, smoothed (aiortc's)
+    rtt_min_ms: Ms | None = None  #: the least of those round trips: the link's own
     ice_ms: Ms | None = None  #: leg made -> ICE connected
     dtls_ms: Ms | None = None  #: leg made -> DTLS done (the leg can carry media)
     #: what the far end reported receiving of this leg's video (RTCP receiver reports)

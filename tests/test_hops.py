@@ -181,3 +181,13 @@ def test_a_run_s_hops_aggregate_by_name_and_merge_exactly():
     assert a_u["loss"] == pytest.approx(10 / 390, abs=1e-4)
     assert "a/* - a" not in both.summary() and "a - a/*" in both.summary()  # devices by server
     assert run_name("b -> a/cam-7") == run_name("a/cam-9 -> b") == "a/* - b"
+
+
+def test_a_link_s_round_trip_is_the_least_seen_when_known():
+    stalled = HopFigures(server="u", at=1.0, legs=[  # type: ignore[arg-type]
+        LegHop(toward="caller", peer="a", rtt_ms=14.0, rtt_min_ms=0.8)])
+    calm = HopFigures(server="a", at=1.0, legs=[  # type: ignore[arg-type]
+        LegHop(toward="callee", peer="u", rtt_ms=12.0)])
+    links = links_of(["a", "u"], "a/1", "u/2", {"a": calm, "u": stalled})
+    # the stalled end's least round trip, the calm end's smoothed one (all it has)
+    assert links[1].rtt_ms == pytest.approx((0.8 + 12.0) / 2)
