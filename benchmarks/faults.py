@@ -32,7 +32,7 @@ from probe.calls import CallResult, run_call
 from probe.client import discover, pick_pair
 from relay.logs import setup_logging
 from relay.stack import LocalStack, StackSettings
-from tests.faults import Processes, duty_cycle, namespace, split_tree, until_devices
+from tests.faults import duty_cycle, split_lab
 
 STOPPED_S, PERIOD_S, LOSS = 0.04, 0.15, 0.05
 
@@ -69,20 +69,12 @@ async def slow_server(hold_s: float) -> dict[str, Any]:
 
 
 async def lossy_link(hold_s: float) -> dict[str, Any]:
-    with namespace() as ns:
-        processes = Processes()
-        try:
-            urls = await split_tree(ns, processes)
-            async with aiohttp.ClientSession() as session:
-                servers = await until_devices(session, urls, 2)
-                before = await run_call(session, servers, "lower-a/cam-a", "lower-b/cam-b",
-                                        hold_s)
-                ns.drop(LOSS)
-                during = await run_call(session, servers, "lower-a/cam-a", "lower-b/cam-b",
-                                        hold_s)
-            dropped = ns.dropped()
-        finally:
-            await processes.stop()
+    pair = ("lower-a/cam-a", "lower-b/cam-b")
+    async with split_lab() as (ns, session, servers):
+        before = await run_call(session, servers, *pair, hold_s)
+        ns.drop(LOSS)
+        during = await run_call(session, servers, *pair, hold_s)
+        dropped = ns.dropped()
     return {"injected": f"{LOSS:.0%} of UDP packets each way on lower-a - upper",
             "dropped_by_iptables": dropped, "ok": [before.ok, during.ok],
             "lost_pct_without": loss(before), "lost_pct_with": loss(during),

@@ -134,9 +134,9 @@ def links_of(path: Sequence[str], caller: str, callee: str,
         a, b = nodes[i], nodes[i + 1]
         near = _leg(hops.get(a), "callee")  # a's leg toward b
         far = _leg(hops.get(b), "caller")  # b's leg toward a
-        rtts = [_rtt(leg) for leg in (near, far) if leg is not None and _rtt(leg) is not None]
-        setups = [leg.dtls_ms for leg in (near, far) if leg is not None and leg.dtls_ms
-                  is not None]
+        ends = [leg for leg in (near, far) if leg is not None]
+        rtts = [rtt for rtt in map(_rtt, ends) if rtt is not None]
+        setups = [leg.dtls_ms for leg in ends if leg.dtls_ms is not None]
         rtt = round(sum(rtts) / len(rtts), 3) if rtts else None
         one_way = (round(max(0.0, rtt - _wait(hops.get(a)) - _wait(hops.get(b))) / 2, 3)
                    if rtt is not None else None)

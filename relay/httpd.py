@@ -30,8 +30,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from relay.api import error_response
 from relay.logs import event
-from relay.messages import Error, ErrorBody
 from relay.reasons import Code
 
 log = logging.getLogger("relay.http")
@@ -40,10 +40,6 @@ log = logging.getLogger("relay.http")
 HEAD_TIMEOUT_S = 10.0
 #: aiohttp's default bounds on a request line and on one header line, kept explicit here
 MAX_LINE = 8190
-
-
-def error_body(code: Code, message: str, field: str | None = None) -> dict[str, Any]:
-    return ErrorBody(error=Error(code=code, message=message, field=field)).to_dict()
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -111,7 +107,7 @@ class GuardedRequestHandler(RequestHandler):
         event(log, "http.refused", logging.INFO, code=Code.BAD_REQUEST, status=status,
               remote=request.remote, message=text[:300])
         self._refused(Code.BAD_REQUEST)
-        response = web.json_response(error_body(Code.BAD_REQUEST, text[:1000]), status=status)
+        response = error_response(status, Code.BAD_REQUEST, text[:1000])
         response.force_close()
         return response
 

@@ -195,3 +195,18 @@ async def split_tree(ns: Namespace, processes: Processes) -> list[str]:
     await processes.start([*ns.prefix(), *device, "--server", lower_a, "--device", "cam-a",
                            "--media-address", inside], ready=False)
     return [upper, lower_a, lower_b]
+
+
+@contextlib.asynccontextmanager
+async def split_lab() -> AsyncIterator[tuple[Namespace, aiohttp.ClientSession, list[Server]]]:
+    """The :func:`split_tree` in a namespace of its own, both devices registered: the
+    namespace (to make the fault), a client session, and the servers as discovered. Every
+    process and the namespace are gone at the end."""
+    with namespace() as ns:
+        processes = Processes()
+        try:
+            urls = await split_tree(ns, processes)
+            async with aiohttp.ClientSession() as session:
+                yield ns, session, await until_devices(session, urls, 2)
+        finally:
+            await processes.stop()

@@ -14,7 +14,7 @@ from probe.client import discover, pick_pair
 from relay.hops import TRANSIT_EVERY
 from relay.stack import LocalStack, StackSettings
 
-from .faults import Processes, duty_cycle, namespace, split_tree, until_devices
+from .faults import duty_cycle, split_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -84,17 +84,10 @@ LOSS = 0.05  #: the share of UDP packets dropped each way on the one faulty link
 
 
 async def test_loss_on_one_link_is_found_on_that_link_and_nowhere_else():
-    with namespace() as ns:
-        processes = Processes()
-        try:
-            urls = await split_tree(ns, processes)
-            async with aiohttp.ClientSession() as session:
-                servers = await until_devices(session, urls, 2)
-                ns.drop(LOSS)
-                result = await run_call(session, servers, "lower-a/cam-a", "lower-b/cam-b", 6.0)
-            dropped = ns.dropped()
-        finally:
-            await processes.stop()
+    async with split_lab() as (ns, session, servers):
+        ns.drop(LOSS)
+        result = await run_call(session, servers, "lower-a/cam-a", "lower-b/cam-b", 6.0)
+        dropped = ns.dropped()
     record = result.to_dict()
     assert result.ok, (record["reason"], record["failure"], record["failure_detail"])
     assert dropped > 0
