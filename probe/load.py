@@ -112,10 +112,12 @@ class Pairing:
         if self.mode == "random":
             self.rng.shuffle(routes)
         else:
-            # In turn: the route served least so far first, so one whose devices were busy
-            # when its turn came is not passed over for the rest of the cycle.
-            order = {route: i for i, route in enumerate(routes)}
-            routes.sort(key=lambda r: (self._served.get(r, 0), order[r]))
+            # In turn, cycle by cycle: only the routes served least so far may start, so a
+            # route whose devices were busy when its turn came is not passed over for routes
+            # that share one of its servers (they would keep its devices busy for ever).
+            # Until it starts, a start finds no route and is counted as skipped.
+            lowest = min(self._served.get(r, 0) for r in routes)
+            routes = [r for r in routes if self._served.get(r, 0) == lowest]
         for a, b in routes:
             callers = [d for d in self.devices[a] if d not in busy]
             callees = [d for d in self.devices[b] if d not in busy]

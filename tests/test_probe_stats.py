@@ -126,6 +126,20 @@ def test_pairing_modes():
     served = [first] + [every.pick(set()) for _ in range(5)]
     assert sorted(tuple(x.split("/")[0] for x in p) for p in served) == sorted(
         [("a", "b"), ("a", "c"), ("b", "a"), ("b", "c"), ("c", "a"), ("c", "b")])
+    # cycle by cycle: a route is not starved by routes that keep one of its servers' devices
+    # busy (4 servers, 2 devices each, each call up for 4 starts: it once never served b1->b2)
+    lowers = ["a1", "a2", "b1", "b2"]
+    every = Pairing("every-pair", {s: [f"{s}/0", f"{s}/1"] for s in lowers})
+    up: dict[tuple[str, str], int] = {}  # call -> the start it began at
+    routes = []
+    for start in range(36):
+        up = {pair: at for pair, at in up.items() if start - at < 4}
+        pair = every.pick({d for p in up for d in p})
+        if pair is not None:
+            up[pair] = start
+            routes.append(tuple(d.split("/")[0] for d in pair))
+    assert set(routes) == {(a, b) for a in lowers for b in lowers if a != b}
+    assert len(routes) >= 24  # two cycles or more: skips stay few
     same = Pairing("same-server", devices)
     for _ in range(4):
         caller, callee = same.pick(set())
