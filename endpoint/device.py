@@ -214,8 +214,9 @@ class DeviceCall:
         """Time this device's own parts of the video latency: as a sender, from a frame's
         capture to its last packet sent (the sender asks for the next frame right after
         sending the last packet of one); as a receiver, from a frame's first packet in to its
-        decoding. Both keyed by the frame's RTP timestamp (its pts: 90 kHz both sides)."""
-        if isinstance(video, SyntheticVideoTrack):
+        decoding. Both keyed by the frame's RTP timestamp (its pts: 90 kHz both sides). A
+        pre-encoded source's frame starts at its logged send time; a camera's is not known."""
+        if isinstance(video, SyntheticVideoTrack | PreEncodedVideoTrack):
             part = self.sender_part
             video.on_captured = part.begin
             sender = transceiver.sender
@@ -258,7 +259,8 @@ class DeviceCall:
                 prefer_video_codec(transceiver, "video/VP8", only=True)
                 self.senders.append(PacketSender(
                     transceiver, kind, packets,
-                    functools.partial(self.supply.send_log.sent, self.address), self.clock))
+                    functools.partial(self.supply.send_log.sent, self.address), self.clock,
+                    part=self.sender_part))
             else:
                 self.senders.append(PacketSender(transceiver, kind, packets))
 
@@ -276,7 +278,7 @@ class DeviceCall:
         for kind, ssrc in remote_ssrcs(self.pc).items():
             counter = PacketCounter(kind, self.video, self.audio, len(self.supply.packets.frames),
                                     self.supply.send_log, self.peer, self._first_frame,
-                                    self.clock)
+                                    self.clock, arrival=tap.kernel_arrival)
             self.counters[kind] = counter
             tap.route(ssrc, counter.on_datagram)
 

@@ -26,7 +26,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCRtpTransceiver
 from aiortc.mediastreams import MediaStreamError
 
-from endpoint.meter import AudioMeter, SendLog, VideoMeter
+from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.sources import AUDIO_PTIME, AUDIO_RATE, VIDEO_CLOCK, EncodedLoop, Pacer
 from endpoint.stamp import Stamp
 from relay.forward import payload_of
@@ -101,12 +101,15 @@ class PacketSender:
 
     def __init__(self, transceiver: RTCRtpTransceiver, kind: str, loop: PacketLoop,
                  on_sent: Callable[[int, int, float], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, part: PartMeter | None = None
+                 ) -> None:
         self.kind = kind
         self.loop = loop
         self.tap = SenderTap(transceiver, self.request_keyframe)
         self._on_sent = on_sent
         self._clock = clock
+        #: the sender's own part of each frame: its logged send time -> its last packet sent
+        self._part = part
         self._position = 0
         self.keyframe_requests = 0
         self.packets = 0
@@ -136,13 +139,17 @@ class PacketSender:
         while True:
             await pacer.wait(n)
             k = self._position % len(templates)
+            at = self._clock()
             if self._on_sent is not None:
-                self._on_sent(k, n, self._clock())
+                self._on_sent(k, n, at)
             for template in templates[k]:
                 if tap.send_rewritten(template, len(template), payload_type, seq,
                                       ts) is not None:
                     self.packets += 1
                 seq = (seq + 1) & 0xFFFF
+            if self._part is not None:
+                self._part.begin(n, at)
+                self._part.end(n, self._clock())
             ts = (ts + step) & 0xFFFFFFFF
             self._position = k + 1
             n += 1
@@ -154,8 +161,12 @@ class PacketCounter:
 
     def __init__(self, kind: str, video: VideoMeter, audio: AudioMeter, loop_frames: int,
                  send_log: SendLog, peer: str, on_first_frame: Callable[[float], None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 arrival: Callable[[], float] | None = None) -> None:
         self.kind = kind
+        #: when the kernel took in the datagram being handled (0.0: unknown): the receiver's
+        #: own part of a frame is its last packet's wait from there until it is counted
+        self._arrival = arrival
         self.video, self.audio = video, audio
         self.loop_frames = loop_frames
         self.send_log, self.peer = send_log, peer
@@ -187,6 +198,9 @@ class PacketCounter:
             self.video.unreadable += 1
             return
         now = self._clock()
+        if self._arrival is not None and (arrived := self._arrival()) > 0:
+            self.video.receiver.begin(k, arrived)
+            self.video.receiver.end(k, now)
         logged = self.send_log.sent_at(self.peer, k)
         if logged is not None:
             found, sent_at = Stamp(logged[0], 0), logged[1]

@@ -163,6 +163,9 @@ class PreEncodedVideoTrack(MediaStreamTrack):
         self._position = 0
         self._pacer = Pacer(1 / loop.fps)
         self.keyframe_requests = 0
+        #: told (pts, time) of each frame as it is handed out, at its logged send time: the
+        #: sender's part starts there (a pre-encoded source has no capture)
+        self.on_captured: Callable[[int, float], None] | None = None
 
     def request_keyframe(self) -> bool:
         self._position = 0
@@ -177,8 +180,11 @@ class PreEncodedVideoTrack(MediaStreamTrack):
         packet = av.Packet(self.loop.frames[k])
         packet.pts = int(self._count * VIDEO_CLOCK / self.loop.fps)
         packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        at = self._clock()
         if self._on_sent is not None:
-            self._on_sent(k, self._count, self._clock())
+            self._on_sent(k, self._count, at)
+        if self.on_captured is not None:
+            self.on_captured(packet.pts, at)
         self._position = (k + 1) % len(self.loop.frames)
         self._count += 1
         return packet

@@ -67,3 +67,26 @@ def test_srtp_in_place_protect_is_what_pylibsrtp_decrypts():
     datagram = out.protect(len(plain))
     assert datagram is not None and len(datagram) > len(plain)
     assert back.unprotect(datagram) == plain
+
+
+def test_a_packet_receiver_s_part_is_its_last_packet_s_wait_after_the_kernel():
+    from endpoint.meter import AudioMeter, SendLog, VideoMeter
+    from endpoint.packets import PacketCounter
+
+    video = VideoMeter()
+    now = [100.0]
+    counter = PacketCounter("video", video, AudioMeter(), 15, SendLog(), "x/1", lambda at: None,
+                            clock=lambda: now[0], arrival=lambda: now[0] - 0.002)
+    for seq, (k, marker) in enumerate([(0, False), (0, True), (1, True)]):
+        payload = bytes([0x90, 0x80, k, 0xAA])
+        packet = bytes([0x80, 0xE0 if marker else 0x60]) + seq.to_bytes(2, "big") + \
+            bytes(8) + payload
+        counter.on_datagram(memoryview(packet), len(packet))
+        now[0] += 0.033
+    part = video.receiver.part()
+    # one part per frame, at its marker packet: 2 ms in the socket before it was counted
+    assert part is not None and part.frames == 2 and part.mean_ms == 2.0
+    counter = PacketCounter("video", VideoMeter(), AudioMeter(), 15, SendLog(), "x/1",
+                            lambda at: None, arrival=lambda: 0.0)  # the kernel cannot say
+    counter.on_datagram(memoryview(packet), len(packet))
+    assert counter.video.receiver.part() is None
