@@ -10,6 +10,10 @@ fault and with it, in one run.
 - lossy link: lower-a (and its device) in a network namespace of its own; 5 % of UDP packets
   dropped each way on its veth, so on the link lower-a - upper only. Printed: each link's
   packets lost before repair, as a share of what was sent, without and with.
+- capacity: a search of the upper server as a transit (`probe capacity --via upper`, 1 s
+  calls), without and with lower-b on the duty cycle. Printed: which server gave way first, by
+  what, and every server's signals (transit p99, loop lag, CPU, loss on arrival) at the first
+  failing rate.
 
 Needs root (namespaces, iptables); the namespace and everything in it is removed at the end.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -29,7 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from probe.bottleneck import parts
 from probe.calls import CallResult, run_call
+from probe.capacity import CapacitySettings, describe_gave_way, search
 from probe.client import discover, pick_pair
+from probe.load import LoadSettings
+from probe.objective import Objective
+from probe.scrape import ServerWatch
 from relay.logs import setup_logging
 from relay.stack import LocalStack, StackSettings
 from tests.faults import duty_cycle, split_lab
@@ -81,6 +90,32 @@ async def lossy_link(hold_s: float) -> dict[str, Any]:
             "bottleneck_with": during.bottleneck}
 
 
+async def capacity_gave_way() -> dict[str, Any]:
+    """A capacity search of the upper server as a transit, without and with lower-b (on every
+    call's path too) stopped on the duty cycle: which server gave way first."""
+    settings = StackSettings(devices=10, video="packets", size="320x240", fps=15)
+    out: dict[str, Any] = {"injected": f"lower-b stopped {STOPPED_S * 1000:g} ms of every "
+                                       f"{PERIOD_S * 1000:g} ms; search: capacity --via upper"}
+    for case in ("without", "with"):
+        async with LocalStack(settings) as stack, aiohttp.ClientSession() as session:
+            servers = await discover(session, stack.urls)
+            slow = next(c for c in stack.servers if c.name == "lower-b")
+            load = LoadSettings(rate=1, duration_s=3.0, hold_s=1.0, seed=5,
+                                max_lag_ms=500, via="upper")
+            async with ServerWatch(session, {s.name: s.url for s in servers},
+                                   interval_s=None) as watch, \
+                    (duty_cycle(slow.process.pid, STOPPED_S, PERIOD_S) if case == "with"
+                     else contextlib.nullcontext()):
+                found = await search(session, servers, load, Objective(),
+                                     CapacitySettings(start_rate=1, max_rate=8, bisect_steps=0,
+                                                      pause_s=0.3), watch=watch)
+        capacity = found["upper"]
+        out[case] = {"rate": capacity.rate, "failed_rate": capacity.failed_rate,
+                     "failed_because": capacity.failed_because,
+                     "gave_way": capacity.gave_way}
+    return out
+
+
 def table(out: dict[str, Any]) -> str:
     lines = []
     slow = out["slow_server"]
@@ -97,6 +132,17 @@ def table(out: dict[str, Any]) -> str:
         lines.append(f"  {name:<52} {lossy['lost_pct_without'].get(name, 0.0):7.2f}% "
                      f"{value:7.2f}%")
     lines.append(f"  bottleneck: {lossy['bottleneck_with']['lost']}")
+    found = out["capacity"]
+    lines += ["", f"capacity: {found['injected']}"]
+    for case in ("without", "with"):
+        one = found[case]
+        lines.append(f"  {case} the fault: passed {one['rate']} calls/s, first failing "
+                     f"{one['failed_rate']} ({'; '.join(one['failed_because'])})")
+        lines.append(f"    {describe_gave_way(one['gave_way'])}")
+        for server, seen in sorted(((one["gave_way"] or {}).get("at_failing_rate")
+                                    or {}).items()):
+            lines.append(f"    {server:<10} " + ", ".join(
+                f"{k} {v:g}" if v is not None else f"{k} -" for k, v in seen.items()))
     return "\n".join(lines)
 
 
@@ -110,7 +156,8 @@ def main() -> int:
 
     async def run() -> dict[str, Any]:
         return {"slow_server": await slow_server(args.hold),
-                "lossy_link": await lossy_link(args.hold)}
+                "lossy_link": await lossy_link(args.hold),
+                "capacity": await capacity_gave_way()}
 
     out = asyncio.run(run())
     print(json.dumps(out) if args.json else table(out))

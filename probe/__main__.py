@@ -24,7 +24,7 @@ import aiohttp
 
 from probe.bottleneck import describe as describe_hops
 from probe.calls import CallResult, run_call, summarize, wait_idle
-from probe.capacity import CapacitySettings, Step, search
+from probe.capacity import CapacitySettings, GiveWay, Step, describe_gave_way, search
 from probe.client import ProbeError, Server, discover, find_device, pick_pair
 from probe.credentials import Credentials
 from probe.load import PAIRING_MODES, LoadReport, LoadSettings, run_load
@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--factor", type=float, default=2.0, help="rate multiplier per step")
     cap.add_argument("--max-rate", type=float, default=1000.0)
     cap.add_argument("--bisect", type=int, default=3, help="bisection steps after a failure")
+    limits = GiveWay()
+    cap.add_argument("--give-way-transit-p99", type=float, default=limits.transit_p99_ms,
+                     metavar="MS", help="a server gave way when its calls' transit p99 is past "
+                                        "this")
+    cap.add_argument("--give-way-loop-lag", type=float, default=limits.loop_lag_p99_ms,
+                     metavar="MS", help="... or its event-loop lag p99 (from /metrics)")
+    cap.add_argument("--give-way-cpu", type=float, default=limits.cpu_pct, metavar="PCT",
+                     help="... or its CPU, %% of one core (from /metrics)")
+    cap.add_argument("--give-way-loss", type=float, default=limits.loss_in, metavar="F",
+                     help="... or the share of the video sent to it lost on the way")
     merge = sub.add_parser("merge", help="merge probes' --out directories into one report")
     merge.add_argument("dirs", nargs="+", type=Path)
     merge.add_argument("--out", type=Path, required=True)
@@ -327,8 +337,12 @@ async def command_capacity(args: argparse.Namespace) -> int:
     objective = objective_of(args)
     progress = Progress(enabled=not args.json)
     try:
-        cap_settings = CapacitySettings(start_rate=args.start_rate, factor=args.factor,
-                                        max_rate=args.max_rate, bisect_steps=args.bisect)
+        cap_settings = CapacitySettings(
+            start_rate=args.start_rate, factor=args.factor, max_rate=args.max_rate,
+            bisect_steps=args.bisect, give_way=GiveWay(
+                transit_p99_ms=args.give_way_transit_p99,
+                loop_lag_p99_ms=args.give_way_loop_lag, cpu_pct=args.give_way_cpu,
+                loss_in=args.give_way_loss))
     except ValueError as exc:
         raise ProbeError("bad_arguments", str(exc)) from None
     runs: list[dict[str, Any]] = []
@@ -393,6 +407,8 @@ def describe_run(summary: dict[str, Any]) -> str:
         lines.append(f"  {name}{role}: sustainable {found['rate']} calls/s with up to "
                      f"{found['concurrent']} calls at once; first failing "
                      f"{found['failed_rate']} calls/s ({'; '.join(found['failed_because'])})")
+        if (gave := describe_gave_way(found.get("gave_way"))) is not None:
+            lines.append(f"    {gave}")
         for step in summary.get("capacity_steps", {}).get(name, []):
             cpu = cpu_line(step.get("server_cpu_pct", {}))
             if cpu and step["rate"] in (found["rate"], found["failed_rate"]):

@@ -20,9 +20,28 @@ from typing import Any
 import aiohttp
 
 from probe.client import Server, lower_servers
+from probe.histograms import percentiles
 from probe.load import LoadReport, LoadSettings, run_load
 from probe.objective import Objective
 from probe.scrape import ServerWatch
+
+
+@dataclass(frozen=True)
+class GiveWay:
+    """Where a server is taken to have given way under load: past any of these at its hop."""
+
+    transit_p99_ms: float = 20.0  #: its calls' transit p99 (the p99 over the step's calls)
+    loop_lag_p99_ms: float = 50.0  #: its event loop's lag p99 (the /metrics bound)
+    cpu_pct: float = 90.0  #: of one core (a server is one Python process)
+    loss_in: float = 0.01  #: share of the video sent to it lost on the way
+
+    def __post_init__(self) -> None:
+        for signal in SIGNALS:
+            if not self.limit(signal) > 0:
+                raise ValueError(f"the give-way limit {signal} must be positive")
+
+    def limit(self, signal: str) -> float:
+        return float(getattr(self, signal))
 
 
 @dataclass(frozen=True)
@@ -33,10 +52,83 @@ class CapacitySettings:
     bisect_steps: int = 3
     max_skipped: float = 0.01  #: fraction of scheduled starts that may be skipped
     pause_s: float = 1.0  #: between steps: devices settle
+    give_way: GiveWay = field(default_factory=GiveWay)  #: which server gave way: its limits
 
     def __post_init__(self) -> None:
         if self.start_rate <= 0 or self.factor <= 1 or self.max_rate < self.start_rate:
             raise ValueError("need start_rate > 0, factor > 1, max_rate >= start_rate")
+
+
+SIGNALS = ("transit_p99_ms", "loop_lag_p99_ms", "cpu_pct", "loss_in")
+
+
+def signals(report: LoadReport, server_metrics: dict[str, dict[str, Any]]
+            ) -> dict[str, dict[str, float | None]]:
+    """Per server the calls of a step crossed, what says it is giving way (``SIGNALS``): from the
+    hops the servers measured (probe/hopstats.py) and their /metrics over the step."""
+    hops = report.recorder.hops.hops
+    out: dict[str, dict[str, float | None]] = {}
+    for name in sorted(report.recorder.crossing):
+        totals = hops.get(name)
+        transit = percentiles(totals.transit_p99_ms) if totals is not None else None
+        metrics = server_metrics.get(name, {})
+        out[name] = {"transit_p99_ms": transit["p99"] if transit else None,
+                     "loop_lag_p99_ms": metrics.get("loop_lag_p99_ms_at_most"),
+                     "cpu_pct": metrics.get("cpu_pct"),
+                     "loss_in": totals.loss_in if totals is not None else None}
+    return out
+
+
+def gave_way(steps: list[Step], failed_rate: float | None, limits: GiveWay
+             ) -> dict[str, Any] | None:
+    """Which server gave way first: going up the steps' rates to the first failing one, the
+    first step where a server is past a limit; in that step, the server furthest past one
+    (value / limit). If none is past a limit even at the first failing rate, the one nearest
+    to a limit there, with ``past_limit`` false. None without a failing rate."""
+    if failed_rate is None:
+        return None
+    upto = sorted((s for s in steps if s.rate <= failed_rate), key=lambda s: s.rate)
+    failing = next((s for s in upto if s.rate == failed_rate and not s.passed), None)
+    if failing is None:
+        return None
+
+    def worst(step: Step) -> tuple[float, float, str, str, float] | None:
+        """The server furthest past a limit; of two as far (the loop lag is read in coarse
+        buckets), the one further past its limits altogether."""
+        found = []
+        for server, values in step.signals.items():
+            ratios = [(value / limits.limit(signal), signal, value) for signal in SIGNALS
+                      if (value := values.get(signal)) is not None]
+            if ratios:
+                ratio, signal, value = max(ratios)
+                found.append((ratio, sum(r for r, _, _ in ratios), server, signal, value))
+        return max(found) if found else None
+
+    for step in upto:
+        top = worst(step)
+        if top is not None and top[0] >= 1.0:
+            break
+    else:
+        step, top = failing, worst(failing)
+        if top is None:
+            return {"server": None, "rate": failed_rate, "past_limit": False,
+                    "at_failing_rate": failing.signals}
+    ratio, _, server, signal, value = top
+    return {"server": server, "by": signal, "value": value, "limit": limits.limit(signal),
+            "rate": step.rate, "past_limit": ratio >= 1.0, "at_failing_rate": failing.signals}
+
+
+def describe_gave_way(found: dict[str, Any] | None) -> str | None:
+    """One line for the console, or None."""
+    if not found:
+        return None
+    if found["server"] is None:
+        return f"at {found['rate']:g} calls/s no server's hop figures were measured"
+    what = (f"{found['by']} {found['value']:g} (limit {found['limit']:g}) "
+            f"at {found['rate']:g} calls/s")
+    if found["past_limit"]:
+        return f"gave way first: {found['server']}, {what}"
+    return f"no server past a limit; nearest: {found['server']}, {what}"
 
 
 @dataclass
@@ -49,6 +141,11 @@ class Step:
     #: each server's /metrics over this step (probe/scrape.py), when they were watched
     server_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     via: bool = False  #: the server was searched as a transit: judged on calls crossing it
+
+    @property
+    def signals(self) -> dict[str, dict[str, float | None]]:
+        """Per server crossed, whether it is giving way (see ``signals``)."""
+        return signals(self.report, self.server_metrics)
 
     def row(self) -> dict[str, Any]:
         figures = _figures(self.report, self.server, self.via)
@@ -69,7 +166,9 @@ class Step:
                 # where the load went: every server's CPU and loop lag during the step
                 "server_cpu_pct": {n: m.get("cpu_pct") for n, m in self.server_metrics.items()},
                 "server_loop_lag_p99_ms_at_most": {
-                    n: m.get("loop_lag_p99_ms_at_most") for n, m in self.server_metrics.items()}}
+                    n: m.get("loop_lag_p99_ms_at_most") for n, m in self.server_metrics.items()},
+                # per server crossed: transit p99 at its hop, loop lag, CPU, loss on arrival
+                "signals": self.signals}
 
 
 def _figures(report: LoadReport, server: str, via: bool) -> Any:
@@ -89,12 +188,18 @@ class Capacity:
     failed_because: list[str] = field(default_factory=list)
     invalid: bool = False
     steps: list[Step] = field(default_factory=list)
+    limits: GiveWay = field(default_factory=GiveWay)
+
+    @property
+    def gave_way(self) -> dict[str, Any] | None:
+        """Which server gave way first, by what (see ``gave_way``)."""
+        return gave_way(self.steps, self.failed_rate, self.limits)
 
     def summary(self) -> dict[str, Any]:
         return {"server_under_test": self.server, "as": "transit" if self.via else "caller",
                 "rate": self.rate, "concurrent": self.concurrent,
                 "failed_rate": self.failed_rate, "failed_because": self.failed_because,
-                "invalid": self.invalid}
+                "invalid": self.invalid, "gave_way": self.gave_way}
 
 
 def judge(report: LoadReport, server: str, objective: Objective, media: bool,
@@ -137,7 +242,7 @@ async def _search_one(session: aiohttp.ClientSession, servers: list[Server], nam
                       load: LoadSettings, objective: Objective, settings: CapacitySettings,
                       on_step: Callable[[Step], None] | None,
                       watch: ServerWatch | None, via: bool = False) -> Capacity:
-    capacity = Capacity(name, via)
+    capacity = Capacity(name, via, limits=settings.give_way)
     offered = replace(load, via=name) if via else replace(load, callers_on=name)
 
     async def step(rate: float) -> Step:

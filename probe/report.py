@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from probe.hopstats import run_name
+
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 
 FILES = {"calls": "calls.jsonl", "summary": "summary.json", "timeseries": "timeseries.csv",
@@ -206,7 +208,13 @@ def render_html(summary: dict[str, Any]) -> str:
                 series[f"{name} CPU %"] = cpu
             body.append(line_chart(f"Capacity curve: {name}", rates, series, "calls/s",
                                    "value"))
+        gave = [(name, found["gave_way"]) for name, found in summary["capacity"].items()
+                if found.get("gave_way")]
+        if gave:
+            body.append(_gave_way_table(gave))
     body.append("<h2>Per server</h2>" + _server_table(servers))
+    if total.get("paths") and total.get("hops"):
+        body.append(_paths(total["paths"], total["hops"]))
     names = sorted(servers)
     body.append(bar_chart("Response time percentiles per server (ms)", names,
                           {p: [_phase(servers[n], "response_ms", p) for n in names]
@@ -250,9 +258,93 @@ def render_html(summary: dict[str, Any]) -> str:
     style = ("body{font-family:sans-serif;margin:24px;max-width:1100px}"
              "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;font-size:13px;text-align:right}svg.plot{display:block;"
-             "margin:12px 0}.bad{color:#c00}")
+             "margin:12px 0}.bad{color:#c00}"
+             ".path{display:flex;flex-wrap:wrap;align-items:center;gap:4px;margin:4px 0 16px}"
+             ".path div{border:1px solid #888;border-radius:4px;padding:4px 8px;font-size:12px;"
+             "background:#f4f7fb}.path div.link{border-style:dashed;background:#fff}"
+             ".path div.bottleneck{border:2px solid #c00;background:#fdecec}"
+             ".bn{color:#c00;font-weight:bold}")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Probe report</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def _paths(paths: list[dict[str, Any]], hops: dict[str, Any], most: int = 8) -> str:
+    """The calls' paths, each as a row of hops (caller's devices, link, server, ..., callee's
+    devices) with the run's figures of each hop: its latency part p50 and share of the row, the
+    loss on a link and on arrival at a server, setup p50 of a link, and how often it was a
+    call's bottleneck. The row's largest latency part, and any hop that was the bottleneck of
+    most of its calls by loss or setup, are marked."""
+    out = ["<h2>Where the calls were held back: the paths</h2>",
+           "<p>Each hop's figures are over every call of the run that crossed it: video latency "
+           "part p50 (server: transit; link: one-way estimate, both ways; devices: their own "
+           "parts) and its share of the row; loss before repair; setup p50.</p>"]
+    for entry in paths[:most]:
+        path = entry["path"]
+        nodes = [f"{path[0]}/*", *path, f"{path[-1]}/*"]
+        row: list[tuple[str, bool]] = []  # (hop name, is a link)
+        for i, node in enumerate(nodes):
+            if i:
+                row.append((run_name(f"{nodes[i - 1]} -> {node}"), True))
+            row.append((node, False))
+        latency = {name: ((hops.get(name) or {}).get("latency_ms") or {}).get("p50")
+                   for name, _ in row}
+        total = sum(v for v in latency.values() if v) or 0.0
+        worst = max(latency, key=lambda n: latency[n] or 0.0) if total > 0 else None
+        cells = []
+        for name, link in row:
+            hop = hops.get(name) or {}
+            part = latency[name]
+            lines = ["<b>&harr;</b>" if link else f"<b>{_e(name)}</b>"]
+            if part is not None:
+                share = f" ({part / total:.0%})" if total > 0 else ""
+                lines.append(f"latency {_fmt(part)} ms{share}")
+            loss = hop.get("loss") if link else hop.get("loss_in")
+            if loss:
+                lines.append(f"loss {loss:.2%}")
+            setup = (hop.get("setup_ms") or {}).get("p50")
+            if link and setup is not None:
+                lines.append(f"setup {_fmt(setup)} ms")
+            transit = (hop.get("transit_p99_ms") or {}).get("p50")
+            if transit is not None:
+                lines.append(f"transit p99 {_fmt(transit)} ms")
+            calls = hop.get("calls") or 0
+            marks = [m for m, n in (hop.get("bottleneck") or {}).items()
+                     if calls and n * 2 > calls and m != "latency_ms"]
+            if name == worst:
+                marks.insert(0, "latency_ms")
+            if marks:
+                lines.append("<span class=bn>bottleneck: " + ", ".join(
+                    m.removesuffix("_ms") for m in marks) + "</span>")
+            kind = "link" if link else "hop"
+            cells.append(f"<div class='{kind}{' bottleneck' if marks else ''}' "
+                         f"title='{_e(name)}'>"
+                         + "<br>".join(lines) + "</div>")
+        out.append(f"<p>{_e(' → '.join(path))}: {entry['calls']} calls</p>"
+                   f"<div class=path>{''.join(cells)}</div>")
+    if len(paths) > most:
+        out.append(f"<p>... and {len(paths) - most} more paths (summary.json: figures.paths)"
+                   "</p>")
+    return "\n".join(out)
+
+
+def _gave_way_table(gave: list[tuple[str, dict[str, Any]]]) -> str:
+    rows = ["<h3>Which server gave way first</h3><table><tr><th>search</th><th>server</th>"
+            "<th>by</th><th>value</th><th>limit</th><th>at calls/s</th>"
+            "<th>at the first failing rate: transit p99 ms / loop lag p99 ms / CPU % / loss"
+            "</th></tr>"]
+    for search, found in gave:
+        at = "<br>".join(
+            f"{_e(server)}: {_fmt(v.get('transit_p99_ms'))} / {_fmt(v.get('loop_lag_p99_ms'))}"
+            f" / {_fmt(v.get('cpu_pct'))} / {_fmt(v.get('loss_in'))}"
+            for server, v in sorted(found.get("at_failing_rate", {}).items()))
+        named = found.get("server") or "-"
+        if found.get("server") and not found.get("past_limit"):
+            named += " (nearest: none past a limit)"
+        rows.append(f"<tr><td>{_e(search)}</td><td>{_e(named)}</td>"
+                    f"<td>{_e(found.get('by', '-'))}</td><td>{_fmt(found.get('value'))}</td>"
+                    f"<td>{_fmt(found.get('limit'))}</td><td>{_fmt(found.get('rate'))}</td>"
+                    f"<td style='text-align:left'>{at}</td></tr>")
+    return "".join(rows) + "</table>"
 
 
 def _server_table(servers: dict[str, Any]) -> str:

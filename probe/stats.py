@@ -214,6 +214,8 @@ class Recorder:
     crossing: dict[str, Figures] = field(default_factory=dict)
     #: every hop of the calls (a server, a link, a device), by name (probe/hopstats.py)
     hops: HopsRecorder = field(default_factory=HopsRecorder)
+    #: the calls' paths (server names, caller's server first) and how many calls took each
+    paths: dict[tuple[str, ...], int] = field(default_factory=dict)
 
     def add(self, server: str, offset_s: float, outcome: Outcome, intervals: dict[str, float],
             media: dict[str, dict[str, Any]], late: bool = False,
@@ -226,6 +228,8 @@ class Recorder:
         for figures in slices:
             figures.add_call(outcome, intervals, media, late)
         self.hops.add(hops or [], links or [], media, senders)
+        if path:
+            self.paths[tuple(path)] = self.paths.get(tuple(path), 0) + 1
 
     def merge(self, other: Recorder, shift: int = 0) -> None:
         """Add ``other``'s figures; its windows move ``shift`` windows later (a later run)."""
@@ -233,6 +237,8 @@ class Recorder:
             raise ValueError(f"cannot merge windows of {other.window_s} s into {self.window_s} s")
         self.total.merge(other.total)
         self.hops.merge(other.hops)
+        for path, calls in other.paths.items():
+            self.paths[path] = self.paths.get(path, 0) + calls
         for name, figures in other.servers.items():
             self.servers.setdefault(name, Figures()).merge(figures)
         for name, figures in other.crossing.items():
@@ -245,7 +251,9 @@ class Recorder:
                 "servers": {n: f.summary() for n, f in sorted(self.servers.items())},
                 "crossing": {n: f.summary() for n, f in sorted(self.crossing.items())},
                 "windows": {str(i): f.summary() for i, f in sorted(self.windows.items())},
-                "hops": self.hops.summary()}
+                "hops": self.hops.summary(),
+                "paths": [{"path": list(path), "calls": calls} for path, calls in
+                          sorted(self.paths.items(), key=lambda kv: (-kv[1], kv[0]))]}
 
     @classmethod
     def from_summary(cls, data: dict[str, Any]) -> Recorder:
@@ -254,7 +262,8 @@ class Recorder:
                    crossing={n: Figures.from_summary(f)
                              for n, f in data.get("crossing", {}).items()},
                    windows={int(i): Figures.from_summary(f) for i, f in data["windows"].items()},
-                   hops=HopsRecorder.from_summary(data.get("hops", {})))
+                   hops=HopsRecorder.from_summary(data.get("hops", {})),
+                   paths={tuple(p["path"]): p["calls"] for p in data.get("paths", [])})
 
     def timeseries(self) -> list[dict[str, Any]]:
         """One row per window: calls, success, and phase percentiles (for the CSV and plots)."""

@@ -106,6 +106,7 @@ class StreamMeter:
             transit_ms_mean=_round(self.transit.mean),
             transit_ms_p50=_round(self.transit.quantile(0.5)),
             transit_ms_p95=_round(self.transit.quantile(0.95)),
+            transit_ms_p99=_round(self.transit.quantile(0.99)),
             transit_ms_max=_round(self.transit.max if self.transit.total else None),
             transit_samples=self.transit.total, keyframes_in=self.keyframes_in,
             keyframes_out=self.keyframes_out, nacks_in=self.nacks_in, nacks_out=self.nacks_out)

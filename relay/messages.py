@@ -312,6 +312,7 @@ class StreamHop(Body, frozen=True):
     transit_ms_mean: Ms | None = None
     transit_ms_p50: Ms | None = None
     transit_ms_p95: Ms | None = None
+    transit_ms_p99: Ms | None = None
     transit_ms_max: Ms | None = None
     transit_samples: Count = 0
     keyframes_in: Count = 0  #: PLI/FIR from downstream

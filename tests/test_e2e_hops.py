@@ -10,7 +10,11 @@ import aiohttp
 import pytest
 
 from probe.calls import run_call
+from probe.capacity import CapacitySettings, GiveWay, search
 from probe.client import discover, pick_pair
+from probe.load import LoadSettings
+from probe.objective import Objective
+from probe.scrape import ServerWatch
 from relay.hops import TRANSIT_EVERY
 from relay.stack import LocalStack, StackSettings
 
@@ -51,6 +55,23 @@ async def test_a_call_s_record_holds_every_hop_and_link(tree):
     async with tree.session.get(f"{tree.lowers['lower-a'].url}/v1/calls/{result.call}") as r:
         info = await r.json()
     assert [h["server"] for h in info["hops"]] == result.path and len(info["links"]) == 4
+
+
+@pytest.mark.parametrize("video", ["preencoded", "packets"])
+async def test_the_parts_add_up_with_the_load_sources_too(video):
+    # A pre-encoded source's frame starts at its logged send time; a packet device's frame
+    # ends at its marker packet, its part being that packet's wait after the kernel took it in.
+    settings = StackSettings(devices=1, video=video, size="320x240", fps=15)
+    async with LocalStack(settings) as stack, aiohttp.ClientSession() as session:
+        servers = await discover(session, stack.urls)
+        result = await run_call(session, servers, *pick_pair(servers), 2.5)
+    assert result.ok, result.to_dict()
+    for direction, split in result.latency_parts.items():
+        assert split["sender_ms"] is not None and split["receiver_ms"] is not None, split
+        assert split["glass_to_glass_ms"] is not None, split
+        assert abs(split["unexplained_ms"]) <= 10, (direction, split)
+        if video == "preencoded":  # decoded: aiortc's jitter buffer holds a frame
+            assert split["receiver_ms"] > 10, split
 
 
 STOPPED_S, PERIOD_S = 0.04, 0.15
@@ -101,3 +122,34 @@ async def test_loss_on_one_link_is_found_on_that_link_and_nowhere_else():
             for seen in link["directions"].values():
                 assert seen["lost"] <= max(2, 0.005 * seen.get("packets", 0)), (name, link)
     assert result.bottleneck["lost"]["hop"] == "lower-a -> upper", result.bottleneck
+
+
+async def test_capacity_says_which_server_gave_way_first():
+    # A search of the upper server as a transit; lower-b, on every call's path too, is the
+    # one whose process is stopped 40 ms of every 150. The search fails at 2 calls/s at the
+    # latest (3 devices a server cannot take the calls: starts are skipped), and it must name
+    # lower-b, past its transit limit from the first rate on, not the server searched.
+    settings = StackSettings(devices=3, video="packets", size="320x240", fps=15)
+    async with LocalStack(settings) as stack, aiohttp.ClientSession() as session:
+        servers = await discover(session, stack.urls)
+        slow = next(c for c in stack.servers if c.name == "lower-b")
+        load = LoadSettings(rate=1, duration_s=3.0, hold_s=2.0, seed=5, max_lag_ms=500,
+                            via="upper")
+        async with ServerWatch(session, {s.name: s.url for s in servers},
+                               interval_s=None) as watch, \
+                duty_cycle(slow.process.pid, STOPPED_S, PERIOD_S):
+            found = await search(session, servers, load,
+                                 Objective(max_media_latency_p95_ms=15.0),
+                                 CapacitySettings(start_rate=1, max_rate=2, bisect_steps=0,
+                                                  pause_s=0.3), watch=watch)
+    capacity = found["upper"]
+    assert capacity.failed_rate in (1, 2), capacity.summary()
+    gave = capacity.summary()["gave_way"]
+    assert gave["server"] == "lower-b" and gave["past_limit"] and gave["rate"] == 1, gave
+    assert gave["by"] == "transit_p99_ms" and gave["value"] > 20, gave
+    at = gave["at_failing_rate"]
+    assert set(at) == {"lower-a", "upper", "lower-b"}, at
+    for name in ("lower-a", "upper"):  # the untouched servers: well inside every limit
+        limits = GiveWay()
+        assert at[name]["transit_p99_ms"] < limits.transit_p99_ms, at
+        assert at[name]["loss_in"] < limits.loss_in and at[name]["cpu_pct"] < limits.cpu_pct, at

@@ -8,6 +8,9 @@ import pytest
 
 from endpoint.meter import PartMeter
 from probe.bottleneck import bottleneck, budget, parts
+from probe.capacity import GiveWay, Step, describe_gave_way, gave_way
+from probe.load import LoadReport, LoadSettings
+from probe.stats import Outcome, Recorder
 from relay.effects import Link
 from relay.hops import Buckets, StreamMeter, links_of
 from relay.messages import CallUpdate, HopFigures, LegHop, StreamHop
@@ -42,8 +45,10 @@ def test_a_stream_s_figures():
 
 
 def hop(server: str, transit: float, rtt_up: float | None, rtt_down: float | None,
-        lost_c2c: int = 0, setup: float = 50.0, far_lost: int = 0) -> HopFigures:
-    stream = {"video": StreamHop(packets=100, lost=lost_c2c, transit_ms_mean=transit)}
+        lost_c2c: int = 0, setup: float = 50.0, far_lost: int = 0,
+        p99: float | None = None) -> HopFigures:
+    stream = {"video": StreamHop(packets=100, lost=lost_c2c, transit_ms_mean=transit,
+                                 transit_ms_p99=p99)}
     legs = [LegHop(toward="caller", peer="up", rtt_ms=rtt_up, dtls_ms=setup),
             LegHop(toward="callee", peer="down", rtt_ms=rtt_down, dtls_ms=setup,
                    far_lost=far_lost)]
@@ -180,6 +185,9 @@ def test_a_run_s_hops_aggregate_by_name_and_merge_exactly():
     assert a_u["bottleneck"] == {"lost": 2}
     assert a_u["loss"] == pytest.approx(10 / 390, abs=1e-4)
     assert "a/* - a" not in both.summary() and "a - a/*" in both.summary()  # devices by server
+    # what arrived at u: a -> u caller_to_callee (100, 5 lost), u -> b callee_to_caller (90)
+    assert (upper["packets_in"], upper["lost_in"]) == (2 * 190, 2 * 5)
+    assert upper["loss_in"] == pytest.approx(10 / 390, abs=1e-4)
     assert run_name("b -> a/cam-7") == run_name("a/cam-9 -> b") == "a/* - b"
 
 
@@ -191,3 +199,54 @@ def test_a_link_s_round_trip_is_the_least_seen_when_known():
     links = links_of(["a", "u"], "a/1", "u/2", {"a": calm, "u": stalled})
     # the stalled end's least round trip, the calm end's smoothed one (all it has)
     assert links[1].rtt_ms == pytest.approx((0.8 + 12.0) / 2)
+
+
+def _step(rate: float, passed: bool, p99: dict[str, float], lag: dict[str, float] | None = None,
+          cpu: dict[str, float] | None = None, lost: int = 0) -> Step:
+    """A capacity step of one call a -> u -> b with these transit p99s and /metrics."""
+    recorder = Recorder()
+    hops = {name: hop(name, 0.5, 1.0, 1.0, p99=p99.get(name),
+                      lost_c2c=lost if name == "b" else 0) for name in ("a", "u", "b")}
+    links = [link.to_dict() for link in links_of(["a", "u", "b"], "a/1", "b/2", hops)]
+    recorder.add("a", 0.0, Outcome(True), {}, {}, path=["a", "u", "b"],
+                 hops=[h.to_dict() for h in hops.values()], links=links)
+    metrics = {name: {"loop_lag_p99_ms_at_most": (lag or {}).get(name, 5.0),
+                      "cpu_pct": (cpu or {}).get(name, 10.0)} for name in ("a", "u", "b")}
+    report = LoadReport(LoadSettings(rate=rate, duration_s=1.0), recorder)
+    return Step("u", rate, passed, [] if passed else ["success"], report, metrics, via=True)
+
+
+def test_capacity_names_the_server_that_gave_way_first():
+    limits = GiveWay()
+    calm = {"a": 1.0, "u": 2.0, "b": 1.5}
+    # b's transit p99 passes its limit at 4 calls/s, while the search still passes: b gave
+    # way first, though u (the server searched) is the one that fails at 8
+    steps = [_step(2, True, calm), _step(4, True, {**calm, "b": 30.0}),
+             _step(8, False, {**calm, "b": 45.0}, lag={"u": 200.0})]
+    found = gave_way(steps, 8, limits)
+    assert found is not None
+    assert (found["server"], found["by"], found["value"], found["rate"]) == \
+        ("b", "transit_p99_ms", pytest.approx(30.0, rel=0.01), 4)
+    assert found["past_limit"] and found["limit"] == 20.0
+    assert set(found["at_failing_rate"]) == {"a", "u", "b"}
+    assert found["at_failing_rate"]["u"]["loop_lag_p99_ms"] == 200.0
+    assert describe_gave_way(found).startswith("gave way first: b, transit_p99_ms 30")
+    # in one step, the server furthest past a limit: u's lag is 4x its limit, b's CPU 1.05x
+    found = gave_way([_step(8, False, calm, lag={"u": 200.0}, cpu={"b": 95.0})], 8, limits)
+    assert (found["server"], found["by"]) == ("u", "loop_lag_p99_ms")
+    # as far past a limit (lag buckets are coarse): the one further past its limits in all
+    found = gave_way([_step(8, False, {**calm, "a": 15.0}, lag={"u": 100.0, "a": 100.0})], 8,
+                     limits)
+    assert (found["server"], found["by"]) == ("a", "loop_lag_p99_ms")
+    # loss on the way to b: 30 of 130 video packets sent to it
+    found = gave_way([_step(8, False, calm, lost=30)], 8, limits)
+    assert (found["server"], found["by"]) == ("b", "loss_in")
+    assert found["value"] == pytest.approx(30 / 220, abs=1e-3)
+    # nobody past a limit: the nearest is named, and says so
+    found = gave_way([_step(8, False, calm, cpu={"a": 60.0})], 8, limits)
+    assert (found["server"], found["by"], found["past_limit"]) == ("a", "cpu_pct", False)
+    assert describe_gave_way(found).startswith("no server past a limit; nearest: a")
+    # a search that never failed says nothing of giving way
+    assert gave_way(steps[:2], None, limits) is None
+    with pytest.raises(ValueError):
+        GiveWay(cpu_pct=0)

@@ -17,11 +17,27 @@ from probe.report import FILES, write_summary
 from probe.scrape import ServerTrack, parse
 from probe.stats import Outcome, Recorder
 from probe.summary import build
-from relay.messages import DIRECTIONS
+from relay.hops import links_of
+from relay.messages import DIRECTIONS, HopFigures, LegHop, StreamHop
 
 from . import browser
 
 pytestmark = pytest.mark.e2e
+
+
+def _hop(server: str, transit: float) -> HopFigures:
+    video = StreamHop(packets=100, lost=3 if server == "lower-b" else 0,
+                      transit_ms_mean=transit, transit_ms_p99=transit * 3)
+    return HopFigures(server=server, at=1.0, streams={d: {"video": video} for d in DIRECTIONS},
+                      legs=[LegHop(toward="caller", peer="x", rtt_ms=2.0, dtls_ms=60.0),
+                            LegHop(toward="callee", peer="y", rtt_ms=2.0, dtls_ms=60.0)])
+
+
+PATH = ["lower-a", "upper", "lower-b"]
+_FIGURES = {"lower-a": _hop("lower-a", 0.4), "upper": _hop("upper", 9.0),
+            "lower-b": _hop("lower-b", 0.5)}
+HOPS = [_FIGURES[name].to_dict() for name in PATH]
+LINKS = [link.to_dict() for link in links_of(PATH, "lower-a/cam-1", "lower-b/cam-2", _FIGURES)]
 
 
 def a_summary() -> dict:
@@ -35,7 +51,8 @@ def a_summary() -> dict:
         recorder.add(server, i * 0.05, Outcome(True) if ok else
                      Outcome(False, "timeout", "setup_timeout"),
                      {"response_ms": rng.uniform(2, 20), "setup_ms": rng.uniform(150, 400)},
-                     media if ok else {})
+                     media if ok else {}, path=PATH if ok else (),
+                     hops=HOPS if ok else None, links=LINKS if ok else None)
     run = {"rate": 20, "duration_s": 10, "media": "full", "valid": True, "scheduled": 200,
            "started": 200, "skipped_cap": 0, "skipped_no_devices": 0, "late_starts": 0,
            "max_concurrent_seen": 4, "offset_s": 0.0, "figures": recorder.summary(),
@@ -68,6 +85,12 @@ def test_report_renders_in_chromium_with_its_plots(tmp_path: Path):
     assert "no data" not in dom
     assert "What the servers said" in dom and "relay_calls_started_total: 100" in dom
     assert "unreadable: ghost: refused" in dom
+    # the path drawn as a row of hops; the slow upper marked as the bottleneck by latency,
+    # the link into lower-b (3 % lost) by loss
+    assert "lower-a → upper → lower-b" in dom
+    assert dom.count("class=\"hop bottleneck\" title=\"upper\"") == 1
+    assert dom.count("class=\"link bottleneck\" title=\"lower-b - upper\"") == 1
+    assert "bottleneck: lost" in dom and "loss 2.91%" in dom
     shot = browser.screenshot(url, tmp_path / "shot.png")
     with av.open(str(shot)) as container:
         picture = next(container.decode(video=0)).to_ndarray(format="rgb24")
