@@ -15,6 +15,10 @@ lower server, so each stream crosses the relay once (one hop). Modes:
 Per mode: relay CPU (% of one core) per stream, read from /proc over the measuring window;
 added latency per hop p50/p95 (the mode's glass-to-glass percentile minus the direct one's);
 fps delivered per stream; frames lost in the window. Then the ratio of transcode to forward CPU.
+
+``--hop-rounds N`` and ``--cc-rounds N`` price two server features that are on by default, the
+per-hop figures and congestion control: the packet streams forwarded with the feature and
+without, N times each, alternated; the medians.
 """
 
 from __future__ import annotations
@@ -80,11 +84,11 @@ def close_window(calls: list[DeviceCall], start: dict[int, tuple[int, int]]) -> 
 
 
 @contextlib.asynccontextmanager
-async def relay_server(mode: str, hop_figures: bool = True) -> AsyncIterator[tuple[str, int]]:
+async def relay_server(mode: str, options: tuple[str, ...] = ()
+                       ) -> AsyncIterator[tuple[str, int]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "lower", "--name", "bench", "--media-mode", mode,
-        "--media-address", "127.0.0.1", "--log-level", "warning",
-        *(() if hop_figures else ("--no-hop-figures",)),
+        "--media-address", "127.0.0.1", "--log-level", "warning", *options,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         assert process.stdout is not None
@@ -96,9 +100,9 @@ async def relay_server(mode: str, hop_figures: bool = True) -> AsyncIterator[tup
 
 
 async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply: MediaSupply,
-                        warmup: float, seconds: float, hop_figures: bool = True
+                        warmup: float, seconds: float, options: tuple[str, ...] = ()
                         ) -> dict[str, Any]:
-    async with relay_server(mode, hop_figures) as (url, pid), \
+    async with relay_server(mode, options) as (url, pid), \
             aiohttp.ClientSession() as session:
         devices = [Device(url, f"d{i}", settings, supply=supply) for i in range(2 * pairs)]
         tasks = [asyncio.create_task(d.run(session)) for d in devices]
@@ -218,31 +222,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         added_latency(scale)
         out["forward_at_scale"] = scale
     if args.hop_rounds:
-        out["hop_figures_cost"] = await hop_cost(args, settings)
+        out["hop_figures_cost"] = await option_cost(args, settings, args.hop_rounds,
+                                                    ("--no-hop-figures",))
+    if args.cc_rounds:
+        out["congestion_control_cost"] = await option_cost(
+            args, settings, args.cc_rounds, ("--congestion-control", "off"))
     if "transcode" in out and "forward" in out and out["forward"]["cpu_pct_per_stream"]:
         out["transcode_to_forward_cpu_ratio"] = round(
             out["transcode"]["cpu_pct_per_stream"] / out["forward"]["cpu_pct_per_stream"], 1)
     return out
 
 
-async def hop_cost(args: argparse.Namespace, settings: DeviceSettings) -> dict[str, Any]:
-    """The per-hop accounting's price: forwarding with it and without (``--no-hop-figures``),
-    alternated ``--hop-rounds`` times so drift in the machine's load falls on both; the
-    medians of the runs each way."""
+async def option_cost(args: argparse.Namespace, settings: DeviceSettings, rounds: int,
+                      off: tuple[str, ...]) -> dict[str, Any]:
+    """The price of a server feature on by default (the per-hop figures, congestion control):
+    forwarding packet streams with it and without (the server options ``off``), alternated
+    ``rounds`` times so drift in the machine's load falls on both; the medians of the runs
+    each way. The packet devices write abs-send-time as aiortc's senders do, so the servers'
+    bandwidth estimators run on every video packet."""
     packets = replace(settings, video="packets")
     supply = MediaSupply.for_settings(packets)
     pairs = max(1, args.scale_streams // 2)
     cpu: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(args.hop_rounds):
+    for _ in range(rounds):
         for measured in (False, True):
             run = await through_relay("forward", pairs, packets, supply, args.warmup,
-                                      args.seconds, hop_figures=measured)
+                                      args.seconds, () if measured else off)
             cpu[measured].append(run["cpu_pct_per_stream"])
-    # medians: one run disturbed by the machine moves a mean more than the accounting does
-    on, off = (statistics.median(cpu[m]) for m in (True, False))
-    return {"streams": 2 * pairs, "rounds": args.hop_rounds,
-            "cpu_pct_per_stream_with": round(on, 3), "cpu_pct_per_stream_without": round(off, 3),
-            "added_pct": round((on / off - 1) * 100, 1) if off else None,
+    # medians: one run disturbed by the machine moves a mean more than the feature does
+    on, off_cpu = (statistics.median(cpu[m]) for m in (True, False))
+    return {"streams": 2 * pairs, "rounds": rounds, "off": " ".join(off),
+            "cpu_pct_per_stream_with": round(on, 3),
+            "cpu_pct_per_stream_without": round(off_cpu, 3),
+            "added_pct": round((on / off_cpu - 1) * 100, 1) if off_cpu else None,
             "runs_with": cpu[True], "runs_without": cpu[False]}
 
 
@@ -260,13 +272,17 @@ def table(out: dict[str, Any]) -> str:
         lines += ["", f"{scale['streams']} streams of the same media sent as ready RTP packets "
                       f"and counted without decoding (latency: frame's first packet sent -> "
                       f"last packet received)", *_rows(scale)]
-    if "hop_figures_cost" in out:
-        cost = out["hop_figures_cost"]
-        lines += ["", f"per-hop figures' cost, {cost['streams']} packet streams, "
-                      f"{cost['rounds']} rounds each way: relay CPU per stream "
-                      f"{cost['cpu_pct_per_stream_without']:.3f} % without, "
-                      f"{cost['cpu_pct_per_stream_with']:.3f} % with: "
-                      f"{cost['added_pct']:+.1f} % (target: at most +5 %)"]
+    for key, what, target in (("hop_figures_cost", "per-hop figures' cost", "at most +5 %"),
+                              ("congestion_control_cost", "congestion control's cost",
+                               "within the runs' noise")):
+        if key in out:
+            cost = out[key]
+            lines += ["", f"{what}, {cost['streams']} packet streams, "
+                          f"{cost['rounds']} rounds each way: relay CPU per stream "
+                          f"{cost['cpu_pct_per_stream_without']:.3f} % without, "
+                          f"{cost['cpu_pct_per_stream_with']:.3f} % with: "
+                          f"{cost['added_pct']:+.1f} % (target: {target}; runs without "
+                          f"{_spread(cost['runs_without'])}, with {_spread(cost['runs_with'])})"]
     return "\n".join(lines)
 
 
@@ -282,6 +298,10 @@ def _rows(out: dict[str, Any]) -> list[str]:
             f"{_ms(m['added_latency_ms_p95']):>10} {_ms(m['latency_ms_p50']):>12} "
             f"{m['fps']:>6.1f} {m['frames_lost']:>5}")
     return lines
+
+
+def _spread(runs: list[float]) -> str:
+    return f"{min(runs):.3f}-{max(runs):.3f}" if runs else "-"
 
 
 def _ms(value: float | None) -> str:
@@ -300,6 +320,9 @@ def main() -> int:
     parser.add_argument("--hop-rounds", type=int, default=4,
                         help="price the per-hop figures: forward with and without them this "
                              "many times each, alternated (0: skip)")
+    parser.add_argument("--cc-rounds", type=int, default=0,
+                        help="price congestion control: forward with and without it (servers' "
+                             "--congestion-control off) this many times each (0: skip)")
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--modes", default=",".join(MODES),

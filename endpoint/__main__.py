@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "but loopback (env ENDPOINT_MEDIA_ADDRESSES, comma-separated)")
     p.add_argument("--ice-server", action="append", default=None, help="stun:/turn: URL")
     p.add_argument("--log-level", default=env("ENDPOINT_LOG_LEVEL", "info"))
+    p.add_argument("--min-bitrate", type=float,
+                   default=float(env("ENDPOINT_MIN_BITRATE", "100")), metavar="KBPS",
+                   help="the least a live encoder is set to when the path reports less "
+                        "(REMB; aiortc's own floor is 250 kbit/s)")
+    p.add_argument("--audio-bitrate", type=float,
+                   default=float(env("ENDPOINT_AUDIO_BITRATE", "32")), metavar="KBPS",
+                   help="Opus bitrate (aiortc's own: 96)")
     p.add_argument("--connect-timeout", type=float,
                    default=float(env("ENDPOINT_CONNECT_TIMEOUT", "0")), metavar="S",
                    help="exit 1 (saying why) if the devices are not all registered within S "
@@ -112,7 +119,9 @@ async def run(args: argparse.Namespace) -> int:
                               audio=args.audio != "none", media=media,
                               codecs=CODEC_CHOICES[args.codec], video=args.video,
                               stamp=args.stamp, audio_source=args.audio, show=args.show,
-                              record=args.record, token=args.token)
+                              record=args.record, token=args.token,
+                              min_bitrate=int(args.min_bitrate * 1000),
+                              audio_bitrate=int(args.audio_bitrate * 1000))
     supply = MediaSupply.for_settings(settings)
     devices = []
     counts = args.counts or [args.count] * len(args.server)

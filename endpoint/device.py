@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import numpy as np
 from aiortc import MediaStreamTrack, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
+from endpoint.bitrate import EncoderTarget, follow_remb, set_audio_bitrate
 from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, open_video
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
+from endpoint.recovery import StallGuard
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from endpoint.view import Recorder, Viewer, ViewError
 from relay.auth import token_for
@@ -32,6 +35,7 @@ from relay.messages import (
     VIDEO_CODECS,
     WS_MAX_MSG_SIZE,
     Answer,
+    DevicePart,
     Error,
     FirstFrame,
     Hangup,
@@ -92,6 +96,11 @@ class DeviceSettings:
     media: MediaSettings = field(default_factory=MediaSettings)
     stats_interval_s: float = 1.0
     heartbeat_s: float = 2.0
+    #: the least bitrate a live encoder is set to when the path reports less (endpoint/bitrate.py;
+    #: aiortc's own floor is 250 kbit/s for VP8)
+    min_bitrate: int = 100_000
+    #: Opus bitrate (aiortc's own is 96 kbit/s; 32 is WebRTC's usual for speech)
+    audio_bitrate: int = 32_000
 
     @property
     def video_codecs(self) -> tuple[str, ...]:
@@ -165,6 +174,10 @@ class DeviceCall:
         self.audio = AudioMeter()
         #: this device's own part of the video it sends: captured -> last packet sent
         self.sender_part = PartMeter()
+        #: a live encoder's target, following the path's REMB (None: the source cannot adapt)
+        self.bitrate: EncoderTarget | None = None
+        #: the video receiver's way out of a packet lost for good (decoded video only)
+        self.stall_guard: StallGuard | None = None
         self._pts_origin: Any = None  #: aiortc's TimestampMapper of the video receiver
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sources: list[MediaStreamTrack] = []
@@ -193,6 +206,9 @@ class DeviceCall:
                 self.sources.append(video)
                 transceiver = self.pc.addTransceiver(video, direction="sendrecv")
                 self._time_parts(transceiver, video)
+                if not isinstance(video, PreEncodedVideoTrack):  # a live encoder adapts
+                    self.bitrate = EncoderTarget(floor=self.settings.min_bitrate)
+                    follow_remb(transceiver.sender, self.bitrate)
                 if isinstance(video, PreEncodedVideoTrack):
                     watch_keyframe_requests(transceiver.sender, video.request_keyframe)
                     prefer_video_codec(transceiver, "video/VP8", only=True)
@@ -206,7 +222,8 @@ class DeviceCall:
                          if self.settings.audio_source == "tone"
                          else open_audio(self.settings.audio_source))
                 self.sources.append(audio)
-                self.pc.addTransceiver(audio, direction="sendrecv")
+                sender = self.pc.addTransceiver(audio, direction="sendrecv").sender
+                set_audio_bitrate(sender, self.settings.audio_bitrate)
             else:
                 self.pc.addTransceiver("audio", direction="recvonly")
 
@@ -238,10 +255,15 @@ class DeviceCall:
         # aiortc rebases the decoded frames' pts on the first frame's RTP timestamp
         self._pts_origin = receiver._RTCRtpReceiver__timestamp_mapper
 
+        guard = self.stall_guard = StallGuard(
+            receiver, lambda ssrc: self.spawn(receiver._send_rtcp_pli(ssrc)))
+
         async def timed_handle(packet: Any, arrival_time_ms: int) -> None:
             # (aiortc's arrival_time_ms counts from 1900, and in whole ms: the clock here)
-            arrived.begin(packet.timestamp, self.clock())
+            now = self.clock()
+            arrived.begin(packet.timestamp, now)
             await handle(packet, arrival_time_ms)
+            guard.after(packet, now)
 
         receiver._handle_rtp_packet = timed_handle  # type: ignore[method-assign]
 
@@ -385,8 +407,19 @@ class DeviceCall:
                 self.audio.frame(frame.to_ndarray())
 
     def stats(self) -> Stats:
-        return Stats(call=self.call, media=self.video.stats(self.clock(), self.audio),
-                     sender=self.sender_part.part())
+        return Stats(call=self.call, media=self.video.stats(self.clock(), self.audio,
+                                                            window=True),
+                     sender=self.sender())
+
+    def sender(self) -> DevicePart:
+        """This device's own part of the video it sends, and whether and how it adapts."""
+        part = self.sender_part.part() or DevicePart()
+        rate = self.bitrate
+        if rate is None:
+            return msgspec.structs.replace(part, adapts=False)
+        return msgspec.structs.replace(
+            part, adapts=True, target_kbps=rate.target / 1000, restarts=rate.changes,
+            reported_kbps=rate.reported / 1000 if rate.reported is not None else None)
 
     async def _report(self) -> None:
         while self.channel is not None:

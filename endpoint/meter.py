@@ -12,7 +12,7 @@ import numpy as np
 from hdrh.histogram import HdrHistogram
 
 from endpoint.stamp import Stamp, unwrap_ms
-from relay.messages import DevicePart, MediaStats
+from relay.messages import DevicePart, MediaStats, MediaWindow
 
 #: latencies are recorded in microseconds, 1 us .. 60 s, 3 significant digits
 LATENCY_MAX_US = 60_000_000
@@ -36,6 +36,9 @@ class VideoMeter:
         self._latency_sum_ms = 0.0
         #: this device's own part: first packet in -> decoded (fed by the device)
         self.receiver = PartMeter()
+        #: the window since the last report: latencies, and (frames, lost, gaps, time) at its start
+        self._window_us = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self._window_start: tuple[int, int, int, float] | None = None
 
     def frame(self, found: Stamp | None, now: float, timed: bool = True,
               sent_at: float | None = None) -> bool:
@@ -57,8 +60,9 @@ class VideoMeter:
             if timed:
                 sent = sent_at if sent_at is not None else \
                     unwrap_ms(found.sent_ms, int(now * 1000)) / 1000
-                self.latency_us.record_value(
-                    min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6))))
+                us = min(LATENCY_MAX_US, max(1, int((now - sent) * 1e6)))
+                self.latency_us.record_value(us)
+                self._window_us.record_value(us)
                 self._latency_sum_ms += (now - sent) * 1000
         first = self.first_at is None
         if first:
@@ -75,7 +79,26 @@ class VideoMeter:
         self.frames += 1
         return first
 
-    def stats(self, now: float, audio: AudioMeter | None = None) -> MediaStats:
+    def window(self, now: float) -> MediaWindow | None:
+        """What arrived since the last call (None the first time: the window starts), and a new
+        window from ``now``."""
+        start, self._window_start = self._window_start, (self.frames, self.lost, self.gaps, now)
+        histogram, self._window_us = self._window_us, HdrHistogram(1, LATENCY_MAX_US, 3)
+        if start is None:
+            return None
+        has = histogram.get_total_count() > 0
+
+        def pct(p: float) -> float | None:
+            return round(histogram.get_value_at_percentile(p) / 1000, 2) if has else None
+
+        return MediaWindow(seconds=round(max(0.0, now - start[3]), 3),
+                           frames=self.frames - start[0], frames_lost=self.lost - start[1],
+                           gaps=self.gaps - start[2], latency_ms_p50=pct(50),
+                           latency_ms_p95=pct(95))
+
+    def stats(self, now: float, audio: AudioMeter | None = None,
+              window: bool = False) -> MediaStats:
+        """The figures so far; with ``window``, also those since the last such call."""
         duration = (now - self.first_at) if self.first_at is not None else 0.0
         span = (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0
         fps = (self.frames - 1) / span if span > 0 and self.frames > 1 else 0.0
@@ -93,7 +116,8 @@ class VideoMeter:
             latency_ms_max=round(self.latency_us.get_max_value() / 1000, 2) if has else None,
             gaps=self.gaps, duration_s=round(duration, 3),
             audio_frames=audio.frames if audio else 0,
-            audio_level_dbfs=audio.level_dbfs() if audio else None)
+            audio_level_dbfs=audio.level_dbfs() if audio else None,
+            window=self.window(now) if window else None)
 
 
 class PartMeter:

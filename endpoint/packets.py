@@ -29,8 +29,9 @@ from aiortc.mediastreams import MediaStreamError
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.sources import AUDIO_PTIME, AUDIO_RATE, VIDEO_CLOCK, EncodedLoop, Pacer
 from endpoint.stamp import Stamp
+from relay.congestion import abs_send_time_offset, abs_send_time_value
 from relay.forward import payload_of
-from relay.rtc import SenderTap, vp8_payloads
+from relay.rtc import SenderTap, ntp_now, vp8_payloads
 
 AUDIO_STEP = round(AUDIO_RATE * AUDIO_PTIME)  #: RTP timestamp step of one Opus packet
 
@@ -130,10 +131,14 @@ class PacketSender:
                 (tap.packet(self.loop.audio, False, payload_type),),)
             interval, step = AUDIO_PTIME, AUDIO_STEP
         else:
+            # abs-send-time on video, as aiortc's own senders write it: the servers' congestion
+            # control estimates from it (this source cannot adapt, but it is measured the same)
             templates = tuple(
-                tuple(tap.packet(p, i == len(frame) - 1, payload_type) for i, p in enumerate(frame))
-                for frame in self.loop.frames)
+                tuple(tap.packet(p, i == len(frame) - 1, payload_type, abs_send_time=True)
+                      for i, p in enumerate(frame)) for frame in self.loop.frames)
             interval, step = 1 / self.loop.fps, round(VIDEO_CLOCK / self.loop.fps)
+        ext_id = getattr(tap.extension_ids(), "abs_send_time", None) or 0
+        offset = abs_send_time_offset(templates[0][0], ext_id) if self.kind == "video" else None
         pacer = Pacer(interval)
         n = 0
         while True:
@@ -142,9 +147,10 @@ class PacketSender:
             at = self._clock()
             if self._on_sent is not None:
                 self._on_sent(k, n, at)
+            stamp = (offset, abs_send_time_value(ntp_now())) if offset is not None else None
             for template in templates[k]:
                 if tap.send_rewritten(template, len(template), payload_type, seq,
-                                      ts) is not None:
+                                      ts, stamp) is not None:
                     self.packets += 1
                 seq = (seq + 1) & 0xFFFF
             if self._part is not None:

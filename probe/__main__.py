@@ -64,6 +64,10 @@ def _common(c: argparse.ArgumentParser, devices: int, video: str) -> None:
     c.add_argument("--video", default=video, choices=["synthetic", "preencoded", "packets"],
                    help="with --local: device video (see docs/endpoint.md)")
     c.add_argument("--hold", type=float, default=3.0, help="seconds to keep each call up")
+    c.add_argument("--sample", type=float, default=1.0 if video == "synthetic" else 0.0,
+                   metavar="S", help="read each call this often while it is up: per direction "
+                                     "the video sent, the rate allowed, frames and latency "
+                                     "(`series`; 0: off; default on for `call`)")
     c.add_argument("--setup-timeout", type=float, default=20.0)
     c.add_argument("--json", action="store_true", help="JSON output on stdout")
     c.add_argument("--log-level", default="warning")
@@ -202,7 +206,26 @@ def describe(result: CallResult) -> str:
             if split["sum_ms"] is not None and split["glass_to_glass_ms"] is not None:
                 lines.append(f"    {direction}: parts add up to {split['sum_ms']:.1f} ms of "
                              f"{split['glass_to_glass_ms']:.1f} ms glass-to-glass")
+    lines += describe_rate(result)
     return "\n".join(lines)
+
+
+def describe_rate(result: CallResult) -> list[str]:
+    """Per direction, the rate the path allowed, which link set it, and whether the sender
+    followed (congestion control: docs/relay.md)."""
+    lines = []
+    for direction in DIRECTIONS:
+        sender = result.senders.get(direction) or {}
+        limit = result.rate.get(direction)
+        if sender.get("adapts") is False:
+            lines.append(f"  {direction:<28} rate: the sender cannot adapt (pre-encoded or "
+                         "packet source): the path's reports go unheard")
+        elif limit is not None:
+            target = sender.get("target_kbps")
+            lines.append(f"  {direction:<28} rate: {limit['kbps']:.0f} kbit/s allowed, set by "
+                         f"{limit['link']}; the encoder's target "
+                         + (f"{target:.0f} kbit/s" if target is not None else "unknown"))
+    return lines
 
 
 def _ms(value: float | None) -> str:
@@ -251,7 +274,7 @@ async def _calls(args: argparse.Namespace, session: aiohttp.ClientSession, urls:
         else:
             caller, callee = pick_pair(servers, args.via)
         result = await run_call(session, servers, caller, callee, args.hold,
-                                args.setup_timeout)
+                                args.setup_timeout, sample_s=args.sample or None)
         results.append(result)
         print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
         await wait_idle(session, servers,
@@ -280,7 +303,8 @@ def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:
                             request_timeout_s=args.request_timeout,
                             pairing=args.pairing, pairs=tuple(pairs), media=args.media,
                             via=args.via,
-                            window_s=args.window, seed=args.seed, max_lag_ms=args.max_lag_ms)
+                            window_s=args.window, seed=args.seed, max_lag_ms=args.max_lag_ms,
+                            sample_s=args.sample or None)
     except ValueError as exc:
         raise ProbeError("bad_arguments", str(exc)) from None
 

@@ -126,3 +126,41 @@ def describe(hops: list[dict[str, Any]], links: list[dict[str, Any]],
         if worst is not None:
             lines.append(f"    bottleneck by {measure}: {worst['hop']} ({worst['share']:.0%})")
     return lines
+
+
+def rate_limit(hops: list[dict[str, Any]], links: list[dict[str, Any]], direction: str,
+               senders: dict[str, Any] | None = None, near: float = 0.1
+               ) -> dict[str, Any] | None:
+    """Which link limits the rate of a direction's video (congestion control,
+    relay/congestion.py). The sender hears its first server's report: the least of every
+    hop's estimate from there down. Each estimate covers the path from the sending device up
+    to its hop (forwarded packets keep the device's send times), so past the narrowest link
+    they all read about its rate: the narrowest link is the one into the first hop, in the
+    media's direction, whose estimate is within ``near`` (10 %) of the reported limit; past
+    the last server, the receiving device's link (its estimate is only known as the last
+    server's downstream report). ``{"link", "kbps", "estimates", "sender_adapts"}``, or None
+    where no server reported (congestion control off)."""
+    if not hops or len(links) != len(hops) + 1:
+        return None
+    forward = direction == "caller_to_callee"
+    order = list(range(len(hops))) if forward else list(reversed(range(len(hops))))
+
+    def video(i: int) -> dict[str, Any]:
+        return ((hops[i].get("streams") or {}).get(direction) or {}).get("video") or {}
+
+    limit = video(order[0]).get("reported_kbps")
+    if limit is None:
+        return None
+    estimates = {hops[i]["server"]: video(i).get("estimate_kbps") for i in order}
+    device = video(order[-1]).get("downstream_kbps")
+    link = links[-1] if forward else links[0]  # the receiving device's, unless a hop's first
+    for i in order:
+        own = video(i).get("estimate_kbps")
+        if own is not None and own <= limit * (1 + near):
+            link = links[i] if forward else links[i + 1]  # the link the video came in on
+            break
+    sender = (senders or {}).get(direction) or {}
+    receiver = (links[-1] if forward else links[0])["to" if forward else "from"]
+    return {"link": f"{link['from']} -> {link['to']}", "kbps": limit,
+            "estimates": {**estimates, receiver: device},
+            "sender_adapts": sender.get("adapts")}

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from probe.bottleneck import bottleneck, budget
+from probe.bottleneck import bottleneck, budget, rate_limit
 from probe.client import ProbeError, Server, ServerClient, find_device
 from probe.stats import Outcome, classify
 from relay.messages import DIRECTIONS, CallInfo
@@ -53,6 +54,30 @@ class CallResult:
     links: list[dict[str, Any]] = field(default_factory=list)
     #: the sending device's own part of each direction (the receiver's is in ``media``)
     senders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per direction, the call sampled while it was up (``sample_s``): see :func:`sample`
+    series: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> dict[str, dict[str, Any] | None]:
+        """Per direction, which link limited the video's rate (probe/bottleneck.py): at the
+        end, and, when the call was sampled, the link named most often while it was up
+        (``link``; the estimates move, a second at a time)."""
+        out = {}
+        for direction in DIRECTIONS:
+            found = rate_limit(self.hops, self.links, direction, self.senders)
+            seen = Counter(r["limited_by"] for r in self.series.get(direction, [])
+                           if r.get("limited_by"))
+            if found is not None:
+                found["link_at_end"] = found["link"]
+                if seen:
+                    found["link"] = seen.most_common(1)[0][0]
+            out[direction] = found
+        return out
+
+    @property
+    def not_adapting(self) -> list[str]:
+        """The directions whose sender cannot follow the path's rate (pre-encoded, packets)."""
+        return [d for d in DIRECTIONS if (self.senders.get(d) or {}).get("adapts") is False]
 
     @property
     def bottleneck(self) -> dict[str, dict[str, Any] | None]:
@@ -95,7 +120,37 @@ class CallResult:
                 "timeline": dict(sorted(self.timeline.items(), key=lambda kv: kv[1])),
                 "intervals": self.intervals, "media": self.media, "hops": self.hops,
                 "links": self.links, "senders": self.senders,
-                "latency_parts": self.latency_parts, "bottleneck": self.bottleneck}
+                "latency_parts": self.latency_parts, "bottleneck": self.bottleneck,
+                "rate": self.rate, "not_adapting": self.not_adapting, "series": self.series}
+
+
+def sample(info: CallInfo, t_s: float) -> dict[str, dict[str, Any]]:
+    """One moment of a call, per direction: what the sender sent lately (as its server
+    received it), the rate it was told (congestion control) and its encoder's target, which
+    link limited it, and what the receiving device got in its last second."""
+    hops = [hop.to_dict() for hop in info.hops]
+    links = [link.to_dict() for link in info.links]
+    senders = {d: part.to_dict() for d, part in info.senders.items()}
+    out = {}
+    for direction in DIRECTIONS:
+        first = hops[0 if direction == "caller_to_callee" else -1] if hops else {}
+        kinds = (first.get("streams") or {}).get(direction) or {}
+        video, audio = kinds.get("video") or {}, kinds.get("audio") or {}
+        media = info.media.get(direction)
+        window = media.window if media is not None else None
+        limit = rate_limit(hops, links, direction, senders)
+        out[direction] = {
+            "t_s": round(t_s, 2), "at": round(time.time(), 3),
+            "sent_kbps": video.get("recent_kbps"), "audio_kbps": audio.get("recent_kbps"),
+            "reported_kbps": video.get("reported_kbps"),
+            "target_kbps": (senders.get(direction) or {}).get("target_kbps"),
+            "limited_by": limit["link"] if limit else None,
+            "frames": window.frames if window else None,
+            "frames_lost": window.frames_lost if window else None,
+            "gaps": window.gaps if window else None,
+            "latency_ms_p50": window.latency_ms_p50 if window else None,
+            "latency_ms_p95": window.latency_ms_p95 if window else None}
+    return out
 
 
 def _final(info: CallInfo) -> bool:
@@ -113,10 +168,11 @@ def _carried_media(info: CallInfo) -> bool:
 async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller: str,
                    callee: str, hold_s: float, setup_timeout_s: float = 20.0,
                    scheduled: float | None = None, media: str = "full",
-                   request_timeout_s: float = 10.0) -> CallResult:
+                   request_timeout_s: float = 10.0, sample_s: float | None = None) -> CallResult:
     """Start a call at the caller's server, wait for media both ways (or, with ``media``
     "none", for both wake-ups), hold, hang up. ``scheduled``: the time the call was due to
-    start (open-loop load), which ``t_sent`` then is, so every interval counts from it."""
+    start (open-loop load), which ``t_sent`` then is, so every interval counts from it.
+    ``sample_s``: read the call this often while it is held, into ``series``."""
     server, device = find_device(servers, caller)
     client = ServerClient(session, server.url, request_timeout_s)
     result = CallResult(caller=device.address, callee=callee, server=server.name,
@@ -134,7 +190,17 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
     try:
         info = await client.call(info.call, wait="active", timeout_s=setup_timeout_s)
         if info.state == "active":
-            await asyncio.sleep(hold_s)
+            if sample_s:
+                began = time.time()
+                while (left := hold_s - (time.time() - began)) > 0:
+                    await asyncio.sleep(min(sample_s, left))
+                    info = await client.call(info.call)
+                    for direction, row in sample(info, time.time() - began).items():
+                        result.series.setdefault(direction, []).append(row)
+                    if info.state != "active":
+                        break
+            else:
+                await asyncio.sleep(hold_s)
             # Devices report every second: make sure both directions have reported.
             deadline = time.monotonic() + 3
             info = await client.call(info.call)

@@ -34,6 +34,9 @@ from probe.stats import Recorder
 from probe.watch import LoopWatch
 from relay.messages import split_address
 
+#: calls whose samples a run's summary keeps (every call's are in calls.jsonl)
+SAMPLED_CALLS_KEPT = 4
+
 PairingMode = Literal["random", "every-pair", "same-server", "explicit"]
 PAIRING_MODES: tuple[str, ...] = ("random", "every-pair", "same-server", "explicit")
 
@@ -153,6 +156,8 @@ class LoadSettings:
     cooldown_s: float = 0.05  #: a device rests this long after its call before the next
     seed: int | None = None
     max_lag_ms: float = 50.0  #: the probe's own event-loop lag p99 above this: run invalid
+    #: read each call this often while it is up (probe/calls.py ``sample``); None: never
+    sample_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0:
@@ -197,6 +202,9 @@ class LoadReport:
             "probe": self.watch, "valid": self.valid,
             "figures": self.recorder.summary(),
             "timeseries": self.recorder.timeseries(),
+            # the first few calls sampled while up (--sample), for report.html's plots
+            "sampled_calls": [{"call": r.call, "series": r.series}
+                              for r in self.results if r.series][:SAMPLED_CALLS_KEPT],
         }
 
 
@@ -224,7 +232,8 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
             result = await run_call(session, servers, caller, callee, settings.hold_s,
                                     settings.setup_timeout_s, scheduled=scheduled,
                                     media=settings.media,
-                                    request_timeout_s=settings.request_timeout_s)
+                                    request_timeout_s=settings.request_timeout_s,
+                                    sample_s=settings.sample_s)
             report.results.append(result)
             # every server the call was routed through (the tree path: the servers route
             # exactly on it), whether or not it got that far

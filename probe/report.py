@@ -230,6 +230,15 @@ def render_html(summary: dict[str, Any]) -> str:
         "setup p50": [r["setup_ms_p50"] for r in rows],
         "setup p95": [r["setup_ms_p95"] for r in rows],
         "media p50": [r["media_latency_ms_p50"] for r in rows]}, "s since start", "ms"))
+    if any(r.get("video_kbps_p50") is not None for r in rows):
+        body.append(line_chart("Video bitrate over time (what the senders sent, p50/p95 of the "
+                               "calls started in each window)", xs, {
+                                   "p50": [r.get("video_kbps_p50") for r in rows],
+                                   "p95": [r.get("video_kbps_p95") for r in rows]},
+                               "s since start", "kbit/s"))
+    series = [c for run in runs for c in run.get("sampled_calls", []) if c.get("series")]
+    if series:
+        body.append(_bitrate_series(series))
     body.append(line_chart("Success rate and calls per window", xs, {
         "success %": [r["success_rate"] * 100 if r["success_rate"] is not None else None
                       for r in rows],
@@ -266,6 +275,22 @@ def render_html(summary: dict[str, Any]) -> str:
              ".bn{color:#c00;font-weight:bold}")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Probe report</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def _bitrate_series(calls: list[dict[str, Any]], most: int = 4) -> str:
+    """Calls sampled while up (``--sample``): per direction, what the sender sent each second
+    and the rate the path allowed it (congestion control)."""
+    out = []
+    for call in calls[:most]:
+        for direction, rows in call["series"].items():
+            xs = [r["t_s"] for r in rows]
+            out.append(line_chart(
+                f"Call {call.get('call')} {direction}: video sent and allowed (kbit/s)", xs, {
+                    "sent": [r.get("sent_kbps") for r in rows],
+                    "allowed (REMB to the sender)": [r.get("reported_kbps") for r in rows],
+                    "encoder target": [r.get("target_kbps") for r in rows]},
+                "s since the call was up", "kbit/s"))
+    return "\n".join(out)
 
 
 def _paths(paths: list[dict[str, Any]], hops: dict[str, Any], most: int = 8) -> str:

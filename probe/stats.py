@@ -39,7 +39,7 @@ FAILURE_CLASSES = (
 
 #: Phases timed per call, in ms from the (scheduled) send time, and media figures.
 PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "setup_ms",
-          "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms")
+          "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms", "video_kbps")
 
 @dataclass
 class Outcome:
@@ -201,6 +201,17 @@ class Figures:
                    late_starts=data.get("late_starts", 0))
 
 
+def sent_kbps(hops: list[dict[str, Any]]) -> float | None:
+    """The video bitrate a call's senders sent, as their own servers received it (the first
+    hop of each direction), the mean of the two directions; None without hop figures."""
+    if not hops:
+        return None
+    found = [((hops[i].get("streams") or {}).get(d) or {}).get("video", {}).get("bitrate_kbps")
+             for d, i in (("caller_to_callee", 0), ("callee_to_caller", -1))]
+    known = [v for v in found if v]
+    return round(sum(known) / len(known), 1) if known else None
+
+
 @dataclass
 class Recorder:
     """A run's figures: everything, per server (the caller's), per server crossed (every server
@@ -225,6 +236,9 @@ class Recorder:
         slices = [self.total, self.servers.setdefault(server, Figures()),
                   self.windows.setdefault(int(offset_s // self.window_s), Figures())]
         slices += [self.crossing.setdefault(name, Figures()) for name in dict.fromkeys(path)]
+        kbps = sent_kbps(hops or [])
+        if kbps is not None:  # a histogram like the phases' (kbit/s, not ms)
+            intervals = {**intervals, "video_kbps": kbps}
         for figures in slices:
             figures.add_call(outcome, intervals, media, late)
         self.hops.add(hops or [], links or [], media, senders)
@@ -273,7 +287,7 @@ class Recorder:
             row: dict[str, Any] = {"t_s": index * self.window_s, "calls": f.calls, "ok": f.ok,
                                    "failed": f.calls - f.ok, "success_rate": f.success_rate,
                                    "late_starts": f.late_starts}
-            for phase in ("response_ms", "setup_ms", "media_latency_ms"):
+            for phase in ("response_ms", "setup_ms", "media_latency_ms", "video_kbps"):
                 p = percentiles(f.histograms[phase]) if phase in f.histograms else None
                 row[f"{phase}_p50"] = p["p50"] if p else None
                 row[f"{phase}_p95"] = p["p95"] if p else None

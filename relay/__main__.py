@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default=env.get("media_mode", "forward"),
                        help="forward encoded media (default), or decode and re-encode every "
                             "stream (a baseline for comparison)")
+        s.add_argument("--congestion-control", choices=["on", "off"],
+                       default=env.get("congestion_control", "on"),
+                       help="on (default): estimate each leg's bitrate and report the least "
+                            "of the path's upstream (REMB) so the sender follows the narrowest "
+                            "link; off: the baseline, no reports (docs/relay.md)")
         s.add_argument("--no-hop-figures", action="store_true",
                        help="do not measure each call's hop (transit, arrivals, legs): only to "
                             "price the measuring (benchmarks/forwarding.py)")
@@ -100,6 +105,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
         timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode,
         hop_figures=not args.no_hop_figures,
+        congestion_control=args.congestion_control == "on",
         limits=Limits(max_devices=args.max_devices, max_calls=args.max_calls,
                       max_message_rate=args.max_message_rate,
                       max_trunk_rate=args.max_trunk_rate), auth=Auth.from_env())

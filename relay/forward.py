@@ -27,11 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 from aiortc import MediaStreamTrack, RTCRtpTransceiver
 from aiortc.contrib.media import MediaRelay
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
+from relay.congestion import Estimate, Feedback
 from relay.hops import TRANSIT_EVERY, StreamMeter
 from relay.leg import KINDS
 from relay.logs import event
@@ -39,6 +41,13 @@ from relay.messages import StreamHop
 from relay.rtc import DatagramTap, LossCounters, ReceiverTap, SenderTap
 
 _SEQ_TS = struct.Struct("!HI")  #: sequence number and timestamp, from byte 2 of an RTP header
+#: seconds between keyframe requests sent upstream while the leg downstream is narrower than
+#: what arrives (a keyframe is the largest burst a stream makes)
+PROTECT_KEYFRAME_S = 2.0
+
+
+def _kbps(bps: int | None) -> float | None:
+    return round(bps / 1000, 1) if bps is not None else None
 
 log = logging.getLogger("relay.forward")
 
@@ -258,7 +267,7 @@ class Forwarder:
                  relay: MediaRelay, transcode_all: bool = False, measure: bool = True,
                  on_first_packet: Callable[[], None] | None = None,
                  on_transcode: Callable[[Forwarder], None] | None = None,
-                 keyframe_interval: float = 0.25) -> None:
+                 keyframe_interval: float = 0.25, congestion: bool = False) -> None:
         self.call, self.kind, self.direction = call, kind, direction
         self.stats = stats
         self.mode: Mode = "pending"
@@ -286,6 +295,12 @@ class Forwarder:
         self.meter = StreamMeter()
         self.measure = measure
         self._arrivals = 0
+        #: congestion control (video): this hop's estimate of the leg the stream arrives on,
+        #: and the least of it and the downstream report, sent upstream (relay/congestion.py)
+        self.congestion = congestion and kind == "video"
+        self.estimate: Estimate | None = None
+        self.feedback = Feedback()
+        self._keyframe_interval = keyframe_interval
 
     # The source leg's receiver calls this for every packet.
     async def on_packet(self, packet: RtpPacket, codec: RTCRtpCodecParameters) -> None:
@@ -298,8 +313,14 @@ class Forwarder:
             return
         sink = self.sink
         assert sink is not None and self._map is not None
-        if self.measure and self.source is not None and not self.source.repair:  # originals
+        original = self.source is not None and not self.source.repair
+        if self.measure and original:
             self.meter.arrived(len(packet.payload) + 12, time.time())
+        sent_at = packet.extensions.abs_send_time
+        if self.estimate is not None and original and sent_at is not None:
+            now = time.monotonic()
+            self._estimated(self.estimate.sent(sent_at, len(packet.payload) + 12,
+                                               int(now * 1000), packet.ssrc), now)
         if packet.ssrc != self._ssrc:
             self._ssrc = packet.ssrc
             self._waiting = self.kind == "video"
@@ -366,6 +387,11 @@ class Forwarder:
             return
         seq, ts = _SEQ_TS.unpack_from(view, 2)
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
+        if self.estimate is not None:
+            now = time.monotonic()
+            found = self.estimate.packet(view, length, int(now * 1000), self._ssrc or 0)
+            if found is not None:
+                self._estimated(found, now)
         measure = self.measure
         if measure:  # counted inline: this runs for every packet
             meter = self.meter
@@ -399,8 +425,12 @@ class Forwarder:
             self._clock_rate = codec.clockRate
             self._map = SequenceMap(*SenderTap.new_origin())
             self.source.stop_decoder()
+            if self.congestion:
+                self.estimate = Estimate(getattr(self.source.extension_ids(),
+                                                 "abs_send_time", None) or 0)
             event(log, "forward.start", call=self.call, kind=self.kind,
-                  direction=self.direction, codec=codec.mimeType)
+                  direction=self.direction, codec=codec.mimeType,
+                  congestion_control=self.estimate is not None)
             return True
         self.mode = "transcode"
         self.source.release()
@@ -422,7 +452,41 @@ class Forwarder:
         if self.source is not None and self._ssrc is not None:
             lost, repaired, jitter = self.source.loss(self._ssrc)
             jitter_ms = jitter * 1000 / self._clock_rate if jitter is not None else None
-        return self.meter.figures(lost, repaired, jitter_ms)
+        figures = self.meter.figures(lost, repaired, jitter_ms, now=time.time())
+        if not self.congestion:
+            return figures
+        feedback = self.feedback
+        limit = feedback.limit(time.monotonic())
+        return msgspec.structs.replace(
+            figures, estimate_kbps=_kbps(feedback.own_bps),
+            downstream_kbps=_kbps(feedback.downstream_bps), reported_kbps=_kbps(
+                feedback.sent_bps), limited_by=limit[1] if limit is not None else None)
+
+    # Congestion control: this hop's estimate changed (fed by every original packet).
+    def _estimated(self, bitrate: int | None, now: float) -> None:
+        if bitrate is not None:
+            self._report_upstream(self.feedback.own(bitrate, now))
+
+    # The sink leg's sender calls this for each REMB about the stream from downstream.
+    def on_remb(self, bitrate: int) -> bool:
+        if self.mode == "transcode" or not self.congestion:
+            return False  # an encoder here answers it (or, off: ignored, as ever)
+        now = time.monotonic()
+        self._report_upstream(self.feedback.downstream(bitrate, now))
+        # Protect the narrow leg from the largest bursts: while downstream reports less than
+        # arrives, keyframe requests go upstream at most every PROTECT_KEYFRAME_S.
+        arriving = self.meter.recent_bps()
+        narrow = arriving is not None and bitrate < arriving
+        self._limiter.interval = PROTECT_KEYFRAME_S if narrow else self._keyframe_interval
+        return True
+
+    def _report_upstream(self, bitrate: int | None) -> None:
+        if bitrate is None or self.source is None or self._ssrc is None:
+            return
+        self.meter.rembs_out += 1
+        task = asyncio.ensure_future(self.source.send_remb(self._ssrc, bitrate))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # The sink leg's sender calls this for each PLI/FIR from downstream.
     def on_keyframe_request(self) -> bool:
@@ -477,7 +541,8 @@ class Bridge:
     def __init__(self, call: str, stats: ForwardingStats, relay: MediaRelay,
                  transcode_all: bool = False, measure: bool = True,
                  on_media_up: Callable[[], None] | None = None,
-                 on_transcode: Callable[[Forwarder], None] | None = None) -> None:
+                 on_transcode: Callable[[Forwarder], None] | None = None,
+                 congestion: bool = True) -> None:
         self.stats = stats
         self.forwarders: dict[tuple[str, Direction], Forwarder] = {}
         for kind in KINDS:
@@ -485,7 +550,7 @@ class Bridge:
                 first = on_media_up if (kind, direction) == ("video", "caller_to_callee") else None
                 self.forwarders[kind, direction] = Forwarder(
                     call, kind, direction, stats, relay, transcode_all, measure, first,
-                    on_transcode)
+                    on_transcode, congestion=congestion)
 
     def leg_ready(self, transceivers: dict[str, RTCRtpTransceiver], upstream: bool) -> None:
         """A leg's transceivers exist: tap its receivers and take over its senders."""
@@ -499,7 +564,7 @@ class Bridge:
             source.datagrams = datagrams
             sink = self.forwarders[kind, outgoing]
             sink.sink = SenderTap(transceiver, sink.on_keyframe_request,
-                                  counted(sink.meter, self.stats))
+                                  counted(sink.meter, self.stats), sink.on_remb)
             sink.sink_track = SwitchableTrack(kind)
             transceiver.sender.replaceTrack(sink.sink_track)
 

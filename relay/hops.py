@@ -72,8 +72,8 @@ class Buckets:
 class StreamMeter:
     """One kind of media in one direction at one server (see the module's docstring)."""
 
-    __slots__ = ("bytes", "first_at", "keyframes_in", "keyframes_out", "last_at", "nacks_in",
-                 "nacks_out", "packets", "transit")
+    __slots__ = ("_mark", "bytes", "first_at", "keyframes_in", "keyframes_out", "last_at",
+                 "nacks_in", "nacks_out", "packets", "recent", "rembs_out", "transit")
 
     def __init__(self) -> None:
         self.packets = 0
@@ -82,6 +82,9 @@ class StreamMeter:
         self.last_at = 0.0
         self.transit = Buckets()
         self.keyframes_in = self.keyframes_out = self.nacks_in = self.nacks_out = 0
+        self.rembs_out = 0  #: congestion reports sent upstream
+        self._mark: tuple[float, int] | None = None  #: (time, bytes) at the last report
+        self.recent: float | None = None  #: bits/s between the last two reports
 
     def arrived(self, size: int, now: float) -> None:
         self.packets += 1
@@ -95,8 +98,17 @@ class StreamMeter:
             self.first_at = now
         self.last_at = now
 
+    def recent_bps(self) -> float | None:
+        """What arrived between the last two reports, bits/s (None before two)."""
+        return self.recent
+
     def figures(self, lost: int = 0, repaired: int = 0,
-                jitter_ms: float | None = None) -> StreamHop:
+                jitter_ms: float | None = None, now: float | None = None) -> StreamHop:
+        """The figures so far; with ``now``, also the bitrate since the last call with one."""
+        if now is not None:
+            if self._mark is not None and now > self._mark[0]:
+                self.recent = (self.bytes - self._mark[1]) * 8 / (now - self._mark[0])
+            self._mark = (now, self.bytes)
         span = self.last_at - (self.first_at or self.last_at)
         return StreamHop(
             packets=self.packets, bytes=self.bytes,
@@ -109,7 +121,8 @@ class StreamMeter:
             transit_ms_p99=_round(self.transit.quantile(0.99)),
             transit_ms_max=_round(self.transit.max if self.transit.total else None),
             transit_samples=self.transit.total, keyframes_in=self.keyframes_in,
-            keyframes_out=self.keyframes_out, nacks_in=self.nacks_in, nacks_out=self.nacks_out)
+            keyframes_out=self.keyframes_out, nacks_in=self.nacks_in, nacks_out=self.nacks_out,
+            recent_kbps=round(self.recent / 1000, 1) if self.recent is not None else None)
 
 
 def _round(value: float | None) -> float | None:

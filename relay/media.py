@@ -59,9 +59,10 @@ HOP_REPORT_S = 1.0
 class MediaPlane:
     def __init__(self, server: str, settings: MediaSettings, transcode_all: bool,
                  send: Callable[[Link, Message], None], events: MediaEvents,
-                 measure: bool = True) -> None:
+                 measure: bool = True, congestion: bool = True) -> None:
         self.server = server
         self.measure = measure
+        self.congestion = congestion
         self.settings = settings
         self.transcode_all = transcode_all
         self.stats = ForwardingStats()
@@ -81,7 +82,8 @@ class MediaPlane:
             else None
         bridge = Bridge(call, self.stats, self._relay, transcode_all=self.transcode_all,
                         measure=self.measure, on_media_up=on_media_up,
-                        on_transcode=lambda f: self._transcoded(call, f))
+                        on_transcode=lambda f: self._transcoded(call, f),
+                        congestion=self.congestion)
         media = CallMedia(call, bridge, {}, toward={effect.up.link: "caller",
                                                     effect.down.link: "callee"})
         for plan, upstream in ((effect.up, True), (effect.down, False)):

@@ -264,6 +264,23 @@ class DevicePart(Body, frozen=True):
     frames: Count = 0
     mean_ms: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None
     p50_ms: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None
+    #: the sender only: does its encoder follow the rate the path reports (REMB)? A
+    #: pre-encoded or packet source cannot
+    adapts: bool | None = None
+    target_kbps: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None  #: its encoder's
+    reported_kbps: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None  #: the last REMB
+    restarts: Count = 0  #: targets taken: each restarts aiortc's encoder, with a keyframe
+
+
+class MediaWindow(Body, frozen=True):
+    """What one device received in the last stats interval (about a second): media over time."""
+
+    seconds: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] = 0.0
+    frames: Count = 0
+    frames_lost: Count = 0
+    gaps: Count = 0
+    latency_ms_p50: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
+    latency_ms_p95: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
 
 
 class MediaStats(Body, frozen=True):
@@ -282,6 +299,7 @@ class MediaStats(Body, frozen=True):
     duration_s: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] = 0.0  #: first frame -> report
     latency_ms_mean: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
     receiver: DevicePart | None = None  #: this device's own part (decoded media only)
+    window: MediaWindow | None = None  #: the last stats interval alone
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +337,16 @@ class StreamHop(Body, frozen=True):
     keyframes_out: Count = 0  #: PLI sent upstream
     nacks_in: Count = 0  #: packets downstream asked for again
     nacks_out: Count = 0  #: NACKs sent upstream for missing packets
+    #: the bitrate of what arrived since the previous report (about a second)
+    recent_kbps: Ms | None = None
+    #: congestion control (video): this hop's estimate of the leg the stream arrives on (its
+    #: path from the sending device, in fact: forwarded packets keep the device's
+    #: abs-send-time), the last report from the hop downstream, and the least of the two,
+    #: reported upstream; ``limited_by`` says which one it was
+    estimate_kbps: Ms | None = None
+    downstream_kbps: Ms | None = None
+    reported_kbps: Ms | None = None
+    limited_by: Literal["own", "downstream"] | None = None
 
 
 class LegHop(Body, frozen=True):

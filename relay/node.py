@@ -73,7 +73,8 @@ class Node:
                            settings.heartbeat_s)
         self.media = MediaPlane(settings.name, settings.media,
                                 settings.media_mode == "transcode", self.post, _MediaEvents(self),
-                                measure=settings.hop_figures)
+                                measure=settings.hop_figures,
+                                congestion=settings.congestion_control)
         self.channels: dict[Link, WebSocketChannel] = {}
         #: set once the server listens and knows its URL (the parent link waits for it)
         self.listening = asyncio.Event()

@@ -43,7 +43,16 @@ from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtcrtpsender import RTP_HISTORY_SIZE
-from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket, RtpPacket, unwrap_rtx
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RtcpPsfbPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
+    unwrap_rtx,
+)
 from aiortc.sdp import SessionDescription
 from aiortc.utils import random16, random32
 from pylibsrtp._binding import ffi as _srtp_ffi
@@ -261,16 +270,38 @@ class ReceiverTap:
     async def request_keyframe(self, ssrc: int) -> None:
         await self.receiver._send_rtcp_pli(ssrc)
 
+    async def send_remb(self, ssrc: int, bitrate: int) -> None:
+        """Tell the hop upstream the most ``ssrc`` may send (REMB), as aiortc's own receive-side
+        estimator would."""
+        rtcp_ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc
+        if rtcp_ssrc is None:  # not started yet
+            return
+        await self.receiver._send_rtcp(RtcpPsfbPacket(
+            fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bitrate, [ssrc])))
 
-def watch_keyframe_requests(sender: RTCRtpSender, on_request: Callable[[], bool]) -> None:
-    """Call ``on_request`` for each PLI/FIR the sender receives; True means it was handled
-    (aiortc's own handling, which only reaches an encoder, is then skipped)."""
+    def extension_ids(self) -> object:
+        """The header extension ids of the leg (``abs_send_time`` among them)."""
+        return self.receiver.transport._rtp_header_extensions_map._HeaderExtensionsMap__ids
+
+
+def watch_keyframe_requests(sender: RTCRtpSender, on_request: Callable[[], bool],
+                            on_remb: Callable[[int], bool] | None = None) -> None:
+    """Call ``on_request`` for each PLI/FIR the sender receives, and ``on_remb`` with the
+    bitrate of each REMB naming its stream; True means it was handled (aiortc's own handling,
+    which only reaches an encoder, is then skipped)."""
     original = sender._handle_rtcp_packet
 
     async def handle(packet: object) -> None:
-        if (isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR)
-                and on_request()):
-            return
+        if isinstance(packet, RtcpPsfbPacket):
+            if packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR) and on_request():
+                return
+            if packet.fmt == RTCP_PSFB_APP and on_remb is not None:
+                try:
+                    bitrate, ssrcs = unpack_remb_fci(packet.fci)
+                except ValueError:
+                    return  # a malformed report: nothing to act on
+                if sender._ssrc in ssrcs and on_remb(bitrate):
+                    return
         await original(packet)
 
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
@@ -285,14 +316,15 @@ class SenderTap:
 
     def __init__(self, transceiver: RTCRtpTransceiver,
                  on_keyframe_request: Callable[[], bool],
-                 counters: LossCounters | None = None) -> None:
+                 counters: LossCounters | None = None,
+                 on_remb: Callable[[int], bool] | None = None) -> None:
         sender: RTCRtpSender = transceiver.sender
         counted = counters or _NoCounters()
         self.sender = sender
         self.transceiver = transceiver
         self._history: dict[int, RtpPacket] = sender._RTCRtpSender__rtp_history
         self._extensions = sender._RTCRtpSender__rtp_header_extensions_map
-        watch_keyframe_requests(sender, on_keyframe_request)
+        watch_keyframe_requests(sender, on_keyframe_request, on_remb)
         # Packets sent on the fast path, as plain bytes; parsed only if a NACK asks for one.
         self._raw: dict[int, bytes] = {}
         self._srtp: InPlaceSrtp | None = None
@@ -317,20 +349,24 @@ class SenderTap:
         """The header extension ids of the leg's transport (all kinds: a DatagramTap's too)."""
         return self.sender.transport._rtp_header_extensions_map._HeaderExtensionsMap__ids
 
-    def packet(self, payload: bytes, marker: bool, payload_type: int) -> bytes:
-        """An RTP packet of this sender's stream (its SSRC and MID), sequence number and
-        timestamp 0: a template for :meth:`send_rewritten`."""
+    def packet(self, payload: bytes, marker: bool, payload_type: int,
+               abs_send_time: bool = False) -> bytes:
+        """An RTP packet of this sender's stream (its SSRC and MID; with ``abs_send_time``, room
+        for one), sequence number and timestamp 0: a template for :meth:`send_rewritten`."""
         packet = RtpPacket(payload_type=payload_type, marker=int(marker),
                            ssrc=self.sender._ssrc, payload=payload)
         packet.extensions.mid = self.sender._RTCRtpSender__mid
+        if abs_send_time:
+            packet.extensions.abs_send_time = 0
         return packet.serialize(self._extensions)
 
     def send_rewritten(self, source: memoryview, length: int, payload_type: int, seq: int,
-                       ts: int) -> int | None:
+                       ts: int, stamp: tuple[int, int] | None = None) -> int | None:
         """Send the plain RTP packet in ``source[:length]`` as this sender's, synchronously:
         copied into the leg's SRTP buffer, its payload type, sequence number, timestamp and SSRC
-        written in place (marker bit, extensions and payload kept), protected in place and
-        sent. Its protected size, or None if the leg is not connected."""
+        written in place (marker bit, extensions and payload kept; ``stamp``: (offset, value)
+        of an abs-send-time to write too), protected in place and sent. Its protected size, or
+        None if the leg is not connected."""
         dtls = self.sender.transport
         session = dtls._tx_srtp
         pair = dtls.transport._connection._nominated.get(1)
@@ -342,6 +378,9 @@ class SenderTap:
         view = srtp.view
         _srtp_ffi.memmove(srtp.buffer, source, length)
         _HEADER.pack_into(view, 1, (source[1] & 0x80) | payload_type, seq, ts, self.sender._ssrc)
+        if stamp is not None:
+            at, value = stamp
+            view[at:at + 3] = value.to_bytes(3, "big")
         self._raw[seq % RTP_HISTORY_SIZE] = bytes(view[:length])
         data = srtp.protect(length)
         if data is None:
@@ -545,6 +584,7 @@ def check_internals() -> list[str]:
         (RTCRtpReceiver, "_handle_rtp_packet"),
         (RTCRtpReceiver, "_send_rtcp_nack"),
         (RTCRtpReceiver, "_send_rtcp_pli"),
+        (RTCRtpReceiver, "_send_rtcp"),
         (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder"),
         (RTCRtpSender, "_handle_rtcp_packet"),
         (RTCRtpSender, "_retransmit"),
@@ -563,8 +603,10 @@ def check_internals() -> list[str]:
 #: Instance attributes the taps read, per class (checked on live objects by the tests).
 INSTANCE_INTERNALS: dict[str, tuple[str, ...]] = {
     "RTCRtpReceiver": ("_RTCRtpReceiver__codecs", "_RTCRtpReceiver__remote_streams",
-                       "_RTCRtpReceiver__rtx_ssrc", "_RTCRtpReceiver__nack_generator"),
+                       "_RTCRtpReceiver__rtx_ssrc", "_RTCRtpReceiver__nack_generator",
+                       "_RTCRtpReceiver__rtcp_ssrc"),
     "RTCRtpSender": ("_RTCRtpSender__rtp_history", "_RTCRtpSender__rtp_header_extensions_map",
+                     "_RTCRtpSender__encoder",
                      "_RTCRtpSender__started", "_RTCRtpSender__rtp_started", "_RTCRtpSender__mid",
                      "_RTCRtpSender__ntp_timestamp", "_RTCRtpSender__rtp_timestamp",
                      "_RTCRtpSender__octet_count", "_RTCRtpSender__packet_count"),

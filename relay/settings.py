@@ -35,6 +35,8 @@ class ServerSettings:
     media_mode: Literal["forward", "transcode"] = "forward"
     #: measure every hop of every call (relay/hops.py); off only to price the measuring
     hop_figures: bool = True
+    #: congestion control: estimate each leg, report the path's least upstream (relay/congestion.py)
+    congestion_control: bool = True
     #: limits: past them the server answers "busy" at once (never a hang)
     limits: Limits = field(default_factory=Limits)
     #: credentials on every link (relay/auth.py); off unless a secret is configured

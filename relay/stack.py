@@ -47,6 +47,8 @@ class StackSettings:
     log_dir: Path | None = None  #: where children's logs go (default: a new temp dir)
     start_timeout_s: float = 30.0
     topology: TreeNode = DEFAULT
+    #: more arguments for every server (``--congestion-control off``, say)
+    server_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.devices <= 500:
@@ -104,7 +106,7 @@ class LocalStack:
         for depth in sorted(levels):
             started = await asyncio.gather(*(self._server(node, parent, [
                 node.role, "--name", node.name, *(["--parent", urls[parent]] if parent else []),
-                *media]) for node, parent in levels[depth]))
+                *media, *self.settings.server_args]) for node, parent in levels[depth]))
             urls.update(zip((n.name for n, _ in levels[depth]), started, strict=True))
         await self._devices(urls, media)
         expected = sum(self.settings.devices_of(leaf)

@@ -55,12 +55,56 @@ class Namespace:
                      "statistic", "--mode", "random", "--probability", str(probability),
                      "-j", "DROP")
 
+    def limit_rate(self, kbit: int, latency_ms: int = 200) -> None:
+        """Limit the veth to ``kbit`` kbit/s each way (tbf: a token bucket, queueing at most
+        ``latency_ms`` of traffic, dropping past it), as a narrow link would."""
+        for prefix, dev in (([], self.host_if), (self.prefix(), self.inside_if)):
+            subprocess.run([*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                            f"{kbit}kbit", "burst", "4kb", "latency", f"{latency_ms}ms"],
+                           check=True, capture_output=True, timeout=30)
+
+    def link_stats(self) -> dict[str, dict[str, int]]:
+        """The rate limit's counters each way: ``out`` (from the namespace: its veth end) and
+        ``in`` (into it: the host's end): bytes and packets sent, packets dropped, and the
+        bytes queued now (tc -s)."""
+        out = {}
+        for way, prefix, dev in (("out", self.prefix(), self.inside_if), ("in", [], self.host_if)):
+            out[way] = qdisc_stats(subprocess.run(
+                [*prefix, "tc", "-s", "qdisc", "show", "dev", dev], check=True,
+                capture_output=True, text=True, timeout=30).stdout)
+        return out
+
+    def unlimit_rate(self) -> None:
+        for prefix, dev in (([], self.host_if), (self.prefix(), self.inside_if)):
+            subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"],
+                           capture_output=True, timeout=30)
+
     def dropped(self) -> int:
         """Packets the drop rules took so far (both ways)."""
         out = subprocess.run([*self.prefix(), "iptables", "-L", "-v", "-n", "-x"],
                              check=True, capture_output=True, text=True, timeout=30).stdout
         return sum(int(line.split()[0]) for line in out.splitlines()
                    if "DROP" in line and "statistic" in line)
+
+
+def qdisc_stats(text: str) -> dict[str, int]:
+    """What ``tc -s qdisc show`` says of the first qdisc: bytes, packets, dropped, backlog."""
+    words = text.replace(",", " ").replace("(", " ").replace(")", " ").split()
+
+    def after(word: str, skip: int = 1) -> int:
+        return _size(words[words.index(word) + skip]) if word in words else 0
+
+    return {"bytes": after("Sent"), "packets": after("Sent", 3), "dropped": after("dropped"),
+            "backlog": after("backlog")}
+
+
+def _size(text: str) -> int:
+    """A tc figure: 123, 4b, 5Kb, 6Mb (bytes)."""
+    scale = {"b": 1, "Kb": 1000, "Mb": 1000_000, "Gb": 1000_000_000}
+    for unit in ("Gb", "Mb", "Kb", "b"):
+        if text.endswith(unit):
+            return int(float(text[:-len(unit)]) * scale[unit])
+    return int(text) if text.isdigit() else 0
 
 
 def _need(tool: str, package: str) -> None:
@@ -173,22 +217,24 @@ async def until_devices(session: aiohttp.ClientSession, urls: list[str], count: 
         await asyncio.sleep(0.2)
 
 
-async def split_tree(ns: Namespace, processes: Processes) -> list[str]:
+async def split_tree(ns: Namespace, processes: Processes, video: str = "packets",
+                     size: str = "320x240", servers: tuple[str, ...] = ()) -> list[str]:
     """upper and lower-b (with device cam-b) on the host, lower-a (with cam-a) inside ``ns``:
     of a call lower-a/cam-a -> lower-b/cam-b, only the link lower-a - upper crosses the veth.
-    The servers' URLs (upper, lower-a, lower-b)."""
+    ``servers``: more arguments for every server. The servers' URLs (upper, lower-a, lower-b)."""
     relay = [sys.executable, "-m", "relay"]
-    device = [sys.executable, "-m", "endpoint", "--video", "packets", "--size", "320x240"]
+    device = [sys.executable, "-m", "endpoint", "--video", video, "--size", size]
     host, inside = ns.host_ip, ns.inside_ip
     upper = await processes.start([*relay, "upper", "--name", "upper", "--host", host,
-                                   "--media-address", host], ready=True)
+                                   "--media-address", host, *servers], ready=True)
     assert upper is not None
     parent = upper.replace("http://", "ws://")
     lower_b = await processes.start([*relay, "lower", "--name", "lower-b", "--host", host,
-                                     "--parent", parent, "--media-address", host], ready=True)
+                                     "--parent", parent, "--media-address", host, *servers],
+                                    ready=True)
     lower_a = await processes.start([*ns.prefix(), *relay, "lower", "--name", "lower-a",
                                      "--host", inside, "--parent", parent,
-                                     "--media-address", inside], ready=True)
+                                     "--media-address", inside, *servers], ready=True)
     assert lower_a is not None and lower_b is not None
     await processes.start([*device, "--server", lower_b, "--device", "cam-b",
                            "--media-address", host], ready=False)
@@ -198,14 +244,16 @@ async def split_tree(ns: Namespace, processes: Processes) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def split_lab() -> AsyncIterator[tuple[Namespace, aiohttp.ClientSession, list[Server]]]:
+async def split_lab(video: str = "packets", size: str = "320x240",
+                    servers: tuple[str, ...] = ()
+                    ) -> AsyncIterator[tuple[Namespace, aiohttp.ClientSession, list[Server]]]:
     """The :func:`split_tree` in a namespace of its own, both devices registered: the
     namespace (to make the fault), a client session, and the servers as discovered. Every
     process and the namespace are gone at the end."""
     with namespace() as ns:
         processes = Processes()
         try:
-            urls = await split_tree(ns, processes)
+            urls = await split_tree(ns, processes, video, size, servers)
             async with aiohttp.ClientSession() as session:
                 yield ns, session, await until_devices(session, urls, 2)
         finally:

@@ -77,3 +77,24 @@ def test_directory_benchmark_shows_what_a_change_costs():
                                   "entries_per_lower": [1]}  # one entry at every server
     assert out["call"]["state"] == "active"
     assert out["call"]["path"] == ["real-0", "mid-0", "root", "mid-1", "real-1"]
+
+
+def test_congestion_benchmark_json():
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark makes a network namespace: needs root")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "congestion.py"), "--hold", "14",
+                           "--json"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    keys = {"limit_kbps", "bitrate_kbps_after_10s", "converge_s", "frame_loss", "freeze_ratio",
+            "latency_ms_p50", "latency_ms_p95"}
+    for case in ("on", "off"):
+        assert keys <= set(out[case]), (case, out[case])
+        assert out[case]["limit_kbps"] == 400
+    on = out["on"]
+    assert on["ok"], on["reason"]  # with congestion control the call lasts
+    assert on["converge_s"] is not None and on["converge_s"] <= 10, on
+    assert on["bitrate_kbps_after_10s"] < 400, on
+    assert on["series"] and all("sent_kbps" in row for row in on["series"])

@@ -1,0 +1,120 @@
+"""A device's encoder follows the rate the path reports (REMB from its server: the least of every
+hop's estimate, see relay/congestion.py).
+
+aiortc's own handling sets the encoder's target to every REMB, clamped to at least 250 kbit/s
+for VP8 (500 for H.264), and its encoders start again, with a keyframe, whenever the target moves
+by more than 10 %. A keyframe is several times a frame's usual size: on a narrow link, a target
+that follows every report makes the very bursts that overflow it. So the device takes a target:
+
+- on a fall of ``fall`` (10 %) or more, at once: the link is full now; but not while the path
+  still carries what the encoder actually sends, less ``margin`` (5 %): an encoder often makes
+  less than its target, and nothing is gained by restarting it (and a target lowered to what
+  an undershooting encoder makes would make it send less again, down to the floor);
+- on a rise of ``rise`` (20 %) or more, and only ``hold`` (3 s) after the last change;
+- never below ``floor`` (100 kbit/s: narrower paths than aiortc's floor) nor above ``ceiling``.
+
+:class:`EncoderTarget` is the pure rule; :func:`follow_remb` wires it to an aiortc sender.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import RTCRtpSender
+from aiortc.codecs import get_encoder
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
+
+DEFAULT_START = 500_000  #: aiortc's VP8 encoder starts there
+
+
+@dataclass
+class EncoderTarget:
+    floor: int = 100_000
+    ceiling: int = 1_500_000
+    fall: float = 0.10
+    rise: float = 0.20
+    hold: float = 3.0
+    margin: float = 0.05
+    target: int = DEFAULT_START
+    changes: int = 0  #: targets taken (each one restarts the encoder: a keyframe)
+    reported: int | None = None  #: the last rate the path reported
+    _changed_at: float = field(default=float("-inf"))
+
+    def offer(self, bps: int, now: float, sent_bps: float | None = None) -> int | None:
+        """The path reports ``bps`` (the encoder sending ``sent_bps`` lately, if known): the new
+        target to set, or None to keep the current one."""
+        self.reported = bps
+        wanted = max(self.floor, min(self.ceiling, bps))
+        roomy = sent_bps is not None and wanted >= sent_bps * (1 - self.margin)
+        fell = wanted <= self.target * (1 - self.fall) and not roomy
+        rose = wanted >= self.target * (1 + self.rise) and now - self._changed_at >= self.hold
+        if not (fell or rose):
+            return None
+        self.target, self._changed_at = wanted, now
+        self.changes += 1
+        return wanted
+
+
+def follow_remb(sender: RTCRtpSender, target: EncoderTarget,
+                clock: Callable[[], float] = time.monotonic) -> None:
+    """Take REMB reports for ``sender``'s stream through ``target`` instead of aiortc's own
+    handling, and set its encoder's target bitrate (past aiortc's clamp) when one is taken."""
+    original = sender._handle_rtcp_packet
+    window: list[float] = []  # [time, octets sent] at the start of the rate's window
+    rate: list[float] = []  # the bits/s sent over the last whole window
+
+    def sent_bps(now: float) -> float | None:
+        octets = float(sender._RTCRtpSender__octet_count)
+        if not window:
+            window[:] = [now, octets]
+        elif now - window[0] >= 0.5:
+            rate[:] = [(octets - window[1]) * 8 / (now - window[0])]
+            window[:] = [now, octets]
+        return rate[0] if rate else None
+
+    async def handle(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            encoder = sender._RTCRtpSender__encoder  # None until the first frame
+            if sender._ssrc in ssrcs and encoder is not None:
+                now = clock()
+                chosen = target.offer(bitrate, now, sent_bps(now))
+                if chosen is not None:
+                    set_target(encoder, chosen)
+            return
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
+def set_target(encoder: Any, bps: int) -> None:
+    """Set an aiortc encoder's target bitrate, below its own floor too (its private field: the
+    property clamps). The encoder starts again at its next frame."""
+    for name in ("_Vp8Encoder__target_bitrate", "_H264Encoder__target_bitrate"):
+        if hasattr(encoder, name):
+            setattr(encoder, name, bps)
+            return
+    if hasattr(encoder, "target_bitrate"):
+        encoder.target_bitrate = bps
+
+
+def set_audio_bitrate(sender: RTCRtpSender, bps: int) -> None:
+    """Make ``sender``'s Opus encoder send ``bps`` (aiortc's is fixed at 96 kbit/s, a quarter
+    of a 400 kbit/s link by itself): the encoder is made here, before aiortc would make it."""
+    original = sender._next_encoded_frame
+
+    async def first(codec: Any) -> Any:
+        del sender._next_encoded_frame  # once: aiortc's own from now on
+        if sender._RTCRtpSender__encoder is None and codec.mimeType.lower() == "audio/opus":
+            encoder = get_encoder(codec)
+            encoder.codec.bit_rate = bps
+            sender._RTCRtpSender__encoder = encoder
+        return await original(codec)
+
+    sender._next_encoded_frame = first  # type: ignore[method-assign]

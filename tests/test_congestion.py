@@ -1,0 +1,229 @@
+"""Congestion control as pure logic: the abs-send-time read off a forwarded packet, the least of a
+hop's own estimate and the downstream report sent upstream (coalesced and rate-limited), and the
+device's rule for taking a new encoder target."""
+
+from __future__ import annotations
+
+import itertools
+
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+
+from endpoint.bitrate import EncoderTarget
+from relay.congestion import ABS_SEND_TIME_URI, Feedback, abs_send_time_of
+
+
+def _packet(abs_send_time: int | None, mid: str | None = "0") -> bytes:
+    extensions = HeaderExtensionsMap()
+    extensions.configure(type("P", (), {"headerExtensions": [
+        RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
+        RTCRtpHeaderExtensionParameters(id=3, uri=ABS_SEND_TIME_URI)]})())
+    packet = RtpPacket(payload_type=96, sequence_number=7, timestamp=9, ssrc=1234,
+                       payload=b"\x90\x80\x05" + bytes(100))
+    packet.extensions.mid = mid
+    packet.extensions.abs_send_time = abs_send_time
+    return packet.serialize(extensions)
+
+
+def test_abs_send_time_is_read_from_the_header_extension_as_aiortc_wrote_it():
+    assert abs_send_time_of(_packet(0xABCDEF), 3) == 0xABCDEF
+    assert abs_send_time_of(_packet(0x000001, mid=None), 3) == 1  # the only element
+    assert abs_send_time_of(_packet(None), 3) is None  # mid only
+    assert abs_send_time_of(_packet(0xABCDEF), 0) is None  # not negotiated
+    assert abs_send_time_of(_packet(0xABCDEF), 5) is None  # another id
+    plain = bytearray(_packet(None, mid=None))
+    assert abs_send_time_of(bytes(plain), 3) is None  # no extension at all
+    truncated = _packet(0xABCDEF)[:16]
+    assert abs_send_time_of(truncated, 3) is None
+
+
+def test_feedback_sends_the_least_of_its_own_and_downstream_at_once_when_it_falls():
+    feedback = Feedback()
+    assert feedback.limit(0.0) is None and feedback.due(0.0) is None
+    assert feedback.own(2_000_000, 0.0) == 2_000_000  # the first figure goes out at once
+    assert feedback.downstream(400_000, 0.05) is None  # a fall, but inside min_gap
+    assert feedback.due(0.11) == 400_000  # the narrower link downstream
+    assert feedback.limit(0.11) == (400_000, "downstream")
+    assert feedback.own(390_000, 0.2) is None  # under 3 % lower: waits for the refresh
+    assert feedback.own(300_000, 0.25) == 300_000  # this hop's own leg is narrower still
+    assert feedback.limit(0.25) == (300_000, "own")
+    # rises wait for the refresh: at most one report a second
+    assert feedback.own(900_000, 0.5) is None
+    assert feedback.due(1.24) is None
+    assert feedback.due(1.25) == 400_000  # own rose past downstream: downstream limits
+    # a downstream report not renewed for 5 s no longer counts
+    assert feedback.limit(5.2) == (900_000, "own")
+    assert feedback.reports_sent == 4
+
+
+def test_feedback_reports_are_rate_limited_however_many_estimates_come():
+    feedback = Feedback()
+    sent = [bps for i in range(1000)  # an estimate every 10 ms for 10 s, ever lower
+            if (bps := feedback.own(2_000_000 - i * 1000, i * 0.01)) is not None]
+    # every fall of 3 % goes out, no sooner than 100 ms apart: ~ one per 0.6 s here
+    assert 10 <= len(sent) <= 25, len(sent)
+    assert sent == sorted(sent, reverse=True)
+
+
+def test_the_encoder_takes_falls_at_once_and_rises_slowly():
+    target = EncoderTarget()
+    assert target.offer(480_000, 0.0) is None  # within 10 %: no restart of the encoder
+    assert target.offer(300_000, 0.5) == 300_000  # a fall: at once
+    assert target.offer(50_000, 0.6) == 100_000  # never below the floor
+    assert target.offer(110_000, 1.0) is None  # a rise of 10 %: not worth a keyframe
+    assert target.offer(400_000, 2.0) is None  # a rise, but too soon after the last change
+    assert target.offer(400_000, 3.6) == 400_000
+    assert target.offer(9_000_000, 7.0) == 1_500_000  # never above the ceiling
+    assert target.changes == 4 and target.reported == 9_000_000
+    # an encoder making less than its target: a report of what it sends is no reason to
+    # restart it; one under what it sends is
+    target = EncoderTarget()
+    assert target.offer(330_000, 0.0, sent_bps=280_000) is None
+    assert target.offer(270_000, 0.2, sent_bps=280_000) is None
+    assert target.offer(240_000, 0.5, sent_bps=280_000) == 240_000
+
+
+def test_the_link_that_limits_the_rate_is_the_one_into_the_first_hop_that_estimates_low():
+    from probe.bottleneck import rate_limit
+
+    def hop(server: str, c2c: dict, c2u: dict | None = None) -> dict:
+        return {"server": server, "streams": {"caller_to_callee": {"video": c2c},
+                                              "callee_to_caller": {"video": c2u or {}}}}
+
+    # upper -> lower-b is narrow: upper's estimate of its own incoming link is high, lower-b's
+    # (and the callee device's, which lower-b hears as its downstream report) low
+    hops = [hop("lower-a", {"estimate_kbps": 900, "reported_kbps": 310},
+                {"estimate_kbps": 200, "reported_kbps": 190, "limited_by": "own"}),
+            hop("upper", {"estimate_kbps": 880, "reported_kbps": 310}),
+            hop("lower-b", {"estimate_kbps": 320, "downstream_kbps": 310,
+                            "reported_kbps": 310},
+                {"estimate_kbps": 150, "reported_kbps": 150})]
+    names = ["lower-a/cam-1", "lower-a", "upper", "lower-b", "lower-b/cam-2"]
+    links = [{"from": a, "to": b} for a, b in itertools.pairwise(names)]
+    found = rate_limit(hops, links, "caller_to_callee", {"caller_to_callee": {"adapts": True}})
+    assert found == {"link": "upper -> lower-b", "kbps": 310,
+                     "estimates": {"lower-a": 900, "upper": 880, "lower-b": 320,
+                                   "lower-b/cam-2": 310}, "sender_adapts": True}
+    # the other way, the first hop's own estimate is already low: the link from the callee
+    # device (links are named in the caller-to-callee order)
+    back = rate_limit(hops, links, "callee_to_caller")
+    assert back is not None and back["link"] == "lower-b -> lower-b/cam-2", back
+    assert rate_limit([hop("a", {})], links[:2], "caller_to_callee") is None  # control off
+
+
+def _bottleneck(capacity_bps: int, seconds: float = 12, rate: int = 1_000_000,
+                fps: int = 30, size: int = 1100) -> tuple[int | None, int | None]:
+    """A stream through one queue of ``capacity_bps``: the last estimate of aiortc's estimator
+    fed every packet, and of :class:`Estimate` (fed per packet group)."""
+    from aiortc.rate import RemoteBitrateEstimator
+
+    from relay.congestion import Estimate
+
+    each, grouped = RemoteBitrateEstimator(), Estimate(3)
+    arrive = 0.0
+    last: list[int | None] = [None, None]
+    for n in range(int(seconds * fps)):
+        for k in range(max(1, rate // 8 // fps // size)):  # a frame's packets, back to back
+            send = n / fps + k * 0.0002
+            arrive = max(arrive, send + 0.01) + size * 8 / capacity_bps
+            sent, ms = int(send * (1 << 18)) & 0xFFFFFF, int(arrive * 1000)
+            found = each.add(arrival_time_ms=ms, abs_send_time=sent, payload_size=size, ssrc=1)
+            last[0] = found[0] if found else last[0]
+            last[1] = grouped.sent(sent, size, ms, 1) or last[1]
+    return last[0], last[1]
+
+
+def test_the_estimate_fed_per_packet_group_reads_as_the_estimator_fed_every_packet():
+    # a 1 Mbit/s stream into a 400 kbit/s queue: both find the queue, to within 10 %
+    each, grouped = _bottleneck(400_000)
+    assert each is not None and grouped is not None
+    assert each < 400_000 and abs(grouped - each) / each < 0.1, (each, grouped)
+    # into a 2 Mbit/s one: no queue, both allow more than is sent
+    each, grouped = _bottleneck(2_000_000)
+    assert each is not None and grouped is not None and grouped > 1_000_000
+    assert abs(grouped - each) / each < 0.1, (each, grouped)
+
+
+def test_a_receiver_stalled_by_a_lost_packet_asks_for_a_keyframe_and_starts_again_there():
+    import queue
+    import types
+
+    from aiortc.jitterbuffer import JitterBuffer
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+    from aiortc.rtp import RtpPacket
+    from aiortc.utils import uint16_add
+
+    from endpoint.recovery import StallGuard
+
+    buffer = JitterBuffer(capacity=512, is_video=True)
+    decoded: queue.Queue = queue.Queue()
+    receiver = types.SimpleNamespace(
+        _RTCRtpReceiver__jitter_buffer=buffer, _RTCRtpReceiver__decoder_queue=decoded,
+        _RTCRtpReceiver__decoder_thread=True,
+        _RTCRtpReceiver__timestamp_mapper=types.SimpleNamespace(map=lambda ts: ts),
+        _RTCRtpReceiver__codecs={96: RTCRtpCodecParameters(mimeType="video/VP8",
+                                                           clockRate=90000, payloadType=96)})
+    asked: list[int] = []
+    guard = StallGuard(receiver, asked.append)
+    keyframe = b"\x90\x80\x05" + b"\x00" + bytes(50)  # S=1, PID=0, VP8 P bit 0: a keyframe
+    inter = b"\x90\x80\x05" + b"\x01" + bytes(50)
+
+    def arrive(seq: int, frame: int, payload: bytes, now: float) -> None:
+        packet = RtpPacket(payload_type=96, sequence_number=seq, timestamp=frame * 3000,
+                           ssrc=7, payload=payload)
+        packet._data = payload  # type: ignore[attr-defined]  (aiortc's depayloaded bytes)
+        found = buffer.add(packet)[1]
+        if found is not None:
+            decoded.put(("codec", found))
+        guard.after(packet, now)
+
+    # frames of 2 packets each; packet 4 (frame 2's first) never arrives
+    seq = 0
+    for frame in range(10):
+        for _ in range(2):
+            if seq != 4:
+                arrive(seq, frame, keyframe if seq == 0 else inter, frame / 30)
+            seq += 1
+    got = decoded.qsize()
+    assert got == 1  # frame 0: frame 1 waits for frame 2's first packet, lost; all is held
+    for frame in range(10, 30):  # 0.67 s more of P-frames: still held, a keyframe asked for
+        for _ in range(2):
+            arrive(seq, frame, inter, frame / 30)
+            seq = uint16_add(seq, 1)
+    assert decoded.qsize() == got and asked == [7]  # once: at most every second
+    for frame in range(30, 33):  # the keyframe comes: decoding starts again from it
+        for part in range(2):
+            arrive(seq, frame, keyframe if part == 0 and frame == 30 else inter, frame / 30)
+            seq = uint16_add(seq, 1)
+    assert decoded.qsize() >= got + 2 and guard.skipped > 40, (decoded.qsize(), guard.skipped)
+    # a hole repaired late (its retransmission comes after 8 more one-packet frames): aiortc
+    # would release one frame per packet from then on, 8 frames behind for good; all go now
+    buffer2 = JitterBuffer(capacity=512, is_video=True)
+    receiver._RTCRtpReceiver__jitter_buffer = buffer2
+    guard = StallGuard(receiver, asked.append)
+    buffer, drained = buffer2, decoded.qsize()
+    for seq in [0, 1, *range(3, 12), 2, 12]:  # seq 2 late
+        arrive(seq, seq, keyframe if seq == 0 else inter, 100 + seq / 30)
+    assert decoded.qsize() - drained == 12 and guard.drained >= 8, guard.drained
+
+
+def test_the_cheaper_rate_counter_counts_as_aiortc_s():
+    import random
+
+    from aiortc import rate
+
+    from relay.congestion import RateCounter
+
+    rng = random.Random(3)
+    ours, theirs = RateCounter(1000, 8000), rate.RateCounter(1000, 8000)
+    now = 1_000_000
+    for _ in range(3000):
+        now += rng.choice([0, 1, 3, 33, 34, 250, 1200])  # bursts, frames, gaps past the window
+        if rng.random() < 0.01:
+            ours.reset()
+            theirs.reset()
+        size = rng.randint(50, 1300)
+        ours.add(size, now)
+        theirs.add(size, now)
+        probe = now + rng.choice([0, 5, 900])
+        assert ours.rate(probe) == theirs.rate(probe), now
