@@ -4,11 +4,11 @@ Only the sending device can change a stream's bitrate (servers forward it withou
 what each hop learns of the rate its links carry travels upstream to it, hop by hop, as REMB
 (RTCP "receiver estimated maximum bitrate", draft-alvestrand-rmcat-remb):
 
-- each server estimates the bitrate of the leg each video stream arrives on, with aiortc's
-  receive-side, delay-based estimator (``aiortc.rate.RemoteBitrateEstimator``: the Google
-  congestion control's arrival-time filter and AIMD rate control) fed from the packets'
-  abs-send-time header extension. Forwarded packets keep the sending device's extension, so a
-  hop's estimate covers the whole path from the device up to it;
+- each server estimates the bitrate of the leg each video stream arrives on, receive side and
+  delay based, as the Google congestion control does (:class:`DelayEstimator`: libwebrtc's
+  trendline detector, aiortc's AIMD rate control), from the packets' abs-send-time header
+  extension. Forwarded packets keep the sending device's extension, so a hop's estimate covers
+  the whole path from the device up to it;
 - what it tells the hop upstream is the least of its own estimate and the hop downstream's last
   report (:class:`Feedback`): the sender hears the narrowest link of the path.
 
