@@ -105,7 +105,12 @@ async def one(congestion: str, limit_kbps: int, hold_s: float) -> dict[str, Any]
                   for d in DIRECTIONS}
     out = dict(directions["caller_to_callee"])
     last = result.series.get("caller_to_callee", [{}])[-1] if result.series else {}
+    first = (result.hops[0]["streams"].get("caller_to_callee") or {}).get("video") or {} \
+        if result.hops else {}
+    sender = result.senders.get("caller_to_callee") or {}
     out.update(ok=result.ok, reason=result.reason, target_kbps_at_end=last.get("target_kbps"),
+               keyframes_asked_of_sender=first.get("keyframes_out"),
+               encoder_restarts=sender.get("restarts"),
                limited_by=(result.rate.get("caller_to_callee") or {}).get("link"),
                directions=directions,
                series=[{k: r.get(k) for k in ("t_s", "sent_kbps", "audio_kbps",
@@ -128,6 +133,10 @@ def table(out: dict[str, Any]) -> str:
     on = out["on"]
     lines.append(f"with it on, the rate was limited by {on['limited_by']}; the sender's "
                  f"target at the end {on['target_kbps_at_end']} kbit/s")
+    for case in ("on", "off"):
+        found = out[case]
+        lines.append(f"{case}: keyframes asked of the sender {found['keyframes_asked_of_sender']}"
+                     f", encoder restarts (new targets) {found['encoder_restarts']}")
     lines.append("video kbit/s each second, on:  " + " ".join(
         f"{r['sent_kbps']:.0f}" for r in on["series"] if r["sent_kbps"] is not None))
     lines.append("video kbit/s each second, off: " + " ".join(

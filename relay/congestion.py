@@ -314,6 +314,35 @@ class Estimate:
         return ms
 
 
+class Resends:
+    """Which NACKed packets a sender answers. aiortc's receivers NACK every packet still missing
+    each time a new one goes missing, so on a congested link each lost packet is asked for again
+    and again, and the retransmissions crowd out the stream: a NACK storm. A packet is sent
+    again at most once in ``gap_s`` (a round trip, about), and retransmissions take at most
+    ``share`` of what the stream sends (a token per packet sent, ``burst`` at most)."""
+
+    def __init__(self, share: float = 0.25, burst: float = 40.0, gap_s: float = 0.25) -> None:
+        self.share, self.burst, self.gap_s = share, burst, gap_s
+        self._tokens = burst
+        self._sent = 0
+        self._last: dict[int, float] = {}  #: sequence number -> when it was sent again
+        self.suppressed = 0
+
+    def allow(self, seq: int, now: float, sent: int) -> bool:
+        """May ``seq`` be sent again at ``now``, the stream having sent ``sent`` packets?"""
+        self._tokens = min(self.burst, self._tokens + (sent - self._sent) * self.share)
+        self._sent = sent
+        last = self._last.get(seq)
+        if (last is not None and now - last < self.gap_s) or self._tokens < 1:
+            self.suppressed += 1
+            return False
+        self._tokens -= 1
+        self._last[seq] = now
+        if len(self._last) > 1024:  # forget what is past its gap
+            self._last = {s: at for s, at in self._last.items() if now - at < self.gap_s}
+        return True
+
+
 @dataclass
 class Feedback:
     """What this hop reports upstream of one forwarded stream: the least of its own estimate of

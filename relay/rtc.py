@@ -58,6 +58,8 @@ from aiortc.utils import random16, random32
 from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
+from relay.congestion import Resends
+
 
 @dataclass(frozen=True)
 class MediaSettings:
@@ -329,9 +331,13 @@ class SenderTap:
         self._raw: dict[int, bytes] = {}
         self._srtp: InPlaceSrtp | None = None
         self._reports = 0
+        #: which NACKed packets are answered (no storm on a congested link)
+        self.resends = Resends()
         original_retransmit = sender._retransmit
 
         async def retransmit(sequence_number: int) -> None:
+            if not self.resends.allow(sequence_number, time.monotonic(), self._reports):
+                return
             counted.retransmissions += 1
             raw = self._raw.get(sequence_number % RTP_HISTORY_SIZE)
             if raw is not None and int.from_bytes(raw[2:4], "big") == sequence_number:

@@ -227,3 +227,16 @@ def test_the_cheaper_rate_counter_counts_as_aiortc_s():
         theirs.add(size, now)
         probe = now + rng.choice([0, 5, 900])
         assert ours.rate(probe) == theirs.rate(probe), now
+
+
+def test_a_sender_answers_a_nacked_packet_once_a_round_trip_and_within_a_budget():
+    from relay.congestion import Resends
+
+    resends = Resends(share=0.25, burst=4, gap_s=0.25)
+    # aiortc NACKs every still-missing packet at each new gap: the same ones again and again
+    assert [resends.allow(seq, 0.0, 100) for seq in (1, 2, 3)] == [True, True, True]
+    assert [resends.allow(seq, 0.1, 100) for seq in (1, 2, 3, 4)] == [False, False, False, True]
+    assert not resends.allow(5, 0.1, 100)  # the budget (4) is spent
+    assert resends.allow(1, 0.3, 104)  # a round trip later, and 4 packets sent: one token
+    assert not resends.allow(6, 0.3, 104)
+    assert resends.suppressed == 5
