@@ -285,6 +285,11 @@ class Estimate:
             if at is None:
                 return None
         sent = (packet[at] << 16) | (packet[at + 1] << 8) | packet[at + 2]
+        first = self._first
+        if first is not None and (sent - first) & 0xFFFFFF <= GROUP_TICKS:  # the same group
+            self._last, self._arrived_ms = sent, now_ms
+            self._size += length
+            return None
         return self.sent(sent, length, now_ms, ssrc)
 
     def sent(self, sent: int, size: int, now_ms: int, ssrc: int = 0) -> int | None:
