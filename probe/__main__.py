@@ -42,7 +42,7 @@ from relay.topology import DEFAULT, TopologyError
 from relay.topology import load as load_topology
 
 
-def _common(c: argparse.ArgumentParser, devices: int, video: str) -> None:
+def _common(c: argparse.ArgumentParser, devices: int, video: str, sample: float = 0.0) -> None:
     c.add_argument("--server", action="append", default=None,
                    help="a server URL (repeatable): any server of the tree; the probe finds "
                         "the rest (env PROBE_SERVERS, comma-separated)")
@@ -64,7 +64,7 @@ def _common(c: argparse.ArgumentParser, devices: int, video: str) -> None:
     c.add_argument("--video", default=video, choices=["synthetic", "preencoded", "packets"],
                    help="with --local: device video (see docs/endpoint.md)")
     c.add_argument("--hold", type=float, default=3.0, help="seconds to keep each call up")
-    c.add_argument("--sample", type=float, default=1.0 if video == "synthetic" else 0.0,
+    c.add_argument("--sample", type=float, default=sample,
                    metavar="S", help="read each call this often while it is up: per direction "
                                      "the video sent, the rate allowed, frames and latency "
                                      "(`series`; 0: off; default on for `call`)")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("caller", nargs="?", help="SERVER/DEVICE or DEVICE (default: first idle)")
     c.add_argument("callee", nargs="?", help="SERVER/DEVICE or DEVICE (default: first idle "
                                              "under another lower server)")
-    _common(c, devices=1, video="synthetic")
+    _common(c, devices=1, video="synthetic", sample=1.0)
     c.add_argument("--count", type=int, default=1, help="sequential calls to make")
     load = sub.add_parser("load", help="open-loop load at a rate, figures per server")
     load.add_argument("--rate", type=float, required=True, help="calls started per second")
