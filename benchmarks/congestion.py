@@ -63,7 +63,7 @@ def judge(series: list[dict[str, Any]], limit_kbps: float,
           drops: list[tuple[float, int]]) -> dict[str, Any]:
     """The figures of one direction's samples (see the module's docstring); ``drops``: the
     limit's dropped-packet counter over time, on the way this direction crosses it."""
-    sent = [(r["t_s"], r["at"], r["sent_kbps"] + (r.get("audio_kbps") or 0.0))
+    sent = [(r["t_s"], r["at"], round(r["sent_kbps"] + (r.get("audio_kbps") or 0.0), 1))
             for r in series if r.get("sent_kbps") is not None]
     after_10 = next((kbps for t, _, kbps in sent if t >= 10), None)
     last_drop = max((at for (_, before), (at, count) in itertools.pairwise(drops)
