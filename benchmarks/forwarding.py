@@ -236,16 +236,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 async def option_cost(args: argparse.Namespace, settings: DeviceSettings, rounds: int,
                       off: tuple[str, ...]) -> dict[str, Any]:
     """The price of a server feature on by default (the per-hop figures, congestion control):
-    forwarding packet streams with it and without (the server options ``off``), alternated
-    ``rounds`` times so drift in the machine's load falls on both; the medians of the runs
-    each way. The packet devices write abs-send-time as aiortc's senders do, so the servers'
+    forwarding packet streams with it and without (the server options ``off``), ``rounds``
+    times each, in ABBA order so drift in the machine's load falls on both; the medians of the
+    runs each way. The packet devices write abs-send-time as aiortc's senders do, so the servers'
     bandwidth estimators run on every video packet."""
     packets = replace(settings, video="packets")
     supply = MediaSupply.for_settings(packets)
     pairs = max(1, args.scale_streams // 2)
     cpu: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(rounds):
-        for measured in (False, True):
+    for i in range(rounds):
+        # ABBA: each way goes first in half the rounds, so drift within a round (the
+        # machine's own load, warming caches) falls on both alike
+        for measured in ((False, True) if i % 2 == 0 else (True, False)):
             run = await through_relay("forward", pairs, packets, supply, args.warmup,
                                       args.seconds, () if measured else off)
             cpu[measured].append(run["cpu_pct_per_stream"])
