@@ -81,7 +81,10 @@ class RateCounter:
     def __init__(self, window_size: int, scale: int = 8000) -> None:
         self._window = window_size
         self._scale = scale
-        self._entries: deque[tuple[int, int]] = deque()
+        # (ms, bytes) in two deques: no tuple per entry (tuples are tracked by the garbage
+        # collector, and a collection's cost falls on whatever the server is doing)
+        self._times: deque[int] = deque()
+        self._values: deque[int] = deque()
         self._origin_ms: int | None = None
         self._count = self._total = 0
 
@@ -90,7 +93,8 @@ class RateCounter:
             self._origin_ms = now_ms
         else:
             self._erase_old(now_ms)
-        self._entries.append((now_ms, value))
+        self._times.append(now_ms)
+        self._values.append(value)
         self._count += 1
         self._total += value
 
@@ -103,7 +107,8 @@ class RateCounter:
         return None
 
     def reset(self) -> None:
-        self._entries.clear()
+        self._times.clear()
+        self._values.clear()
         self._origin_ms = None
         self._count = self._total = 0
 
@@ -111,11 +116,11 @@ class RateCounter:
         assert self._origin_ms is not None
         origin = now_ms - self._window + 1
         if self._origin_ms < origin:
-            entries = self._entries
-            while entries and entries[0][0] < origin:
-                _, value = entries.popleft()
+            times, values = self._times, self._values
+            while times and times[0] < origin:
+                times.popleft()
                 self._count -= 1
-                self._total -= value
+                self._total -= values.popleft()
             self._origin_ms = origin
 
 
@@ -140,7 +145,8 @@ class TrendlineEstimator:
         self._first_ms: float | None = None
         self._accumulated = 0.0
         self._smoothed = 0.0
-        self._points: deque[tuple[float, float]] = deque()
+        self._xs: deque[float] = deque()  #: ms since the first group (no tuples: see
+        self._ys: deque[float] = deque()  #: RateCounter) and the smoothed delay
         self.trend = self._previous_trend = 0.0
         self.threshold = 12.5
         self._threshold_at: float | None = None
@@ -156,12 +162,14 @@ class TrendlineEstimator:
         self._accumulated += arrival_delta_ms - send_delta_ms
         self._smoothed = (self.SMOOTHING * self._smoothed
                           + (1 - self.SMOOTHING) * self._accumulated)
-        points = self._points
-        points.append((arrival_ms - self._first_ms, self._smoothed))
-        if len(points) > self.WINDOW:
-            points.popleft()
-        if len(points) == self.WINDOW:
-            self.trend = _slope(points) or self.trend
+        xs, ys = self._xs, self._ys
+        xs.append(arrival_ms - self._first_ms)
+        ys.append(self._smoothed)
+        if len(xs) > self.WINDOW:
+            xs.popleft()
+            ys.popleft()
+        if len(xs) == self.WINDOW:
+            self.trend = _slope(xs, ys) or self.trend
         self._detect(send_delta_ms, arrival_ms)
         return self.state
 
@@ -201,12 +209,12 @@ class TrendlineEstimator:
         self._threshold_at = now_ms
 
 
-def _slope(points: deque[tuple[float, float]]) -> float | None:
-    """The least-squares slope through ``points``, in one pass (x from the first point's)."""
-    n = len(points)
-    origin = points[0][0]
+def _slope(xs: deque[float], ys: deque[float]) -> float | None:
+    """The least-squares slope through the points, in one pass (x from the first point's)."""
+    n = len(xs)
+    origin = xs[0]
     sx = sy = sxx = sxy = 0.0
-    for x, y in points:
+    for x, y in zip(xs, ys, strict=True):
         x -= origin
         sx += x
         sy += y
@@ -228,7 +236,8 @@ class DelayEstimator:
         self.detector = TrendlineEstimator()
         self.control = rate.AimdRateControl()
         self._updated_ms: int | None = None
-        self._previous: tuple[float, float] | None = None  #: (send ms, arrival ms)
+        self._previous_send: float | None = None  #: the last group's send ms
+        self._previous_arrival = 0
 
     def group(self, send_ms: float, arrival_ms: int, size: int) -> int | None:
         """One packet group's last send time (ms, unwrapped), arrival and bytes; the new
@@ -236,9 +245,11 @@ class DelayEstimator:
         if self.incoming.rate(arrival_ms) is None:
             self.incoming.reset()
         self.incoming.add(size, arrival_ms)
-        previous, self._previous = self._previous, (send_ms, arrival_ms)
-        if previous is not None and send_ms > previous[0]:  # in order: a delta to judge
-            self.detector.update(arrival_ms - previous[1], send_ms - previous[0], arrival_ms)
+        previous_send, previous_arrival = self._previous_send, self._previous_arrival
+        self._previous_send, self._previous_arrival = send_ms, arrival_ms
+        if previous_send is not None and send_ms > previous_send:  # in order: a delta
+            self.detector.update(arrival_ms - previous_arrival, send_ms - previous_send,
+                                 arrival_ms)
         overusing = self.detector.state == rate.BandwidthUsage.OVERUSING
         if (self._updated_ms is not None and not overusing
                 and arrival_ms - self._updated_ms <= self.FEEDBACK_MS):
@@ -263,8 +274,8 @@ class Estimate:
     packet had it (the header layout of one sender does not change), found again if it
     moves; it wraps every 64 s, and is unwrapped here."""
 
-    __slots__ = ("_arrived_ms", "_at", "_base", "_estimator", "_first", "_last", "_size",
-                 "ext_id")
+    __slots__ = ("_arrived_ms", "_at", "_base", "_base_ms", "_estimator", "_first", "_last",
+                 "_size", "ext_id")
 
     def __init__(self, ext_id: int) -> None:
         self.ext_id = ext_id
@@ -274,7 +285,8 @@ class Estimate:
         self._last = 0  #: its last packet's send time
         self._arrived_ms = 0  #: and arrival
         self._size = 0
-        self._base: tuple[int, float] | None = None  #: (a send time, its unwrapped ms)
+        self._base: int | None = None  #: a send time, and its unwrapped ms
+        self._base_ms = 0.0
 
     def packet(self, packet: bytes | memoryview, length: int, now_ms: int,
                ssrc: int) -> int | None:
@@ -309,13 +321,12 @@ class Estimate:
     def _unwrap(self, sent: int) -> float:
         """A 24-bit abs-send-time as ms on a line that does not wrap (from the previous one)."""
         if self._base is None:
-            self._base = (sent, 0.0)
-        base, base_ms = self._base
-        step = (sent - base) & 0xFFFFFF
+            self._base, self._base_ms = sent, 0.0
+        step = (sent - self._base) & 0xFFFFFF
         if step >= 0x800000:  # earlier than the base
             step -= 0x1000000
-        ms = base_ms + step * 1000 / (1 << 18)
-        self._base = (sent, ms)
+        ms = self._base_ms + step * 1000 / (1 << 18)
+        self._base, self._base_ms = sent, ms
         return ms
 
 
