@@ -41,11 +41,13 @@ class StallGuard:
 
     def after(self, packet: Any, now: float) -> None:
         """``packet`` was just handed to the jitter buffer, at ``now``."""
-        self._drain(packet)
-        origin = self._buffer._origin
-        if origin != self._origin or self._progress_at is None:
-            self._origin, self._progress_at = origin, now
+        if self._buffer._origin != self._origin:
+            # aiortc released a frame: more may be complete (while it released none, none is)
+            self._drain(packet)
+            self._origin, self._progress_at = self._buffer._origin, now
             return
+        origin = self._origin
+        assert origin is not None and self._progress_at is not None
         if now - self._progress_at < self.stall_s:
             return
         codec = self._codecs.get(packet.payload_type)

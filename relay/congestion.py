@@ -288,8 +288,7 @@ class Estimate:
         self._base: int | None = None  #: a send time, and its unwrapped ms
         self._base_ms = 0.0
 
-    def packet(self, packet: bytes | memoryview, length: int, now_ms: int,
-               ssrc: int) -> int | None:
+    def packet(self, packet: bytes | memoryview, length: int, now_ms: int) -> int | None:
         """A plain RTP packet arrived: the new estimate (bits/s) if one came of it."""
         at = self._at
         if at is None or at + 3 > length or packet[at - 1] != (self.ext_id << 4) | 2:
@@ -302,9 +301,9 @@ class Estimate:
             self._last, self._arrived_ms = sent, now_ms
             self._size += length
             return None
-        return self.sent(sent, length, now_ms, ssrc)
+        return self.sent(sent, length, now_ms)
 
-    def sent(self, sent: int, size: int, now_ms: int, ssrc: int = 0) -> int | None:
+    def sent(self, sent: int, size: int, now_ms: int) -> int | None:
         """A packet sent at ``sent`` (abs-send-time) of ``size`` bytes arrived at ``now_ms``."""
         first = self._first
         found = None

@@ -316,11 +316,12 @@ class Forwarder:
         original = self.source is not None and not self.source.repair
         if self.measure and original:
             self.meter.arrived(len(packet.payload) + 12, time.time())
-        sent_at = packet.extensions.abs_send_time
-        if self.estimate is not None and original and sent_at is not None:
+        if self.estimate is not None and original and (
+                sent_at := packet.extensions.abs_send_time) is not None:
             now = time.monotonic()
-            self._estimated(self.estimate.sent(sent_at, len(packet.payload) + 12,
-                                               int(now * 1000), packet.ssrc), now)
+            found = self.estimate.sent(sent_at, len(packet.payload) + 12, int(now * 1000))
+            if found is not None:
+                self._estimated(found, now)
         if packet.ssrc != self._ssrc:
             self._ssrc = packet.ssrc
             self._waiting = self.kind == "video"
@@ -389,7 +390,7 @@ class Forwarder:
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
         if self.estimate is not None:
             now = time.monotonic()
-            found = self.estimate.packet(view, length, int(now * 1000), self._ssrc or 0)
+            found = self.estimate.packet(view, length, int(now * 1000))
             if found is not None:
                 self._estimated(found, now)
         measure = self.measure
@@ -463,9 +464,8 @@ class Forwarder:
                 feedback.sent_bps), limited_by=limit[1] if limit is not None else None)
 
     # Congestion control: this hop's estimate changed (fed by every original packet).
-    def _estimated(self, bitrate: int | None, now: float) -> None:
-        if bitrate is not None:
-            self._report_upstream(self.feedback.own(bitrate, now))
+    def _estimated(self, bitrate: int, now: float) -> None:
+        self._report_upstream(self.feedback.own(bitrate, now))
 
     # The sink leg's sender calls this for each REMB about the stream from downstream.
     def on_remb(self, bitrate: int) -> bool:
@@ -475,7 +475,7 @@ class Forwarder:
         self._report_upstream(self.feedback.downstream(bitrate, now))
         # Protect the narrow leg from the largest bursts: while downstream reports less than
         # arrives, keyframe requests go upstream at most every PROTECT_KEYFRAME_S.
-        arriving = self.meter.recent_bps()
+        arriving = self.meter.recent
         narrow = arriving is not None and bitrate < arriving
         self._limiter.interval = PROTECT_KEYFRAME_S if narrow else self._keyframe_interval
         return True
@@ -483,7 +483,6 @@ class Forwarder:
     def _report_upstream(self, bitrate: int | None) -> None:
         if bitrate is None or self.source is None or self._ssrc is None:
             return
-        self.meter.rembs_out += 1
         task = asyncio.ensure_future(self.source.send_remb(self._ssrc, bitrate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -73,7 +73,7 @@ class StreamMeter:
     """One kind of media in one direction at one server (see the module's docstring)."""
 
     __slots__ = ("_mark", "bytes", "first_at", "keyframes_in", "keyframes_out", "last_at",
-                 "nacks_in", "nacks_out", "packets", "recent", "rembs_out", "transit")
+                 "nacks_in", "nacks_out", "packets", "recent", "transit")
 
     def __init__(self) -> None:
         self.packets = 0
@@ -82,7 +82,6 @@ class StreamMeter:
         self.last_at = 0.0
         self.transit = Buckets()
         self.keyframes_in = self.keyframes_out = self.nacks_in = self.nacks_out = 0
-        self.rembs_out = 0  #: congestion reports sent upstream
         self._mark: tuple[float, int] | None = None  #: (time, bytes) at the last report
         self.recent: float | None = None  #: bits/s between the last two reports
 
@@ -97,10 +96,6 @@ class StreamMeter:
         if self.first_at is None:
             self.first_at = now
         self.last_at = now
-
-    def recent_bps(self) -> float | None:
-        """What arrived between the last two reports, bits/s (None before two)."""
-        return self.recent
 
     def figures(self, lost: int = 0, repaired: int = 0,
                 jitter_ms: float | None = None, now: float | None = None) -> StreamHop:

@@ -129,7 +129,7 @@ def _bottleneck(capacity_bps: int, seconds: float = 12, rate: int = 1_000_000,
             sent, ms = int(send * (1 << 18)) & 0xFFFFFF, int(arrive * 1000)
             found = each.add(arrival_time_ms=ms, abs_send_time=sent, payload_size=size, ssrc=1)
             last[0] = found[0] if found else last[0]
-            last[1] = grouped.sent(sent, size, ms, 1) or last[1]
+            last[1] = grouped.sent(sent, size, ms) or last[1]
     return last[0], last[1]
 
 
