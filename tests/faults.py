@@ -74,11 +74,6 @@ class Namespace:
                 capture_output=True, text=True, timeout=30).stdout)
         return out
 
-    def unlimit_rate(self) -> None:
-        for prefix, dev in (([], self.host_if), (self.prefix(), self.inside_if)):
-            subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"],
-                           capture_output=True, timeout=30)
-
     def dropped(self) -> int:
         """Packets the drop rules took so far (both ways)."""
         out = subprocess.run([*self.prefix(), "iptables", "-L", "-v", "-n", "-x"],
