@@ -28,7 +28,7 @@ from probe.capacity import CapacitySettings, GiveWay, Step, describe_gave_way, s
 from probe.client import ProbeError, Server, discover, find_device, pick_pair
 from probe.credentials import Credentials
 from probe.load import PAIRING_MODES, LoadReport, LoadSettings, run_load
-from probe.objective import Objective
+from probe.objective import RUN, Objective
 from probe.report import CallLog, write_summary
 from probe.scrape import ServerWatch
 from probe.scrape import describe as describe_server_metrics
@@ -349,8 +349,10 @@ async def command_load(args: argparse.Namespace) -> int:
                 log.close()
         progress.done()
     run = {**report.summary(), "offset_s": 0.0}
-    missed = {name: objective.missed(figures, settings.media == "full")
-              for name, figures in report.recorder.servers.items()}
+    missed = objective.missed_by_server(
+        report.recorder.servers, settings.media == "full",
+        why_none=f"no call started: {report.scheduled} scheduled, {report.skipped_cap} skipped "
+                 f"at the cap, {report.skipped_no_devices} without idle devices")
     summary = summary_of("load", [run], servers, objective, missed, settings.window_s)
     summary["server_metrics"] = watch.summary()
     summary["elapsed_s"] = round(time.monotonic() - began, 1)
@@ -426,6 +428,8 @@ def describe_run(summary: dict[str, Any]) -> str:
     lines = [f"{summary['command']}: objective {summary['objective']}: "
              f"{'met' if summary['objective_met'] else 'MISSED'}"
              + ("" if summary["valid"] else "  (INVALID: the probe itself lagged)")]
+    if run_missed := summary["objective_missed"].get(RUN):
+        lines.append(f"  {'; '.join(run_missed)}")
     for name, found in (summary.get("capacity") or {}).items():
         role = " (as a transit: every call crossed it)" if found.get("as") == "transit" else ""
         lines.append(f"  {name}{role}: sustainable {found['rate']} calls/s with up to "
@@ -444,7 +448,9 @@ def describe_run(summary: dict[str, Any]) -> str:
                      f"of {run['scheduled']} started, skipped {run['skipped_cap']} (cap) + "
                      f"{run['skipped_no_devices']} (no idle devices), late "
                      f"{run['late_starts']}, schedule error p99 {err.get('p99')} ms, probe "
-                     f"lag p99 {run['probe'].get('loop_lag_ms_p99')} ms")
+                     f"lag p99 {run['probe'].get('loop_lag_ms_p99')} ms"
+                     + (f", PROBE ERRORS {run['probe_errors']} (see its log)"
+                        if run.get("probe_errors") else ""))
     for name, figures in summary["figures"]["servers"].items():
         phases = figures["phases"]
 

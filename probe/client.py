@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from probe.credentials import Credentials
 from relay.logs import event
 from relay.messages import (
+    Body,
     CallInfo,
     CreateCall,
     DeviceInfo,
@@ -25,6 +26,8 @@ from relay.messages import (
 )
 
 log = logging.getLogger("probe.client")
+
+B = TypeVar("B", bound=Body)
 
 
 class ProbeError(Exception):
@@ -97,29 +100,36 @@ class ServerClient:
                 raise ProbeError("bad_response", f"HTTP {status}: {data!r}", status) from None
         return data
 
+    def _parse(self, kind: type[B], data: Any) -> B:
+        """A success body as ``kind``: one that is not is the server's error, said as one."""
+        try:
+            return kind.from_dict(data)
+        except MessageError as exc:
+            raise ProbeError("bad_response", f"{self.url}: not a {kind.__name__}: {exc}") from None
+
     async def server(self) -> ServerInfo:
-        return ServerInfo.from_dict(await self._get("/v1/server"))
+        return self._parse(ServerInfo, await self._get("/v1/server"))
 
     async def servers(self) -> list[ServerEntry]:
-        return ServerList.from_dict(await self._get("/v1/servers")).servers
+        return self._parse(ServerList, await self._get("/v1/servers")).servers
 
     async def devices(self) -> list[DeviceInfo]:
-        return DeviceList.from_dict(await self._get("/v1/devices")).devices
+        return self._parse(DeviceList, await self._get("/v1/devices")).devices
 
     async def create_call(self, caller: str, callee: str, media: str = "full") -> CallInfo:
         body = CreateCall(caller=caller, callee=callee, media_mode=media).to_dict()
         status, data = await self._request("POST", "/v1/calls", body)
-        return CallInfo.from_dict(self._check(status, data))
+        return self._parse(CallInfo, self._check(status, data))
 
     async def call(self, call_id: str, wait: str | None = None,
                    timeout_s: float = 10.0) -> CallInfo:
         path = f"/v1/calls/{call_id}" + (f"?wait={wait}&timeout={timeout_s}" if wait else "")
-        return CallInfo.from_dict(await self._get(
+        return self._parse(CallInfo, await self._get(
             path, timeout_s=timeout_s + self.timeout_s if wait else None))
 
     async def hangup(self, call_id: str) -> CallInfo:
         status, data = await self._request("DELETE", f"/v1/calls/{call_id}")
-        return CallInfo.from_dict(self._check(status, data))
+        return self._parse(CallInfo, self._check(status, data))
 
 
 async def discover(session: aiohttp.ClientSession, urls: list[str],

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,7 +34,10 @@ from probe.client import (
 from probe.histograms import encode, new_histogram, percentiles, record_ms
 from probe.stats import Recorder
 from probe.watch import LoopWatch
+from relay.logs import event
 from relay.messages import split_address
+
+log = logging.getLogger("probe.load")
 
 #: calls whose samples a run's summary keeps (every call's are in calls.jsonl)
 SAMPLED_CALLS_KEPT = 4
@@ -181,12 +186,14 @@ class LoadReport:
     schedule_error: HdrHistogram = field(default_factory=new_histogram)
     watch: dict[str, float | None] = field(default_factory=dict)
     results: list[CallResult] = field(default_factory=list)
+    probe_errors: int = 0  #: calls on which the probe itself failed (each counted, as failed)
 
     @property
     def valid(self) -> bool:
-        """False when the probe itself lagged past its threshold: blame the probe, not a server."""
+        """False when the probe itself lagged past its threshold, or failed on a call: blame
+        the probe, not a server."""
         lag = self.watch.get("loop_lag_ms_p99")
-        return lag is None or lag <= self.settings.max_lag_ms
+        return (lag is None or lag <= self.settings.max_lag_ms) and not self.probe_errors
 
     def summary(self) -> dict[str, object]:
         s = self.settings
@@ -197,6 +204,7 @@ class LoadReport:
             "scheduled": self.scheduled, "started": self.started,
             "skipped_cap": self.skipped_cap, "skipped_no_devices": self.skipped_no_devices,
             "late_starts": self.late, "max_concurrent_seen": self.max_concurrent_seen,
+            "probe_errors": self.probe_errors,
             "schedule_error_ms": percentiles(self.schedule_error),
             "schedule_error_hist": encode(self.schedule_error),
             "probe": self.watch, "valid": self.valid,
@@ -229,15 +237,29 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
 
     async def one(caller: str, callee: str, scheduled: float, offset: float, late: bool) -> None:
         try:
-            result = await run_call(session, servers, caller, callee, settings.hold_s,
-                                    settings.setup_timeout_s, scheduled=scheduled,
-                                    media=settings.media,
-                                    request_timeout_s=settings.request_timeout_s,
-                                    sample_s=settings.sample_s)
+            try:
+                result = await run_call(session, servers, caller, callee, settings.hold_s,
+                                        settings.setup_timeout_s, scheduled=scheduled,
+                                        media=settings.media,
+                                        request_timeout_s=settings.request_timeout_s,
+                                        sample_s=settings.sample_s)
+            except Exception as exc:  # the probe's own bug: the call is counted, not lost
+                report.probe_errors += 1
+                frame = traceback.extract_tb(exc.__traceback__)[-1]
+                event(log, "probe_error", logging.ERROR, caller=caller, callee=callee,
+                      error=f"{type(exc).__name__}: {exc}",
+                      where=f"{frame.filename}:{frame.lineno} in {frame.name}")
+                result = CallResult(caller=caller, callee=callee,
+                                    server=split_address(caller)[0] or "",
+                                    reason="probe_error", error="probe_error")
+                result.timeline["t_sent"] = scheduled
             report.results.append(result)
             # every server the call was routed through (the tree path: the servers route
             # exactly on it), whether or not it got that far
-            planned = path(split_address(caller)[0] or "", split_address(callee)[0] or "")
+            try:
+                planned = path(split_address(caller)[0] or "", split_address(callee)[0] or "")
+            except ProbeError:
+                planned = list(result.path)  # the tree as discovered did not join them
             report.recorder.add(result.server, offset, result.outcome, result.intervals,
                                 result.media, late, planned, result.hops, result.links,
                                 result.senders)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from probe.stats import Figures
+
+#: The key of ``objective_missed`` for what misses the objective before any server is judged:
+#: a run in which no call started has no server's figures, and must not pass for that.
+RUN = "run"
 
 
 @dataclass(frozen=True)
@@ -53,3 +58,10 @@ class Objective:
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v:g}" for k, v in asdict(self).items() if v is not None)
+
+    def missed_by_server(self, servers: Mapping[str, Figures], media: bool = True,
+                         why_none: str = "no call started") -> dict[str, list[str]]:
+        """Why each server's figures miss the objective; with no server's figures at all
+        (no call started), the run itself misses it, under ``RUN``, saying ``why_none``."""
+        missed = {name: self.missed(figures, media) for name, figures in servers.items()}
+        return missed or {RUN: [why_none]}

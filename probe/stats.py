@@ -35,6 +35,7 @@ FAILURE_CLASSES = (
     "no_media",            # up, but a direction never got a frame
     "stalled",             # media started, then stopped for most of the call
     "dropped",             # up, then ended by anything but the probe's hang-up
+    "probe_error",         # the probe itself failed on the call: blame the probe, not a server
 )
 
 #: Phases timed per call, in ms from the (scheduled) send time, and media figures.

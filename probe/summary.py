@@ -13,7 +13,7 @@ from probe.stats import Recorder
 
 #: Counts of a run that add up when probes share a load.
 RUN_COUNTS = ("scheduled", "started", "skipped_cap", "skipped_no_devices", "late_starts",
-              "max_concurrent_seen")
+              "max_concurrent_seen", "probe_errors")
 
 
 def build(command: str, runs: list[dict[str, Any]], servers: list[str], objective: Objective,
@@ -65,7 +65,7 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     total = Recorder(window_s)
     for run in runs:
         total.merge(Recorder.from_summary(run["figures"]))
-    missed = {name: objective.missed(figures, media) for name, figures in total.servers.items()}
+    missed = objective.missed_by_server(total.servers, media)
     merged = build("merge", runs, servers, objective, missed, window_s)
     merged["merged_from"] = len(summaries)
     # The probes watched the same servers: one view of them (the first probe's) is enough.

@@ -74,6 +74,7 @@ class Code(enum.StrEnum):
     # the probe's own, when a request fails
     TIMEOUT = "timeout"
     BAD_RESPONSE = "bad_response"
+    PROBE_ERROR = "probe_error"
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,9 @@ REASONS: dict[Code, Reason] = _table(
            "the probe's request got no answer in time", probe_only=True),
     Reason(Code.BAD_RESPONSE, "remote", None, "rejected",
            "the server's answer was not what the API describes", probe_only=True),
+    Reason(Code.PROBE_ERROR, "local", None, "probe_error",
+           "the probe itself failed on the call (its own bug, logged once with where it was "
+           "raised): the call is counted, and the run is invalid", probe_only=True),
 )
 
 

@@ -98,3 +98,37 @@ async def test_a_server_nobody_listens_on_is_unreachable():
         report = await run_load(session, servers_at(f"http://127.0.0.1:{port}"), settings)
     assert report.recorder.total.failures == {"server_unreachable": 5}
     assert report.started == 5
+
+
+async def test_a_success_body_that_is_no_call_is_a_bad_response_not_a_lost_call():
+    async def odd(request: web.Request) -> web.Response:
+        return web.json_response({"call": 7})  # HTTP 200, but not a CallInfo
+
+    runner, url = await serve(odd)
+    try:
+        async with aiohttp.ClientSession() as session:
+            settings = LoadSettings(rate=10, duration_s=0.3, hold_s=0, cooldown_s=0)
+            report = await run_load(session, servers_at(url), settings)
+    finally:
+        await runner.cleanup()
+    # Before: the parse error killed the call's task, and the call vanished from the run.
+    assert report.started == 3 and len(report.results) == 3
+    assert report.recorder.total.details == {"rejected:bad_response": 3}
+    assert report.valid  # the server's fault, not the probe's
+
+
+async def test_a_call_the_probe_fails_on_is_counted_and_the_run_invalid(monkeypatch, caplog):
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a probe bug")
+
+    monkeypatch.setattr("probe.load.run_call", broken)
+    async with aiohttp.ClientSession() as session:
+        settings = LoadSettings(rate=10, duration_s=0.2, hold_s=0, cooldown_s=0)
+        report = await run_load(session, servers_at("http://127.0.0.1:9"), settings)
+    assert report.started == 2 and len(report.results) == 2
+    assert report.recorder.total.failures == {"probe_error": 2}
+    assert report.probe_errors == 2 and not report.valid
+    assert report.summary()["probe_errors"] == 2
+    logged = [r for r in caplog.records if r.getMessage() == "probe_error"]
+    assert len(logged) == 2 and "a probe bug" in logged[0].error  # type: ignore[attr-defined]
+    assert "test_load.py" in logged[0].where  # type: ignore[attr-defined]

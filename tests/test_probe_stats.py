@@ -8,7 +8,7 @@ import random
 import pytest
 
 from probe.load import Pairing, schedule
-from probe.objective import Objective
+from probe.objective import RUN, Objective
 from probe.stats import FAILURE_CLASSES, Figures, Outcome, Recorder, classify, percentiles
 from probe.summary import merge
 from relay.messages import DIRECTIONS
@@ -164,3 +164,18 @@ def test_objective():
     why = Objective(min_success_rate=0.99, max_response_p95_ms=50).missed(figures)
     assert len(why) == 2 and "success rate" in why[0] and "response p95" in why[1]
     assert Objective().missed(Figures()) == ["no calls"]
+
+
+def test_a_run_in_which_no_call_started_misses_the_objective():
+    # Every start skipped (devices busy, servers unreachable): no server has figures, and the
+    # run must not pass for that. It did: `probe load` exited 0 on a run of no calls.
+    assert Objective().missed_by_server({}) == {RUN: ["no call started"]}
+    assert Objective().missed_by_server({"a": Figures()}) == {"a": ["no calls"]}
+    empty = Recorder(10.0)
+    run = {"rate": 1, "duration_s": 2, "media": "full", "valid": True, "scheduled": 2,
+           "started": 0, "skipped_cap": 0, "skipped_no_devices": 2, "late_starts": 0,
+           "max_concurrent_seen": 0, "offset_s": 0.0, "figures": empty.summary()}
+    merged = merge([{"servers": ["a"], "runs": [run], "figures": empty.summary(),
+                     "objective_limits": {}}])
+    assert not merged["objective_met"] and merged["objective_missed"] == {
+        RUN: ["no call started"]}

@@ -87,7 +87,22 @@ def test_b_lower_b_killed_mid_call(lab: Lab):
     assert status == 0 and calls[0]["ok"], (summary, calls)
 
 
+def _idle(lab: Lab) -> bool:
+    """No call and no media leg left on any server."""
+    for server in ("upper", "lower-a", "lower-b"):
+        if lab.get(server, "/v1/calls")["calls"]:
+            return False
+        for family in text_string_to_metric_families(lab.get(server, "/metrics")):
+            if family.name == "relay_legs" and any(s.value for s in family.samples):
+                return False
+    return True
+
+
 def test_c_upper_paused(lab: Lab):
+    # Start from a quiet tree: what the test before left (a call still ending, lower-b's
+    # directory settling) must not be what the pause freezes.
+    lab.wait_devices(timeout=60)
+    lab.wait_for(lambda: _idle(lab), 30, "no call or leg left on any server")
     lab.compose("pause", "upper")
     try:
         paused = time.monotonic()
@@ -105,17 +120,7 @@ def test_c_upper_paused(lab: Lab):
         assert call["failure_detail"], call
     # After the pause: no call and no leg left anywhere, and calls work again.
     lab.wait_devices(timeout=60)
-
-    def idle() -> bool:
-        for server in ("upper", "lower-a", "lower-b"):
-            if lab.get(server, "/v1/calls")["calls"]:
-                return False
-            for family in text_string_to_metric_families(lab.get(server, "/metrics")):
-                if family.name == "relay_legs" and any(s.value for s in family.samples):
-                    return False
-        return True
-
-    lab.wait_for(idle, 30, "no call or leg left on any server")
+    lab.wait_for(lambda: _idle(lab), 30, "no call or leg left on any server")
     status, summary, calls = lab.probe("c2", "load", "--pairing", "explicit", "--pair", CROSS,
                                        "--rate", "1", "--duration", "1", "--hold", "2")
     assert status == 0 and calls[0]["ok"], (summary, calls)
