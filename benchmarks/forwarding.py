@@ -121,6 +121,7 @@ async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply:
             await asyncio.sleep(warmup)
             calls = [c for d in devices for c in d.calls.values()]
             start = open_window(calls)
+            before = await forwarding_counts(session, url)
             relay_cpu, load_cpu = cpu_seconds(pid), time.process_time()
             began = time.monotonic()
             await asyncio.sleep(seconds)
@@ -128,18 +129,31 @@ async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply:
             relay_cpu = cpu_seconds(pid) - relay_cpu
             load_cpu = time.process_time() - load_cpu
             window = close_window(calls, start)
+            after = await forwarding_counts(session, url)
             for call_id in call_ids:
                 async with session.delete(f"{url}/v1/calls/{call_id}"):
                     pass
-            async with session.get(f"{url}/healthz") as r:
-                health = await r.json()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(d.close() for d in devices))
-    return figures(window, 2 * pairs, elapsed, relay_cpu, load_cpu,
-                   transcoding=health["forwarding"]["transcoded_total"])
+    out = figures(window, 2 * pairs, elapsed, relay_cpu, load_cpu,
+                  transcoding=after["transcoded_total"])
+    # what the relay did besides forwarding, a second per stream over the measured window
+    out["per_stream_s"] = {key: round((after[key] - before[key]) / elapsed / (2 * pairs), 2)
+                           for key in PER_STREAM_COUNTS}
+    return out
+
+
+#: the relay's counters (its /healthz "forwarding") that a run reports a second per stream
+PER_STREAM_COUNTS = ("packets", "nacks_sent", "retransmissions", "keyframe_requests_up",
+                     "rembs_received", "rembs_sent")
+
+
+async def forwarding_counts(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
+    async with session.get(f"{url}/healthz") as r:
+        return (await r.json())["forwarding"]
 
 
 async def direct(pairs: int, settings: DeviceSettings, supply: MediaSupply, warmup: float,
@@ -244,6 +258,7 @@ async def option_cost(args: argparse.Namespace, settings: DeviceSettings, rounds
     supply = MediaSupply.for_settings(packets)
     pairs = max(1, args.scale_streams // 2)
     cpu: dict[bool, list[float]] = {True: [], False: []}
+    counts: dict[bool, dict[str, float]] = {}
     for i in range(rounds):
         # ABBA: each way goes first in half the rounds, so drift within a round (the
         # machine's own load, warming caches) falls on both alike
@@ -251,13 +266,16 @@ async def option_cost(args: argparse.Namespace, settings: DeviceSettings, rounds
             run = await through_relay("forward", pairs, packets, supply, args.warmup,
                                       args.seconds, () if measured else off)
             cpu[measured].append(run["cpu_pct_per_stream"])
+            counts[measured] = run["per_stream_s"]
     # medians: one run disturbed by the machine moves a mean more than the feature does
     on, off_cpu = (statistics.median(cpu[m]) for m in (True, False))
     return {"streams": 2 * pairs, "rounds": rounds, "off": " ".join(off),
             "cpu_pct_per_stream_with": round(on, 3),
             "cpu_pct_per_stream_without": round(off_cpu, 3),
             "added_pct": round((on / off_cpu - 1) * 100, 1) if off_cpu else None,
-            "runs_with": cpu[True], "runs_without": cpu[False]}
+            "runs_with": cpu[True], "runs_without": cpu[False],
+            # the last run's relay counters each way, a second per stream
+            "per_stream_s_with": counts.get(True), "per_stream_s_without": counts.get(False)}
 
 
 def table(out: dict[str, Any]) -> str:

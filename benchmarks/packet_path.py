@@ -1,6 +1,7 @@
 """The forwarding fast path's per-packet work, timed on its own: hot, and spaced like real media.
 
     .venv/bin/python benchmarks/packet_path.py [--packets 3000] [--spacing-ms 0,0.1,0.4,1.5]
+        [--estimate]
 
 Per packet, as relay/rtc.py and relay/forward.py do it: SRTP unprotect in place, the receiver
 accounting aiortc needs (RTCP statistics, NACK generator), the sequence/timestamp map, the header
@@ -24,6 +25,7 @@ from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
 from pylibsrtp import Policy, Session
 from pylibsrtp._binding import ffi
 
+from relay.congestion import Estimate
 from relay.forward import SequenceMap
 from relay.rtc import _HEADER, InPlaceSrtp, _Seen, ntp_now
 
@@ -32,13 +34,20 @@ def packets(count: int) -> tuple[Session, list[bytes]]:
     key = os.urandom(30)
     sender = Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
     receiver = Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND))
-    header_extension = bytes([0xBE, 0xDE, 0, 1, 0x10, 0x31, 0, 0])  # one-byte MID extension
     made = []
     for i in range(count):
+        frame = i // PACKETS_PER_FRAME  # 30 fps
         header = (bytes([0x90, 96]) + (i & 0xFFFF).to_bytes(2, "big")
-                  + (i * 3000 & 0xFFFFFFFF).to_bytes(4, "big") + (1234).to_bytes(4, "big"))
+                  + (frame * 3000 & 0xFFFFFFFF).to_bytes(4, "big") + (1234).to_bytes(4, "big"))
+        # one-byte extensions: MID, and abs-send-time (id 3) as aiortc's senders write it
+        sent = round(frame / 30 * (1 << 18)) & 0xFFFFFF
+        header_extension = bytes([0xBE, 0xDE, 0, 2, 0x10, 0x31, 0x32]) + sent.to_bytes(3, "big") \
+            + bytes(2)
         made.append(sender.protect(header + header_extension + os.urandom(1100)))
     return receiver, made
+
+
+PACKETS_PER_FRAME = 4  #: ~1 Mbit/s of 640x480 VP8 at 30 fps
 
 
 def spin(seconds: float) -> None:
@@ -48,9 +57,10 @@ def spin(seconds: float) -> None:
         pass
 
 
-def run(count: int, spacing: float, busy: bool = False) -> float:
+def run(count: int, spacing: float, busy: bool = False, estimate: bool = False) -> float:
     """Mean CPU time (µs) of the per-packet work, ``spacing`` seconds between packets, the CPU
-    idle in between (or ``busy``: spinning)."""
+    idle in between (or ``busy``: spinning); with ``estimate``, congestion control's part too
+    (relay/congestion.py: the bandwidth estimate fed by every packet)."""
     receiver, datagrams = packets(count)
     rx = InPlaceSrtp(receiver)
     out = InPlaceSrtp(Session(Policy(key=os.urandom(30), ssrc_type=Policy.SSRC_ANY_OUTBOUND)))
@@ -60,6 +70,7 @@ def run(count: int, spacing: float, busy: bool = False) -> float:
     spent = 0.0
     history: dict[int, bytes] = {}
     count_ = 0
+    estimator = Estimate(3) if estimate else None
     for datagram in datagrams:
         if spacing:
             (spin if busy else time.sleep)(spacing)
@@ -70,6 +81,8 @@ def run(count: int, spacing: float, busy: bool = False) -> float:
         seq, ts = (plain[2] << 8) | plain[3], int.from_bytes(plain[4:8], "big")
         seen.sequence_number, seen.timestamp = seq, ts
         stats.add(seen)  # type: ignore[arg-type]
+        if estimator is not None:
+            estimator.packet(plain, length, int(time.monotonic() * 1000))
         nacks.add(seen)  # type: ignore[arg-type]
         mapped = seq_map.map(seq, ts)
         assert mapped is not None
@@ -90,14 +103,18 @@ def main() -> None:
     parser.add_argument("--packets", type=int, default=3000)
     parser.add_argument("--spacing-ms", default="0,0.1,0.4,1.5",
                         help="comma-separated gaps between packets, in ms")
+    parser.add_argument("--estimate", action="store_true",
+                        help="each figure also with congestion control's per-packet estimate")
     args = parser.parse_args()
     for spacing in (float(v) for v in args.spacing_ms.split(",")):
-        idle = run(args.packets, spacing / 1000)
-        line = f"packets {spacing:4.1f} ms apart: {idle:6.1f} µs of CPU per packet"
-        if spacing:
-            busy = run(args.packets, spacing / 1000, busy=True)
-            line += f" (CPU idle between them); {busy:6.1f} µs (CPU kept busy)"
-        print(line)
+        for estimate in (False, True) if args.estimate else (False,):
+            idle = run(args.packets, spacing / 1000, estimate=estimate)
+            line = (f"packets {spacing:4.1f} ms apart{', estimated' if estimate else ''}: "
+                    f"{idle:6.1f} µs of CPU per packet")
+            if spacing:
+                busy = run(args.packets, spacing / 1000, busy=True, estimate=estimate)
+                line += f" (CPU idle between them); {busy:6.1f} µs (CPU kept busy)"
+            print(line)
 
 
 if __name__ == "__main__":

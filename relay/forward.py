@@ -203,6 +203,8 @@ class ForwardingStats:
     transcoded_total: int = 0  #: directions that ever fell back to transcoding
     nacks_sent: int = 0  #: NACKs sent upstream for missing packets
     retransmissions: int = 0  #: packets asked for again by downstream NACKs
+    rembs_received: int = 0  #: REMB (congestion control) from downstream, acted on
+    rembs_sent: int = 0  #: REMB sent upstream
 
 
 class _Counted:
@@ -472,6 +474,7 @@ class Forwarder:
         if self.mode == "transcode" or not self.congestion:
             return False  # an encoder here answers it (or, off: ignored, as ever)
         now = time.monotonic()
+        self.stats.rembs_received += 1
         self._report_upstream(self.feedback.downstream(bitrate, now))
         # Protect the narrow leg from the largest bursts: while downstream reports less than
         # arrives, keyframe requests go upstream at most every PROTECT_KEYFRAME_S.
@@ -483,6 +486,7 @@ class Forwarder:
     def _report_upstream(self, bitrate: int | None) -> None:
         if bitrate is None or self.source is None or self._ssrc is None:
             return
+        self.stats.rembs_sent += 1
         task = asyncio.ensure_future(self.source.send_remb(self._ssrc, bitrate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -80,6 +80,10 @@ class NodeCollector(Collector):
                 ("relay_nacks_sent", f.nacks_sent, "NACKs sent upstream"),
                 ("relay_retransmissions", f.retransmissions,
                  "Packets asked for again by downstream NACKs"),
+                ("relay_rembs_received", f.rembs_received,
+                 "REMB (congestion control) received from downstream and acted on"),
+                ("relay_rembs_sent", f.rembs_sent,
+                 "REMB sent upstream: the least of this hop's estimate and downstream's"),
                 ("relay_transcoded_directions", f.transcoded_total,
                  "Call directions that fell back to transcoding")):
             yield one(CounterMetricFamily, name, text, value)
