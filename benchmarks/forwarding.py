@@ -49,11 +49,11 @@ LOOPBACK = MediaSettings(addresses=("127.0.0.1",))
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 @dataclass
@@ -126,7 +126,7 @@ async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply:
             began = time.monotonic()
             await asyncio.sleep(seconds)
             elapsed = time.monotonic() - began
-            relay_cpu = cpu_seconds(pid) - relay_cpu
+            user, system = (b - a for a, b in zip(relay_cpu, cpu_seconds(pid), strict=True))
             load_cpu = time.process_time() - load_cpu
             window = close_window(calls, start)
             after = await forwarding_counts(session, url)
@@ -138,8 +138,11 @@ async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(d.close() for d in devices))
-    out = figures(window, 2 * pairs, elapsed, relay_cpu, load_cpu,
+    out = figures(window, 2 * pairs, elapsed, user + system, load_cpu,
                   transcoding=after["transcoded_total"])
+    # in the relay's own code (Python, SRTP) and in the kernel (its sockets)
+    out["relay_user_pct"] = round(user / elapsed * 100, 2)
+    out["relay_system_pct"] = round(system / elapsed * 100, 2)
     # what the relay did besides forwarding, a second per stream over the measured window
     out["per_stream_s"] = {key: round((after[key] - before[key]) / elapsed / (2 * pairs), 2)
                            for key in PER_STREAM_COUNTS}
@@ -147,8 +150,8 @@ async def through_relay(mode: str, pairs: int, settings: DeviceSettings, supply:
 
 
 #: the relay's counters (its /healthz "forwarding") that a run reports a second per stream
-PER_STREAM_COUNTS = ("packets", "nacks_sent", "retransmissions", "keyframe_requests_up",
-                     "rembs_received", "rembs_sent")
+PER_STREAM_COUNTS = ("packets", "fast_path_packets", "nacks_sent", "retransmissions",
+                     "keyframe_requests_up", "rembs_received", "rembs_sent")
 
 
 async def forwarding_counts(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
@@ -259,6 +262,7 @@ async def option_cost(args: argparse.Namespace, settings: DeviceSettings, rounds
     pairs = max(1, args.scale_streams // 2)
     cpu: dict[bool, list[float]] = {True: [], False: []}
     counts: dict[bool, dict[str, float]] = {}
+    split: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     for i in range(rounds):
         # ABBA: each way goes first in half the rounds, so drift within a round (the
         # machine's own load, warming caches) falls on both alike
@@ -266,6 +270,7 @@ async def option_cost(args: argparse.Namespace, settings: DeviceSettings, rounds
             run = await through_relay("forward", pairs, packets, supply, args.warmup,
                                       args.seconds, () if measured else off)
             cpu[measured].append(run["cpu_pct_per_stream"])
+            split[measured].append((run["relay_user_pct"], run["relay_system_pct"]))
             counts[measured] = run["per_stream_s"]
     # medians: one run disturbed by the machine moves a mean more than the feature does
     on, off_cpu = (statistics.median(cpu[m]) for m in (True, False))
@@ -274,6 +279,8 @@ async def option_cost(args: argparse.Namespace, settings: DeviceSettings, rounds
             "cpu_pct_per_stream_without": round(off_cpu, 3),
             "added_pct": round((on / off_cpu - 1) * 100, 1) if off_cpu else None,
             "runs_with": cpu[True], "runs_without": cpu[False],
+            # each run's relay CPU (% of a core, all streams) in user and in system time
+            "user_system_with": split[True], "user_system_without": split[False],
             # the last run's relay counters each way, a second per stream
             "per_stream_s_with": counts.get(True), "per_stream_s_without": counts.get(False)}
 

@@ -37,7 +37,8 @@ def packets(count: int) -> tuple[Session, list[bytes]]:
     made = []
     for i in range(count):
         frame = i // PACKETS_PER_FRAME  # 30 fps
-        header = (bytes([0x90, 96]) + (i & 0xFFFF).to_bytes(2, "big")
+        marker = 0x80 if i % PACKETS_PER_FRAME == PACKETS_PER_FRAME - 1 else 0
+        header = (bytes([0x90, 96 | marker]) + (i & 0xFFFF).to_bytes(2, "big")
                   + (frame * 3000 & 0xFFFFFFFF).to_bytes(4, "big") + (1234).to_bytes(4, "big"))
         # one-byte extensions: MID, and abs-send-time (id 3) as aiortc's senders write it
         sent = round(frame / 30 * (1 << 18)) & 0xFFFFFF
@@ -71,6 +72,7 @@ def run(count: int, spacing: float, busy: bool = False, estimate: bool = False) 
     history: dict[int, bytes] = {}
     count_ = 0
     estimator = Estimate(3) if estimate else None
+    frame_bytes = 0
     for datagram in datagrams:
         if spacing:
             (spin if busy else time.sleep)(spacing)
@@ -82,7 +84,12 @@ def run(count: int, spacing: float, busy: bool = False, estimate: bool = False) 
         seen.sequence_number, seen.timestamp = seq, ts
         stats.add(seen)  # type: ignore[arg-type]
         if estimator is not None:
-            estimator.packet(plain, length, int(time.monotonic() * 1000))
+            frame_bytes += length
+            if plain[1] & 0x80:  # as relay/forward.py: a frame noted, on its last packet
+                estimator.packet(plain, length, int(time.monotonic() * 1000), frame_bytes)
+                frame_bytes = 0
+                if not (count_ + 1) % (3 * PACKETS_PER_FRAME):  # and a tick's frames (3)
+                    estimator.drain()
         nacks.add(seen)  # type: ignore[arg-type]
         mapped = seq_map.map(seq, ts)
         assert mapped is not None

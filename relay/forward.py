@@ -301,6 +301,7 @@ class Forwarder:
         #: and the least of it and the downstream report, sent upstream (relay/congestion.py)
         self.congestion = congestion and kind == "video"
         self.estimate: Estimate | None = None
+        self._frame_bytes = 0  #: of the stream since the last frame's end, for the estimate
         self.feedback = Feedback()
         self._keyframe_interval = keyframe_interval
 
@@ -318,12 +319,14 @@ class Forwarder:
         original = self.source is not None and not self.source.repair
         if self.measure and original:
             self.meter.arrived(len(packet.payload) + 12, time.time())
-        if self.estimate is not None and original and (
-                sent_at := packet.extensions.abs_send_time) is not None:
-            now = time.monotonic()
-            found = self.estimate.sent(sent_at, len(packet.payload) + 12, int(now * 1000))
-            if found is not None:
-                self._estimated(found, now)
+        if self.estimate is not None and original:
+            self._frame_bytes += len(packet.payload) + 12
+            if packet.marker and (sent_at := packet.extensions.abs_send_time) is not None:
+                now = time.monotonic()  # a frame's last packet: the estimate's one step a frame
+                found = self.estimate.sent(sent_at, self._frame_bytes, int(now * 1000))
+                self._frame_bytes = 0
+                if found is not None:
+                    self._estimated(found, now)
         if packet.ssrc != self._ssrc:
             self._ssrc = packet.ssrc
             self._waiting = self.kind == "video"
@@ -390,11 +393,15 @@ class Forwarder:
             return
         seq, ts = _SEQ_TS.unpack_from(view, 2)
         source.account(self._ssrc or 0, seq, ts, self._clock_rate)
-        if self.estimate is not None:
-            now = time.monotonic()
-            found = self.estimate.packet(view, length, int(now * 1000))
-            if found is not None:
-                self._estimated(found, now)
+        estimate = self.estimate
+        if estimate is not None:
+            self._frame_bytes += length
+            if view[1] & 0x80:  # a frame's last packet: the estimate's one step a frame
+                now = time.monotonic()
+                found = estimate.packet(view, length, int(now * 1000), self._frame_bytes)
+                self._frame_bytes = 0
+                if found is not None:
+                    self._estimated(found, now)
         measure = self.measure
         if measure:  # counted inline: this runs for every packet
             meter = self.meter
@@ -465,7 +472,12 @@ class Forwarder:
             downstream_kbps=_kbps(feedback.downstream_bps), reported_kbps=_kbps(
                 feedback.sent_bps), limited_by=limit[1] if limit is not None else None)
 
-    # Congestion control: this hop's estimate changed (fed by every original packet).
+    # Congestion control: the server's tick (relay/media.py) works the frames noted in.
+    def drain_estimate(self, now: float) -> None:
+        if self.estimate is not None and (found := self.estimate.drain()) is not None:
+            self._estimated(found, now)
+
+    # This hop's estimate changed.
     def _estimated(self, bitrate: int, now: float) -> None:
         self._report_upstream(self.feedback.own(bitrate, now))
 
@@ -570,6 +582,11 @@ class Bridge:
                                   counted(sink.meter, self.stats), sink.on_remb)
             sink.sink_track = SwitchableTrack(kind)
             transceiver.sender.replaceTrack(sink.sink_track)
+
+    def drain_estimates(self, now: float) -> None:
+        """Every stream's congestion estimate takes in the frames it noted."""
+        for forwarder in self.forwarders.values():
+            forwarder.drain_estimate(now)
 
     def figures(self) -> dict[str, dict[str, StreamHop]]:
         """This hop's figures of the call, by direction and kind (streams that carried any)."""

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from aiortc.contrib.media import MediaRelay
 
+from relay.congestion import ESTIMATE_EVERY_S
 from relay.effects import Link, Negotiate, PortPlan, StartMedia
 from relay.forward import Bridge, Forwarder, ForwardingStats
 from relay.leg import Leg
@@ -72,6 +73,7 @@ class MediaPlane:
         self.calls: dict[str, CallMedia] = {}
         self._closing: set[asyncio.Task[Any]] = set()
         self._reporter: asyncio.Task[None] | None = None
+        self._estimator: asyncio.Task[None] | None = None
 
     def legs(self) -> list[Leg]:
         return [leg for media in self.calls.values() for leg in media.legs.values()]
@@ -92,9 +94,11 @@ class MediaPlane:
                 on_ready=lambda transceivers, up=upstream: bridge.leg_ready(transceivers, up),
                 on_failed=lambda leg: self._events.media_failed(call, Code.MEDIA_FAILED))
         self.calls[call] = media
+        loop = asyncio.get_running_loop()
         if self.measure and (self._reporter is None or self._reporter.done()):
-            self._reporter = asyncio.get_running_loop().create_task(self._report(),
-                                                                    name="hop-figures")
+            self._reporter = loop.create_task(self._report(), name="hop-figures")
+        if self.congestion and (self._estimator is None or self._estimator.done()):
+            self._estimator = loop.create_task(self._estimate(), name="estimates")
         for plan in (effect.up, effect.down):
             if plan.offer:
                 self._spawn(media, self._offer(media, plan), f"{call}-offer-{plan.link}")
@@ -145,6 +149,16 @@ class MediaPlane:
             for call, media in list(self.calls.items()):
                 self._events.hop_figures(call, self.figures(media))
 
+    async def _estimate(self) -> None:
+        """Every ESTIMATE_EVERY_S, every stream's congestion estimate takes in the frames it
+        noted: all streams' at once, which costs a third of taking each frame as it comes
+        (relay/congestion.py, Estimate)."""
+        while self.calls:
+            await asyncio.sleep(ESTIMATE_EVERY_S)
+            now = time.monotonic()
+            for media in list(self.calls.values()):
+                media.bridge.drain_estimates(now)
+
     def stop(self, call: str) -> None:
         """Close a call's legs, once; its tasks are cancelled first. The call's last hop
         figures go to the core first."""
@@ -170,10 +184,11 @@ class MediaPlane:
     async def close(self) -> None:
         for call in list(self.calls):
             self.stop(call)
-        if self._reporter is not None:
-            self._reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reporter
+        for task in (self._reporter, self._estimator):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 

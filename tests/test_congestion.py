@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
@@ -66,7 +67,7 @@ def test_feedback_reports_are_rate_limited_however_many_estimates_come():
 
 
 def test_the_encoder_takes_falls_at_once_and_rises_slowly():
-    target = EncoderTarget()
+    target = EncoderTarget(headroom=1.0)
     assert target.offer(480_000, 0.0) is None  # within 10 %: no restart of the encoder
     assert target.offer(300_000, 0.5) == 300_000  # a fall: at once
     assert target.offer(50_000, 0.6) == 100_000  # never below the floor
@@ -77,10 +78,39 @@ def test_the_encoder_takes_falls_at_once_and_rises_slowly():
     assert target.changes == 4 and target.reported == 9_000_000
     # an encoder making less than its target: a report of what it sends is no reason to
     # restart it; one under what it sends is
-    target = EncoderTarget()
+    target = EncoderTarget(headroom=1.0)
     assert target.offer(330_000, 0.0, sent_bps=280_000) is None
     assert target.offer(270_000, 0.2, sent_bps=280_000) is None
     assert target.offer(240_000, 0.5, sent_bps=280_000) == 240_000
+
+
+def test_a_rise_the_path_could_not_carry_doubles_the_wait_before_the_next():
+    # each rise restarts the encoder with a keyframe: on a path that cannot carry the rise,
+    # that burst goes into a full link; the device tries again less and less often
+    target = EncoderTarget(headroom=1.0)
+    assert target.offer(300_000, 0.0) == 300_000  # converged
+    assert target.offer(400_000, 3.0) == 400_000  # a rise, 3 s on
+    assert target.offer(300_000, 4.0) == 300_000  # which did not hold
+    assert target.offer(400_000, 9.0) is None  # so the next waits 6 s, not 3
+    assert target.offer(400_000, 10.0) == 400_000
+    assert target.offer(300_000, 11.0) == 300_000  # nor did that one: 12 s
+    assert target.offer(400_000, 22.0) is None
+    assert target.offer(400_000, 23.0) == 400_000
+    # this one holds (no fall for 10 s): the wait is back to 3 s
+    assert target.offer(400_000, 33.5) is None
+    assert target.offer(600_000, 36.6) == 600_000
+    for now in range(37, 200, 1):  # a path that never carries a rise: at most every 60 s
+        target.offer(300_000 if target.target > 300_000 else 900_000, float(now))
+    rises = target.changes
+    for now in range(200, 320):
+        target.offer(300_000 if target.target > 300_000 else 900_000, float(now))
+    assert target.changes - rises <= 4  # two rises and their falls in 120 s
+
+
+def test_the_encoder_aims_under_what_the_path_reports():
+    target = EncoderTarget()  # headroom 0.9: room for audio, headers and the estimate's probing
+    assert target.offer(300_000, 0.0) == 270_000
+    assert target.offer(100_000, 1.0) == 100_000  # the floor still holds
 
 
 def test_the_link_that_limits_the_rate_is_the_one_into_the_first_hop_that_estimates_low():
@@ -114,7 +144,8 @@ def test_the_link_that_limits_the_rate_is_the_one_into_the_first_hop_that_estima
 def _bottleneck(capacity_bps: int, seconds: float = 12, rate: int = 1_000_000,
                 fps: int = 30, size: int = 1100) -> tuple[int | None, int | None]:
     """A stream through one queue of ``capacity_bps``: the last estimate of aiortc's estimator
-    fed every packet, and of :class:`Estimate` (fed per packet group)."""
+    fed every packet, and of :class:`Estimate` (fed once a frame, on its last packet, as the
+    relay feeds it)."""
     from aiortc.rate import RemoteBitrateEstimator
 
     from relay.congestion import Estimate
@@ -122,14 +153,17 @@ def _bottleneck(capacity_bps: int, seconds: float = 12, rate: int = 1_000_000,
     each, grouped = RemoteBitrateEstimator(), Estimate(3)
     arrive = 0.0
     last: list[int | None] = [None, None]
+    packets = max(1, rate // 8 // fps // size)
     for n in range(int(seconds * fps)):
-        for k in range(max(1, rate // 8 // fps // size)):  # a frame's packets, back to back
+        for k in range(packets):  # a frame's packets, back to back
             send = n / fps + k * 0.0002
             arrive = max(arrive, send + 0.01) + size * 8 / capacity_bps
             sent, ms = int(send * (1 << 18)) & 0xFFFFFF, int(arrive * 1000)
             found = each.add(arrival_time_ms=ms, abs_send_time=sent, payload_size=size, ssrc=1)
             last[0] = found[0] if found else last[0]
-            last[1] = grouped.sent(sent, size, ms) or last[1]
+        grouped.sent(sent, packets * size, ms)  # the frame's last packet: noted
+        if n % 3 == 2:  # and worked in a tick's frames at a time, as the server does
+            last[1] = grouped.drain() or last[1]
     return last[0], last[1]
 
 
@@ -240,3 +274,42 @@ def test_a_sender_answers_a_nacked_packet_once_a_round_trip_and_within_a_budget(
     assert resends.allow(1, 0.3, 104)  # a round trip later, and 4 packets sent: one token
     assert not resends.allow(6, 0.3, 104)
     assert resends.suppressed == 5
+
+
+def test_the_sliding_slope_equals_a_least_squares_fit_of_the_window_however_long_it_runs():
+    import random
+    from collections import deque
+
+    from relay.congestion import TrendlineEstimator
+
+    rng = random.Random(4)
+    trend = TrendlineEstimator()
+    arrival = 3_600_000.0  # an hour into a call: x is large, its square larger
+    for _ in range(5000):
+        arrival += rng.uniform(20, 45)
+        trend.update(rng.uniform(20, 45), 33.3, arrival)
+    xs, ys = deque(trend._xs), deque(trend._ys)
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    exact = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs)
+    assert n == trend.WINDOW and trend._sums.slope() == pytest.approx(exact, rel=1e-6, abs=1e-9)
+
+
+def test_an_estimate_notes_frames_and_works_them_in_when_drained_or_when_too_many_wait():
+    from relay.congestion import MAX_PENDING_FRAMES, Estimate
+
+    fed, batched = Estimate(3), Estimate(3)
+    found_fed = found_batched = None
+    for n in range(300):  # 10 s of 30 fps into a 300 kbit/s queue: estimates come
+        sent, ms = int(n / 30 * (1 << 18)) & 0xFFFFFF, int(n * 41.7)
+        fed.sent(sent, 4400, ms)
+        found_fed = fed.drain() or found_fed  # drained every frame: as if not batched
+        assert batched.sent(sent, 4400, ms) is None or (n + 1) % MAX_PENDING_FRAMES == 0
+        if n % 3 == 2:
+            found_batched = batched.drain() or found_batched
+    assert found_fed is not None and found_fed == found_batched  # the same estimate
+    # no drain ever: the estimate works them in itself, every MAX_PENDING_FRAMES frames
+    alone = Estimate(3)
+    results = [alone.sent(int(n / 30 * (1 << 18)), 4400, int(n * 41.7)) for n in range(300)]
+    assert all(r is None for i, r in enumerate(results) if (i + 1) % MAX_PENDING_FRAMES)
+    assert any(r is not None for r in results)
