@@ -7,6 +7,7 @@ minus capture and display when sender and receiver share a host or a synchronise
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
@@ -16,6 +17,11 @@ from relay.messages import DevicePart, MediaStats, MediaWindow
 
 #: latencies are recorded in microseconds, 1 us .. 60 s, 3 significant digits
 LATENCY_MAX_US = 60_000_000
+
+#: the freeze rule's mean frame gap is over this many frames (W3C webrtc-stats), once this many
+#: gaps have been seen
+FREEZE_WINDOW = 30
+FREEZE_MIN_HISTORY = 5
 
 
 class VideoMeter:
@@ -31,8 +37,9 @@ class VideoMeter:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self._last_counter: int | None = None
+        #: the gaps between the last FREEZE_WINDOW frames, and their sum (the freeze rule's mean)
+        self._intervals: deque[float] = deque()
         self._interval_sum = 0.0
-        self._intervals = 0
         self._latency_sum_ms = 0.0
         #: this device's own part: first packet in -> decoded (fed by the device)
         self.receiver = PartMeter()
@@ -68,13 +75,18 @@ class VideoMeter:
         if first:
             self.first_at = now
         elif self.last_at is not None:
+            # A freeze, by the W3C rule (webrtc-stats freezeCount): a gap of at least
+            # max(3 x mean, mean + 150 ms), the mean over the last 30 frames before it.
             interval = now - self.last_at
-            if self._intervals >= 5:
-                mean = self._interval_sum / self._intervals
+            intervals = self._intervals
+            if len(intervals) >= FREEZE_MIN_HISTORY:
+                mean = self._interval_sum / len(intervals)
                 if interval >= max(3 * mean, mean + 0.150):
                     self.gaps += 1
+            intervals.append(interval)
             self._interval_sum += interval
-            self._intervals += 1
+            if len(intervals) > FREEZE_WINDOW:
+                self._interval_sum -= intervals.popleft()
         self.last_at = now
         self.frames += 1
         return first

@@ -81,6 +81,28 @@ def test_meter_counts_latency_loss_and_freezes():
     assert stats.fps == pytest.approx(11 / 1.01, rel=0.01)
 
 
+def test_a_freeze_is_judged_against_the_last_30_frames_not_the_whole_call():
+    # W3C webrtc-stats: a gap >= max(3 x mean, mean + 150 ms), the mean over the last 30 frames.
+    # 10 s at 5 fps, then 30 fps: a 210 ms gap is a freeze at 30 fps (mean 33 ms: limit 183 ms),
+    # but not against the whole call's mean (about 160 ms: limit 480 ms).
+    meter = VideoMeter()
+    now = 100.0
+    for _ in range(50):
+        meter.frame(None, now)
+        now += 0.2
+    for _ in range(60):
+        meter.frame(None, now)
+        now += 1 / 30
+    assert meter.gaps == 0
+    meter.frame(None, now + 0.210 - 1 / 30)
+    assert meter.gaps == 1
+    # the first gaps of a call are not judged (a mean of fewer than 5 says little)
+    early = VideoMeter()
+    for t in (0.0, 0.033, 0.5):
+        early.frame(None, t)
+    assert early.gaps == 0
+
+
 def test_meter_counts_frames_without_stamps():
     """A real camera's frames carry no stamp: they still arrive, count, and start the call."""
     meter = VideoMeter()
