@@ -151,8 +151,8 @@ class MediaPlane:
 
     async def _estimate(self) -> None:
         """Every ESTIMATE_EVERY_S, every stream's congestion estimate takes in the frames it
-        noted: all streams' at once, which costs a third of taking each frame as it comes
-        (relay/congestion.py, Estimate)."""
+        noted: all streams' at once, which costs less than half of taking each frame as it
+        comes (relay/congestion.py, Estimate)."""
         while self.calls:
             await asyncio.sleep(ESTIMATE_EVERY_S)
             now = time.monotonic()
