@@ -114,7 +114,9 @@ async def one(congestion: str, limit_kbps: int, hold_s: float) -> dict[str, Any]
                limited_by=(result.rate.get("caller_to_callee") or {}).get("link"),
                directions=directions,
                series=[{k: r.get(k) for k in ("t_s", "sent_kbps", "audio_kbps",
-                                              "reported_kbps", "target_kbps")}
+                                              "reported_kbps", "target_kbps", "frames",
+                                              "frames_lost", "gaps", "latency_ms_p50",
+                                              "latency_ms_p95")}
                        for r in result.series.get("caller_to_callee", [])])
     return out
 

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(env("ENDPOINT_MIN_BITRATE", "100")), metavar="KBPS",
                    help="the least a live encoder is set to when the path reports less "
                         "(REMB; aiortc's own floor is 250 kbit/s)")
+    p.add_argument("--start-bitrate", type=float,
+                   default=float(env("ENDPOINT_START_BITRATE", "300")), metavar="KBPS",
+                   help="what a live video encoder sends before the path reports what it "
+                        "carries (libwebrtc's start; aiortc's own: 500)")
     p.add_argument("--audio-bitrate", type=float,
                    default=float(env("ENDPOINT_AUDIO_BITRATE", "32")), metavar="KBPS",
                    help="Opus bitrate (aiortc's own: 96)")
@@ -121,6 +125,7 @@ async def run(args: argparse.Namespace) -> int:
                               stamp=args.stamp, audio_source=args.audio, show=args.show,
                               record=args.record, token=args.token,
                               min_bitrate=int(args.min_bitrate * 1000),
+                              start_bitrate=int(args.start_bitrate * 1000),
                               audio_bitrate=int(args.audio_bitrate * 1000))
     supply = MediaSupply.for_settings(settings)
     devices = []

@@ -20,7 +20,13 @@ from aiortc import MediaStreamTrack, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
-from endpoint.bitrate import EncoderTarget, follow_remb, set_audio_bitrate
+from endpoint.bitrate import (
+    DEFAULT_START,
+    EncoderTarget,
+    follow_remb,
+    set_audio_bitrate,
+    set_start_bitrate,
+)
 from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, open_video
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
@@ -99,6 +105,8 @@ class DeviceSettings:
     #: the least bitrate a live encoder is set to when the path reports less (endpoint/bitrate.py;
     #: aiortc's own floor is 250 kbit/s for VP8)
     min_bitrate: int = 100_000
+    #: what a live encoder sends before the path reports anything (aiortc's own: 500 kbit/s)
+    start_bitrate: int = DEFAULT_START
     #: Opus bitrate (aiortc's own is 96 kbit/s; 32 is WebRTC's usual for speech)
     audio_bitrate: int = 32_000
 
@@ -207,7 +215,9 @@ class DeviceCall:
                 transceiver = self.pc.addTransceiver(video, direction="sendrecv")
                 self._time_parts(transceiver, video)
                 if not isinstance(video, PreEncodedVideoTrack):  # a live encoder adapts
-                    self.bitrate = EncoderTarget(floor=self.settings.min_bitrate)
+                    self.bitrate = EncoderTarget(floor=self.settings.min_bitrate,
+                                                 target=self.settings.start_bitrate)
+                    set_start_bitrate(transceiver.sender, self.settings.start_bitrate)
                     follow_remb(transceiver.sender, self.bitrate)
                 if isinstance(video, PreEncodedVideoTrack):
                     watch_keyframe_requests(transceiver.sender, video.request_keyframe)

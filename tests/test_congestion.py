@@ -67,7 +67,7 @@ def test_feedback_reports_are_rate_limited_however_many_estimates_come():
 
 
 def test_the_encoder_takes_falls_at_once_and_rises_slowly():
-    target = EncoderTarget(headroom=1.0)
+    target = EncoderTarget(headroom=1.0, target=500_000)
     assert target.offer(480_000, 0.0) is None  # within 10 %: no restart of the encoder
     assert target.offer(300_000, 0.5) == 300_000  # a fall: at once
     assert target.offer(50_000, 0.6) == 100_000  # never below the floor
@@ -78,7 +78,7 @@ def test_the_encoder_takes_falls_at_once_and_rises_slowly():
     assert target.changes == 4 and target.reported == 9_000_000
     # an encoder making less than its target: a report of what it sends is no reason to
     # restart it; one under what it sends is
-    target = EncoderTarget(headroom=1.0)
+    target = EncoderTarget(headroom=1.0, target=500_000)
     assert target.offer(330_000, 0.0, sent_bps=280_000) is None
     assert target.offer(270_000, 0.2, sent_bps=280_000) is None
     assert target.offer(240_000, 0.5, sent_bps=280_000) == 240_000
@@ -87,7 +87,7 @@ def test_the_encoder_takes_falls_at_once_and_rises_slowly():
 def test_a_rise_the_path_could_not_carry_doubles_the_wait_before_the_next():
     # each rise restarts the encoder with a keyframe: on a path that cannot carry the rise,
     # that burst goes into a full link; the device tries again less and less often
-    target = EncoderTarget(headroom=1.0)
+    target = EncoderTarget(headroom=1.0, target=500_000)
     assert target.offer(300_000, 0.0) == 300_000  # converged
     assert target.offer(400_000, 3.0) == 400_000  # a rise, 3 s on
     assert target.offer(300_000, 4.0) == 300_000  # which did not hold
@@ -108,7 +108,8 @@ def test_a_rise_the_path_could_not_carry_doubles_the_wait_before_the_next():
 
 
 def test_the_encoder_aims_under_what_the_path_reports():
-    target = EncoderTarget()  # headroom 0.9: room for audio, headers and the estimate's probing
+    # headroom 0.9: room for audio, headers and the estimate's probing
+    target = EncoderTarget(target=500_000)
     assert target.offer(300_000, 0.0) == 270_000
     assert target.offer(100_000, 1.0) == 100_000  # the floor still holds
 
@@ -313,3 +314,36 @@ def test_an_estimate_notes_frames_and_works_them_in_when_drained_or_when_too_man
     results = [alone.sent(int(n / 30 * (1 << 18)), 4400, int(n * 41.7)) for n in range(300)]
     assert all(r is None for i, r in enumerate(results) if (i + 1) % MAX_PENDING_FRAMES)
     assert any(r is not None for r in results)
+
+
+async def test_video_encoder_starts_at_the_start_bitrate_and_keeps_other_wrappers() -> None:
+    """A live encoder opens at the device's start (300 kbit/s, under aiortc's own 500 and its
+    250 floor alike), set before its first frame; a wrapper put on the sender before stays."""
+    from aiortc import RTCPeerConnection
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    from endpoint.bitrate import DEFAULT_START, set_start_bitrate
+    from endpoint.sources import SyntheticVideoTrack
+
+    pc = RTCPeerConnection()
+    try:
+        sender = pc.addTransceiver(SyntheticVideoTrack(320, 240, 30), "sendonly").sender
+        seen: list[int] = []
+        inner = sender._next_encoded_frame
+
+        async def counted(codec: RTCRtpCodecParameters) -> object:
+            frame = await inner(codec)
+            seen.append(frame.timestamp)
+            return frame
+
+        sender._next_encoded_frame = counted  # type: ignore[method-assign]
+        set_start_bitrate(sender, DEFAULT_START)
+        vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
+        for _ in range(3):
+            assert (await sender._next_encoded_frame(vp8)).payloads
+        encoder = sender._RTCRtpSender__encoder
+        assert DEFAULT_START == 300_000
+        assert encoder.target_bitrate == 300_000 and encoder.codec.bit_rate == 300_000
+        assert len(seen) == 3  # the earlier wrapper ran for every frame, the first one too
+    finally:
+        await pc.close()

@@ -59,6 +59,6 @@ async def test_with_congestion_control_off_nothing_is_reported_upstream():
         video = hop["streams"]["caller_to_callee"]["video"]
         assert video["reported_kbps"] is None and video["estimate_kbps"] is None, video
     assert result.rate == {"caller_to_callee": None, "callee_to_caller": None}
-    # the devices' encoders stayed where aiortc starts them
+    # the devices' encoders stayed where they start (endpoint/bitrate.py DEFAULT_START)
     assert {d: s["target_kbps"] for d, s in result.senders.items()} == {
-        "caller_to_callee": 500.0, "callee_to_caller": 500.0}
+        "caller_to_callee": 300.0, "callee_to_caller": 300.0}
