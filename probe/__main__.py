@@ -222,8 +222,10 @@ def describe_rate(result: CallResult) -> list[str]:
                          "packet source): the path's reports go unheard")
         elif limit is not None:
             target = sender.get("target_kbps")
-            lines.append(f"  {direction:<28} rate: {limit['kbps']:.0f} kbit/s allowed, set by "
-                         f"{limit['link']}; the encoder's target "
+            by = (f"set by {limit['link']}" if limit["link"] is not None
+                  else "no link holds it back yet (the estimates are still rising)")
+            lines.append(f"  {direction:<28} rate: {limit['kbps']:.0f} kbit/s allowed, {by}; "
+                         "the encoder's target "
                          + (f"{target:.0f} kbit/s" if target is not None else "unknown"))
     return lines
 

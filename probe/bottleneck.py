@@ -135,11 +135,21 @@ def rate_limit(hops: list[dict[str, Any]], links: list[dict[str, Any]], directio
     relay/congestion.py). The sender hears its first server's report: the least of every
     hop's estimate from there down. Each estimate covers the path from the sending device up
     to its hop (forwarded packets keep the device's send times), so past the narrowest link
-    they all read about its rate: the narrowest link is the one into the first hop, in the
-    media's direction, whose estimate is within ``near`` (10 %) of the reported limit; past
-    the last server, the receiving device's link (its estimate is only known as the last
-    server's downstream report). ``{"link", "kbps", "estimates", "sender_adapts"}``, or None
-    where no server reported (congestion control off)."""
+    they all read about its rate, and only they find its queue growing (``overuses``). The
+    link named (``by``):
+
+    - ``queue``: the link into the first hop, in the media's direction, that found the queue
+      growing;
+    - ``receiver``: none did, and the receiving device's report (the last server's downstream
+      report) is the limit: its link (past the last server, the device's estimate is all
+      there is);
+    - ``ramp``: none did and a hop's own estimate is the limit: no link holds the rate back
+      yet, the estimates are still rising towards what the path carries (``link`` None);
+    - ``estimate``: hops that do not count overuses (older servers): the link into the first
+      hop whose estimate is within ``near`` (10 %) of the limit, else the receiving device's.
+
+    ``{"link", "by", "kbps", "estimates", "overuses", "sender_adapts"}``, or None where no
+    server reported (congestion control off)."""
     if not hops or len(links) != len(hops) + 1:
         return None
     forward = direction == "caller_to_callee"
@@ -148,19 +158,34 @@ def rate_limit(hops: list[dict[str, Any]], links: list[dict[str, Any]], directio
     def video(i: int) -> dict[str, Any]:
         return ((hops[i].get("streams") or {}).get(direction) or {}).get("video") or {}
 
+    def into(i: int) -> dict[str, Any]:  # the link the video came in on to hop i
+        return links[i] if forward else links[i + 1]
+
     limit = video(order[0]).get("reported_kbps")
     if limit is None:
         return None
     estimates = {hops[i]["server"]: video(i).get("estimate_kbps") for i in order}
+    overuses = {hops[i]["server"]: video(i).get("overuses") for i in order}
     device = video(order[-1]).get("downstream_kbps")
-    link = links[-1] if forward else links[0]  # the receiving device's, unless a hop's first
-    for i in order:
-        own = video(i).get("estimate_kbps")
-        if own is not None and own <= limit * (1 + near):
-            link = links[i] if forward else links[i + 1]  # the link the video came in on
-            break
+    receiving = links[-1] if forward else links[0]
+    link: dict[str, Any] | None = receiving
+    if all(count is None for count in overuses.values()):
+        by = "estimate"
+        for i in order:
+            own = video(i).get("estimate_kbps")
+            if own is not None and own <= limit * (1 + near):
+                link = into(i)
+                break
+    else:
+        queued = next((i for i in order if video(i).get("overuses")), None)
+        if queued is not None:
+            by, link = "queue", into(queued)
+        elif device is not None and device <= limit * (1 + near):
+            by = "receiver"
+        else:
+            by, link = "ramp", None
     sender = (senders or {}).get(direction) or {}
-    receiver = (links[-1] if forward else links[0])["to" if forward else "from"]
-    return {"link": f"{link['from']} -> {link['to']}", "kbps": limit,
-            "estimates": {**estimates, receiver: device},
-            "sender_adapts": sender.get("adapts")}
+    receiver = receiving["to" if forward else "from"]
+    return {"link": f"{link['from']} -> {link['to']}" if link is not None else None, "by": by,
+            "kbps": limit, "estimates": {**estimates, receiver: device},
+            "overuses": overuses, "sender_adapts": sender.get("adapts")}

@@ -271,6 +271,10 @@ class DelayEstimator:
         self._updated_ms: int | None = None
         self._previous_send: float | None = None  #: the last group's send ms
         self._previous_arrival = 0
+        #: times the detector found the path's queue growing (each a fall of the estimate):
+        #: a hop past the narrowest link sees it, one before does not (probe/bottleneck.py)
+        self.overuses = 0
+        self._overusing = False
 
     def group(self, send_ms: float, arrival_ms: int, size: int) -> int | None:
         """One packet group's last send time (ms, unwrapped), arrival and bytes; the new
@@ -284,6 +288,9 @@ class DelayEstimator:
             self.detector.update(arrival_ms - previous_arrival, send_ms - previous_send,
                                  arrival_ms)
         overusing = self.detector.state == rate.BandwidthUsage.OVERUSING
+        if overusing and not self._overusing:
+            self.overuses += 1
+        self._overusing = overusing
         if (self._updated_ms is not None and not overusing
                 and arrival_ms - self._updated_ms <= self.FEEDBACK_MS):
             return None
@@ -365,6 +372,11 @@ class Estimate:
         if len(pending) < 3 * MAX_PENDING_FRAMES:
             return None
         return self.drain()
+
+    @property
+    def overuses(self) -> int:
+        """Times the path's queue was found growing (:class:`DelayEstimator`)."""
+        return self._estimator.overuses
 
     def drain(self) -> int | None:
         """Work the frames noted since the last drain into the estimate: the newest estimate

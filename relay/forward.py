@@ -470,7 +470,8 @@ class Forwarder:
         return msgspec.structs.replace(
             figures, estimate_kbps=_kbps(feedback.own_bps),
             downstream_kbps=_kbps(feedback.downstream_bps), reported_kbps=_kbps(
-                feedback.sent_bps), limited_by=limit[1] if limit is not None else None)
+                feedback.sent_bps), limited_by=limit[1] if limit is not None else None,
+            overuses=self.estimate.overuses if self.estimate is not None else 0)
 
     # Congestion control: the server's tick (relay/media.py) works the frames noted in.
     def drain_estimate(self, now: float) -> None:

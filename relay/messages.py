@@ -347,6 +347,9 @@ class StreamHop(Body, frozen=True):
     downstream_kbps: Ms | None = None
     reported_kbps: Ms | None = None
     limited_by: Literal["own", "downstream"] | None = None
+    #: times this hop's estimate found the queue on the stream's path growing (overuse, each
+    #: a fall of the estimate): the hops past the narrowest link see it, those before do not
+    overuses: Count = 0
 
 
 class LegHop(Body, frozen=True):

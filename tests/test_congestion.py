@@ -132,14 +132,60 @@ def test_the_link_that_limits_the_rate_is_the_one_into_the_first_hop_that_estima
     names = ["lower-a/cam-1", "lower-a", "upper", "lower-b", "lower-b/cam-2"]
     links = [{"from": a, "to": b} for a, b in itertools.pairwise(names)]
     found = rate_limit(hops, links, "caller_to_callee", {"caller_to_callee": {"adapts": True}})
-    assert found == {"link": "upper -> lower-b", "kbps": 310,
+    assert found == {"link": "upper -> lower-b", "by": "estimate", "kbps": 310,
                      "estimates": {"lower-a": 900, "upper": 880, "lower-b": 320,
-                                   "lower-b/cam-2": 310}, "sender_adapts": True}
+                                   "lower-b/cam-2": 310},
+                     "overuses": {"lower-a": None, "upper": None, "lower-b": None},
+                     "sender_adapts": True}
     # the other way, the first hop's own estimate is already low: the link from the callee
     # device (links are named in the caller-to-callee order)
     back = rate_limit(hops, links, "callee_to_caller")
     assert back is not None and back["link"] == "lower-b -> lower-b/cam-2", back
     assert rate_limit([hop("a", {})], links[:2], "caller_to_callee") is None  # control off
+
+
+def test_the_limiting_link_is_the_one_into_the_first_hop_that_found_the_queue_growing():
+    """Past the narrow link every estimate reads about its rate, and which is lowest is down
+    to each estimator's swings: a hop that found the queue growing is past it, one before is
+    not. No hop did: the receiving device's link if its report is the limit, else none."""
+    from probe.bottleneck import rate_limit
+
+    def hops(*videos: dict) -> list[dict]:
+        return [{"server": name, "streams": {"caller_to_callee": {"video": video}}}
+                for name, video in zip(("lower-b", "upper", "lower-a"), videos, strict=True)]
+
+    names = ["lower-b/cam-b", "lower-b", "upper", "lower-a", "lower-a/cam-a"]
+    links = [{"from": a, "to": b} for a, b in itertools.pairwise(names)]
+    # the trunk upper -> lower-a is narrow; the device behind lower-a reports lowest
+    found = rate_limit(hops({"estimate_kbps": 420, "reported_kbps": 190, "overuses": 0},
+                            {"estimate_kbps": 400, "reported_kbps": 190, "overuses": 0},
+                            {"estimate_kbps": 286, "downstream_kbps": 190,
+                             "reported_kbps": 190, "overuses": 2}),
+                       links, "caller_to_callee")
+    assert found is not None and (found["link"], found["by"]) == ("upper -> lower-a", "queue")
+    assert found["overuses"] == {"lower-b": 0, "upper": 0, "lower-a": 2}
+    # no hop saw a queue, the device's report is the limit: the device's own link
+    quiet = {"estimate_kbps": 900, "reported_kbps": 300, "overuses": 0}
+    found = rate_limit(hops(quiet, quiet, {**quiet, "downstream_kbps": 300}), links,
+                       "caller_to_callee")
+    assert found is not None and (found["link"], found["by"]) == ("lower-a -> lower-a/cam-a",
+                                                                  "receiver")
+    # nor that: a hop's own estimate, still rising, is all that holds the rate
+    found = rate_limit(hops({**quiet, "estimate_kbps": 300}, quiet,
+                            {**quiet, "downstream_kbps": 700}), links, "caller_to_callee")
+    assert found is not None and (found["link"], found["by"]) == (None, "ramp")
+
+
+def test_the_estimate_counts_each_time_it_finds_the_queue_growing() -> None:
+    from relay.congestion import DelayEstimator
+
+    steady, queued = DelayEstimator(), DelayEstimator()
+    for n in range(300):  # a frame every 33 ms; one path queues 5 ms more each frame
+        send = n * 33.0
+        steady.group(send, int(send) + 20, 1000)
+        queued.group(send, int(send + 20 + (5 * (n - 100) if n > 100 else 0)), 1000)
+    assert steady.overuses == 0
+    assert queued.overuses >= 1
 
 
 def _bottleneck(capacity_bps: int, seconds: float = 12, rate: int = 1_000_000,
