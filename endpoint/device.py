@@ -404,6 +404,7 @@ class DeviceCall:
                 plane = frame.planes[0]
                 luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
                 found = stamp.read(luma[:, : frame.width])
+                self.video.quality.frame(luma[:, : frame.width], found)
                 if found is not None and send_log.knows(self.peer):
                     # a pre-encoded peer in this process: its stamps are loop indexes
                     found = send_log.lookup(self.peer, found.counter)

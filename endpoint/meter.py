@@ -12,6 +12,7 @@ from collections import deque
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
+from endpoint.quality import QualityMeter
 from endpoint.stamp import Stamp, unwrap_ms
 from relay.messages import DevicePart, MediaStats, MediaWindow
 
@@ -43,6 +44,8 @@ class VideoMeter:
         self._latency_sum_ms = 0.0
         #: this device's own part: first packet in -> decoded (fed by the device)
         self.receiver = PartMeter()
+        #: PSNR/SSIM of sampled synthetic frames (fed by the device: it has the pictures)
+        self.quality = QualityMeter()
         #: the window since the last report: latencies, and (frames, lost, gaps, time) at its start
         self._window_us = HdrHistogram(1, LATENCY_MAX_US, 3)
         self._window_start: tuple[int, int, int, float] | None = None
@@ -120,6 +123,7 @@ class VideoMeter:
             return round(self.latency_us.get_value_at_percentile(p) / 1000, 2) if has else None
 
         timed = self.latency_us.get_total_count()
+        quality = self.quality
         return MediaStats(
             frames=self.frames, frames_lost=self.lost, unreadable=self.unreadable,
             fps=round(fps, 2), latency_ms_p50=pct(50), latency_ms_p95=pct(95),
@@ -129,7 +133,14 @@ class VideoMeter:
             gaps=self.gaps, duration_s=round(duration, 3),
             audio_frames=audio.frames if audio else 0,
             audio_level_dbfs=audio.level_dbfs() if audio else None,
-            window=self.window(now) if window else None)
+            window=self.window(now) if window else None,
+            psnr_db=_round(quality.psnr_db, 2), psnr_db_min=_round(quality.psnr_min, 2),
+            ssim=_round(quality.ssim, 4), ssim_min=_round(quality.ssim_min, 4),
+            quality_samples=quality.samples)
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return round(value, digits) if value is not None else None
 
 
 class PartMeter:

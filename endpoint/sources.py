@@ -78,7 +78,7 @@ class SyntheticPicture:
         x = x if x < span_x else 2 * span_x - x
         y = top + int((math.sin(n / 15) + 1) / 2 * span_y)
         luma[y:y + self._box, x:x + self._box] = 235
-        stamp.draw(luma, stamp.Stamp(n, sent_ms))
+        stamp.draw(luma, stamp.Stamp(n, sent_ms, synthetic=True))
         return buffer
 
 

@@ -5,6 +5,12 @@ at the top left of the luma plane. Blocks are ``width // 40`` pixels rounded dow
 8 (16 px at 640x480), aligned to the codec's macroblock grid, full black or full white, so they
 survive VP8/H.264 compression; the reader averages the middle of each block and checks the sum,
 so a damaged stamp is reported as unreadable rather than misread.
+
+The checksum also says whether the rest of the picture is the synthetic test picture
+(endpoint/sources.py ``SyntheticPicture``), which the receiver can then draw again from the
+stamp alone and compare with what it decoded (endpoint/quality.py): such a stamp's checksum is
+the CRC-32 taken from SYNTHETIC_SEED rather than from 0 (a camera's picture is stamped the
+plain way). A damaged stamp matches either with odds of 2**-16, as before.
 """
 
 from __future__ import annotations
@@ -19,24 +25,33 @@ ROWS = 2
 BITS = COLUMNS * ROWS
 BLACK, WHITE = 16, 235  # video-range luma
 MIN_WIDTH = 320
+SYNTHETIC_SEED = 0x5E17  #: the CRC's start value in the stamp of a synthetic picture
 
 
 @dataclass(frozen=True)
 class Stamp:
     counter: int  #: frame number at the source, from 0, modulo 2**32
     sent_ms: int  #: UNIX time in ms when the frame left the source, modulo 2**32
+    #: the picture is the synthetic one, which the stamp alone lets a receiver draw again
+    synthetic: bool = False
 
     def to_bytes(self) -> bytes:
         body = (self.counter & 0xFFFFFFFF).to_bytes(4, "big") + \
             (self.sent_ms & 0xFFFFFFFF).to_bytes(4, "big")
-        return body + (zlib.crc32(body) & 0xFFFF).to_bytes(2, "big")
+        seed = SYNTHETIC_SEED if self.synthetic else 0
+        return body + (zlib.crc32(body, seed) & 0xFFFF).to_bytes(2, "big")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Stamp | None:
         body, check = data[:8], int.from_bytes(data[8:10], "big")
-        if zlib.crc32(body) & 0xFFFF != check:
+        if zlib.crc32(body) & 0xFFFF == check:
+            synthetic = False
+        elif zlib.crc32(body, SYNTHETIC_SEED) & 0xFFFF == check:
+            synthetic = True
+        else:
             return None
-        return cls(int.from_bytes(body[:4], "big"), int.from_bytes(body[4:8], "big"))
+        return cls(int.from_bytes(body[:4], "big"), int.from_bytes(body[4:8], "big"),
+                   synthetic)
 
 
 def block_size(width: int) -> int:

@@ -300,6 +300,13 @@ class MediaStats(Body, frozen=True):
     latency_ms_mean: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
     receiver: DevicePart | None = None  #: this device's own part (decoded media only)
     window: MediaWindow | None = None  #: the last stats interval alone
+    #: picture quality against the source (synthetic pictures only, sampled: endpoint/quality.py):
+    #: the mean and least PSNR (dB, of luma; 100 for a perfect copy) and SSIM, and the samples
+    psnr_db: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    psnr_db_min: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    ssim: Annotated[float, msgspec.Meta(ge=-1, le=1)] | None = None
+    ssim_min: Annotated[float, msgspec.Meta(ge=-1, le=1)] | None = None
+    quality_samples: Count = 0
 
 
 # --------------------------------------------------------------------------------------------

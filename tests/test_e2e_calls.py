@@ -48,6 +48,9 @@ async def test_cross_server_call_media_both_ways(tree: Tree):
         assert media["frames"] >= 10, (direction, media)
         assert 0 < media["latency_ms_p50"] < 2000, (direction, media)
         assert media["audio_frames"] > 0
+        # the picture against its source, drawn again from the stamp (synthetic devices)
+        assert media["quality_samples"] >= 1, (direction, media)
+        assert media["psnr_db"] > 30 and media["ssim"] > 0.9, (direction, media)
     assert result.intervals["response_ms"] < 1000
     # the call went through every tier: each server kept its own record
     for node in (tree.upper, tree.lowers["lower-b"]):
