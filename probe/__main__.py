@@ -107,6 +107,9 @@ def _load_args(c: argparse.ArgumentParser) -> None:
                    help="frames lost / frames sent")
     c.add_argument("--max-freeze-ratio", type=_limit, default=o.max_freeze_ratio,
                    help="freezes / frames received")
+    c.add_argument("--min-psnr", type=_limit, default=o.min_psnr, metavar="DB",
+                   help="the 5th percentile of the call directions' PSNR against the source "
+                        "(synthetic pictures)")
 
 
 def _limit(text: str) -> float | None:
@@ -290,7 +293,8 @@ def objective_of(args: argparse.Namespace) -> Objective:
                      max_response_p95_ms=args.max_response_p95,
                      max_setup_p95_ms=args.max_setup_p95,
                      max_media_latency_p95_ms=args.max_media_latency_p95,
-                     max_frame_loss=args.max_loss, max_freeze_ratio=args.max_freeze_ratio)
+                     max_frame_loss=args.max_loss, max_freeze_ratio=args.max_freeze_ratio,
+                     min_psnr=args.min_psnr)
 
 
 def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:

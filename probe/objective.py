@@ -23,6 +23,9 @@ class Objective:
     max_media_latency_p95_ms: float | None = None
     max_frame_loss: float | None = 0.02  #: frames lost / frames sent
     max_freeze_ratio: float | None = None  #: freezes / frames received
+    #: dB: the 5th percentile, over the call directions, of each one's mean PSNR (synthetic
+    #: pictures against their source: endpoint/quality.py)
+    min_psnr: float | None = None
 
     def missed(self, figures: Figures, media: bool = True) -> list[str]:
         """Why ``figures`` miss the objective (empty: met). Media limits only with media."""
@@ -54,6 +57,12 @@ class Objective:
             ratio = figures.freeze_ratio
             if ratio is not None and ratio > self.max_freeze_ratio:
                 why.append(f"freeze ratio {ratio:.4f} > {self.max_freeze_ratio}")
+        if media and self.min_psnr is not None:
+            psnr = figures.quality("psnr_db", 5)
+            if psnr is None:
+                why.append("PSNR p5: no value (no synthetic picture received)")
+            elif psnr < self.min_psnr:
+                why.append(f"PSNR p5 {psnr:.1f} dB < {self.min_psnr:g} dB")
         return why
 
     def describe(self) -> str:

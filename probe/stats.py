@@ -42,6 +42,22 @@ FAILURE_CLASSES = (
 PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "setup_ms",
           "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms", "video_kbps")
 
+#: Picture quality per call direction (a direction's mean over its samples: endpoint/quality.py),
+#: kept in histograms as the phases are (so they merge exactly; 1 % resolution): PSNR as dB,
+#: SSIM as what it misses of 1 (1 - SSIM, in millionths: 1 % of 0.037 rather than of 0.963).
+#: Each name's "worse" end: low for both, so their 5th percentile is the one that matters.
+QUALITY = ("psnr_db", "ssim")
+
+
+def _quality_units(name: str, value: float) -> float:
+    """A quality figure as record_ms takes it (thousandths of a unit)."""
+    return value if name == "psnr_db" else (1.0 - value) * 1000
+
+
+def _quality_value(name: str, units: float) -> float:
+    """The figure back from a histogram's value (record_ms's units)."""
+    return units / 1000 if name == "psnr_db" else 1.0 - units / 1_000_000
+
 @dataclass
 class Outcome:
     """What one call came to, as the probe classifies it (see :func:`classify`)."""
@@ -109,6 +125,16 @@ class Figures:
     media_seconds: float = 0.0
     late_starts: int = 0
 
+    def quality(self, name: str, p: float) -> float | None:
+        """The ``p`` percentile of a picture-quality figure over the call directions that had
+        one (each direction's mean: see QUALITY), or None."""
+        histogram = self.histograms.get(name)
+        if histogram is None or not histogram.get_total_count():
+            return None
+        # SSIM is kept as 1 - SSIM: its low end is that one's high end
+        return _quality_value(name, histogram.get_value_at_percentile(
+            p if name == "psnr_db" else 100 - p))
+
     def histogram(self, name: str) -> HdrHistogram:
         found = self.histograms.get(name)
         if found is None:
@@ -132,6 +158,9 @@ class Figures:
         for figures in media.values():
             if figures.get("latency_ms_p50") is not None:
                 record_ms(self.histogram("media_latency_ms"), figures["latency_ms_p50"])
+            for name in QUALITY:
+                if figures.get(name) is not None:
+                    record_ms(self.histogram(name), _quality_units(name, figures[name]))
             self.frames += figures.get("frames") or 0
             self.frames_lost += figures.get("frames_lost") or 0
             self.freezes += figures.get("gaps") or 0
@@ -177,7 +206,9 @@ class Figures:
             "failures": dict(sorted(self.failures.items())),
             "failure_details": dict(sorted(self.details.items())),
             "late_starts": self.late_starts,
-            "phases": {name: percentiles(h) for name, h in sorted(self.histograms.items())},
+            "phases": {name: percentiles(h) for name, h in sorted(self.histograms.items())
+                       if name not in QUALITY},
+            "quality": {name: self._quality_summary(name) for name in QUALITY},
             "media": {"frames": self.frames, "frames_lost": self.frames_lost,
                       "frame_loss": self.frame_loss, "freezes": self.freezes,
                       "freezes_per_minute": self.freezes_per_minute,
@@ -185,6 +216,17 @@ class Figures:
                       "seconds": round(self.media_seconds, 3)},
             "histograms": {name: encode(h) for name, h in sorted(self.histograms.items())},
         }
+
+    def _quality_summary(self, name: str) -> dict[str, float | int] | None:
+        histogram = self.histograms.get(name)
+        if histogram is None or not histogram.get_total_count():
+            return None
+        worst = histogram.get_min_value() if name == "psnr_db" else histogram.get_max_value()
+        digits = 2 if name == "psnr_db" else 4
+        return {"p5": round(self.quality(name, 5) or 0.0, digits),
+                "p50": round(self.quality(name, 50) or 0.0, digits),
+                "min": round(_quality_value(name, worst), digits),
+                "n": histogram.get_total_count()}
 
     @classmethod
     def from_summary(cls, data: dict[str, Any]) -> Figures:

@@ -179,3 +179,35 @@ def test_a_run_in_which_no_call_started_misses_the_objective():
                      "objective_limits": {}}])
     assert not merged["objective_met"] and merged["objective_missed"] == {
         RUN: ["no call started"]}
+
+
+def test_picture_quality_is_summed_per_direction_merges_exactly_and_has_an_objective():
+    def run(psnrs: list[float]) -> Figures:
+        figures = Figures()
+        for psnr in psnrs:
+            media = {"caller_to_callee": {"psnr_db": psnr, "ssim": 0.96, "frames": 30},
+                     "callee_to_caller": {"frames": 30}}  # a camera's picture: no PSNR
+            figures.add_call(Outcome(True), {"response_ms": 5.0, "setup_ms": 200.0}, media,
+                             False)
+        return figures
+
+    good, bad = run([44.0] * 19), run([21.5])
+    quality = good.summary()["quality"]
+    # HdrHistogram's 1 %: of the dB for PSNR, of what SSIM misses of 1 for SSIM
+    assert quality["psnr_db"]["n"] == 19
+    assert quality["psnr_db"]["p5"] == pytest.approx(44.0, rel=0.01)
+    assert quality["psnr_db"]["min"] == pytest.approx(44.0, rel=0.01)
+    assert quality["ssim"]["p5"] == pytest.approx(0.96, abs=0.04 * 0.01)
+    assert "psnr_db" not in good.summary()["phases"]  # not a time
+    assert Objective(min_psnr=40).missed(good) == []
+    # one bad direction in twenty is the 5th percentile: it misses; merged, figure for figure
+    good.merge(Figures.from_summary(bad.summary()))
+    assert good.summary()["quality"]["psnr_db"]["min"] == pytest.approx(21.5, rel=0.01)
+    why = Objective(min_psnr=40).missed(good)
+    assert len(why) == 1 and why[0].startswith("PSNR p5 21.") and "< 40 dB" in why[0], why
+    # no synthetic picture at all: the objective cannot be judged, and says so
+    blind = Figures()
+    blind.add_call(Outcome(True), {"response_ms": 5.0, "setup_ms": 200.0},
+                   {"caller_to_callee": {"frames": 30}}, False)
+    assert Objective(min_psnr=40).missed(blind) == [
+        "PSNR p5: no value (no synthetic picture received)"]
