@@ -73,3 +73,9 @@ def test_the_meter_samples_one_synthetic_frame_in_every_and_rebuilds_it_from_the
         assert not meter.frame(camera, stamp.read(camera))
         assert not meter.frame(camera, None)
     assert meter.samples == 4
+    # a picture no synthetic source makes (odd width) is not compared, nor does it raise
+    every = QualityMeter(every=1)
+    odd = np.full((480, 641), 90, np.uint8)
+    stamp.draw(odd, stamp.Stamp(11, 5, synthetic=True))
+    assert not every.frame(odd, stamp.read(odd))
+    assert every.samples == 0

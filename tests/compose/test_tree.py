@@ -88,8 +88,12 @@ def test_tree_b_a_mid_server_killed_mid_call(tree_lab: Lab):
     # mid-1 back: its lower servers announce again through it, and calls cross it again
     tree_lab.compose("start", "mid-1")
     tree_lab.wait_devices(timeout=90)
+    # (--max-lag-ms: the 2-core host is still busy with mid-1 and its devices coming back; this
+    # one-call run came out invalid, exit 3, once in two full runs, most likely the probe's own
+    # loop lag; this test is about the path back through mid-1, not the probe's own timing)
     status, summary, calls = tree_lab.probe("tree-b2", "load", "--pairing", "explicit",
                                             "--pair", ACROSS, "--rate", "1", "--duration", "1",
-                                            "--hold", "2")
-    assert status == 0 and calls[0]["ok"], (summary, calls)
+                                            "--hold", "2", "--max-lag-ms", "1000")
+    run = {k: v for k, v in summary.items() if k not in ("figures", "server_metrics")}
+    assert status == 0 and calls[0]["ok"], (status, run, calls)
     assert calls[0]["path"] == ["lower-a1", "mid-1", "root", "mid-2", "lower-b1"]
