@@ -59,10 +59,13 @@ async def test_starts_stay_on_schedule_when_the_server_is_slow():
     # Closed loop would have sent 1-2 commands in 1.5 s; open loop sent all 30 on time.
     assert len(received) == 30
     gaps = [b - a for a, b in itertools.pairwise(received)]
-    # closed loop: a second between commands; open loop: 50 ms (a busy CI machine may hiccup
-    # once, which the schedule-error p99 below would still show)
+    # closed loop: a second between commands; open loop: 50 ms (a busy CI machine may hiccup)
     assert max(gaps) < 0.5 and sum(gaps) / len(gaps) == pytest.approx(0.05, abs=0.01)
-    assert report.summary()["schedule_error_ms"]["p99"] < 30
+    # Closed loop would start the n-th command about n seconds late (28 s for the last). Open
+    # loop starts on time; a 2-core CI runner's scheduler hiccups reached 84 ms on one start,
+    # so the median is held tight and the tail only well under one server response.
+    error = report.summary()["schedule_error_ms"]
+    assert error["p50"] < 30 and error["p99"] < 500
     response = report.recorder.total.histograms["response_ms"]
     assert response.get_min_value() >= 990_000  # µs (1 % buckets), from the scheduled start
     assert report.recorder.total.failures == {"rejected": 30}
