@@ -106,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "carries (libwebrtc's start; aiortc's own: 500)")
     p.add_argument("--audio-bitrate", type=float,
                    default=float(env("ENDPOINT_AUDIO_BITRATE", "32")), metavar="KBPS",
-                   help="Opus bitrate (aiortc's own: 96)")
+                   help="Opus bitrate (aiortc's own: 96; the tone's timing marks need 24)")
+    p.add_argument("--audio-buffer", type=int,
+                   default=int(env("ENDPOINT_AUDIO_BUFFER", "2")), metavar="FRAMES",
+                   help="20-ms audio frames held before playing (aiortc's own: 4)")
     p.add_argument("--connect-timeout", type=float,
                    default=float(env("ENDPOINT_CONNECT_TIMEOUT", "0")), metavar="S",
                    help="exit 1 (saying why) if the devices are not all registered within S "
@@ -126,7 +129,8 @@ async def run(args: argparse.Namespace) -> int:
                               record=args.record, token=args.token,
                               min_bitrate=int(args.min_bitrate * 1000),
                               start_bitrate=int(args.start_bitrate * 1000),
-                              audio_bitrate=int(args.audio_bitrate * 1000))
+                              audio_bitrate=int(args.audio_bitrate * 1000),
+                              audio_buffer_frames=args.audio_buffer)
     supply = MediaSupply.for_settings(settings)
     devices = []
     counts = args.counts or [args.count] * len(args.server)

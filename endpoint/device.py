@@ -20,6 +20,7 @@ from aiortc import MediaStreamTrack, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
+from endpoint.audiomark import MARK_MIN_BITRATE
 from endpoint.bitrate import (
     DEFAULT_START,
     EncoderTarget,
@@ -72,6 +73,15 @@ log = logging.getLogger("endpoint.device")
 VIDEO_MODES = ("synthetic", "preencoded", "packets")
 
 
+def set_audio_buffer(receiver: Any, frames: int) -> None:
+    """Hold ``frames`` audio frames before playing one (aiortc's receiver holds 4: 80 ms of
+    audio behind the video, which it holds for nothing, so lips would lag the voice by 40 ms
+    on a clean LAN). Two (40 ms) still reorders a packet late by one frame; libwebrtc's NetEq
+    targets about that on a quiet path. A lost packet stalls aiortc's buffer whatever its
+    depth (it waits for the gap until 16 packets are in), as before."""
+    receiver._RTCRtpReceiver__jitter_buffer._prefetch = max(1, frames)
+
+
 @dataclass(frozen=True)
 class DeviceSettings:
     """How one endpoint process's devices capture and report."""
@@ -109,6 +119,8 @@ class DeviceSettings:
     start_bitrate: int = DEFAULT_START
     #: Opus bitrate (aiortc's own is 96 kbit/s; 32 is WebRTC's usual for speech)
     audio_bitrate: int = 32_000
+    #: audio frames (20 ms) the receiver holds before playing the first: see set_audio_buffer
+    audio_buffer_frames: int = 2
 
     @property
     def video_codecs(self) -> tuple[str, ...]:
@@ -228,14 +240,18 @@ class DeviceCall:
                     # was given at registration; the server's offer already follows it.
                     prefer_video_codec(transceiver, self.settings.codecs[0], only=True)
             elif self.settings.audio:
-                audio = (ToneTrack(880.0 if self.role == "callee" else 440.0)
+                audio = (ToneTrack(880.0 if self.role == "callee" else 440.0,
+                                   marks=self.settings.audio_bitrate >= MARK_MIN_BITRATE,
+                                   clock=self.clock)
                          if self.settings.audio_source == "tone"
                          else open_audio(self.settings.audio_source))
                 self.sources.append(audio)
-                sender = self.pc.addTransceiver(audio, direction="sendrecv").sender
-                set_audio_bitrate(sender, self.settings.audio_bitrate)
+                transceiver = self.pc.addTransceiver(audio, direction="sendrecv")
+                set_audio_bitrate(transceiver.sender, self.settings.audio_bitrate)
+                set_audio_buffer(transceiver.receiver, self.settings.audio_buffer_frames)
             else:
-                self.pc.addTransceiver("audio", direction="recvonly")
+                transceiver = self.pc.addTransceiver("audio", direction="recvonly")
+                set_audio_buffer(transceiver.receiver, self.settings.audio_buffer_frames)
 
     def _time_parts(self, transceiver: RTCRtpTransceiver, video: MediaStreamTrack) -> None:
         """Time this device's own parts of the video latency: as a sender, from a frame's
@@ -415,7 +431,11 @@ class DeviceCall:
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
-                self.audio.frame(frame.to_ndarray())
+                mark = self.audio.frame(frame.to_ndarray(), self.clock(), frame.pts,
+                                        channels=len(frame.layout.channels),
+                                        rate=frame.sample_rate)
+                if mark is not None:
+                    self.audio.pair(self.video)
 
     def stats(self) -> Stats:
         return Stats(call=self.call, media=self.video.stats(self.clock(), self.audio,

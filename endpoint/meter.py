@@ -12,6 +12,8 @@ from collections import deque
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
+from endpoint import audiomark, emodel
+from endpoint.audiomark import Mark, MarkReader
 from endpoint.quality import QualityMeter
 from endpoint.stamp import Stamp, unwrap_ms
 from relay.messages import DevicePart, MediaStats, MediaWindow
@@ -23,6 +25,15 @@ LATENCY_MAX_US = 60_000_000
 #: gaps have been seen
 FREEZE_WINDOW = 30
 FREEZE_MIN_HISTORY = 5
+
+#: lip sync: a mark is matched with the video frame sent nearest its moment, within this; the
+#: video frames kept for that (10 s at 30 fps); a mark waits for its frame at most this long
+#: (of video sent after it); marks waiting, and skews kept, at most
+SYNC_MATCH_S = 0.025
+SYNC_RECENT = 300
+SYNC_GIVE_UP_S = 1.0
+SYNC_PENDING = 16
+SYNC_KEEP = 3600
 
 
 class VideoMeter:
@@ -42,6 +53,8 @@ class VideoMeter:
         self._intervals: deque[float] = deque()
         self._interval_sum = 0.0
         self._latency_sum_ms = 0.0
+        #: (send time, latency) of the latest timed frames, seconds: lip sync's video side
+        self.recent: deque[tuple[float, float]] = deque(maxlen=SYNC_RECENT)
         #: this device's own part: first packet in -> decoded (fed by the device)
         self.receiver = PartMeter()
         #: PSNR/SSIM of sampled synthetic frames (fed by the device: it has the pictures)
@@ -74,6 +87,7 @@ class VideoMeter:
                 self.latency_us.record_value(us)
                 self._window_us.record_value(us)
                 self._latency_sum_ms += (now - sent) * 1000
+                self.recent.append((sent, now - sent))
         first = self.first_at is None
         if first:
             self.first_at = now
@@ -124,6 +138,8 @@ class VideoMeter:
 
         timed = self.latency_us.get_total_count()
         quality = self.quality
+        if audio is not None:
+            audio.pair(self)
         return MediaStats(
             frames=self.frames, frames_lost=self.lost, unreadable=self.unreadable,
             fps=round(fps, 2), latency_ms_p50=pct(50), latency_ms_p95=pct(95),
@@ -131,8 +147,7 @@ class VideoMeter:
             receiver=self.receiver.part(),
             latency_ms_max=round(self.latency_us.get_max_value() / 1000, 2) if has else None,
             gaps=self.gaps, duration_s=round(duration, 3),
-            audio_frames=audio.frames if audio else 0,
-            audio_level_dbfs=audio.level_dbfs() if audio else None,
+            **(audio.figures() if audio else {}),
             window=self.window(now) if window else None,
             psnr_db=_round(quality.psnr_db, 2), psnr_db_min=_round(quality.psnr_min, 2),
             ssim=_round(quality.ssim, 4), ssim_min=_round(quality.ssim_min, 4),
@@ -205,21 +220,110 @@ class SendLog:
 
 
 class AudioMeter:
-    """Counts received audio frames and their mean level."""
+    """What a device measures of the audio it receives: frames, frames lost (gaps in the RTP
+    timestamps), interarrival jitter, the level, and the timing marks of a synthetic source
+    (endpoint/audiomark.py): audio latency, marks lost, and the A/V skew against the video
+    sent at the same moment."""
 
     def __init__(self) -> None:
         self.frames = 0
+        self.lost = 0
         self._power = 0.0
         self._samples = 0
+        self._next_pts: int | None = None
+        self._transit: float | None = None
+        self.jitter_s = 0.0  #: RFC 3550's estimator, on delivery times against the timestamps
+        self._reader = MarkReader()
+        self.latency_us = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self.marks = 0
+        self.marks_lost = 0
+        self._last_mark_ms: int | None = None
+        #: marks not yet matched with the video sent at their moment: (sent, latency), seconds
+        self._unpaired: deque[tuple[float, float]] = deque(maxlen=SYNC_PENDING)
+        #: audio latency - video latency of the same moment, ms, one per mark matched
+        self.skews_ms: deque[float] = deque(maxlen=SYNC_KEEP)
 
-    def frame(self, samples: np.ndarray) -> None:
+    def frame(self, samples: np.ndarray, now: float | None = None, pts: int | None = None,
+              channels: int = 1, rate: int = audiomark.RATE) -> Mark | None:
+        """Take one decoded frame (packed samples, ``channels`` interleaved) delivered at
+        ``now`` with RTP timestamp ``pts``; the timing mark it completes, if any."""
         self.frames += 1
-        data = samples.astype(np.float64) / 32768.0
+        data = samples.astype(np.float64).reshape(-1) / 32768.0
         self._power += float(np.sum(data * data))
         self._samples += data.size
+        if now is None:
+            return None
+        mono = samples.reshape(-1)[::channels]
+        if pts is not None:
+            if self._next_pts is not None:
+                step = (pts - self._next_pts) & 0xFFFFFFFF
+                if 0 < step < 0x80000000:
+                    self.lost += round(step / mono.size)
+            self._next_pts = (pts + mono.size) & 0xFFFFFFFF
+            transit = now - pts / rate
+            if self._transit is not None:
+                # (a timestamp's wrap, or a jump, is not jitter)
+                d = abs(transit - self._transit)
+                if d < 1.0:
+                    self.jitter_s += (d - self.jitter_s) / 16
+            self._transit = transit
+        mark = self._reader.frame(mono, pts, now)
+        if mark is not None:
+            self._timed(mark, now)
+        return mark
+
+    def _timed(self, mark: Mark, now: float) -> None:
+        sent_ms = audiomark.unwrap(mark.sent_ms, int(now * 1000))
+        latency = mark.at - sent_ms / 1000
+        self.marks += 1
+        if self._last_mark_ms is not None:
+            self.marks_lost += max(0, round((sent_ms - self._last_mark_ms)
+                                            / audiomark.MARK_PERIOD_MS) - 1)
+        self._last_mark_ms = sent_ms
+        self.latency_us.record_value(min(LATENCY_MAX_US, max(1, int(latency * 1e6))))
+        self._unpaired.append((sent_ms / 1000, latency))
+
+    def pair(self, video: VideoMeter) -> None:
+        """Match the marks read so far with the video frames sent at their moment (the nearest
+        within half a frame at 20 fps): each match is one A/V skew. A mark whose moment the
+        video has long passed without such a frame is dropped."""
+        recent = video.recent
+        waiting: list[tuple[float, float]] = []
+        for sent, latency in self._unpaired:
+            near = [(abs(v_sent - sent), v_latency) for v_sent, v_latency in recent
+                    if abs(v_sent - sent) <= SYNC_MATCH_S]
+            if near:
+                self.skews_ms.append((latency - min(near)[1]) * 1000)
+            elif not recent or recent[-1][0] < sent + SYNC_GIVE_UP_S:
+                waiting.append((sent, latency))
+        self._unpaired.clear()
+        self._unpaired.extend(waiting)
 
     def level_dbfs(self) -> float | None:
         if not self._samples:
             return None
         power = self._power / self._samples
         return round(10 * math.log10(power), 1) if power > 0 else -120.0
+
+    def figures(self) -> dict[str, float | int | None]:
+        """The audio's part of a direction's MediaStats."""
+        timed = self.latency_us.get_total_count()
+
+        def pct(p: float) -> float | None:
+            return round(self.latency_us.get_value_at_percentile(p) / 1000, 2) if timed else None
+
+        sent = self.frames + self.lost
+        loss_percent = 100 * self.lost / sent if sent else 0.0
+        jitter_ms = self.jitter_s * 1000
+        p50 = pct(50)
+        return {
+            "audio_frames": self.frames, "audio_level_dbfs": self.level_dbfs(),
+            "audio_frames_lost": self.lost,
+            "audio_jitter_ms": round(jitter_ms, 2) if self.frames > 1 else None,
+            "audio_marks": self.marks, "audio_marks_lost": self.marks_lost,
+            "audio_latency_ms_p50": p50, "audio_latency_ms_p95": pct(95),
+            "av_sync_ms": round(float(np.median(self.skews_ms)), 1) if self.skews_ms else None,
+            "av_sync_samples": len(self.skews_ms),
+            "mos": round(emodel.mos(p50, jitter_ms, loss_percent), 2) if p50 is not None
+            else None,
+        }

@@ -19,7 +19,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from endpoint import stamp
+from endpoint import audiomark, stamp
 
 VIDEO_CLOCK = 90_000
 AUDIO_RATE = 48_000
@@ -202,25 +202,34 @@ class PreEncodedVideoTrack(MediaStreamTrack):
 
 
 class ToneTrack(MediaStreamTrack):
-    """A continuous sine tone, 20 ms per frame, mono s16 at 48 kHz."""
+    """A sine tone, 20 ms per frame, mono s16 at 48 kHz; with ``marks``, once a second a timing
+    mark that says when it was sent (endpoint/audiomark.py) takes the tone's place."""
 
     kind = "audio"
 
-    def __init__(self, frequency: float = 440.0, level_dbfs: float = -12.0) -> None:
+    def __init__(self, frequency: float = 440.0, level_dbfs: float = -12.0,
+                 marks: bool = True, clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self._samples = int(AUDIO_RATE * AUDIO_PTIME)
         self._amplitude = 32767 * 10 ** (level_dbfs / 20)
         self._step = 2 * math.pi * frequency / AUDIO_RATE
         self._count = 0
         self._pacer = Pacer(AUDIO_PTIME)
+        self._clock = clock
+        self.marks = audiomark.MarkWriter(self._amplitude) if marks else None
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         await self._pacer.wait(self._count)
         first = self._count * self._samples
-        phase = (np.arange(first, first + self._samples) * self._step) % (2 * math.pi)
-        samples = (np.sin(phase) * self._amplitude).astype(np.int16).reshape(1, -1)
+        mark = self.marks.frame(self._count, int(self._clock() * 1000)) \
+            if self.marks is not None else None
+        if mark is not None:
+            samples = mark.reshape(1, -1)
+        else:
+            phase = (np.arange(first, first + self._samples) * self._step) % (2 * math.pi)
+            samples = (np.sin(phase) * self._amplitude).astype(np.int16).reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
         frame.pts = first

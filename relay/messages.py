@@ -307,6 +307,21 @@ class MediaStats(Body, frozen=True):
     ssim: Annotated[float, msgspec.Meta(ge=-1, le=1)] | None = None
     ssim_min: Annotated[float, msgspec.Meta(ge=-1, le=1)] | None = None
     quality_samples: Count = 0
+    #: audio (endpoint/meter.py AudioMeter): frames lost (RTP timestamp gaps: aiortc conceals
+    #: none), RFC 3550 jitter on delivery, and the synthetic tone's timing marks, one a
+    #: second (endpoint/audiomark.py): read back, lost, latency mark sent -> decoded here
+    audio_frames_lost: Count = 0
+    audio_jitter_ms: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None
+    audio_marks: Count = 0
+    audio_marks_lost: Count = 0
+    audio_latency_ms_p50: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
+    audio_latency_ms_p95: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
+    #: lip sync: audio latency - video latency of the same moment (median over the marks):
+    #: positive, the sound comes after the picture; negative, before it
+    av_sync_ms: Annotated[float, msgspec.Meta(gt=-1e9, lt=1e9)] | None = None
+    av_sync_samples: Count = 0
+    #: the call score: MOS from the E-model on audio latency, jitter and loss (endpoint/emodel.py)
+    mos: Annotated[float, msgspec.Meta(ge=1, le=4.5)] | None = None
 
 
 # --------------------------------------------------------------------------------------------
