@@ -110,6 +110,12 @@ def _load_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--min-psnr", type=_limit, default=o.min_psnr, metavar="DB",
                    help="the 5th percentile of the call directions' PSNR against the source "
                         "(synthetic pictures)")
+    c.add_argument("--min-mos", type=_limit, default=o.min_mos, metavar="MOS",
+                   help="the 5th percentile of the call directions' MOS (E-model, from the "
+                        "synthetic tone's timing marks)")
+    c.add_argument("--max-av-sync-ms", type=_limit, default=o.max_av_sync_ms, metavar="MS",
+                   help="the 95th percentile of the call directions' lip-sync skew, either "
+                        "side")
 
 
 def _limit(text: str) -> float | None:
@@ -180,6 +186,22 @@ async def servers_for(args: argparse.Namespace) -> AsyncIterator[list[str]]:
     yield urls
 
 
+def describe_audio(m: dict[str, Any]) -> str:
+    """A direction's audio on one line: latency, losses, lip sync, the call score."""
+    marks = m.get("audio_marks", 0) + m.get("audio_marks_lost", 0)
+    text = (f"audio latency p50 {_ms(m['audio_latency_ms_p50'])} "
+            f"p95 {_ms(m.get('audio_latency_ms_p95'))}  "
+            f"{m.get('audio_frames_lost', 0)} frames lost, "
+            f"{m.get('audio_marks_lost', 0)} of {marks} marks lost")
+    skew = m.get("av_sync_ms")
+    if skew is not None:
+        side = "sound after picture" if skew >= 0 else "sound before picture"
+        text += f"  lip sync {skew:+.0f} ms ({side})"
+    if m.get("mos") is not None:
+        text += f"  MOS {m['mos']:.2f}"
+    return text
+
+
 def describe(result: CallResult) -> str:
     lines = [f"call {result.call or '-'}  {result.caller} -> {result.callee}  via {result.server}"
              f"  {'OK' if result.ok else 'FAILED'}  (ended: {result.reason})"]
@@ -203,6 +225,8 @@ def describe(result: CallResult) -> str:
                      f"{m['gaps']} freezes  audio {m['audio_frames']} frames"
                      + (f"  PSNR {m['psnr_db']:.1f} dB SSIM {m['ssim']:.3f}"
                         if m.get("psnr_db") is not None and m.get("ssim") is not None else ""))
+        if m.get("audio_latency_ms_p50") is not None:
+            lines.append(f"  {'':<28} " + describe_audio(m))
     if result.links:
         lines.append("  hops (video, both directions: devices' own parts, server transit, "
                      "link RTT/2 est.; means):")
@@ -294,7 +318,8 @@ def objective_of(args: argparse.Namespace) -> Objective:
                      max_setup_p95_ms=args.max_setup_p95,
                      max_media_latency_p95_ms=args.max_media_latency_p95,
                      max_frame_loss=args.max_loss, max_freeze_ratio=args.max_freeze_ratio,
-                     min_psnr=args.min_psnr)
+                     min_psnr=args.min_psnr, min_mos=args.min_mos,
+                     max_av_sync_ms=args.max_av_sync_ms)
 
 
 def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:

@@ -26,6 +26,11 @@ class Objective:
     #: dB: the 5th percentile, over the call directions, of each one's mean PSNR (synthetic
     #: pictures against their source: endpoint/quality.py)
     min_psnr: float | None = None
+    #: the 5th percentile, over the call directions, of each one's MOS (endpoint/emodel.py)
+    min_mos: float | None = None
+    #: ms: the 95th percentile, over the call directions, of the size of each one's lip-sync
+    #: skew (av_sync_ms, either side)
+    max_av_sync_ms: float | None = None
 
     def missed(self, figures: Figures, media: bool = True) -> list[str]:
         """Why ``figures`` miss the objective (empty: met). Media limits only with media."""
@@ -63,6 +68,19 @@ class Objective:
                 why.append("PSNR p5: no value (no synthetic picture received)")
             elif psnr < self.min_psnr:
                 why.append(f"PSNR p5 {psnr:.1f} dB < {self.min_psnr:g} dB")
+        if media and self.min_mos is not None:
+            score = figures.quality("mos", 5)
+            if score is None:
+                why.append("MOS p5: no value (no audio timing mark received)")
+            elif score < self.min_mos:
+                why.append(f"MOS p5 {score:.2f} < {self.min_mos:g}")
+        if media and self.max_av_sync_ms is not None:
+            size = figures.av_sync_size(95)
+            if size is None:
+                why.append("lip sync p95: no value (no audio mark matched with video)")
+            elif size > self.max_av_sync_ms:
+                why.append(f"lip sync p95 {size:.0f} ms > {self.max_av_sync_ms:g} ms "
+                           f"(median {figures.av_sync(50):+.0f} ms, + sound after picture)")
         return why
 
     def describe(self) -> str:

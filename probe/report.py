@@ -376,7 +376,9 @@ def _server_table(servers: dict[str, Any]) -> str:
     head = ("<table><tr><th>server</th><th>calls</th><th>ok</th><th>success</th>"
             "<th>response p50/p95/p99 ms</th><th>server time p50 ms</th>"
             "<th>setup p50/p95 ms</th><th>media latency p50/p95 ms</th><th>frame loss</th>"
-            "<th>freezes/min</th><th>failures</th></tr>")
+            "<th>freezes/min</th><th>audio latency p50/p95 ms</th><th>lip sync p50 ms</th>"
+            "<th>MOS p5 / p50</th><th>PSNR p5 / p50 dB</th><th>SSIM p5</th>"
+            "<th>failures</th></tr>")
     rows = []
     for name, f in sorted(servers.items()):
         def trio(phase: str, ps: tuple[str, ...] = ("p50", "p95", "p99"), f: Any = f) -> str:
@@ -390,8 +392,18 @@ def _server_table(servers: dict[str, Any]) -> str:
                     f"<td>{trio('media_latency_ms', ('p50', 'p95'))}</td>"
                     f"<td>{_fmt(media.get('frame_loss'))}</td>"
                     f"<td>{_fmt(media.get('freezes_per_minute'))}</td>"
+                    f"<td>{trio('audio_latency_ms', ('p50', 'p95'))}</td>"
+                    f"<td>{_quality(f, 'av_sync_ms', ('p50',))}</td>"
+                    f"<td>{_quality(f, 'mos', ('p5', 'p50'))}</td>"
+                    f"<td>{_quality(f, 'psnr_db', ('p5', 'p50'))}</td>"
+                    f"<td>{_quality(f, 'ssim', ('p5',))}</td>"
                     f"<td>{_e(f.get('failures') or '')}</td></tr>")
     return head + "".join(rows) + "</table>"
+
+
+def _quality(figures: dict[str, Any], name: str, ps: tuple[str, ...]) -> str:
+    found = (figures.get("quality") or {}).get(name) or {}
+    return " / ".join(_fmt(found.get(p)) for p in ps)
 
 
 def _server_metrics_table(server_metrics: dict[str, Any]) -> str:

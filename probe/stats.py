@@ -38,25 +38,35 @@ FAILURE_CLASSES = (
     "probe_error",         # the probe itself failed on the call: blame the probe, not a server
 )
 
-#: Phases timed per call, in ms from the (scheduled) send time, and media figures.
+#: Phases timed per call, in ms from the (scheduled) send time, and media figures (per call
+#: direction: media latency and audio latency are each direction's p50).
 PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "setup_ms",
-          "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms", "video_kbps")
+          "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms",
+          "audio_latency_ms", "video_kbps")
 
-#: Picture quality per call direction (a direction's mean over its samples: endpoint/quality.py),
-#: kept in histograms as the phases are (so they merge exactly; 1 % resolution): PSNR as dB,
-#: SSIM as what it misses of 1 (1 - SSIM, in millionths: 1 % of 0.037 rather than of 0.963).
-#: Each name's "worse" end: low for both, so their 5th percentile is the one that matters.
-QUALITY = ("psnr_db", "ssim")
+#: What a person in the call would notice, per call direction: picture quality (a direction's
+#: mean over its samples: endpoint/quality.py) and the call score (MOS: endpoint/emodel.py),
+#: kept in histograms as the phases are (so they merge exactly; 1 % resolution): PSNR and MOS
+#: as they are, SSIM as what it misses of 1 (1 - SSIM, in millionths: 1 % of 0.037 rather than
+#: of 0.963). Each name's "worse" end: low for all, so their 5th percentile is the one that
+#: matters.
+QUALITY = ("psnr_db", "ssim", "mos")
+#: Lip sync (each direction's av_sync_ms: audio latency - video latency) is signed: its two
+#: sides are kept apart, sound after the picture and sound before it, each as a size in ms
+AV_SYNC = ("av_sync_lag_ms", "av_sync_lead_ms")
+#: histograms that are not phases (the summary gives them under "quality")
+NOT_PHASES = QUALITY + AV_SYNC
 
 
 def _quality_units(name: str, value: float) -> float:
     """A quality figure as record_ms takes it (thousandths of a unit)."""
-    return value if name == "psnr_db" else (1.0 - value) * 1000
+    return (1.0 - value) * 1000 if name == "ssim" else value
 
 
 def _quality_value(name: str, units: float) -> float:
     """The figure back from a histogram's value (record_ms's units)."""
-    return units / 1000 if name == "psnr_db" else 1.0 - units / 1_000_000
+    return 1.0 - units / 1_000_000 if name == "ssim" else units / 1000
+
 
 @dataclass
 class Outcome:
@@ -133,7 +143,31 @@ class Figures:
             return None
         # SSIM is kept as 1 - SSIM: its low end is that one's high end
         return _quality_value(name, histogram.get_value_at_percentile(
-            p if name == "psnr_db" else 100 - p))
+            100 - p if name == "ssim" else p))
+
+    def av_sync(self, p: float) -> float | None:
+        """The ``p`` percentile of lip sync (ms, signed: + the sound after the picture) over
+        the call directions that had it, from its two one-sided histograms, or None."""
+        lag, lead = (self.histograms.get(name) for name in AV_SYNC)
+        n_lag = lag.get_total_count() if lag is not None else 0
+        n_lead = lead.get_total_count() if lead is not None else 0
+        if not n_lag + n_lead:
+            return None
+        rank = p / 100 * (n_lag + n_lead)
+        if rank <= n_lead and lead is not None:  # the lead side, largest first
+            return -lead.get_value_at_percentile(max(0.0, 100 * (1 - rank / n_lead))) / 1000
+        assert lag is not None
+        return lag.get_value_at_percentile(min(100.0, 100 * (rank - n_lead) / n_lag)) / 1000
+
+    def av_sync_size(self, p: float) -> float | None:
+        """The ``p`` percentile of lip sync's size (|av_sync_ms|, either side), or None."""
+        both = new_histogram()
+        for name in AV_SYNC:
+            if name in self.histograms:
+                both.add(self.histograms[name])
+        if not both.get_total_count():
+            return None
+        return both.get_value_at_percentile(p) / 1000
 
     def histogram(self, name: str) -> HdrHistogram:
         found = self.histograms.get(name)
@@ -158,6 +192,11 @@ class Figures:
         for figures in media.values():
             if figures.get("latency_ms_p50") is not None:
                 record_ms(self.histogram("media_latency_ms"), figures["latency_ms_p50"])
+            if figures.get("audio_latency_ms_p50") is not None:
+                record_ms(self.histogram("audio_latency_ms"), figures["audio_latency_ms_p50"])
+            skew = figures.get("av_sync_ms")
+            if skew is not None:
+                record_ms(self.histogram(AV_SYNC[0] if skew >= 0 else AV_SYNC[1]), abs(skew))
             for name in QUALITY:
                 if figures.get(name) is not None:
                     record_ms(self.histogram(name), _quality_units(name, figures[name]))
@@ -207,8 +246,9 @@ class Figures:
             "failure_details": dict(sorted(self.details.items())),
             "late_starts": self.late_starts,
             "phases": {name: percentiles(h) for name, h in sorted(self.histograms.items())
-                       if name not in QUALITY},
-            "quality": {name: self._quality_summary(name) for name in QUALITY},
+                       if name not in NOT_PHASES},
+            "quality": {**{name: self._quality_summary(name) for name in QUALITY},
+                        "av_sync_ms": self._av_sync_summary()},
             "media": {"frames": self.frames, "frames_lost": self.frames_lost,
                       "frame_loss": self.frame_loss, "freezes": self.freezes,
                       "freezes_per_minute": self.freezes_per_minute,
@@ -221,12 +261,24 @@ class Figures:
         histogram = self.histograms.get(name)
         if histogram is None or not histogram.get_total_count():
             return None
-        worst = histogram.get_min_value() if name == "psnr_db" else histogram.get_max_value()
-        digits = 2 if name == "psnr_db" else 4
+        worst = histogram.get_max_value() if name == "ssim" else histogram.get_min_value()
+        digits = 4 if name == "ssim" else 2
         return {"p5": round(self.quality(name, 5) or 0.0, digits),
                 "p50": round(self.quality(name, 50) or 0.0, digits),
                 "min": round(_quality_value(name, worst), digits),
                 "n": histogram.get_total_count()}
+
+    def _av_sync_summary(self) -> dict[str, float | int] | None:
+        """Lip sync over the call directions: signed percentiles (+: the sound after the
+        picture), the 95th percentile of its size (what --max-av-sync-ms judges), the count."""
+        p50 = self.av_sync(50)
+        if p50 is None:
+            return None
+        n = sum(self.histograms[name].get_total_count() for name in AV_SYNC
+                if name in self.histograms)
+        return {"p5": round(self.av_sync(5) or 0.0, 1), "p50": round(p50, 1),
+                "p95": round(self.av_sync(95) or 0.0, 1),
+                "size_p95": round(self.av_sync_size(95) or 0.0, 1), "n": n}
 
     @classmethod
     def from_summary(cls, data: dict[str, Any]) -> Figures:
@@ -330,9 +382,15 @@ class Recorder:
             row: dict[str, Any] = {"t_s": index * self.window_s, "calls": f.calls, "ok": f.ok,
                                    "failed": f.calls - f.ok, "success_rate": f.success_rate,
                                    "late_starts": f.late_starts}
-            for phase in ("response_ms", "setup_ms", "media_latency_ms", "video_kbps"):
+            for phase in ("response_ms", "setup_ms", "media_latency_ms", "audio_latency_ms",
+                          "video_kbps"):
                 p = percentiles(f.histograms[phase]) if phase in f.histograms else None
                 row[f"{phase}_p50"] = p["p50"] if p else None
                 row[f"{phase}_p95"] = p["p95"] if p else None
+            for name in QUALITY:
+                value = f.quality(name, 50)
+                row[f"{name}_p50"] = round(value, 4) if value is not None else None
+            skew = f.av_sync(50)
+            row["av_sync_ms_p50"] = round(skew, 1) if skew is not None else None
             rows.append(row)
         return rows

@@ -33,7 +33,7 @@ async def test_cross_server_call_media_both_ways(tree: Tree):
     caller, callee = pick_pair(servers)
     assert caller.startswith("lower-a/") and callee == "lower-b/cam-2"
 
-    result = await run_call(tree.session, servers, caller, callee, hold_s=1.5)
+    result = await run_call(tree.session, servers, caller, callee, hold_s=2.5)
 
     assert result.ok, result.to_dict()
     assert result.reason == "hangup"
@@ -51,6 +51,13 @@ async def test_cross_server_call_media_both_ways(tree: Tree):
         # the picture against its source, drawn again from the stamp (synthetic devices)
         assert media["quality_samples"] >= 1, (direction, media)
         assert media["psnr_db"] > 30 and media["ssim"] > 0.9, (direction, media)
+        # the tone's timing marks (one a second) read back after Opus: audio latency, lip
+        # sync against the video of the same moment, and the E-model's score of a clean call
+        assert media["audio_marks"] >= 2 and media["audio_marks_lost"] == 0, (direction, media)
+        assert 0 < media["audio_latency_ms_p50"] < 2000, (direction, media)
+        assert media["av_sync_samples"] >= 1 and abs(media["av_sync_ms"]) <= 40, \
+            (direction, media)
+        assert media["mos"] >= 4.0, (direction, media)
     assert result.intervals["response_ms"] < 1000
     # the call went through every tier: each server kept its own record
     for node in (tree.upper, tree.lowers["lower-b"]):

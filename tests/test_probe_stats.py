@@ -211,3 +211,54 @@ def test_picture_quality_is_summed_per_direction_merges_exactly_and_has_an_objec
                    {"caller_to_callee": {"frames": 30}}, False)
     assert Objective(min_psnr=40).missed(blind) == [
         "PSNR p5: no value (no synthetic picture received)"]
+
+
+def test_mos_lip_sync_and_audio_latency_per_direction_merge_and_have_objectives():
+    def run(directions: list[tuple[float, float]]) -> Figures:
+        figures = Figures()
+        for mos, skew in directions:
+            media = {"caller_to_callee": {"mos": mos, "av_sync_ms": skew, "frames": 30,
+                                          "audio_latency_ms_p50": 45.0},
+                     "callee_to_caller": {"frames": 30}}  # a microphone: no marks
+            figures.add_call(Outcome(True), {"response_ms": 5.0, "setup_ms": 200.0}, media,
+                             False)
+        return figures
+
+    # 10 directions: skews from 30 ms before the picture to 60 ms after it
+    skews = [-30.0, -20.0, -10.0, 0.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0]
+    figures = run([(4.4, s) for s in skews])
+    summary = figures.summary()
+    quality = summary["quality"]
+    assert quality["mos"]["n"] == 10 and quality["mos"]["p5"] == pytest.approx(4.4, rel=0.01)
+    sync = quality["av_sync_ms"]
+    assert sync["n"] == 10
+    assert sync["p5"] == pytest.approx(-30, rel=0.01)  # signed: the lead side is negative
+    assert sync["p50"] == pytest.approx(5, abs=0.1)
+    assert sync["p95"] == pytest.approx(60, rel=0.01)
+    assert sync["size_p95"] == pytest.approx(60, rel=0.01)
+    assert summary["phases"]["audio_latency_ms"]["p50"] == pytest.approx(45, rel=0.01)
+    assert "mos" not in summary["phases"] and "av_sync_lag_ms" not in summary["phases"]
+    assert Objective(min_mos=4.0, max_av_sync_ms=80).missed(figures) == []
+    why = Objective(max_av_sync_ms=40).missed(figures)
+    assert len(why) == 1 and why[0].startswith("lip sync p95 60 ms > 40 ms"), why
+    # merged from JSON, figure for figure; a poor direction pulls MOS p5 down
+    figures.merge(Figures.from_summary(run([(2.1, -90.0)] * 2).summary()))
+    assert figures.summary()["quality"]["av_sync_ms"]["p5"] == pytest.approx(-90, rel=0.01)
+    why = Objective(min_mos=4.0).missed(figures)
+    assert len(why) == 1 and why[0].startswith("MOS p5 2.1"), why
+    deaf = Figures()
+    deaf.add_call(Outcome(True), {"response_ms": 5.0, "setup_ms": 200.0},
+                  {"caller_to_callee": {"frames": 30}}, False)
+    assert Objective(min_mos=4.0, max_av_sync_ms=40).missed(deaf) == [
+        "MOS p5: no value (no audio timing mark received)",
+        "lip sync p95: no value (no audio mark matched with video)"]
+    # and the time series has them per window
+    recorder = Recorder(window_s=10)
+    recorder.add("lower-a", 3.0, Outcome(True), {"response_ms": 5.0},
+                 {"caller_to_callee": {"frames": 30, "mos": 4.4, "av_sync_ms": -12.0,
+                                       "audio_latency_ms_p50": 45.0, "psnr_db": 43.7}})
+    row = recorder.timeseries()[0]
+    assert row["mos_p50"] == pytest.approx(4.4, rel=0.01)
+    assert row["av_sync_ms_p50"] == pytest.approx(-12, rel=0.01)
+    assert row["audio_latency_ms_p50"] == pytest.approx(45, rel=0.01)
+    assert row["psnr_db_p50"] == pytest.approx(43.7, rel=0.01)
