@@ -1,6 +1,7 @@
 """A browser is a device: headless Chromium with a fake camera and microphone opens a lower
 server's /device page, registers without a click (?device=), and holds a forwarded call with a
-synthetic Python device under the other lower server; frames arrive on both sides."""
+synthetic Python device under the other lower server; frames arrive on both sides, and each side
+times the other's from the stamps (the page stamps what it sends and reads what it gets)."""
 
 from __future__ import annotations
 
@@ -72,5 +73,15 @@ async def test_a_browser_device_calls_a_python_device_across_servers():
         assert to_python.frames > 30 and to_python.fps > 10, to_python
         assert to_browser.frames > 30 and to_browser.fps > 10, to_browser
         assert to_browser.audio_frames > 50 and to_python.audio_frames > 50
+        # glass-to-glass both ways from the stamps: the page stamps the camera's picture it
+        # sends (read back in Python) and reads the Python picture's stamps it receives
+        assert to_python.unreadable < to_python.frames * 0.1, to_python
+        assert to_python.latency_ms_p50 is not None and 0 < to_python.latency_ms_p50 < 1000, \
+            to_python
+        assert to_browser.latency_ms_p50 is not None and 0 < to_browser.latency_ms_p50 < 1000, \
+            to_browser
+        assert to_browser.latency_ms_p95 >= to_browser.latency_ms_p50
+        assert to_browser.frames_lost < 0.05 * to_browser.frames, to_browser
+        assert to_python.frames_lost < 0.05 * to_python.frames, to_python
         for server in (tree.lowers["lower-a"], tree.upper, tree.lowers["lower-b"]):
             assert server.forwarding.packets > 100, server.name  # forwarded like any call
