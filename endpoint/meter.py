@@ -46,6 +46,9 @@ class VideoMeter:
         self.unreadable = 0
         self.lost = 0
         self.gaps = 0
+        #: of the freezes, those the source made: it sent the frame late (see frame())
+        self.gaps_source = 0
+        self._last_sent: float | None = None
         self.first_at: float | None = None
         self.last_at: float | None = None
         self._last_counter: int | None = None
@@ -71,6 +74,8 @@ class VideoMeter:
         counter (lost frames) and the send time (latency). ``timed=False``: the stamp's counter
         is known but not its send time; ``sent_at``: the send time known more finely than the
         stamp's milliseconds."""
+        sent: float | None = None
+        step = 0
         if found is None:
             self.unreadable += 1
         else:
@@ -100,11 +105,17 @@ class VideoMeter:
                 mean = self._interval_sum / len(intervals)
                 if interval >= max(3 * mean, mean + 0.150):
                     self.gaps += 1
+                    # the source's own part: it sent this frame, the next after the last one
+                    # (none lost between), late by at least half the gap
+                    if step == 1 and sent is not None and self._last_sent is not None and \
+                            sent - self._last_sent >= interval / 2:
+                        self.gaps_source += 1
             intervals.append(interval)
             self._interval_sum += interval
             if len(intervals) > FREEZE_WINDOW:
                 self._interval_sum -= intervals.popleft()
         self.last_at = now
+        self._last_sent = sent
         self.frames += 1
         return first
 
@@ -146,7 +157,7 @@ class VideoMeter:
             latency_ms_mean=round(self._latency_sum_ms / timed, 3) if timed else None,
             receiver=self.receiver.part(),
             latency_ms_max=round(self.latency_us.get_max_value() / 1000, 2) if has else None,
-            gaps=self.gaps, duration_s=round(duration, 3),
+            gaps=self.gaps, gaps_source=self.gaps_source, duration_s=round(duration, 3),
             **(audio.figures() if audio else {}),
             window=self.window(now) if window else None,
             psnr_db=_round(quality.psnr_db, 2), psnr_db_min=_round(quality.psnr_min, 2),

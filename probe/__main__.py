@@ -222,7 +222,9 @@ def describe(result: CallResult) -> str:
         p50, p95 = m.get("latency_ms_p50"), m.get("latency_ms_p95")
         lines.append(f"  {direction:<28} latency p50 {_ms(p50)} p95 {_ms(p95)}  "
                      f"{m['fps']:.1f} fps  {m['frames']} frames, {m['frames_lost']} lost, "
-                     f"{m['gaps']} freezes  audio {m['audio_frames']} frames"
+                     f"{m['gaps']} freezes"
+                     + (f" ({m['gaps_source']} the sender's)" if m.get("gaps_source") else "")
+                     + f"  audio {m['audio_frames']} frames"
                      + (f"  PSNR {m['psnr_db']:.1f} dB SSIM {m['ssim']:.3f}"
                         if m.get("psnr_db") is not None and m.get("ssim") is not None else ""))
         if m.get("audio_latency_ms_p50") is not None:

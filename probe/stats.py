@@ -132,6 +132,7 @@ class Figures:
     frames: int = 0
     frames_lost: int = 0
     freezes: int = 0
+    freezes_source: int = 0  #: of the freezes, those the sending device made (gaps_source)
     media_seconds: float = 0.0
     late_starts: int = 0
 
@@ -203,6 +204,7 @@ class Figures:
             self.frames += figures.get("frames") or 0
             self.frames_lost += figures.get("frames_lost") or 0
             self.freezes += figures.get("gaps") or 0
+            self.freezes_source += figures.get("gaps_source") or 0
             self.media_seconds += figures.get("duration_s") or 0.0
 
     def merge(self, other: Figures) -> None:
@@ -217,6 +219,7 @@ class Figures:
         self.frames += other.frames
         self.frames_lost += other.frames_lost
         self.freezes += other.freezes
+        self.freezes_source += other.freezes_source
         self.media_seconds += other.media_seconds
 
     @property
@@ -251,6 +254,7 @@ class Figures:
                         "av_sync_ms": self._av_sync_summary()},
             "media": {"frames": self.frames, "frames_lost": self.frames_lost,
                       "frame_loss": self.frame_loss, "freezes": self.freezes,
+                      "freezes_source": self.freezes_source,
                       "freezes_per_minute": self.freezes_per_minute,
                       "freeze_ratio": self.freeze_ratio,
                       "seconds": round(self.media_seconds, 3)},
@@ -292,7 +296,8 @@ class Figures:
                    details=dict(data.get("failure_details", {})),
                    histograms={name: decode(text) for name, text in encoded.items()},
                    frames=media.get("frames", 0), frames_lost=media.get("frames_lost", 0),
-                   freezes=media.get("freezes", 0), media_seconds=media.get("seconds", 0.0),
+                   freezes=media.get("freezes", 0),
+                   freezes_source=media.get("freezes_source", 0), media_seconds=media.get("seconds", 0.0),
                    late_starts=data.get("late_starts", 0))
 
 

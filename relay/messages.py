@@ -294,6 +294,9 @@ class MediaStats(Body, frozen=True):
     latency_ms_p95: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
     latency_ms_max: Annotated[float, msgspec.Meta(lt=1e9)] | None = None
     gaps: Count = 0  #: freezes: inter-frame gap >= max(3 x mean interval, mean + 150 ms)
+    #: of the freezes, those the sending device made: its own send times of the two frames
+    #: were at least half the freeze apart (the source stalled, not the path)
+    gaps_source: Count = 0
     audio_frames: Count = 0  #: audio frames received
     audio_level_dbfs: Annotated[float, msgspec.Meta(gt=-1e6, lt=1e6)] | None = None
     duration_s: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] = 0.0  #: first frame -> report

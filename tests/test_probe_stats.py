@@ -262,3 +262,13 @@ def test_mos_lip_sync_and_audio_latency_per_direction_merge_and_have_objectives(
     assert row["av_sync_ms_p50"] == pytest.approx(-12, rel=0.01)
     assert row["audio_latency_ms_p50"] == pytest.approx(45, rel=0.01)
     assert row["psnr_db_p50"] == pytest.approx(43.7, rel=0.01)
+
+
+def test_freezes_the_sender_made_are_counted_apart_and_merge():
+    figures = Figures()
+    figures.add_call(Outcome(True), {"response_ms": 5.0},
+                     {"caller_to_callee": {"frames": 600, "gaps": 3, "gaps_source": 2}}, False)
+    again = Figures.from_summary(figures.summary())
+    again.merge(figures)
+    assert again.summary()["media"]["freezes"] == 6
+    assert again.summary()["media"]["freezes_source"] == 4

@@ -112,3 +112,27 @@ def test_meter_counts_frames_without_stamps():
     stats = meter.stats(101.0)
     assert stats.frames == 30 and stats.unreadable == 30 and stats.latency_ms_p50 is None
     assert stats.fps == pytest.approx(30, rel=0.01)
+
+
+def test_a_freeze_the_sender_made_is_told_from_one_the_path_made():
+    def run(send_stall: float, receive_stall: float, lose: int = 0) -> VideoMeter:
+        meter = VideoMeter()
+        sent = received = 1_795_000_000.0
+        for n in range(40):
+            if n == 30:
+                sent += send_stall + lose / 30  # lost frames were sent, and never came
+                received += send_stall + receive_stall + lose / 30
+            counter = n + (lose if n >= 30 else 0)
+            meter.frame(stamp.Stamp(counter, int(sent * 1000) & 0xFFFFFFFF), received + 0.03,
+                        sent_at=sent)
+            sent += 1 / 30
+            received += 1 / 30
+        return meter
+
+    by_sender = run(send_stall=0.3, receive_stall=0.0)  # the source sent nothing for 300 ms
+    assert by_sender.gaps == 1 and by_sender.gaps_source == 1
+    by_path = run(send_stall=0.0, receive_stall=0.3)  # sent on time, held on the way
+    assert by_path.gaps == 1 and by_path.gaps_source == 0
+    # frames lost on the way: the sender's gap to the next frame seen is not its own stall
+    lost = run(send_stall=0.0, receive_stall=0.0, lose=9)
+    assert lost.gaps == 1 and lost.gaps_source == 0 and lost.lost == 9
