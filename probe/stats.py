@@ -297,7 +297,8 @@ class Figures:
                    histograms={name: decode(text) for name, text in encoded.items()},
                    frames=media.get("frames", 0), frames_lost=media.get("frames_lost", 0),
                    freezes=media.get("freezes", 0),
-                   freezes_source=media.get("freezes_source", 0), media_seconds=media.get("seconds", 0.0),
+                   freezes_source=media.get("freezes_source", 0),
+                   media_seconds=media.get("seconds", 0.0),
                    late_starts=data.get("late_starts", 0))
 
 
