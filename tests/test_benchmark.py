@@ -98,3 +98,20 @@ def test_congestion_benchmark_json():
     assert on["converge_s"] is not None and on["converge_s"] <= 10, on
     assert on["bitrate_kbps_after_10s"] < 400, on
     assert on["series"] and all("sent_kbps" in row for row in on["series"])
+
+
+def test_measuring_benchmark_compares_devices_with_and_without_measuring():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "measuring.py"), "--rounds", "1",
+                           "--seconds", "2", "--warmup", "1.5", "--json"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["runs"] == 4 and len(out["cpu_pct_on_runs"]) == len(out["cpu_pct_off_runs"]) == 2
+    assert out["cpu_pct_per_device_on"] > 0 and out["cpu_pct_per_device_off"] > 0
+    assert isinstance(out["added_pct"], float)
+    on, off = out["measured"], out["measured_off"]
+    # on: every figure measured; off: nothing but counting (so the comparison is real)
+    assert on["latency_ms_p50"] is not None and on["psnr_db"] is not None, on
+    assert on["audio_marks"] >= 1 and on["mos"] is not None, on
+    assert off["latency_ms_p50"] is None and off["quality_samples"] == 0, off
+    assert off["audio_marks"] == 0 and off["mos"] is None, off
