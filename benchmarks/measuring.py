@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from endpoint.device import DeviceCall, DeviceSettings, MediaSupply  # noqa: E402
-from relay.messages import Offer  # noqa: E402
+from endpoint.device import DeviceCall, DeviceSettings, MediaSupply
+from relay.messages import Offer
 
 
 async def one_run(measure: bool, size: tuple[int, int], warmup: float,
