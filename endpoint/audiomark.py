@@ -117,18 +117,31 @@ class SymbolDetector:
         t = np.arange(samples) / RATE
         tones = (*DATA_TONES, SYNC_TONE)
         phase = 2 * math.pi * np.outer(tones, t)
-        self._basis = np.vstack([np.cos(phase), np.sin(phase)])
+        self._basis = np.vstack([np.cos(phase), np.sin(phase)]).astype(np.float32)
+        self._sync = self._basis[[SYNC, SYNC + len(tones)]]
         self._samples = samples
+
+    def sync_share(self, mono: np.ndarray) -> float:
+        """The share of the frame's energy at the sync tone alone: two filters, not 34, for
+        the 49 frames a second that carry no mark."""
+        if mono.size != self._samples:
+            return 0.0
+        x = mono.astype(np.float32)
+        power = float(x @ x)
+        if power <= 0:
+            return 0.0
+        c, s = self._sync @ x
+        return float(c * c + s * s) * 2 / (self._samples * power)
 
     def symbol(self, mono: np.ndarray) -> int | None:
         """The frame's symbol (0..15, SYNC), or None: no tone of ours holds the frame."""
         if mono.size != self._samples:
             return None
-        x = mono.astype(np.float64)
+        x = mono.astype(np.float32)
         power = float(x @ x)
         if power <= 0:
             return None
-        proj = self._basis @ x
+        proj = (self._basis @ x).astype(np.float64)
         n = len(proj) // 2
         energy = proj[:n] ** 2 + proj[n:] ** 2
         share = energy * 2 / (self._samples * power)
@@ -160,13 +173,15 @@ class MarkReader:
         if pts is not None and self._next_pts is not None and pts != self._next_pts:
             self._start = None  # a frame lost (or repeated) breaks the mark it was in
         self._next_pts = pts + mono.size if pts is not None else None
+        if self._start is None:  # waiting for a mark: only its sync tone can start one
+            if self._detector.sync_share(mono) >= MIN_SHARE:
+                self._start, self._symbols = now, []
+            return None
         symbol = self._detector.symbol(mono)
         if symbol == SYNC:
-            if self._start is None or self._symbols:
+            if self._symbols:  # a new mark's sync where data was due: start again
                 self._start, self._symbols = now, []
             return None  # (a sync over two frames keeps the first one's time)
-        if self._start is None:
-            return None
         if symbol is None:
             self._start = None
             return None

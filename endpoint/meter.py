@@ -26,10 +26,11 @@ LATENCY_MAX_US = 60_000_000
 FREEZE_WINDOW = 30
 FREEZE_MIN_HISTORY = 5
 
-#: lip sync: a mark is matched with the video frame sent nearest its moment, within this; the
+#: lip sync: a mark is matched with the video frame sent nearest its moment, within this (half
+#: a frame at 10 fps: the compose lab's devices send 15); the
 #: video frames kept for that (10 s at 30 fps); a mark waits for its frame at most this long
 #: (of video sent after it); marks waiting, and skews kept, at most
-SYNC_MATCH_S = 0.025
+SYNC_MATCH_S = 0.050
 SYNC_RECENT = 300
 SYNC_GIVE_UP_S = 1.0
 SYNC_PENDING = 16
@@ -259,8 +260,8 @@ class AudioMeter:
         """Take one decoded frame (packed samples, ``channels`` interleaved) delivered at
         ``now`` with RTP timestamp ``pts``; the timing mark it completes, if any."""
         self.frames += 1
-        data = samples.astype(np.float64).reshape(-1) / 32768.0
-        self._power += float(np.sum(data * data))
+        data = samples.reshape(-1).astype(np.float32)
+        self._power += float(data @ data) / (32768.0 * 32768.0)
         self._samples += data.size
         if now is None:
             return None
@@ -295,8 +296,8 @@ class AudioMeter:
         self._unpaired.append((sent_ms / 1000, latency))
 
     def pair(self, video: VideoMeter) -> None:
-        """Match the marks read so far with the video frames sent at their moment (the nearest
-        within half a frame at 20 fps): each match is one A/V skew. A mark whose moment the
+        """Match the marks read so far with the video frames sent at their moment (the nearest,
+        within SYNC_MATCH_S): each match is one A/V skew. A mark whose moment the
         video has long passed without such a frame is dropped."""
         recent = video.recent
         waiting: list[tuple[float, float]] = []
