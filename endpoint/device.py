@@ -31,6 +31,7 @@ from endpoint.bitrate import (
 from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, open_video
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
+from endpoint.playout import PlayoutBuffer
 from endpoint.recovery import StallGuard
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from endpoint.view import Recorder, Viewer, ViewError
@@ -74,12 +75,12 @@ VIDEO_MODES = ("synthetic", "preencoded", "packets")
 
 
 def set_audio_buffer(receiver: Any, frames: int) -> None:
-    """Hold ``frames`` audio frames before playing one (aiortc's receiver holds 4: 80 ms of
-    audio behind the video, which it holds for nothing, so lips would lag the voice by 40 ms
-    on a clean LAN). Two (40 ms) still reorders a packet late by one frame; libwebrtc's NetEq
-    targets about that on a quiet path. A lost packet stalls aiortc's buffer whatever its
-    depth (it waits for the gap until 16 packets are in), as before."""
-    receiver._RTCRtpReceiver__jitter_buffer._prefetch = max(1, frames)
+    """Hold ``frames`` audio frames before playing one, and wait no longer than that for a
+    lost packet (endpoint/playout.py). aiortc's receiver holds 4: 80 ms of audio behind the
+    video, which it holds for nothing, so lips would lag the voice by 40 ms on a clean LAN.
+    Two (40 ms) still reorders a packet late by one frame; libwebrtc's NetEq targets about that
+    on a quiet path."""
+    receiver._RTCRtpReceiver__jitter_buffer = PlayoutBuffer(frames)
 
 
 @dataclass(frozen=True)

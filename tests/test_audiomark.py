@@ -1,5 +1,5 @@
 """Audio timing marks through aiortc's own Opus encoder and decoder, the audio meter (loss,
-jitter, latency, lip sync) and the E-model call score."""
+jitter, latency, lip sync), the E-model call score, and the audio playout buffer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import av
 import numpy as np
 import pytest
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
-from aiortc.jitterbuffer import JitterFrame
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtp import RtpPacket
 
 from endpoint import audiomark, emodel
 from endpoint.meter import AudioMeter, VideoMeter
+from endpoint.playout import PlayoutBuffer
 from endpoint.stamp import Stamp
 
 AMPLITUDE = 32767 * 10 ** (-12 / 20)
@@ -140,3 +142,33 @@ def test_the_e_model_scores_delay_and_loss_as_g107_does():
     assert emodel.mos(50, 0, 5) < 2.5
     assert emodel.mos(50, 10, 0) == emodel.mos(70, 0, 0)  # jitter: twice itself in buffer
     assert emodel.r_to_mos(-5) == 1.0 and emodel.r_to_mos(120) == 4.5
+
+
+def feed(buffer, sequence: list[int]) -> list[tuple[int, int | None]]:
+    """(packet number, frame out or None) for each packet in ``sequence`` (one per frame)."""
+    out = []
+    for n in sequence:
+        packet = RtpPacket(payload_type=111, sequence_number=n, timestamp=960 * n)
+        packet._data = b"\x00"
+        _, frame = buffer.add(packet)
+        out.append((n, frame.timestamp // 960 if frame is not None else None))
+    return out
+
+
+def test_the_playout_buffer_gives_up_on_a_lost_packet_and_keeps_its_delay():
+    sequence = [n for n in range(40) if n != 10]  # packet 10 never comes
+    ours = feed(PlayoutBuffer(depth=2), sequence)
+    played = [frame for _, frame in ours if frame is not None]
+    assert 10 not in played and played == sorted(played)
+    # before the gap and well after it, frame n plays when packet n + 2 comes in
+    assert all(frame == n - 2 for n, frame in ours if frame is not None and n not in range(10, 15))
+    assert [frame for n, frame in ours if n >= 20] == [n - 2 for n in range(20, 40)]
+    # aiortc's own (4 frames, waits for the gap until 16 packets are in) plays late for ever
+    theirs = feed(JitterBuffer(capacity=16, prefetch=4), sequence)
+    assert [n - frame for n, frame in theirs[-10:]] and \
+        min(n - frame for n, frame in theirs[-10:] if frame is not None) >= 14
+    # a packet late by one frame is still played in its turn (depth 2 reorders it)
+    reordered = PlayoutBuffer(depth=2)
+    assert [f for _, f in feed(reordered, [0, 1, 2, 3, 5, 4, 6, 7, 8]) if f is not None] == \
+        list(range(7))
+    assert reordered.skipped == 0

@@ -33,6 +33,9 @@ def test_a_cross_server_calls_carry_media_both_ways(lab: Lab):
         for direction in ("caller_to_callee", "callee_to_caller"):
             media = call["media"][direction]
             assert media["frames"] > 20 and media["latency_ms_p50"] < 500, media
+            # across containers too: the tone's marks, lip sync and the score of a clean call
+            assert media["audio_marks"] >= 2 and media["mos"] >= 4.0, media
+            assert abs(media["av_sync_ms"]) <= 40, media
     # the probe read each container's /metrics over the run: four calls through every server
     for name, seen in summary["server_metrics"].items():
         assert seen["failed_scrapes"] == 0, (name, seen)
@@ -42,7 +45,10 @@ def test_a_cross_server_calls_carry_media_both_ways(lab: Lab):
     print("\n(a)", {n: {"response_p50": f["phases"]["response_ms"]["p50"],
                         "setup_p50": f["phases"]["setup_ms"]["p50"],
                         "media_latency_p50": f["phases"]["media_latency_ms"]["p50"],
-                        "frame_loss": f["media"]["frame_loss"]} for n, f in servers.items()})
+                        "frame_loss": f["media"]["frame_loss"],
+                        "audio_latency_p50": f["phases"]["audio_latency_ms"]["p50"],
+                        **{k: f["quality"][k] for k in ("mos", "psnr_db", "ssim", "av_sync_ms")}}
+                    for n, f in servers.items()})
 
 
 def test_e_a_restarted_device_container_registers_again(lab: Lab):
@@ -154,11 +160,26 @@ def test_d_packet_loss_on_a_trunk(lab: Lab):
     assert upper["relay_retransmissions_total"] > 0  # ... from the upper server's history
     for direction in ("caller_to_callee", "callee_to_caller"):
         assert calls[0]["media"][direction]["fps"] > 10, calls[0]["media"]
+    # What a person in the call would notice. The drop is on what lower-a takes in from the
+    # upper server: the caller's media toward the callee (lower-a/cam-2). Its video is
+    # repaired hop by hop (NACK/RTX), its audio is not: frames lost, and the call score falls
+    # there while the other direction keeps a clean call's.
+    lossy, clean = (calls[0]["media"][d] for d in ("caller_to_callee", "callee_to_caller"))
+    assert lossy["audio_frames_lost"] > 0 and clean["audio_frames_lost"] == 0, (lossy, clean)
+    assert lossy["mos"] is not None and clean["mos"] is not None, (lossy, clean)
+    assert clean["mos"] >= 4.0 and lossy["mos"] < clean["mos"] - 0.5, (lossy, clean)
+    assert lossy["psnr_db"] is not None and lossy["psnr_db"] > 25, lossy
+    quality = summary["figures"]["servers"]["lower-b"]["quality"]
     print("\n(d)", {"frame_loss": media["frame_loss"], "freeze_ratio": media["freeze_ratio"],
                     "freezes_per_minute": media["freezes_per_minute"],
                     "trunk packets dropped": packets_dropped,
                     "nacks_sent_lower_a": metrics["relay_nacks_sent_total"],
-                    "retransmissions_upper": upper["relay_retransmissions_total"]})
+                    "retransmissions_upper": upper["relay_retransmissions_total"],
+                    "quality": {k: quality[k] for k in ("mos", "psnr_db", "av_sync_ms")},
+                    **{d: {k: calls[0]["media"][d].get(k) for k in (
+                        "mos", "psnr_db", "ssim", "audio_frames_lost", "audio_marks_lost",
+                        "audio_latency_ms_p50", "audio_latency_ms_p95", "av_sync_ms",
+                        "latency_ms_p50")} for d in ("caller_to_callee", "callee_to_caller")}})
 
 
 def test_the_webcam_override_is_valid_compose(lab: Lab):
