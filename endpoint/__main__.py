@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(env("ENDPOINT_AUDIO_BITRATE", "32")), metavar="KBPS",
                    help="Opus bitrate (aiortc's own: 96; the tone's timing marks need 24)")
     p.add_argument("--audio-buffer", type=int,
-                   default=int(env("ENDPOINT_AUDIO_BUFFER", "2")), metavar="FRAMES",
-                   help="20-ms audio frames held before playing (aiortc's own: 4)")
+                   default=int(env("ENDPOINT_AUDIO_BUFFER", "1")), metavar="FRAMES",
+                   help="20-ms audio frames held before playing, and how long a lost packet is "
+                        "waited for (aiortc's own: 4, and until 16 are in)")
     p.add_argument("--connect-timeout", type=float,
                    default=float(env("ENDPOINT_CONNECT_TIMEOUT", "0")), metavar="S",
                    help="exit 1 (saying why) if the devices are not all registered within S "

@@ -31,7 +31,7 @@ from endpoint.bitrate import (
 from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, open_video
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
-from endpoint.playout import PlayoutBuffer
+from endpoint.playout import MarkedFrameBuffer, PlayoutBuffer
 from endpoint.recovery import StallGuard
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from endpoint.view import Recorder, Viewer, ViewError
@@ -76,10 +76,10 @@ VIDEO_MODES = ("synthetic", "preencoded", "packets")
 
 def set_audio_buffer(receiver: Any, frames: int) -> None:
     """Hold ``frames`` audio frames before playing one, and wait no longer than that for a
-    lost packet (endpoint/playout.py). aiortc's receiver holds 4: 80 ms of audio behind the
-    video, which it holds for nothing, so lips would lag the voice by 40 ms on a clean LAN.
-    Two (40 ms) still reorders a packet late by one frame; libwebrtc's NetEq targets about that
-    on a quiet path."""
+    lost packet (endpoint/playout.py). aiortc's receiver holds 4, 80 ms of audio behind a video
+    that it holds one frame (endpoint/playout.py MarkedFrameBuffer: none here): lips would lag
+    the voice by 40-75 ms on a clean LAN. One (20 ms) still puts two swapped packets back in
+    order; a path with more jitter wants more (libwebrtc's NetEq adapts its target to it)."""
     receiver._RTCRtpReceiver__jitter_buffer = PlayoutBuffer(frames)
 
 
@@ -121,7 +121,7 @@ class DeviceSettings:
     #: Opus bitrate (aiortc's own is 96 kbit/s; 32 is WebRTC's usual for speech)
     audio_bitrate: int = 32_000
     #: audio frames (20 ms) the receiver holds before playing the first: see set_audio_buffer
-    audio_buffer_frames: int = 2
+    audio_buffer_frames: int = 1
     #: stamp and mark what is sent, read back and score what is received (off: frames and
     #: audio are only counted; benchmarks/measuring.py prints what measuring costs)
     measure: bool = True
@@ -281,6 +281,7 @@ class DeviceCall:
 
             sender._next_encoded_frame = timed_next  # type: ignore[method-assign]
         receiver = transceiver.receiver
+        receiver._RTCRtpReceiver__jitter_buffer = MarkedFrameBuffer()  # before StallGuard's look
         handle = receiver._handle_rtp_packet
         arrived = self.video.receiver
         # aiortc rebases the decoded frames' pts on the first frame's RTP timestamp

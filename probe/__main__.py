@@ -269,7 +269,9 @@ def describe_summary(summary: dict[str, Any]) -> str:
     lines = [f"{summary['ok']} of {summary['calls']} calls carried media both ways"
              + (f"; failures: {summary['failures']}" if summary["failures"] else "")]
     for name, fig in summary["figures"].items():
-        lines.append(f"  {name:<36} p50 {fig['p50']:9.1f}   max {fig['max']:9.1f}")
+        digits = 2 if name.startswith("mos") else 1
+        lines.append(f"  {name:<36} p50 {fig['p50']:9.{digits}f}   min {fig['min']:9.{digits}f}"
+                     f"   max {fig['max']:9.{digits}f}")
     return "\n".join(lines)
 
 

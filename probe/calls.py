@@ -265,10 +265,15 @@ def summarize(results: list[CallResult]) -> dict[str, Any]:
         for name, value in r.intervals.items():
             figures.setdefault(name, []).append(value)
         for direction in DIRECTIONS:
-            latency = r.media.get(direction, {}).get("latency_ms_p50")
-            if latency is not None:
-                figures.setdefault(f"latency_ms_{direction}", []).append(latency)
+            media = r.media.get(direction, {})
+            for key, name in (("latency_ms_p50", "latency_ms"),
+                              ("audio_latency_ms_p50", "audio_latency_ms"),
+                              ("av_sync_ms", "av_sync_ms"), ("mos", "mos"),
+                              ("psnr_db", "psnr_db")):
+                if media.get(key) is not None:
+                    figures.setdefault(f"{name}_{direction}", []).append(media[key])
     out["figures"] = {name: {"p50": round(statistics.median(values), 2),
-                             "max": round(max(values), 2), "n": len(values)}
+                             "min": round(min(values), 2), "max": round(max(values), 2),
+                             "n": len(values)}
                       for name, values in figures.items()}
     return out

@@ -64,6 +64,9 @@ async def test_cross_server_call_media_both_ways(tree: Tree):
         assert node.find_call(result.call).reason == "hangup"
     summary = summarize([result])
     assert summary["ok"] == 1 and "latency_ms_caller_to_callee" in summary["figures"]
+    for name in ("audio_latency_ms", "av_sync_ms", "mos", "psnr_db"):
+        figure = summary["figures"][f"{name}_callee_to_caller"]
+        assert figure["n"] == 1 and figure["min"] == figure["p50"] == figure["max"], figure
 
 
 async def test_discovery_from_one_lower_server_finds_the_tree(tree: Tree):
