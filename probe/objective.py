@@ -62,18 +62,16 @@ class Objective:
             ratio = figures.freeze_ratio
             if ratio is not None and ratio > self.max_freeze_ratio:
                 why.append(f"freeze ratio {ratio:.4f} > {self.max_freeze_ratio}")
-        if media and self.min_psnr is not None:
-            psnr = figures.quality("psnr_db", 5)
-            if psnr is None:
-                why.append("PSNR p5: no value (no synthetic picture received)")
-            elif psnr < self.min_psnr:
-                why.append(f"PSNR p5 {psnr:.1f} dB < {self.min_psnr:g} dB")
-        if media and self.min_mos is not None:
-            score = figures.quality("mos", 5)
-            if score is None:
-                why.append("MOS p5: no value (no audio timing mark received)")
-            elif score < self.min_mos:
-                why.append(f"MOS p5 {score:.2f} < {self.min_mos:g}")
+        for least, name, label, unit, digits, unknown in (
+                (self.min_psnr, "psnr_db", "PSNR", " dB", 1, "no synthetic picture received"),
+                (self.min_mos, "mos", "MOS", "", 2, "no audio timing mark received")):
+            if not media or least is None:
+                continue
+            value = figures.quality(name, 5)
+            if value is None:
+                why.append(f"{label} p5: no value ({unknown})")
+            elif value < least:
+                why.append(f"{label} p5 {value:.{digits}f}{unit} < {least:g}{unit}")
         if media and self.max_av_sync_ms is not None:
             size = figures.av_sync_size(95)
             if size is None:

@@ -65,11 +65,7 @@ def test_soak_reads_every_server_back_to_idle():
 
 
 def test_directory_benchmark_shows_what_a_change_costs():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "directory.py"), "--lowers", "40",
-                           "--devices", "20", "--mids", "3", "--json"],
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout)
+    out = run_json("directory.py", "--lowers", "40", "--devices", "20", "--mids", "3")
     assert out["root"]["devices"] == 40 * 20 + 2
     assert out["root"]["servers"] == out["lower"]["servers_known"] == 1 + 3 + 40 + 2 + 1
     assert out["device_change"]["messages_to_other_lowers"] == 0  # devices never go down
@@ -100,12 +96,16 @@ def test_congestion_benchmark_json():
     assert on["series"] and all("sent_kbps" in row for row in on["series"])
 
 
-def test_measuring_benchmark_compares_devices_with_and_without_measuring():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "measuring.py"), "--rounds", "1",
-                           "--seconds", "2", "--warmup", "1.5", "--json"],
-                          capture_output=True, text=True, timeout=180)
+def run_json(script: str, *args: str, timeout: float = 180) -> dict:
+    """Run ``benchmarks/script`` with ``args`` and ``--json``; its JSON (asserting it ran)."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json"],
+                          capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_measuring_benchmark_compares_devices_with_and_without_measuring():
+    out = run_json("measuring.py", "--rounds", "1", "--seconds", "2", "--warmup", "1.5")
     assert out["runs"] == 4 and len(out["cpu_pct_on_runs"]) == len(out["cpu_pct_off_runs"]) == 2
     assert out["cpu_pct_per_device_on"] > 0 and out["cpu_pct_per_device_off"] > 0
     assert isinstance(out["added_pct"], float)
