@@ -27,7 +27,7 @@ from probe.calls import CallResult, run_call, summarize, wait_idle
 from probe.capacity import CapacitySettings, GiveWay, Step, describe_gave_way, search
 from probe.client import ProbeError, Server, discover, find_device, pick_pair
 from probe.credentials import Credentials
-from probe.load import PAIRING_MODES, LoadReport, LoadSettings, run_load
+from probe.load import PAIRING_MODES, LoadReport, LoadSettings, Shard, run_load
 from probe.objective import RUN, Objective
 from probe.report import CallLog, write_summary
 from probe.scrape import ServerWatch
@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float, required=True, help="calls started per second")
     _common(load, devices=10, video="packets")
     _load_args(load)
+    load.add_argument("--shard", default=_shard_from_env(), metavar="I/N",
+                      help="be shard I (from 0) of N probes sharing one load: each starts "
+                           "every N-th call of the same schedule, on every N-th device "
+                           "(env PROBE_SHARD=I/N, or JOB_COMPLETION_INDEX with PROBE_SHARDS=N "
+                           "as a Kubernetes indexed Job gives it); `probe merge` adds their "
+                           "outputs up")
+    load.add_argument("--start-at", type=float, default=None, metavar="UNIX_TIME",
+                      help="start the schedule then (shards of one load: the same for all; "
+                           "default for a shard: the next wall-clock multiple of 10 s at least "
+                           "2 s away)")
     cap = sub.add_parser("capacity", help="per lower server, the highest rate meeting the "
                                           "objective (step up, then bisect)")
     _common(cap, devices=10, video="packets")
@@ -326,6 +336,16 @@ def objective_of(args: argparse.Namespace) -> Objective:
                      max_av_sync_ms=args.max_av_sync_ms)
 
 
+def _shard_from_env() -> str:
+    """PROBE_SHARD (I/N), or a Kubernetes indexed Job's JOB_COMPLETION_INDEX with
+    PROBE_SHARDS (N); 0/1 (the whole load) when neither is set."""
+    if os.environ.get("PROBE_SHARD"):
+        return os.environ["PROBE_SHARD"]
+    if os.environ.get("JOB_COMPLETION_INDEX") and os.environ.get("PROBE_SHARDS"):
+        return f"{os.environ['JOB_COMPLETION_INDEX']}/{os.environ['PROBE_SHARDS']}"
+    return "0/1"
+
+
 def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:
     pairs = []
     for text in args.pair or []:
@@ -341,7 +361,9 @@ def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:
                             pairing=args.pairing, pairs=tuple(pairs), media=args.media,
                             via=args.via,
                             window_s=args.window, seed=args.seed, max_lag_ms=args.max_lag_ms,
-                            sample_s=args.sample or None)
+                            sample_s=args.sample or None,
+                            shard=Shard.parse(getattr(args, "shard", "0/1")),
+                            start_at=getattr(args, "start_at", None))
     except ValueError as exc:
         raise ProbeError("bad_arguments", str(exc)) from None
 
@@ -381,6 +403,8 @@ async def command_load(args: argparse.Namespace) -> int:
                     session, servers, settings,
                     on_result=lambda r: log.write(r.to_dict()) if log else None,
                     on_tick=progress.tick)
+        except ValueError as exc:  # the run's own settings against the tree found
+            raise ProbeError("bad_arguments", str(exc)) from None
         finally:
             if log is not None:
                 log.close()
@@ -544,7 +568,33 @@ def command_merge(args: argparse.Namespace) -> int:
         summary = merge_summaries(summaries)
     except (KeyError, ValueError) as exc:
         raise ProbeError("bad_input", f"cannot merge: {exc!r}") from None
+    if args.out:
+        merge_call_logs(args.dirs, args.out)
     return finish(args, summary)
+
+
+def merge_call_logs(dirs: list[Path], out: Path) -> int:
+    """The probes' calls.jsonl as one, in schedule order (a shard's calls carry their place in
+    the shared schedule, ``slot``); how many calls."""
+    records = []
+    for directory in dirs:
+        path = directory / "calls.jsonl"
+        if not path.exists():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise ProbeError("bad_input", f"{path}:{number}: {exc}") from None
+    records.sort(key=lambda r: (r.get("slot") is None, r.get("slot") or 0,
+                                (r.get("timeline") or {}).get("t_sent") or 0.0))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "calls.jsonl").open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return len(records)
 
 
 class Progress:

@@ -56,6 +56,8 @@ class CallResult:
     senders: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: per direction, the call sampled while it was up (``sample_s``): see :func:`sample`
     series: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: in a load, the call's place in the run's schedule (every shard's: probe/load.py Shard)
+    slot: int | None = None
 
     @property
     def rate(self) -> dict[str, dict[str, Any] | None]:
@@ -121,7 +123,8 @@ class CallResult:
                 "intervals": self.intervals, "media": self.media, "hops": self.hops,
                 "links": self.links, "senders": self.senders,
                 "latency_parts": self.latency_parts, "bottleneck": self.bottleneck,
-                "rate": self.rate, "not_adapting": self.not_adapting, "series": self.series}
+                "rate": self.rate, "not_adapting": self.not_adapting, "series": self.series,
+                **({"slot": self.slot} if self.slot is not None else {})}
 
 
 def sample(info: CallInfo, t_s: float) -> dict[str, dict[str, Any]]:

@@ -62,6 +62,45 @@ def schedule(rate: float, duration_s: float, poisson: bool = False,
     return offsets
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This probe's part of a load shared by ``count`` probes (``--shard I/N``).
+
+    Every probe builds the same schedule (same rate, duration and seed) from the same
+    wall-clock start, and this one starts the calls whose place in it is ``index`` modulo
+    ``count``: together they make one open-loop load, started call for call as one probe
+    would. Each takes the devices whose place in their server's list is ``index`` modulo
+    ``count``, so no two probes ever pick the same device (their busy sets are their own).
+    ``probe merge`` adds their outputs up exactly."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``I/N``: shard I (from 0) of N."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"shard {text!r}: expected I/N, e.g. 0/2") from None
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard {text!r}: I must be in 0..N-1 and N at least 1")
+        return cls(index, count)
+
+    def mine(self, n: int) -> bool:
+        return n % self.count == self.index
+
+    def devices(self, devices: list[str]) -> list[str]:
+        return [d for k, d in enumerate(devices) if self.mine(k)]
+
+    def start_at(self, now: float, align_s: float = 10.0, lead_s: float = 2.0) -> float:
+        """Where shards started apart meet without being told: the next wall-clock multiple
+        of ``align_s`` at least ``lead_s`` away (probes started within ``align_s - lead_s`` of
+        each other, on clocks in step, start together)."""
+        at = (int(now // align_s) + 1) * align_s
+        return at if at - now >= lead_s else at + align_s
+
+
 class Pairing:
     """Chooses (caller, callee) among idle devices.
 
@@ -163,6 +202,10 @@ class LoadSettings:
     max_lag_ms: float = 50.0  #: the probe's own event-loop lag p99 above this: run invalid
     #: read each call this often while it is up (probe/calls.py ``sample``); None: never
     sample_s: float | None = None
+    shard: Shard = Shard()
+    #: the schedule's start, UNIX time (shards of one load share it); None: now, or for a
+    #: shard of several the next aligned moment (Shard.start_at)
+    start_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0:
@@ -187,6 +230,8 @@ class LoadReport:
     watch: dict[str, float | None] = field(default_factory=dict)
     results: list[CallResult] = field(default_factory=list)
     probe_errors: int = 0  #: calls on which the probe itself failed (each counted, as failed)
+    scheduled_total: int = 0  #: the whole schedule's calls, every shard's
+    started_at: float | None = None  #: the schedule's start, UNIX time
 
     @property
     def valid(self) -> bool:
@@ -205,6 +250,9 @@ class LoadReport:
             "skipped_cap": self.skipped_cap, "skipped_no_devices": self.skipped_no_devices,
             "late_starts": self.late, "max_concurrent_seen": self.max_concurrent_seen,
             "probe_errors": self.probe_errors,
+            "shard": {"index": s.shard.index, "count": s.shard.count,
+                      "scheduled_total": self.scheduled_total},
+            "schedule_started_at": self.started_at,
             "schedule_error_ms": percentiles(self.schedule_error),
             "schedule_error_hist": encode(self.schedule_error),
             "probe": self.watch, "valid": self.valid,
@@ -221,21 +269,29 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                    on_result: Callable[[CallResult], None] | None = None,
                    on_tick: Callable[[LoadReport, int], None] | None = None) -> LoadReport:
     """Start calls on schedule for ``settings.duration_s``, then wait for the last to finish."""
+    shard = settings.shard
+    if shard.count > 1 and settings.poisson and settings.seed is None:
+        raise ValueError("shards of a Poisson schedule need one --seed (they must build the "
+                         "same schedule)")
     rng = random.Random(settings.seed)
-    devices = {s.name: [d.address for d in s.devices] for s in lower_servers(servers)}
+    devices = {s.name: shard.devices([d.address for d in s.devices])
+               for s in lower_servers(servers)}
     path = TreePaths(servers)
     if settings.via is not None and not any(s.name == settings.via for s in servers):
         raise ValueError(f"--via {settings.via}: no such server in the tree")
     pairing = Pairing(settings.pairing, devices, list(settings.pairs), rng, settings.callers_on,
                       settings.via, path)
-    offsets = schedule(settings.rate, settings.duration_s, settings.poisson, rng)
-    report = LoadReport(settings, Recorder(settings.window_s), scheduled=len(offsets))
+    everyone = schedule(settings.rate, settings.duration_s, settings.poisson, rng)
+    offsets = [(n, offset) for n, offset in enumerate(everyone) if shard.mine(n)]
+    report = LoadReport(settings, Recorder(settings.window_s), scheduled=len(offsets),
+                        scheduled_total=len(everyone))
     busy: set[str] = set()
     calls: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
     watch = LoopWatch()
 
-    async def one(caller: str, callee: str, scheduled: float, offset: float, late: bool) -> None:
+    async def one(caller: str, callee: str, scheduled: float, offset: float, late: bool,
+                  slot: int) -> None:
         try:
             try:
                 result = await run_call(session, servers, caller, callee, settings.hold_s,
@@ -253,6 +309,7 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                                     server=split_address(caller)[0] or "",
                                     reason="probe_error", error="probe_error")
                 result.timeline["t_sent"] = scheduled
+            result.slot = slot
             report.results.append(result)
             # every server the call was routed through (the tree path: the servers route
             # exactly on it), whether or not it got that far
@@ -277,10 +334,16 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
             busy.discard(callee)
 
     async with watch:
-        start_mono = loop.time() + 0.05
-        start_wall = time.time() + 0.05
+        now = time.time()
+        start_wall = settings.start_at if settings.start_at is not None else (
+            shard.start_at(now) if shard.count > 1 else now + 0.05)
+        if start_wall < now - 1.0:
+            raise ValueError(f"the schedule's start {start_wall:.3f} is {now - start_wall:.1f} s "
+                             "in the past")
+        start_mono = loop.time() + (start_wall - now)
+        report.started_at = start_wall
         try:
-            for n, offset in enumerate(offsets):
+            for n, (slot, offset) in enumerate(offsets):
                 delay = start_mono + offset - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -298,7 +361,7 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                 late = error_ms > settings.late_ms
                 report.late += int(late)
                 busy.update(pair)
-                task = asyncio.create_task(one(*pair, start_wall + offset, offset, late))
+                task = asyncio.create_task(one(*pair, start_wall + offset, offset, late, slot))
                 calls.add(task)
                 task.add_done_callback(calls.discard)
                 report.started += 1

@@ -8,7 +8,7 @@ import datetime
 from typing import Any
 
 from probe.histograms import decode, encode, percentiles
-from probe.objective import Objective
+from probe.objective import RUN, Objective
 from probe.stats import Recorder
 
 #: Counts of a run that add up when probes share a load.
@@ -58,6 +58,7 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         run["schedule_error_ms"] = percentiles(schedule)
         run["valid"] = all(p["valid"] for p in parts)
         run["probes"] = len(parts)
+        run["shard"] = shards_of(parts)
         runs.append(run)
     servers = sorted({n for s in summaries for n in s.get("servers", [])})
     objective = Objective(**summaries[0].get("objective_limits", {}))
@@ -66,9 +67,41 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         total.merge(Recorder.from_summary(run["figures"]))
     missed = objective.missed_by_server(total.servers, media)
+    gaps = [f"run {i}: {run['shard']['problem']}" for i, run in enumerate(runs)
+            if run["shard"].get("problem")]
+    if gaps:  # a load whose shards do not add up is not the load that was asked for
+        missed[RUN] = missed.get(RUN, []) + gaps
     merged = build("merge", runs, servers, objective, missed, window_s)
     merged["merged_from"] = len(summaries)
     # The probes watched the same servers: one view of them (the first probe's) is enough.
     merged["server_metrics"] = next(
         (s["server_metrics"] for s in summaries if s.get("server_metrics")), {})
     return merged
+
+
+def shards_of(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the merged parts of one run are as shards of one load (probe/load.py Shard), and
+    what is wrong with them if they do not make it whole: a shard missing or twice, parts of
+    different loads, or a count that does not add up to the schedule."""
+    found = [p.get("shard") or {"index": 0, "count": 1, "scheduled_total": p.get("scheduled")}
+             for p in parts]
+    count = found[0]["count"]
+    indexes = sorted(f["index"] for f in found)
+    total = found[0].get("scheduled_total")
+    out: dict[str, Any] = {"count": count, "indexes": indexes, "scheduled_total": total}
+    if count == 1:
+        return out  # probes that each ran a whole load of their own: nothing to check
+    scheduled = sum(p.get("scheduled", 0) for p in parts)
+    if any(f["count"] != count or f.get("scheduled_total") != total for f in found):
+        out["problem"] = "parts of different loads (shard counts or schedules differ)"
+    elif len(set(indexes)) != len(indexes):
+        out["problem"] = f"a shard merged twice: {indexes}"
+    elif indexes != list(range(count)):
+        missing = sorted(set(range(count)) - set(indexes))
+        out["problem"] = f"shards {missing} of {count} missing"
+    elif scheduled != total:
+        out["problem"] = f"the shards scheduled {scheduled} calls of {total}"
+    starts = {p.get("schedule_started_at") for p in parts}
+    if "problem" not in out and len(starts) > 1:
+        out["problem"] = f"the shards started their schedules apart: {sorted(starts)}"
+    return out

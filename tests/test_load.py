@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from probe.client import Server
-from probe.load import LoadSettings, run_load
+from probe.load import LoadSettings, Shard, run_load
+from probe.objective import RUN
+from probe.summary import merge
 from relay.messages import DeviceInfo, Error, ErrorBody, ServerEntry
 
 
@@ -135,3 +138,63 @@ async def test_a_call_the_probe_fails_on_is_counted_and_the_run_invalid(monkeypa
     logged = [r for r in caplog.records if r.getMessage() == "probe_error"]
     assert len(logged) == 2 and "a probe bug" in logged[0].error  # type: ignore[attr-defined]
     assert "test_load.py" in logged[0].where  # type: ignore[attr-defined]
+
+
+async def test_two_shards_make_one_open_loop_load_call_for_call():
+    received: list[tuple[float, str, str]] = []
+
+    async def refuse(request: web.Request) -> web.Response:
+        body = await request.json()
+        received.append((asyncio.get_running_loop().time(), body["caller"], body["callee"]))
+        error = ErrorBody(error=Error(code="server_busy", message="try later"))
+        return web.json_response(error.to_dict(), status=503)
+
+    runner, url = await serve(refuse)
+    start_at = time.time() + 0.5
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            def settings(shard: Shard) -> LoadSettings:
+                return LoadSettings(rate=20, duration_s=1.5, max_concurrent=100, hold_s=0,
+                                    cooldown_s=0, seed=1, shard=shard, start_at=start_at)
+            reports = await asyncio.gather(*(
+                run_load(session, servers_at(url, devices=40), settings(Shard(i, 2)))
+                for i in range(2)))
+            whole = await run_load(session, servers_at(url, devices=40),
+                                   LoadSettings(rate=20, duration_s=1.5, max_concurrent=100,
+                                                hold_s=0, cooldown_s=0, seed=1))
+    finally:
+        await runner.cleanup()
+    # one probe's schedule: 30 calls; the shards took every other one, each exactly once
+    assert whole.scheduled == 30
+    assert [r.scheduled for r in reports] == [15, 15]
+    slots = sorted(r.slot for report in reports for r in report.results)
+    assert slots == list(range(30)) == sorted(r.slot for r in whole.results)
+    # ... at one probe's pace from the shared start, 50 ms apart, on devices of their own
+    sharded = received[:30]  # (the whole-load run came after)
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(sharded)]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.05, abs=0.01) and max(gaps) < 0.5
+    callers = [{r.caller for r in report.results} for report in reports]
+    assert callers[0] and callers[1] and not callers[0] & callers[1]
+    # merged, they are one load: the counts add up to the schedule; one shard alone does not
+    runs = [{**r.summary(), "offset_s": 0.0} for r in reports]
+    parts = [{"servers": ["lower-a", "lower-b"], "runs": [run], "figures": run["figures"],
+              "objective_limits": {}} for run in runs]
+    merged = merge(parts)
+    run = merged["runs"][0]
+    assert run["scheduled"] == run["started"] == 30 and run["probes"] == 2
+    assert run["shard"] == {"count": 2, "indexes": [0, 1], "scheduled_total": 30}
+    assert RUN not in merged["objective_missed"]
+    alone = merge(parts[:1])
+    assert alone["objective_missed"][RUN] == ["run 0: shards [1] of 2 missing"]
+
+
+def test_a_shard_is_told_as_i_of_n_and_shards_meet_on_the_clock():
+    assert Shard.parse("1/3") == Shard(1, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="shard"):
+            Shard.parse(bad)
+    shard = Shard(1, 3)
+    assert shard.devices([f"d{k}" for k in range(7)]) == ["d1", "d4"]
+    # probes started 3 s apart, before the same boundary, start together
+    assert shard.start_at(1000.5) == shard.start_at(1003.5) == 1010.0
+    assert shard.start_at(1008.5) == 1020.0  # under 2 s before a boundary: the next one
