@@ -94,8 +94,10 @@ def _load_args(c: argparse.ArgumentParser) -> None:
                    help="a start later than this after its schedule counts as late")
     c.add_argument("--max-lag-ms", type=float, default=50.0,
                    help="the probe's own loop lag p99 above this makes a run invalid")
-    c.add_argument("--out", type=Path, default=None,
-                   help="directory for calls.jsonl, summary.json, timeseries.csv, report.html")
+    c.add_argument("--out", type=Path,
+                   default=Path(os.environ["PROBE_OUT"]) if os.environ.get("PROBE_OUT") else None,
+                   help="directory for calls.jsonl, summary.json, timeseries.csv, report.html "
+                        "(env PROBE_OUT)")
     o = Objective()
     c.add_argument("--min-success", type=float, default=o.min_success_rate)
     c.add_argument("--max-response-p95", type=_limit, default=o.max_response_p95_ms,
@@ -139,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--shard", default=_shard_from_env(), metavar="I/N",
                       help="be shard I (from 0) of N probes sharing one load: each starts "
                            "every N-th call of the same schedule, on every N-th device "
-                           "(env PROBE_SHARD=I/N, or JOB_COMPLETION_INDEX with PROBE_SHARDS=N "
-                           "as a Kubernetes indexed Job gives it); `probe merge` adds their "
-                           "outputs up")
-    load.add_argument("--start-at", type=float, default=None, metavar="UNIX_TIME",
+                           "(env PROBE_SHARD=I/N; or PROBE_SHARDS=N with a Kubernetes indexed "
+                           "Job's JOB_COMPLETION_INDEX, or with PROBE_SHARD_SLOT, 1..N, as "
+                           "Swarm's {{.Task.Slot}} gives it); `probe merge` adds their outputs "
+                           "up")
+    load.add_argument("--start-at", type=float, metavar="UNIX_TIME",
+                      default=float(os.environ["PROBE_START_AT"])
+                      if os.environ.get("PROBE_START_AT") else None,
                       help="start the schedule then (shards of one load: the same for all; "
                            "default for a shard: the next wall-clock multiple of 10 s at least "
                            "2 s away)")
@@ -337,12 +342,16 @@ def objective_of(args: argparse.Namespace) -> Objective:
 
 
 def _shard_from_env() -> str:
-    """PROBE_SHARD (I/N), or a Kubernetes indexed Job's JOB_COMPLETION_INDEX with
-    PROBE_SHARDS (N); 0/1 (the whole load) when neither is set."""
+    """PROBE_SHARD (I/N); or PROBE_SHARDS (N) with a Kubernetes indexed Job's
+    JOB_COMPLETION_INDEX (0..N-1) or Swarm's task slot as PROBE_SHARD_SLOT (1..N); 0/1 (the
+    whole load) when none is set."""
     if os.environ.get("PROBE_SHARD"):
         return os.environ["PROBE_SHARD"]
-    if os.environ.get("JOB_COMPLETION_INDEX") and os.environ.get("PROBE_SHARDS"):
-        return f"{os.environ['JOB_COMPLETION_INDEX']}/{os.environ['PROBE_SHARDS']}"
+    count = os.environ.get("PROBE_SHARDS")
+    if count and os.environ.get("JOB_COMPLETION_INDEX"):
+        return f"{os.environ['JOB_COMPLETION_INDEX']}/{count}"
+    if count and os.environ.get("PROBE_SHARD_SLOT", "").isdigit():
+        return f"{int(os.environ['PROBE_SHARD_SLOT']) - 1}/{count}"
     return "0/1"
 
 
