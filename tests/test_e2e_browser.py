@@ -83,5 +83,7 @@ async def test_a_browser_device_calls_a_python_device_across_servers():
         assert to_browser.latency_ms_p95 >= to_browser.latency_ms_p50
         assert to_browser.frames_lost < 0.05 * to_browser.frames, to_browser
         assert to_python.frames_lost < 0.05 * to_python.frames, to_python
+        # the browser's audio from its getStats: jitter known, nothing lost on loopback
+        assert to_browser.audio_jitter_ms is not None and to_browser.audio_frames_lost == 0
         for server in (tree.lowers["lower-a"], tree.upper, tree.lowers["lower-b"]):
             assert server.forwarding.packets > 100, server.name  # forwarded like any call
