@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from endpoint import stamp
+
 RATE = 48_000
 FRAME = 960  #: samples in a 20 ms frame
 MARK_EVERY = 50  #: frames between marks: one a second
@@ -73,8 +75,7 @@ def decode(symbols: list[int]) -> int | None:
 
 def unwrap(sent: int, now_ms: int) -> int:
     """The full ms time nearest ``now_ms`` whose low 24 bits are ``sent``."""
-    half = 1 << (TIME_BITS - 1)
-    return now_ms - ((now_ms - sent + half) & TIME_MASK) + half
+    return stamp.unwrap(sent, now_ms, TIME_BITS)
 
 
 def tone(frequency: float, amplitude: float, samples: int = FRAME) -> np.ndarray:

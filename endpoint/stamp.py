@@ -87,8 +87,13 @@ def read(luma: np.ndarray) -> Stamp | None:
     return Stamp.from_bytes(np.packbits(bits).tobytes())
 
 
+def unwrap(value: int, near: int, bits: int = 32) -> int:
+    """The full number nearest ``near`` whose low ``bits`` bits are ``value`` (a send time in
+    ms modulo 2**bits, unwrapped against the receiver's clock)."""
+    half = 1 << (bits - 1)
+    return near - ((near - value + half) & ((1 << bits) - 1)) + half
+
+
 def unwrap_ms(sent_ms: int, now_ms: int) -> int:
     """The full UNIX ms time nearest ``now_ms`` whose low 32 bits are ``sent_ms``."""
-    base = now_ms - (now_ms & 0xFFFFFFFF) + sent_ms
-    candidates = (base - 2**32, base, base + 2**32)
-    return min(candidates, key=lambda t: abs(now_ms - t))
+    return unwrap(sent_ms, now_ms, 32)
