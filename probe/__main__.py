@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ from probe.calls import CallResult, run_call, summarize, wait_idle
 from probe.capacity import CapacitySettings, GiveWay, Step, describe_gave_way, search
 from probe.client import ProbeError, Server, discover, find_device, pick_pair
 from probe.credentials import Credentials
+from probe.fleet import FLEET_PORT, Follower, follow, leading
 from probe.load import PAIRING_MODES, LoadReport, LoadSettings, Shard, run_load
 from probe.objective import RUN, Objective
 from probe.report import CallLog, write_summary
@@ -138,13 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float, required=True, help="calls started per second")
     _common(load, devices=10, video="packets")
     _load_args(load)
-    load.add_argument("--shard", default=_shard_from_env(), metavar="I/N",
-                      help="be shard I (from 0) of N probes sharing one load: each starts "
-                           "every N-th call of the same schedule, on every N-th device "
-                           "(env PROBE_SHARD=I/N; or PROBE_SHARDS=N with a Kubernetes indexed "
-                           "Job's JOB_COMPLETION_INDEX, or with PROBE_SHARD_SLOT, 1..N, as "
-                           "Swarm's {{.Task.Slot}} gives it); `probe merge` adds their outputs "
-                           "up")
+    _shard_arg(load, "`probe merge` adds their outputs up")
     load.add_argument("--start-at", type=float, metavar="UNIX_TIME",
                       default=float(os.environ["PROBE_START_AT"])
                       if os.environ.get("PROBE_START_AT") else None,
@@ -160,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--factor", type=float, default=2.0, help="rate multiplier per step")
     cap.add_argument("--max-rate", type=float, default=1000.0)
     cap.add_argument("--bisect", type=int, default=3, help="bisection steps after a failure")
+    _shard_arg(cap, "shard 0 leads the search: it orders every step and judges the merged "
+                    "calls (probe/fleet.py); the others follow --leader")
+    cap.add_argument("--fleet-listen", default=os.environ.get("PROBE_FLEET_LISTEN",
+                                                              f"0.0.0.0:{FLEET_PORT}"),
+                     metavar="HOST:PORT", help="shard 0 of several: where the followers reach "
+                                               "it (env PROBE_FLEET_LISTEN)")
+    cap.add_argument("--leader", default=None, metavar="URL",
+                     help="shard 1..N-1: shard 0's --fleet-listen address, e.g. "
+                          f"http://probe-0:{FLEET_PORT} (env PROBE_LEADER, which shard 0 "
+                          "ignores, so one environment serves every shard)")
+    cap.add_argument("--leader-wait", type=float, default=120.0, metavar="S",
+                     help="how long the leader waits for every shard to come, and a follower "
+                          "for a leader it cannot reach")
+    cap.add_argument("--fleet-grace", type=float, default=None, metavar="S",
+                     help="the leader: how long after its own shard of a step it waits for the "
+                          "others' results before the step is invalid (default: hold + setup "
+                          "timeout + 35 s)")
     limits = GiveWay()
     cap.add_argument("--give-way-transit-p99", type=float, default=limits.transit_p99_ms,
                      metavar="MS", help="a server gave way when its calls' transit p99 is past "
@@ -341,6 +354,15 @@ def objective_of(args: argparse.Namespace) -> Objective:
                      max_av_sync_ms=args.max_av_sync_ms)
 
 
+def _shard_arg(parser: argparse.ArgumentParser, then: str) -> None:
+    parser.add_argument("--shard", default=_shard_from_env(), metavar="I/N",
+                        help="be shard I (from 0) of N probes sharing one load: each starts "
+                             "every N-th call of the same schedule, on every N-th device "
+                             "(env PROBE_SHARD=I/N; or PROBE_SHARDS=N with a Kubernetes "
+                             "indexed Job's JOB_COMPLETION_INDEX, or with PROBE_SHARD_SLOT, "
+                             "1..N, as Swarm's {{.Task.Slot}} gives it); " + then)
+
+
 def _shard_from_env() -> str:
     """PROBE_SHARD (I/N); or PROBE_SHARDS (N) with a Kubernetes indexed Job's
     JOB_COMPLETION_INDEX (0..N-1) or Swarm's task slot as PROBE_SHARD_SLOT (1..N); 0/1 (the
@@ -441,6 +463,15 @@ async def command_capacity(args: argparse.Namespace) -> int:
                 loss_in=args.give_way_loss))
     except ValueError as exc:
         raise ProbeError("bad_arguments", str(exc)) from None
+    try:
+        shard = Shard.parse(args.shard)
+    except ValueError as exc:
+        raise ProbeError("bad_arguments", str(exc)) from None
+    if shard.index > 0:
+        return await follow_capacity(args, shard)
+    if args.leader:
+        raise ProbeError("bad_arguments", f"--leader goes with shard 1..N-1; this is shard "
+                                          f"{shard.index}/{shard.count}, the leader itself")
     runs: list[dict[str, Any]] = []
     began = time.monotonic()
 
@@ -454,22 +485,76 @@ async def command_capacity(args: argparse.Namespace) -> int:
                       f"(max {step.report.max_concurrent_seen} concurrent"
                       + (f"; CPU {cpu})" if cpu else ")"))
 
-    async with servers_for(args) as urls, probe_session(args, urls) as (session, credentials):
+    async with (servers_for(args) as urls,
+                probe_session(args, urls) as (session, credentials),
+                leading(shard, args.fleet_listen, credentials.own_token,
+                        args.leader_wait, args.fleet_grace) as leader):
         servers = await discover(session, urls, credentials)
         load = load_settings_of(args, args.start_rate)
         async with watch_servers(session, servers, args) as watch:
-            found = await search(session, servers, load, objective, cap_settings, on_step,
-                                 watch)
-    # Offsets were taken when each step ended: make them the steps' starts.
-    for run in runs:
-        run["offset_s"] = max(0.0, run["offset_s"] - run["duration_s"] - run["hold_s"])
-    missed = {name: ([] if c.rate is not None and not c.invalid else
-                     [f"no rate met the objective (first failure: {c.failed_because})"])
-              for name, c in found.items()}
-    summary = summary_of("capacity", runs, servers, objective, missed, load.window_s)
-    summary["capacity"] = {name: c.summary() for name, c in found.items()}
-    summary["capacity_steps"] = {name: [s.row() for s in c.steps] for name, c in found.items()}
-    summary["server_metrics"] = watch.summary()
+            found = await search(
+                session, servers, load, objective, cap_settings, on_step, watch,
+                run_step=None if leader is None else functools.partial(
+                    leader.run_step, session, servers))
+        # Offsets were taken when each step ended: make them the steps' starts.
+        for run in runs:
+            run["offset_s"] = max(0.0, run["offset_s"] - run["duration_s"] - run["hold_s"])
+        missed = {name: ([] if c.rate is not None and not c.invalid else
+                         [f"no rate met the objective (first failure: {c.failed_because})"])
+                  for name, c in found.items()}
+        summary = summary_of("capacity", runs, servers, objective, missed, load.window_s)
+        summary["capacity"] = {name: c.summary() for name, c in found.items()}
+        summary["capacity_steps"] = {name: [s.row() for s in c.steps]
+                                     for name, c in found.items()}
+        summary["server_metrics"] = watch.summary()
+        if leader is not None:
+            summary["fleet"] = {"role": "leader", "shard": 0, "count": shard.count,
+                                "listen": f"{leader.host}:{leader.port}"}
+            leader.finish({key: summary[key] for key in VERDICT})
+    summary["elapsed_s"] = round(time.monotonic() - began, 1)
+    return finish(args, summary)
+
+
+#: What a fleet's leader tells its followers at the end (they write it as their own verdict).
+VERDICT = ("capacity", "capacity_steps", "valid", "objective_met", "objective_missed")
+
+
+async def follow_capacity(args: argparse.Namespace, shard: Shard) -> int:
+    """Shard 1..N-1 of a capacity search: run the leader's steps (probe/fleet.py)."""
+    leader = args.leader or os.environ.get("PROBE_LEADER")
+    if not leader:
+        raise ProbeError("bad_arguments",
+                         f"shard {shard.index}/{shard.count} of a capacity search follows a "
+                         f"leader: give --leader URL (shard 0's --fleet-listen, e.g. "
+                         f"http://probe-0:{FLEET_PORT}; env PROBE_LEADER)")
+    objective = objective_of(args)
+    runs: list[dict[str, Any]] = []
+    began = time.monotonic()
+
+    def on_run(step: int, report: LoadReport) -> None:
+        runs.append({**report.summary(), "offset_s": max(
+            0.0, time.monotonic() - began - report.settings.duration_s - report.settings.hold_s),
+            "fleet_step": step})
+
+    async with (servers_for(args) as urls,
+                probe_session(args, urls) as (session, credentials),
+                Follower(leader, shard, credentials.own_token,
+                         args.leader_wait) as follower):
+        servers = await discover(session, urls, credentials)
+        load = load_settings_of(args, args.start_rate)
+        last = await follow(follower, session, servers, load, on_run)
+    verdict = last.verdict
+    summary = summary_of("capacity", runs, servers, objective,
+                         verdict.get("objective_missed") or {}, load.window_s)
+    summary["capacity"] = verdict.get("capacity") or {}
+    summary["capacity_steps"] = verdict.get("capacity_steps") or {}
+    summary["valid"] = bool(summary["valid"] and verdict.get("valid"))
+    summary["objective_met"] = bool(verdict.get("objective_met"))
+    summary["fleet"] = {"role": "follower", "shard": shard.index, "count": shard.count,
+                        "leader": leader, "steps": last.step,
+                        "error": verdict.get("error")}
+    if verdict.get("error"):
+        summary["objective_missed"].setdefault(RUN, []).append(verdict["error"])
     summary["elapsed_s"] = round(time.monotonic() - began, 1)
     return finish(args, summary)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -215,32 +215,46 @@ def judge(report: LoadReport, server: str, objective: Objective, media: bool,
         why.append(f"{skipped} of {report.scheduled} starts skipped "
                    f"({report.skipped_cap} at the cap, {report.skipped_no_devices} without "
                    f"idle devices)")
-    if not report.valid:
+    if report.fleet_problem is not None:
+        why.append(f"the probes' shards do not make the whole load ({report.fleet_problem}): "
+                   "run invalid")
+    elif not report.valid:
         why.append("probe lagged: run invalid")
     return why
+
+
+#: Runs one step's load and gives its report: by default this probe alone (``run_load``); a
+#: fleet's leader runs its shard and merges the others' (probe/fleet.py ``Leader.run_step``).
+RunStep = Callable[[LoadSettings], Awaitable[LoadReport]]
 
 
 async def search(session: aiohttp.ClientSession, servers: list[Server], load: LoadSettings,
                  objective: Objective, settings: CapacitySettings,
                  on_step: Callable[[Step], None] | None = None,
-                 watch: ServerWatch | None = None) -> dict[str, Capacity]:
+                 watch: ServerWatch | None = None,
+                 run_step: RunStep | None = None) -> dict[str, Capacity]:
     """``watch``: read every server's /metrics over each step (``Step.server_metrics``). With
-    ``load.via``, one search: the rate the server ``load.via`` sustains as a transit."""
+    ``load.via``, one search: the rate the server ``load.via`` sustains as a transit. A step
+    whose fleet of probes was not whole (a shard's result missing) ends the whole search."""
+    if run_step is None:
+        async def run_step(offered: LoadSettings) -> LoadReport:
+            return await run_load(session, servers, offered)
     found: dict[str, Capacity] = {}
     if load.via is not None:
-        found[load.via] = await _search_one(session, servers, load.via, load, objective,
-                                            settings, on_step, watch, via=True)
+        found[load.via] = await _search_one(run_step, load.via, load, objective, settings,
+                                            on_step, watch, via=True)
         return found
     for server in lower_servers(servers):
         if server.devices:
-            found[server.name] = await _search_one(session, servers, server.name, load,
-                                                   objective, settings, on_step, watch)
+            found[server.name] = await _search_one(run_step, server.name, load, objective,
+                                                   settings, on_step, watch)
+            if any(step.report.fleet_problem for step in found[server.name].steps):
+                break
     return found
 
 
-async def _search_one(session: aiohttp.ClientSession, servers: list[Server], name: str,
-                      load: LoadSettings, objective: Objective, settings: CapacitySettings,
-                      on_step: Callable[[Step], None] | None,
+async def _search_one(run_step: RunStep, name: str, load: LoadSettings, objective: Objective,
+                      settings: CapacitySettings, on_step: Callable[[Step], None] | None,
                       watch: ServerWatch | None, via: bool = False) -> Capacity:
     capacity = Capacity(name, via, limits=settings.give_way)
     offered = replace(load, via=name) if via else replace(load, callers_on=name)
@@ -248,7 +262,7 @@ async def _search_one(session: aiohttp.ClientSession, servers: list[Server], nam
     async def step(rate: float) -> Step:
         async with (watch.window() if watch is not None
                     else contextlib.nullcontext({})) as tracks:
-            report = await run_load(session, servers, replace(offered, rate=rate))
+            report = await run_step(replace(offered, rate=rate))
         why = judge(report, name, objective, load.media == "full", settings.max_skipped, via)
         done = Step(name, rate, not why, why, report,
                     {server: track.summary() for server, track in tracks.items()}, via)

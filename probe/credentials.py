@@ -50,6 +50,11 @@ class Credentials:
     def on(self) -> bool:
         return self._token is not None
 
+    @property
+    def own_token(self) -> str | None:
+        """The probe's own token: what probes of one fleet show each other (probe/fleet.py)."""
+        return self._token
+
     def given(self, urls: Iterable[str]) -> None:
         """Servers the person named: they get the probe's own token."""
         if self._token is not None:

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 from hdrh.histogram import HdrHistogram
@@ -232,13 +232,22 @@ class LoadReport:
     probe_errors: int = 0  #: calls on which the probe itself failed (each counted, as failed)
     scheduled_total: int = 0  #: the whole schedule's calls, every shard's
     started_at: float | None = None  #: the schedule's start, UNIX time
+    #: a fleet's shards merged into this report (probe/fleet.py): which, and what is wrong
+    #: with them if they do not make the load whole (probe/summary.py ``shards_of``)
+    shards: dict[str, Any] | None = None
+
+    @property
+    def fleet_problem(self) -> str | None:
+        """Why the shards merged here are not the whole load (a shard missing, twice, ...)."""
+        return self.shards.get("problem") if self.shards else None
 
     @property
     def valid(self) -> bool:
-        """False when the probe itself lagged past its threshold, or failed on a call: blame
-        the probe, not a server."""
+        """False when the probe itself lagged past its threshold, or failed on a call, or a
+        fleet's shards do not add up to the load: blame the probes, not a server."""
         lag = self.watch.get("loop_lag_ms_p99")
-        return (lag is None or lag <= self.settings.max_lag_ms) and not self.probe_errors
+        return ((lag is None or lag <= self.settings.max_lag_ms) and not self.probe_errors
+                and self.fleet_problem is None)
 
     def summary(self) -> dict[str, object]:
         s = self.settings
@@ -250,8 +259,9 @@ class LoadReport:
             "skipped_cap": self.skipped_cap, "skipped_no_devices": self.skipped_no_devices,
             "late_starts": self.late, "max_concurrent_seen": self.max_concurrent_seen,
             "probe_errors": self.probe_errors,
-            "shard": {"index": s.shard.index, "count": s.shard.count,
-                      "scheduled_total": self.scheduled_total},
+            "shard": self.shards if self.shards is not None else {
+                "index": s.shard.index, "count": s.shard.count,
+                "scheduled_total": self.scheduled_total},
             "schedule_started_at": self.started_at,
             "schedule_error_ms": percentiles(self.schedule_error),
             "schedule_error_hist": encode(self.schedule_error),

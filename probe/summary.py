@@ -86,11 +86,16 @@ def shards_of(parts: list[dict[str, Any]]) -> dict[str, Any]:
     found = [p.get("shard") or {"index": 0, "count": 1, "scheduled_total": p.get("scheduled")}
              for p in parts]
     count = found[0]["count"]
-    indexes = sorted(f["index"] for f in found)
+    # a part may itself be shards merged already (a fleet leader's run): its indexes count
+    indexes = sorted(i for f in found for i in (f["indexes"] if "indexes" in f else
+                                                   [f["index"]]))
     total = found[0].get("scheduled_total")
     out: dict[str, Any] = {"count": count, "indexes": indexes, "scheduled_total": total}
     if count == 1:
         return out  # probes that each ran a whole load of their own: nothing to check
+    if problems := [f["problem"] for f in found if f.get("problem")]:
+        out["problem"] = problems[0]  # a part already not whole
+        return out
     scheduled = sum(p.get("scheduled", 0) for p in parts)
     if any(f["count"] != count or f.get("scheduled_total") != total for f in found):
         out["problem"] = "parts of different loads (shard counts or schedules differ)"

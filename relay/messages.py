@@ -775,6 +775,51 @@ class DeviceList(Body, frozen=True):
     devices: list[DeviceInfo] = []
 
 
+# --------------------------------------------------------------------------------------------
+# HTTP bodies (probe <-> probe: a capacity search shared by a fleet of probes, probe/fleet.py).
+
+Rate = Annotated[float, msgspec.Meta(gt=0, le=1e6)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
+Shards = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+
+
+class FleetStep(Body, frozen=True):
+    """One step of the search: the load every shard runs, on one schedule from ``start_at``.
+    The leader's say overrides the followers' own arguments for these."""
+
+    server: Name  #: the server searched
+    rate: Rate
+    duration_s: Annotated[float, msgspec.Meta(gt=0, le=1e6)]
+    hold_s: Seconds
+    start_at: Time  #: the schedule's start, UNIX time (the shards' clocks must agree)
+    via: bool = False  #: as a transit (every call crosses it), else as the callers' server
+    poisson: bool = False
+    seed: int | None = None
+    media: MediaMode = "full"
+
+
+class FleetOrder(Body, frozen=True):
+    """``GET /fleet/v1/orders/{step}``: what every shard does at ``step``: run ``run``; or, with
+    ``run`` null, stop: the search is over and ``verdict`` is the fleet's result."""
+
+    step: Count
+    count: Shards  #: shards in the fleet
+    run: FleetStep | None = None
+    #: when over: the search's result as the leader's summary has it (``capacity``,
+    #: ``capacity_steps``, ``valid``, ``objective_met``, ``objective_missed``)
+    verdict: dict[str, Any] = {}
+
+
+class FleetResult(Body, frozen=True):
+    """``POST /fleet/v1/results/{step}``: a follower's part of a step, its load run's summary
+    (probe/load.py ``LoadReport.summary``: counts and histograms, which merge exactly)."""
+
+    step: Count
+    shard: Count
+    count: Shards
+    run: dict[str, Any]
+
+
 class ErrorBody(Body, frozen=True):
     """Every HTTP error: ``{"error": {"code", "message", "field"}}``."""
 

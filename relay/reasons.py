@@ -75,6 +75,8 @@ class Code(enum.StrEnum):
     TIMEOUT = "timeout"
     BAD_RESPONSE = "bad_response"
     PROBE_ERROR = "probe_error"
+    # a fleet of probes (probe/fleet.py): the leader's answer to a follower
+    STALE_STEP = "stale_step"
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,9 @@ REASONS: dict[Code, Reason] = _table(
     Reason(Code.PROBE_ERROR, "local", None, "probe_error",
            "the probe itself failed on the call (its own bug, logged once with where it was "
            "raised): the call is counted, and the run is invalid", probe_only=True),
+    Reason(Code.STALE_STEP, "remote", 409, "rejected",
+           "a probe fleet's leader was sent a step result it is not collecting (another step's, "
+           "or a shard's second)", probe_only=True),
 )
 
 
