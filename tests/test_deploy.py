@@ -84,14 +84,33 @@ def test_the_k8s_names_selectors_and_secrets_agree():
             assert container["resources"]["requests"], workload
 
 
-def test_the_k8s_probe_job_is_a_fleet_of_shards():
-    job = next(d for d in k8s_docs() if d["kind"] == "Job")
+@pytest.mark.parametrize("name", ["vphone-probe", "vphone-capacity"])
+def test_the_k8s_probe_jobs_are_fleets_of_shards(name):
+    job = next(d for d in k8s_docs() if d["kind"] == "Job" and d["metadata"]["name"] == name)
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"]
     container = spec["template"]["spec"]["containers"][0]
     assert int(env_of(container)["PROBE_SHARDS"]) == spec["completions"]
     assert "$JOB_COMPLETION_INDEX" in " ".join(container["args"])  # an output per shard
+
+
+def test_the_k8s_capacity_fleet_finds_its_leader():
+    """The followers' PROBE_LEADER is pod 0's own name (JOB-0.SUBDOMAIN), published by a
+    headless Service even before the pod is ready, on the port the leader listens on."""
+    docs = k8s_docs()
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] ==
+               "vphone-capacity")
+    pod = job["spec"]["template"]
+    env = env_of(pod["spec"]["containers"][0])
+    host, port = env["PROBE_LEADER"].split("://")[1].split(":")
+    assert host == f"{job['metadata']['name']}-0.{pod['spec']['subdomain']}"
+    assert env["PROBE_FLEET_LISTEN"] == f"0.0.0.0:{port}"
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] ==
+                   pod["spec"]["subdomain"])
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+    assert "capacity" in " ".join(pod["spec"]["containers"][0]["args"])
 
 
 def test_the_swarm_stack_reaches_everything_by_dnsrr_and_pins_sites():
@@ -113,3 +132,8 @@ def test_the_swarm_stack_reaches_everything_by_dnsrr_and_pins_sites():
     probe = services["probe"]["environment"]
     assert probe["PROBE_SHARD_SLOT"] == "{{.Task.Slot}}"
     assert probe["PROBE_OUT"] == "/results/shard-{{.Task.Slot}}"
+    # the capacity fleet's followers find the leader by the service's own (dnsrr) name
+    fleet = services["probe-capacity"]["environment"]
+    assert fleet["PROBE_SHARD_SLOT"] == "{{.Task.Slot}}"
+    port = fleet["PROBE_FLEET_LISTEN"].rsplit(":", 1)[1]
+    assert fleet["PROBE_LEADER"] == f"http://probe-capacity:{port}"

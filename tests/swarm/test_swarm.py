@@ -185,3 +185,36 @@ def test_b_a_killed_server_task_is_rescheduled_and_rejoins(swarm: Swarm):
     assert "lower-b" in swarm.servers()
     print("\n(swarm-b)", {"task": new[0][:12],
                           "rejoined_after_s": round(time.monotonic() - killed, 1)})
+
+
+def test_c_a_fleet_of_two_tasks_searches_capacity_as_one(swarm: Swarm):
+    """probe-capacity scaled to 2: task 1 leads (shard 0), task 2 finds it by the service's
+    name and follows; each step is one load of both, judged on every call."""
+    started = time.monotonic()
+    docker("service", "update", "--detach", "--replicas", "2", f"{STACK}_probe-capacity")
+    wait_for(lambda: len(swarm.tasks("probe-capacity")) == 2
+             and all(" Complete" in t or " Failed" in t for t in swarm.tasks("probe-capacity")),
+             240, "both capacity tasks to finish")
+    took = time.monotonic() - started
+    lead, follow = (json.loads(swarm.results(f"/results/capacity-{slot}/summary.json",
+                                             entrypoint="cat")) for slot in (1, 2))
+    assert all(" Complete" in t for t in swarm.tasks("probe-capacity")), (
+        swarm.tasks("probe-capacity"), lead.get("objective_missed"))
+    assert (lead["fleet"]["role"], follow["fleet"]["role"]) == ("leader", "follower")
+    # stack.yml's search: each lower server at 0.5 then 1 call/s, 4 s a step
+    assert [(r["callers_on"], r["rate"]) for r in lead["runs"]] == [
+        ("lower-a", 0.5), ("lower-a", 1.0), ("lower-b", 0.5), ("lower-b", 1.0)]
+    for run in lead["runs"]:
+        total = round(run["rate"] * run["duration_s"])
+        assert run["shard"] == {"count": 2, "indexes": [0, 1], "scheduled_total": total}, run
+        assert run["scheduled"] == run["started"] == total
+        assert run["figures"]["total"]["ok"] == total, run["figures"]["total"]["failures"]
+    assert all(r["figures"]["total"]["media"]["frames"] > 0 for r in follow["runs"])
+    assert follow["capacity"] == lead["capacity"]
+    assert {c["rate"] for c in lead["capacity"].values()} == {1.0}
+    print("\n(swarm-c)", {"capacity tasks done after_s": round(took, 1),
+                          "steps": len(lead["runs"]),
+                          "calls": lead["figures"]["total"]["calls"],
+                          "follower_calls": follow["figures"]["total"]["calls"],
+                          "setup_p50_ms": lead["figures"]["total"]["phases"]["setup_ms"]["p50"],
+                          "capacity": {n: c["rate"] for n, c in lead["capacity"].items()}})
