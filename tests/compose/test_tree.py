@@ -22,8 +22,12 @@ OTHER_SUBTREE = "lower-b1/cam-202:lower-b2/cam-302"
 def test_tree_a_calls_within_and_across_subtrees(tree_lab: Lab):
     status, summary, calls = tree_lab.probe(
         "tree-a", "load", "--pairing", "explicit", "--pair", ACROSS, "--pair", BACK,
-        "--pair", WITHIN, "--rate", "1", "--duration", "3", "--hold", "3")
-    assert status == 0, summary
+        "--pair", WITHIN, "--rate", "1", "--duration", "3", "--hold", "3",
+        # what is judged here is the tree's paths and media, not the probe's own event loop,
+        # which a 2-core host running eleven containers can stall past the default 50 ms
+        "--max-lag-ms", "1000")
+    assert status == 0, (summary.get("valid"), [r.get("probe") for r in summary["runs"]],
+                         summary.get("objective_missed"))
     paths = {c["caller"]: c["path"] for c in calls}
     assert paths == {
         "lower-a1/cam-1": ["lower-a1", "mid-1", "root", "mid-2", "lower-b1"],
