@@ -48,9 +48,11 @@ from probe.client import ProbeError, Server
 from probe.histograms import decode
 from probe.load import LoadReport, LoadSettings, Shard, run_load
 from probe.stats import Recorder
-from probe.summary import shards_of
+from probe.summary import RUN_COUNTS, shards_of
+from relay.api import error_response
+from relay.auth import bearer
 from relay.logs import event
-from relay.messages import Error, ErrorBody, FleetOrder, FleetResult, FleetStep, MessageError
+from relay.messages import ErrorBody, FleetOrder, FleetResult, FleetStep, MessageError
 from relay.reasons import Code
 
 log = logging.getLogger("probe.fleet")
@@ -67,10 +69,8 @@ MAX_RESULT_BYTES = 32 * 1024 * 1024
 ORDERS = "/fleet/v1/orders/{step}"
 RESULTS = "/fleet/v1/results/{step}"
 
-#: LoadReport counts and their keys in a run summary
-COUNTS = {"scheduled": "scheduled", "started": "started", "skipped_cap": "skipped_cap",
-          "skipped_no_devices": "skipped_no_devices", "late": "late_starts",
-          "max_concurrent_seen": "max_concurrent_seen", "probe_errors": "probe_errors"}
+#: LoadReport's attribute for each count of a run summary (probe/summary.py RUN_COUNTS)
+COUNTS = {key: {"late_starts": "late"}.get(key, key) for key in RUN_COUNTS}
 
 
 def step_of(settings: LoadSettings, start_at: float) -> FleetStep:
@@ -98,7 +98,7 @@ def check_run(run: dict[str, Any], shard: int) -> None:
         Recorder.from_summary(run["figures"])
         decode(run.get("schedule_error_hist", ""))
         index = run["shard"]["index"]
-        counts = [run[key] for key in COUNTS.values()]
+        counts = [run[key] for key in COUNTS]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MessageError(f"run: not a load run's summary ({type(exc).__name__}: {exc})",
                            field="run") from None
@@ -117,7 +117,7 @@ def merge_reports(own: LoadReport, parts: list[dict[str, Any]]) -> LoadReport:
                         results=list(own.results))
     merged.recorder.merge(own.recorder)
     merged.schedule_error.add(own.schedule_error)
-    for attr, key in COUNTS.items():
+    for key, attr in COUNTS.items():
         setattr(merged, attr, getattr(own, attr) + sum(part.get(key, 0) for part in parts))
     lags = [lag for lag in [own.watch.get("loop_lag_ms_p99"),
                             *((part.get("probe") or {}).get("loop_lag_ms_p99") for part in parts)]
@@ -128,11 +128,6 @@ def merge_reports(own: LoadReport, parts: list[dict[str, Any]]) -> LoadReport:
         merged.schedule_error.add(decode(part.get("schedule_error_hist", "")))
     merged.shards = shards_of([own.summary(), *parts])
     return merged
-
-
-def _error(status: int, code: Code, message: str, field: str | None = None) -> web.Response:
-    body = ErrorBody(error=Error(code=code, message=message[:1024], field=field))
-    return web.json_response(body.to_dict(), status=status)
 
 
 class Leader:
@@ -288,9 +283,8 @@ class Leader:
     def _refuse(self, request: web.Request) -> web.Response | None:
         if self._token is None:
             return None
-        header = request.headers.get("Authorization", "")
-        token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
-        if not token:
+        token = bearer(request.headers.get("Authorization", ""))
+        if token is None:
             return self._refused(request, 401, Code.UNAUTHORIZED,
                                  "the fleet's leader needs the probe's token (auth is on)")
         if not hmac.compare_digest(token.encode(), self._token.encode()):
@@ -302,7 +296,7 @@ class Leader:
                  field: str | None = None) -> web.Response:
         event(log, "fleet_refused", logging.WARNING, code=code, why=message,
               path=request.path, peer=request.remote)
-        return _error(status, code, message, field)
+        return error_response(status, code, message[:1024], field)
 
     def _shard_of(self, request: web.Request, text: str | None) -> int | web.Response:
         try:

@@ -18,7 +18,7 @@ from aiohttp import web
 from msgspec.structs import replace
 
 from relay.admission import Refused
-from relay.auth import probe_identity
+from relay.auth import bearer, probe_identity
 from relay.call import CallState
 from relay.logs import event
 from relay.lower import device_link, device_page
@@ -65,8 +65,7 @@ def check_probe(request: web.Request) -> None:
     auth = node.settings.auth
     if not auth.on or request.path in OPEN_PATHS:
         return
-    header = request.headers.get("Authorization", "")
-    token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
+    token = bearer(request.headers.get("Authorization", ""))
     refusal = auth.check(probe_identity(), token, probe_identity(node.name))
     if refusal is not None:
         node.core.counters.refused(refusal[0])

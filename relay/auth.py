@@ -68,6 +68,11 @@ class Auth:
         return cls(secrets[0].encode(), tuple(secret.encode() for secret in secrets[1:]))
 
 
+def bearer(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header; None when none was given."""
+    return (header[len("Bearer "):].strip() or None) if header.startswith("Bearer ") else None
+
+
 def probe_identity(server: str | None = None) -> str:
     """The probe's identity: ``probe`` commands every server; ``probe:NAME`` only server NAME.
     A probe that holds the secret shows each server found through others its own
