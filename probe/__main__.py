@@ -236,7 +236,8 @@ def describe(result: CallResult) -> str:
     if result.path:
         lines.append(f"  path: {' -> '.join(result.path)}")
     labels = {"response_ms": "response", "caller_woken_ms": "caller woken",
-              "routed_ms": "routed to callee's server", "callee_woken_ms": "callee woken",
+              "routed_ms": "routed to callee's server", "callee_woken_ms": "callee woken (rung)",
+              "answered_ms": "callee answered",
               "media_up_ms": "caller media at its server",
               "first_frame_callee_ms": "first frame at callee",
               "first_frame_caller_ms": "first frame at caller", "setup_ms": "setup (both ways)"}

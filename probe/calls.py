@@ -27,6 +27,7 @@ INTERVALS = {
     "caller_woken_ms": "t_caller_woken",
     "routed_ms": "t_routed",
     "callee_woken_ms": "t_callee_woken",
+    "answered_ms": "t_answered",
     "media_up_ms": "t_media_up",
     "first_frame_callee_ms": "t_first_frame_callee",
     "first_frame_caller_ms": "t_first_frame_caller",
@@ -227,7 +228,7 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
         return result
     result.timeline.update(info.timeline)
     result.path = list(info.path)
-    up = ("t_caller_woken", "t_callee_woken") if media == "none" else (
+    up = ("t_caller_woken", "t_callee_woken", "t_answered") if media == "none" else (
         "t_first_frame_callee", "t_first_frame_caller")
     result.active = all(e in info.timeline for e in up)
     result.media = {d: s.to_dict() for d, s in info.media.items()}

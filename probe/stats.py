@@ -32,6 +32,8 @@ FAILURE_CLASSES = (
     "server_unreachable",  # the probe could not reach the server, or a server its parent
     "device_unreachable",  # a device's link was gone before the call was up
     "ice_dtls_failed",     # a media leg could not connect
+    "declined",            # the callee rang and declined
+    "no_answer",           # the callee rang and nobody answered in time
     "no_media",            # up, but a direction never got a frame
     "stalled",             # media started, then stopped for most of the call
     "dropped",             # up, then ended by anything but the probe's hang-up

@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not measure each call's hop (transit, arrivals, legs): only to "
                             "price the measuring (benchmarks/forwarding.py)")
         s.add_argument("--setup-timeout", type=float, default=float(env.get("setup_timeout",
-                                                                            "20")))
+                                                                            "20")),
+                       help="seconds from the call command to media both ways (the time a "
+                            "callee rings is not counted) before setup_timeout")
+        s.add_argument("--ring-timeout", type=float,
+                       default=float(env.get("ring_timeout", "30")),
+                       help="seconds a ringing callee may ring before the call ends no_answer")
         s.add_argument("--log-level", default=env.get("log_level", "info"))
         s.add_argument("--max-devices", type=int, default=int(env.get("max_devices", "1000")),
                        help="devices a lower server accepts; more are refused (server_full)")
@@ -103,7 +108,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         role=args.command, name=args.name, host=args.host, port=args.port,
         parent=getattr(args, "parent", None) or None, public_url=args.public_url,
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
-        timeouts=Timeouts(setup=args.setup_timeout), media_mode=args.media_mode,
+        timeouts=Timeouts(setup=args.setup_timeout, ring=args.ring_timeout),
+        media_mode=args.media_mode,
         hop_figures=not args.no_hop_figures,
         congestion_control=args.congestion_control == "on",
         limits=Limits(max_devices=args.max_devices, max_calls=args.max_calls,

@@ -9,6 +9,11 @@ States::
       │                                        │
       └──────(hangup / failure / timeout)──────┴──► ended
 
+A callee that rings (relay/messages.py ``Woken.ringing``) has ``t_callee_woken`` and not yet
+``t_answered``: while it rings the call waits for a person, not for the network, so the setup
+clock stops and the ring timeout (``no_answer``) runs instead. Timers count on this server's
+clock, from when it first saw each event (the events' own times are the devices' clocks).
+
 An event that does not fit the current state raises :class:`CallStateError` and changes nothing.
 """
 
@@ -79,8 +84,8 @@ TRANSITIONS: dict[CallState, dict[type, CallState]] = {
 
 #: The milestones that together mean "both devices see each other".
 MEDIA_BOTH_WAYS = ("t_first_frame_callee", "t_first_frame_caller")
-#: What makes a signalling-only call (media "none") active.
-BOTH_WOKEN = ("t_caller_woken", "t_callee_woken")
+#: What makes a signalling-only call (media "none") active: both woken, and the callee answered.
+BOTH_WOKEN = ("t_caller_woken", "t_callee_woken", "t_answered")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ class Timeouts:
     """How long a call may stay in each phase before it is ended (seconds)."""
 
     wake: float = 5.0  #: command -> both devices acknowledged their wake-up
-    setup: float = 20.0  #: command -> first frame at both devices
+    setup: float = 20.0  #: command -> first frame at both devices (time spent ringing aside)
+    ring: float = 30.0  #: a ringing callee rung -> answered (else ``no_answer``)
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,16 @@ class Call:
     senders: dict[str, DevicePart] = field(default_factory=dict)
     #: the servers the call crosses, from the caller's to the callee's (whole once routed)
     path: list[str] = field(default_factory=list)
+    #: "api" (POST /v1/calls) or "device" (the caller dialed)
+    started_by: str = "api"
+    #: when this server first saw the callee rung and the answer (its own clock; see tick)
+    rung_seen: float | None = None
+    answered_seen: float | None = None
+
+    @property
+    def ringing(self) -> bool:
+        """The callee is rung and has not answered yet."""
+        return "t_callee_woken" in self.timeline and "t_answered" not in self.timeline
 
     def handle(self, event: CallEvent) -> Transition:
         """Apply one event. Raises CallStateError (and changes nothing) if it does not fit."""
@@ -165,14 +181,33 @@ class Call:
         """Enforce the timeouts; ends the call with a reason when one has passed."""
         if self.state is not CallState.SETUP:
             return Transition(self.state, self.state)
+        self._seen(now)
         age = now - self.created_at
         woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
         if not woken and age > self.timeouts.wake:
             who = "caller" if "t_caller_woken" not in self.timeline else "callee"
             return self.handle(End(Code(f"{who}_wake_timeout"), now))
-        if age > self.timeouts.setup:
+        if self.ringing:
+            assert self.rung_seen is not None
+            if now - self.rung_seen > self.timeouts.ring:
+                return self.handle(End(Code.NO_ANSWER, now))
+            return Transition(self.state, self.state)
+        if age - self.rang_s > self.timeouts.setup:
             return self.handle(End(Code.SETUP_TIMEOUT, now))
         return Transition(self.state, self.state)
+
+    @property
+    def rang_s(self) -> float:
+        """How long the callee rang before it was answered (0: it answered at once)."""
+        if self.rung_seen is None or self.answered_seen is None:
+            return 0.0
+        return max(0.0, self.answered_seen - self.rung_seen)
+
+    def _seen(self, now: float) -> None:
+        if self.rung_seen is None and "t_callee_woken" in self.timeline:
+            self.rung_seen = now
+        if self.answered_seen is None and "t_answered" in self.timeline:
+            self.answered_seen = now
 
     def next_deadline(self) -> float | None:
         """When tick() may next change something, or None."""
@@ -180,7 +215,10 @@ class Call:
             return None
         woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
         wake = None if woken else self.created_at + self.timeouts.wake
-        setup = self.created_at + self.timeouts.setup
+        if self.ringing and self.rung_seen is not None:
+            ring = self.rung_seen + self.timeouts.ring
+            return min(ring, wake) if wake is not None else ring
+        setup = self.created_at + self.rang_s + self.timeouts.setup
         return min(setup, wake) if wake is not None else setup
 
     def _check_milestone(self, event: Milestone) -> None:

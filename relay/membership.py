@@ -33,6 +33,8 @@ class Counters:
     """What /metrics reports of the core."""
 
     calls_started: int = 0
+    #: calls started here as the caller's server, by who started them ("api", "device")
+    started_by: dict[str, int] = field(default_factory=dict)
     ended_by_reason: dict[str, int] = field(default_factory=dict)
     #: requests, messages and links turned away, by code
     refusals: dict[str, int] = field(default_factory=dict)

@@ -76,7 +76,14 @@ VideoCodec = Literal["video/VP8", "video/H264"]
 MediaMode = Literal["full", "none"]
 Direction = Literal["caller_to_callee", "callee_to_caller"]
 TimelineEvent = Literal["t_received", "t_caller_woken", "t_routed", "t_callee_woken",
-                        "t_media_up", "t_first_frame_callee", "t_first_frame_caller", "t_end"]
+                        "t_answered", "t_media_up", "t_first_frame_callee",
+                        "t_first_frame_caller", "t_end"]
+#: Who started a call: the probe or another client of ``POST /v1/calls`` ("api"), or the caller
+#: itself, with a ``dial`` on its device link ("device").
+StartedBy = Literal["api", "device"]
+#: How a device answers a wake-up as the callee: at once ("auto": synthetic devices, the
+#: probe's), after ringing until a person picks up or declines ("ring"), or never ("decline").
+AnswerMode = Literal["auto", "ring", "decline"]
 
 #: Timeline events, as DESIGN.md names them; a call's timeline holds only these keys.
 TIMELINE_EVENTS: tuple[str, ...] = typing.get_args(TimelineEvent)
@@ -478,7 +485,27 @@ class _Moment(Message, frozen=True):
 
 
 class Woken(_Moment, frozen=True, tag="woken"):
-    """The device acknowledges a wake-up."""
+    """The device acknowledges a wake-up. A callee that rings (``ringing``) answers later with
+    ``pickup``, or declines with ``hangup`` (reason ``declined``); one that does not ring has
+    answered with this (``t_answered`` is ``t_callee_woken``)."""
+
+    ringing: bool = False
+
+
+class Pickup(_Moment, frozen=True, tag="pickup"):
+    """A ringing callee was answered (by a person, or its script): ``t_answered``. Its SDP
+    answer follows."""
+
+
+class Dial(Message, frozen=True, tag="dial"):
+    """The device starts a call to ``callee``, as ``POST /v1/calls`` would with this device as
+    the caller. Answered with ``dialed`` (then the wake-up, as for any call) or an ``error``
+    with the refusal's code (ref ``dial``)."""
+
+    callee: Address
+    media_mode: MediaMode = "full"
+    #: the device's own number for this request, given back in ``dialed``
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = 0
 
 
 class FirstFrame(_Moment, frozen=True, tag="first_frame"):
@@ -495,6 +522,14 @@ class Stats(Message, frozen=True, tag="stats"):
 
 
 # Lower server -> device.
+
+
+class Dialed(Message, frozen=True, tag="dialed"):
+    """A ``dial`` was taken: the call's id (its wake-up follows)."""
+
+    call: CallId
+    callee: Address  #: as the dial named it
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = 0
 
 
 class Wake(Message, frozen=True, tag="wake"):
@@ -598,6 +633,7 @@ class CallSetup(Message, frozen=True, tag="call_setup"):
     #: the caller's video codecs in its order of preference; the callee's server picks one
     codecs: Codecs = msgspec.field(default_factory=lambda: list(VIDEO_CODECS))
     media_mode: MediaMode = "full"
+    started_by: StartedBy = "api"
 
     def __post_init__(self) -> None:
         _unique(self.codecs, "codecs")
@@ -643,9 +679,9 @@ def _registry(*classes: type[Message]) -> dict[str, type[Message]]:
     return types
 
 
-_TYPES = _registry(Error, Heartbeat, Register, Registered, Woken, FirstFrame, Stats, Wake,
-                   Offer, Answer, Hangup, Announce, Welcome, Directory, CallSetup, CallAccept,
-                   CallUpdate)
+_TYPES = _registry(Error, Heartbeat, Register, Registered, Woken, Pickup, Dial, Dialed,
+                   FirstFrame, Stats, Wake, Offer, Answer, Hangup, Announce, Welcome, Directory,
+                   CallSetup, CallAccept, CallUpdate)
 _DECODER = msgspec.json.Decoder(typing.Union[tuple(_TYPES.values())])  # type: ignore[misc]  # noqa: UP007
 _TAG = re.compile(rb'"type"\s*:\s*"([A-Za-z0-9_]{1,64})"')
 
@@ -686,9 +722,9 @@ def message_types() -> dict[str, type[Message]]:
 
 #: What each link accepts, per direction.
 DEVICE_TO_SERVER: tuple[type[Message], ...] = (
-    Register, Heartbeat, Woken, Answer, FirstFrame, Stats, Hangup, Error)
+    Register, Heartbeat, Woken, Pickup, Dial, Answer, FirstFrame, Stats, Hangup, Error)
 SERVER_TO_DEVICE: tuple[type[Message], ...] = (
-    Registered, Heartbeat, Wake, Offer, Hangup, Error)
+    Registered, Heartbeat, Wake, Dialed, Offer, Hangup, Error)
 CHILD_TO_PARENT: tuple[type[Message], ...] = (
     Announce, Directory, Heartbeat, CallSetup, CallAccept, Offer, Answer, CallUpdate, Hangup,
     Error)
@@ -719,6 +755,8 @@ class CallInfo(Body, frozen=True):
     server: Name
     #: the servers the call crosses, from the caller's to the callee's (known once routed)
     path: list[Name] = []
+    #: "api" (``POST /v1/calls``) or "device" (the caller dialed); known at the caller's server
+    started_by: StartedBy = "api"
     timeline: dict[str, float] = {}
     media: dict[str, MediaStats] = {}
     reason: str | None = None

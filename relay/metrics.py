@@ -58,6 +58,10 @@ class NodeCollector(Collector):
                  states)
         yield one(CounterMetricFamily, "relay_calls_started", "Calls started at this server",
                   core.counters.calls_started)
+        yield by(CounterMetricFamily, "relay_calls_originated", "Calls started here as the "
+                 "caller's server, by who started them: api (POST /v1/calls) or device (the "
+                 "caller dialed)", "started_by",
+                 {"api": 0, "device": 0, **core.counters.started_by})
         yield by(CounterMetricFamily, "relay_calls_ended", "Calls ended here, by reason "
                  "(hangup is the normal end)", "reason", core.counters.ended_by_reason)
         yield by(GaugeMetricFamily, "relay_legs", "Media legs (peer connections) of calls in "

@@ -71,6 +71,9 @@ class Code(enum.StrEnum):
     CALLER_WAKE_TIMEOUT = "caller_wake_timeout"
     CALLEE_WAKE_TIMEOUT = "callee_wake_timeout"
     SETUP_TIMEOUT = "setup_timeout"
+    # the callee's answer (a device that rings: relay/messages.py Woken.ringing)
+    DECLINED = "declined"
+    NO_ANSWER = "no_answer"
     # the probe's own, when a request fails
     TIMEOUT = "timeout"
     BAD_RESPONSE = "bad_response"
@@ -194,6 +197,10 @@ REASONS: dict[Code, Reason] = _table(
            "the callee did not acknowledge its wake-up in time (5 s)"),
     Reason(Code.SETUP_TIMEOUT, "network", None, "timeout",
            "no media both ways in time (--setup-timeout, 20 s)"),
+    Reason(Code.DECLINED, "remote", None, "declined",
+           "the callee was rung and declined the call (a person, or `--answer decline`)"),
+    Reason(Code.NO_ANSWER, "remote", None, "no_answer",
+           "the callee rang and nobody answered in time (--ring-timeout, 30 s)"),
     Reason(Code.TIMEOUT, "network", None, "timeout",
            "the probe's request got no answer in time", probe_only=True),
     Reason(Code.BAD_RESPONSE, "remote", None, "rejected",

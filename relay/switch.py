@@ -57,6 +57,8 @@ from relay.messages import (
     CallUpdate,
     CreateCall,
     DeviceInfo,
+    Dial,
+    Dialed,
     Directory,
     Error,
     FirstFrame,
@@ -65,6 +67,7 @@ from relay.messages import (
     HopFigures,
     Message,
     Offer,
+    Pickup,
     Register,
     Role,
     Stats,
@@ -139,8 +142,10 @@ class Switch:
 
     # ------------------------------------------------------------------ the probe's commands
 
-    def create_call(self, request: CreateCall, now: float) -> Call:
-        """``POST /v1/calls`` at the caller's server. Raises Refused (and changes nothing)."""
+    def create_call(self, request: CreateCall, now: float, dial: Dial | None = None) -> Call:
+        """``POST /v1/calls`` at the caller's server, or the caller's own ``dial`` (answered
+        with ``dialed`` ahead of its wake-up). Raises Refused (and changes nothing)."""
+        started_by = "api" if dial is None else "device"
         refusal = admit("call", self.name, self.limits, self.draining, len(self.sessions))
         if refusal is not None:
             self.counters.refused(refusal.code)
@@ -158,9 +163,12 @@ class Switch:
                 raise Refused(Code.BUSY_DEVICE, f"{what} {info.address} is busy (in a call)",
                               what)
         call = Call(self.new_call_id(), caller.address, "", now, self.timeouts,
-                    media_mode=request.media_mode, path=[self.name])
+                    media_mode=request.media_mode, path=[self.name], started_by=started_by)
         call.timeline["t_received"] = now
         up = Port(Link("device", caller.id), "caller", tuple(caller.codecs))
+        if dial is not None:
+            self.outbox.send(up.link, Dialed(call=call.id, callee=dial.callee, seq=dial.seq))
+        self.counters.started_by[started_by] = self.counters.started_by.get(started_by, 0) + 1
         if isinstance(where, Local):
             callee = self.directory.own[where.device]
             call.callee = callee.address
@@ -182,8 +190,22 @@ class Switch:
             self._wake(session, session.up)
             self.outbox.send(where.link, CallSetup(
                 call=call.id, caller=call.caller, callee=where.callee, codecs=list(caller.codecs),
-                media_mode=request.media_mode, path=[self.name]))
+                media_mode=request.media_mode, path=[self.name], started_by=started_by))  # type: ignore[arg-type]
+        event(log, "call.started", call=call.id, caller=call.caller, callee=call.callee,
+              started_by=started_by)
         return call
+
+    def _dial(self, link: Link, dial: Dial, now: float) -> None:
+        """A device starts a call: as ``POST /v1/calls`` with it as the caller. Answered with
+        ``dialed`` ahead of its wake-up, or an error with the refusal's code."""
+        try:
+            self.create_call(CreateCall(caller=link.name, callee=dial.callee,
+                                        media_mode=dial.media_mode), now, dial)
+        except Refused as refusal:
+            event(log, "call.dial_refused", logging.INFO, device=link.name, callee=dial.callee,
+                  code=refusal.code, reason=refusal.message)
+            self.outbox.send(link, Error(code=refusal.code, message=refusal.message[:1024],
+                                         field=refusal.field, ref=dial.TYPE))
 
     def _own_caller(self, address: str) -> DeviceInfo:
         server, device = split_address(address)
@@ -215,7 +237,8 @@ class Switch:
     def call_info(self, call: Call) -> CallInfo:
         return CallInfo(call=call.id, state=call.state.value, caller=call.caller,  # type: ignore[arg-type]
                         callee=call.callee or call.caller, server=self.name,
-                        path=list(call.path), timeline=dict(call.timeline),
+                        path=list(call.path), started_by=call.started_by,  # type: ignore[arg-type]
+                        timeline=dict(call.timeline),
                         media=dict(call.media), reason=call.reason, codec=call.codec,
                         transcoded=list(call.transcoded),
                         hops=[call.hops[name] for name in call.path if name in call.hops],
@@ -327,7 +350,7 @@ class Switch:
         path = [*setup.path, self.name]
         codec = next((c for c in setup.codecs if c in info.codecs), setup.codecs[0])
         call = Call(setup.call, setup.caller, info.address, now, self.timeouts, codec=codec,
-                    media_mode=setup.media_mode, path=path)
+                    media_mode=setup.media_mode, path=path, started_by=setup.started_by)
         session = Session(call, Port(link), Port(Link("device", info.id), "callee",
                                                  tuple(info.codecs)), routed=True)
         self._open(session)
@@ -349,7 +372,8 @@ class Switch:
             return
         path = [*setup.path, self.name]
         call = Call(setup.call, setup.caller, where.callee, now, self.timeouts,
-                    codec=setup.codecs[0], media_mode=setup.media_mode, path=path)
+                    codec=setup.codecs[0], media_mode=setup.media_mode, path=path,
+                    started_by=setup.started_by)
         session = Session(call, Port(link), Port(where.link))
         self._open(session)
         self.outbox.send(where.link, replace(setup, callee=where.callee, path=path))
@@ -442,6 +466,18 @@ class Switch:
             name = (f"t_{port.role}_woken" if isinstance(message, Woken)
                     else f"t_first_frame_{port.role}")
             self.timeline.record(session, name, message.at, None)
+            if isinstance(message, Woken) and port.role == "callee":
+                if message.ringing:
+                    event(log, "call.ringing", call=call_id, callee=session.call.callee)
+                else:  # answered as it woke
+                    self.timeline.record(session, "t_answered", message.at, None)
+        elif isinstance(message, Pickup) and port.role == "callee":
+            if not session.call.ringing:
+                self._refuse(link, message, Code.PROTOCOL_ERROR, "pickup of a call that is "
+                             "not ringing (no woken with ringing, or answered already)", "type")
+                return
+            event(log, "call.answered", call=call_id, callee=session.call.callee)
+            self.timeline.record(session, "t_answered", message.at, None)
         elif isinstance(message, Stats) and port.role is not None:
             self.timeline.report(session.call, port.role, message, session.links)
         else:
@@ -576,7 +612,8 @@ HANDLERS: dict[tuple[LinkKind, type[Message]], Handler] = {
     ("device", Register): Switch._again,
     ("child", Announce): Switch._again,
     ("parent", Welcome): Switch._again,
-    **{("device", t): _CALL for t in (Woken, FirstFrame, Stats, Answer, Hangup)},
+    **{("device", t): _CALL for t in (Woken, Pickup, FirstFrame, Stats, Answer, Hangup)},
+    ("device", Dial): Switch._dial,
     **{(kind, t): _CALL for kind in ("child", "parent")
        for t in (CallAccept, Offer, Answer, CallUpdate, Hangup)},
     ("child", CallSetup): Switch._setup,

@@ -93,6 +93,7 @@ def test_setup_timeout_when_media_never_flows():
     call = new_call(timeouts=Timeouts(wake=2.0, setup=10.0))
     call.record("t_caller_woken", 100.1)
     call.record("t_callee_woken", 100.2)
+    call.record("t_answered", 100.2)
     assert call.next_deadline() == 110.0
     assert not call.tick(109.9).ended
     assert call.tick(110.1).ended
@@ -112,3 +113,40 @@ def test_table_has_no_exit_from_ended_but_media():
     assert set(TRANSITIONS[CallState.ENDED]) == {MediaReport}
     for state in (CallState.SETUP, CallState.ACTIVE):
         assert TRANSITIONS[state][End] is CallState.ENDED
+
+
+def test_a_ringing_callee_stops_the_setup_clock_and_runs_the_ring_timer():
+    call = new_call(timeouts=Timeouts(wake=2.0, setup=10.0, ring=30.0))
+    call.record("t_caller_woken", 100.1)
+    call.record("t_callee_woken", 100.2)  # rung: no t_answered
+    assert call.ringing
+    assert not call.tick(100.5).ended  # first seen rung here, on this server's clock
+    assert call.next_deadline() == 130.5
+    assert not call.tick(125.0).ended, "ringing past the setup timeout is not a setup failure"
+    call.record("t_answered", 1.0)  # a device's clock may be anywhere
+    assert not call.ringing
+    assert not call.tick(126.0).ended  # answered seen at 126: it rang 25.5 s
+    assert call.next_deadline() == 100.0 + 25.5 + 10.0
+    assert not call.tick(135.4).ended
+    assert call.tick(135.6).ended
+    assert call.reason == "setup_timeout"
+
+
+def test_a_callee_that_rings_too_long_is_no_answer():
+    call = new_call(timeouts=Timeouts(wake=2.0, setup=10.0, ring=5.0))
+    call.record("t_caller_woken", 100.1)
+    call.record("t_callee_woken", 100.2)
+    assert not call.tick(100.3).ended
+    assert not call.tick(105.2).ended
+    assert call.tick(105.4).ended
+    assert call.reason == "no_answer"
+    assert "t_answered" not in call.timeline
+
+
+def test_a_signalling_only_call_is_up_once_the_callee_answered():
+    call = new_call(media_mode="none")
+    call.record("t_caller_woken", 100.1)
+    call.record("t_callee_woken", 100.2)
+    assert call.state is CallState.SETUP, "rung is not answered"
+    call.record("t_answered", 100.3)
+    assert call.state is CallState.ACTIVE
