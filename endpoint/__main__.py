@@ -12,12 +12,15 @@ import contextlib
 import os
 import signal
 import sys
+import typing
 
 import aiohttp
 
 from endpoint.capture import CaptureError, check_video, open_audio
 from endpoint.device import Device, DeviceSettings, MediaSupply
+from endpoint.phone import dial_and_hold, report, ring_then, to_json
 from relay.logs import setup_logging
+from relay.messages import AnswerMode
 from relay.rtc import MediaSettings
 from relay.settings import split_list
 
@@ -111,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
                    default=int(env("ENDPOINT_AUDIO_BUFFER", "1")), metavar="FRAMES",
                    help="20-ms audio frames held before playing, and how long a lost packet is "
                         "waited for (aiortc's own: 4, and until 16 are in)")
+    p.add_argument("--call", metavar="ADDRESS", default=env("ENDPOINT_CALL"),
+                   help="dial ADDRESS (server/device, or a device id the tree knows once) as "
+                        "soon as the (first) device is registered, hold the call --hold "
+                        "seconds, hang up, print the call's figures both ways, and exit: 0 "
+                        "when it was up with media both ways, 1 otherwise")
+    p.add_argument("--hold", type=float, default=float(env("ENDPOINT_HOLD", "10")),
+                   metavar="S", help="with --call: how long to hold the call (0: until the "
+                                     "other party hangs up)")
+    p.add_argument("--json", action="store_true",
+                   help="with --call: print the result as one JSON object")
+    p.add_argument("--answer", default=env("ENDPOINT_ANSWER", "auto"),
+                   choices=typing.get_args(AnswerMode),
+                   help="as the callee: auto (answer as woken), ring (ring, then pick up after "
+                        "--ring-for), decline (turn every call down: reason declined)")
+    p.add_argument("--ring-for", type=float, default=float(env("ENDPOINT_RING_FOR", "2")),
+                   metavar="S", help="with --answer ring: pick up after S seconds; negative: "
+                                     "never (the server ends the call: no_answer)")
     p.add_argument("--connect-timeout", type=float,
                    default=float(env("ENDPOINT_CONNECT_TIMEOUT", "0")), metavar="S",
                    help="exit 1 (saying why) if the devices are not all registered within S "
@@ -131,7 +151,7 @@ async def run(args: argparse.Namespace) -> int:
                               min_bitrate=int(args.min_bitrate * 1000),
                               start_bitrate=int(args.start_bitrate * 1000),
                               audio_bitrate=int(args.audio_bitrate * 1000),
-                              audio_buffer_frames=args.audio_buffer)
+                              audio_buffer_frames=args.audio_buffer, answer=args.answer)
     supply = MediaSupply.for_settings(settings)
     devices = []
     counts = args.counts or [args.count] * len(args.server)
@@ -142,6 +162,9 @@ async def run(args: argparse.Namespace) -> int:
         devices += [Device(server, d, settings, supply=supply)
                     for d in device_ids(args.device, count, start)]
         start += count if start else 0
+    rings = [ring_then(d, args.ring_for) for d in devices]
+    for device, on_ring in zip(devices, rings, strict=True):
+        device.on_ring = on_ring
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,14 +176,33 @@ async def run(args: argparse.Namespace) -> int:
             if args.connect_timeout > 0 and not await all_registered(devices,
                                                                      args.connect_timeout):
                 status = 1
+            elif args.call:
+                status = await call_once(devices[0], session, args, stop)
             else:
                 await stop.wait()
         finally:
-            for task in tasks:
+            for task in [*tasks, *(t for r in rings for t in r.tasks)]:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(d.close() for d in devices))
     return status
+
+
+async def call_once(device: Device, session: aiohttp.ClientSession, args: argparse.Namespace,
+                    stop: asyncio.Event) -> int:
+    """``--call``: dial once registered, hold, hang up, print the figures. Ctrl-C hangs up."""
+    await device.registered.wait()
+    dialing = asyncio.create_task(dial_and_hold(device, session, args.call, args.hold))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({dialing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not dialing.done():  # Ctrl-C: hang up what is up, then report it
+        for call in list(device.calls):
+            await device.hangup(call)
+        await dialing
+    stopping.cancel()
+    result = dialing.result()
+    print(to_json(result) if args.json else report(result), flush=True)
+    return 0 if result.ok else 1
 
 
 async def all_registered(devices: list[Device], timeout_s: float) -> bool:

@@ -8,6 +8,8 @@ import contextlib
 import functools
 import logging
 import time
+import typing
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +45,18 @@ from relay.messages import (
     VIDEO_CODECS,
     WS_MAX_MSG_SIZE,
     Answer,
+    AnswerMode,
     DevicePart,
+    Dial,
+    Dialed,
     Error,
     FirstFrame,
     Hangup,
     Heartbeat,
+    MediaMode,
     Message,
     Offer,
+    Pickup,
     Register,
     Registered,
     Role,
@@ -125,6 +132,10 @@ class DeviceSettings:
     #: stamp and mark what is sent, read back and score what is received (off: frames and
     #: audio are only counted; benchmarks/measuring.py prints what measuring costs)
     measure: bool = True
+    #: as the callee: "auto" answers as it wakes (synthetic devices, the probe's); "ring" rings
+    #: until ``Device.pickup`` or ``Device.decline`` (or the server's ring timeout: no_answer);
+    #: "decline" declines every call
+    answer: AnswerMode = "auto"
 
     @property
     def video_codecs(self) -> tuple[str, ...]:
@@ -146,6 +157,8 @@ class DeviceSettings:
                                  f"source: {exc}") from None
         if not 1 <= self.fps <= 120:
             raise ValueError("fps must be between 1 and 120")
+        if self.answer not in typing.get_args(AnswerMode):
+            raise ValueError(f"answer must be one of {', '.join(typing.get_args(AnswerMode))}")
 
 
 def offered_kinds(sdp: str) -> list[str]:
@@ -489,11 +502,39 @@ class DeviceCall:
         await self.pc.close()
 
 
+class DialError(Exception):
+    """The server refused a dial: ``code`` is the refusal's (as ``POST /v1/calls`` gives it)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CallEnd:
+    """How one of this device's calls ended, and what this device received in it."""
+
+    call: str
+    reason: str
+    #: this device's final figures for what it received (None: media never started here)
+    stats: Stats | None
+    #: who ended it: "local" (this device hung up or declined) or "remote"
+    by: str
+
+
+#: how many ended calls a device remembers for ``Device.ended``
+ENDED_KEPT = 64
+
+
 class Device:
-    """One device, kept registered with its server (reconnecting with backoff)."""
+    """One device, kept registered with its server (reconnecting with backoff). Besides
+    answering, it can ``dial`` another address, and (``answer="ring"``) ``pickup`` or
+    ``decline`` a call that rings it, and ``hangup`` any call it is in."""
 
     def __init__(self, server: str, device_id: str, settings: DeviceSettings,
-                 clock: Callable[[], float] = time.time, supply: MediaSupply | None = None) -> None:
+                 clock: Callable[[], float] = time.time, supply: MediaSupply | None = None,
+                 on_ring: Callable[[Wake], None] | None = None) -> None:
         self.url = parent_url(server, "/v1/device")
         self.id = device_id
         self.settings = settings
@@ -501,12 +542,23 @@ class Device:
         self.clock = clock
         self.calls: dict[str, DeviceCall] = {}
         self.pending: dict[str, Wake] = {}
+        #: calls ringing here (answer="ring"), and an offer that came while one rang
+        self.ringing: dict[str, Wake] = {}
+        self._held: dict[str, Offer] = {}
+        #: called when a call starts ringing here (answer="ring")
+        self.on_ring = on_ring
         self.registered = asyncio.Event()
         #: why the device is not registered now, in words (None: registered, or not tried)
         self.waiting_for: str | None = None
         self.address: str | None = None
         #: the last heartbeat the server echoed
         self.last_heartbeat: int | None = None
+        self.channel: WebSocketChannel | None = None
+        self._dial_seq = 0
+        self._dials: OrderedDict[int, asyncio.Future[str]] = OrderedDict()
+        self._ends: dict[str, asyncio.Future[CallEnd]] = {}
+        #: the calls that ended here, newest last (at most ENDED_KEPT)
+        self.ended: OrderedDict[str, CallEnd] = OrderedDict()
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Stay registered: connect, register, serve; on any failure say what it is waiting
@@ -528,6 +580,7 @@ class Device:
                                   else "the server closed the link without a reply")
                         raise ConnectionError(f"the server refused the registration ({reason})")
                     self.address = reply.address
+                    self.channel = channel
                     self.registered.set()
                     self.waiting_for = None
                     backoff = 0.2
@@ -537,13 +590,105 @@ class Device:
                         await self._serve(channel)
                     finally:
                         beat.cancel()
+                        self.channel = None
                         self.registered.clear()
-                        await self._end_all()
+                        await self._end_all("device_gone")
                         event(log, "device.disconnected", logging.WARNING, device=self.id)
             except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as exc:
                 self._waiting(exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    # ------------------------------------------------------------------ what a person does
+
+    async def dial(self, callee: str, media_mode: MediaMode = "full",
+                   timeout_s: float = 10.0) -> str:
+        """Start a call from this device to ``callee`` (an address anywhere in the tree):
+        its call id. Raises DialError with the server's refusal code (as ``POST /v1/calls``
+        would give it), ConnectionError when not registered, TimeoutError without a reply."""
+        channel = self.channel
+        if channel is None:
+            raise ConnectionError(f"{self.id} is not registered: {self.waiting_for or 'not yet'}")
+        self._dial_seq += 1
+        seq = self._dial_seq
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._dials[seq] = future
+        try:
+            if not await channel.send(Dial(callee=callee, media_mode=media_mode, seq=seq)):
+                raise ConnectionError(f"{self.id} lost its server link while dialing")
+            async with asyncio.timeout(timeout_s):
+                call = await future
+        finally:
+            self._dials.pop(seq, None)
+        event(log, "device.dialed", call=call, device=self.id, callee=callee)
+        return call
+
+    async def pickup(self, call_id: str) -> None:
+        """Answer a call that rings here (``answer="ring"``)."""
+        wake = self.ringing.pop(call_id, None)
+        channel = self.channel
+        if wake is None or channel is None:
+            raise KeyError(f"no call {call_id!r} rings on {self.id}")
+        await channel.send(Pickup(call=call_id, at=self.clock()))
+        event(log, "device.answered", call=call_id, device=self.id, peer=wake.peer)
+        offer = self._held.pop(call_id, None)
+        if offer is not None:
+            await self._answer(channel, offer)
+
+    async def decline(self, call_id: str) -> None:
+        """Turn down a call that rings here: it ends with reason ``declined``."""
+        if self.ringing.pop(call_id, None) is None:
+            raise KeyError(f"no call {call_id!r} rings on {self.id}")
+        await self._hang_up(call_id, "declined")
+
+    async def hangup(self, call_id: str) -> CallEnd:
+        """End a call this device is in (ringing, being set up or up): how it ended."""
+        if call_id not in self.calls and call_id not in self.pending and \
+                call_id not in self.ringing:
+            raise KeyError(f"{self.id} is in no call {call_id!r}")
+        self.ringing.pop(call_id, None)
+        return await self._hang_up(call_id, "hangup")
+
+    async def wait_end(self, call_id: str, timeout_s: float | None = None) -> CallEnd:
+        """Wait until a call of this device ends (at once if it has)."""
+        if call_id in self.ended:
+            return self.ended[call_id]
+        future = self._ends.setdefault(call_id, asyncio.get_running_loop().create_future())
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.shield(future)
+
+    async def _hang_up(self, call_id: str, reason: str) -> CallEnd:
+        channel = self.channel
+        final = await self._finish(call_id, reason, "local")
+        if channel is not None:
+            if final.stats is not None and final.stats.media.frames:
+                await channel.send(final.stats)  # the last figures, while the call is up
+            await channel.send(Hangup(call=call_id, reason=reason))  # type: ignore[arg-type]
+        return final
+
+    async def _finish(self, call_id: str, reason: str, by: str) -> CallEnd:
+        """Close what this device has of a call and remember how it ended."""
+        self.pending.pop(call_id, None)
+        self.ringing.pop(call_id, None)
+        self._held.pop(call_id, None)
+        call = self.calls.pop(call_id, None)
+        stats = None
+        if call is not None:
+            stats = call.stats()
+            await call.close()
+        end = CallEnd(call=call_id, reason=reason, stats=stats, by=by)
+        self.ended[call_id] = end
+        while len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
+        future = self._ends.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_result(end)
+        event(log, "device.call_ended", call=call_id, device=self.id, reason=reason, by=by,
+              frames=stats.media.frames if stats else None,
+              latency_ms_p50=stats.media.latency_ms_p50 if stats else None)
+        return end
+
+    # ------------------------------------------------------------------ the server link
 
     def _waiting(self, exc: BaseException, retry_s: float) -> None:
         """What the device waits for, in words a person can act on; logged once per change."""
@@ -580,52 +725,73 @@ class Device:
 
     async def _handle(self, channel: WebSocketChannel, message: Message) -> None:
         if isinstance(message, Wake):
-            self.pending[message.call] = message
-            await channel.send(Woken(call=message.call, at=self.clock()))
-            event(log, "device.woken", call=message.call, device=self.id, role=message.role,
-                  peer=message.peer)
+            await self._wake(channel, message)
         elif isinstance(message, Offer):
-            wake = self.pending.pop(message.call, None)
-            if wake is None:
-                await channel.send(Error(code="unknown_call", message="offer without wake-up",
-                                         call=message.call, ref="offer"))
-                return
-            call = DeviceCall(message.call, wake.role, wake.peer, self.settings, channel,
-                              self.clock, self.address or self.id, self.supply)
-            self.calls[message.call] = call
-            try:
-                sdp = await call.answer(message)
-            except Exception as exc:  # a bad offer ends this call only
-                event(log, "device.bad_offer", logging.WARNING, call=message.call,
-                      device=self.id, error=repr(exc))
-                self.calls.pop(message.call, None)
-                await call.close()
-                await channel.send(Hangup(call=message.call, reason="bad_sdp"))
-                return
-            if not call.closed:
-                await channel.send(Answer(call=message.call, leg=message.leg, sdp=sdp))
+            if message.call in self.ringing:
+                self._held[message.call] = message  # answered at pickup
+            else:
+                await self._answer(channel, message)
+        elif isinstance(message, Dialed):
+            future = self._dials.get(message.seq)
+            if future is not None and not future.done():
+                future.set_result(message.call)
         elif isinstance(message, Hangup):
-            self.pending.pop(message.call, None)
-            call = self.calls.get(message.call)
-            if call is not None:
-                final = call.stats()
-                await call.close()
-                self.calls.pop(message.call, None)
-                await channel.send(final)
-                event(log, "device.hangup", call=message.call, device=self.id,
-                      reason=message.reason, frames=final.media.frames,
-                      latency_ms_p50=final.media.latency_ms_p50)
+            if message.call in self.calls or message.call in self.pending or \
+                    message.call in self.ringing:
+                end = await self._finish(message.call, message.reason, "remote")
+                if end.stats is not None:
+                    await channel.send(end.stats)
         elif isinstance(message, Heartbeat):
             self.last_heartbeat = message.seq
         elif isinstance(message, Error):
             event(log, "device.server_error", logging.WARNING, device=self.id,
                   code=message.code, reason=message.message, call=message.call)
+            if message.ref == Dial.TYPE and self._dials:
+                # dials are answered in order: this refusal is the oldest one waiting
+                future = next(f for f in self._dials.values() if not f.done())
+                future.set_exception(DialError(message.code, message.message))
 
-    async def _end_all(self) -> None:
-        self.pending.clear()
-        await asyncio.gather(*(c.close() for c in self.calls.values()), return_exceptions=True)
-        self.calls.clear()
+    async def _wake(self, channel: WebSocketChannel, wake: Wake) -> None:
+        mode = self.settings.answer if wake.role == "callee" else "auto"
+        self.pending[wake.call] = wake
+        if mode == "ring":
+            self.ringing[wake.call] = wake
+        # a device that declines rings too (for no time): it never answers
+        await channel.send(Woken(call=wake.call, at=self.clock(), ringing=mode != "auto"))
+        event(log, "device.woken", call=wake.call, device=self.id, role=wake.role,
+              peer=wake.peer, answer=mode)
+        if mode == "decline":
+            await self._hang_up(wake.call, "declined")
+        elif mode == "ring" and self.on_ring is not None:
+            self.on_ring(wake)
+
+    async def _answer(self, channel: WebSocketChannel, offer: Offer) -> None:
+        wake = self.pending.pop(offer.call, None)
+        if wake is None:
+            await channel.send(Error(code="unknown_call", message="offer without wake-up",
+                                     call=offer.call, ref="offer"))
+            return
+        call = DeviceCall(offer.call, wake.role, wake.peer, self.settings, channel,
+                          self.clock, self.address or self.id, self.supply)
+        self.calls[offer.call] = call
+        try:
+            sdp = await call.answer(offer)
+        except Exception as exc:  # a bad offer ends this call only
+            event(log, "device.bad_offer", logging.WARNING, call=offer.call,
+                  device=self.id, error=repr(exc))
+            await self._hang_up(offer.call, "bad_sdp")
+            return
+        if not call.closed:
+            await channel.send(Answer(call=offer.call, leg=offer.leg, sdp=sdp))
+
+    async def _end_all(self, reason: str) -> None:
+        for future in self._dials.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"{self.id} lost its server link"))
+        ids = set(self.calls) | set(self.pending) | set(self.ringing)
+        await asyncio.gather(*(self._finish(c, reason, "remote") for c in ids),
+                             return_exceptions=True)
 
     async def close(self) -> None:
         """Close every call of this device (after its run() task was cancelled)."""
-        await self._end_all()
+        await self._end_all("device_gone")

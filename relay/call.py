@@ -51,6 +51,8 @@ class Milestone:
 
     name: str
     at: float
+    #: when this server learned of it, by its own clock (the ring timeout counts from that)
+    seen: float | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ class Call:
         if isinstance(event, Milestone):
             self._check_milestone(event)
             self.timeline[event.name] = event.at
+            if event.seen is not None:
+                self._seen(event.seen)
         elif isinstance(event, MediaReport):
             if event.direction not in DIRECTIONS:
                 raise CallStateError(self.id, f"unknown media direction {event.direction!r}")

@@ -450,7 +450,7 @@ class Switch:
                 call.path = list(message.path)  # how far it got, and who turned it away
             self._end(session, message.reason, now, source=link)
         elif isinstance(message, CallUpdate) and link.is_trunk:
-            self.timeline.update(session, link, message, self._beyond(session.call, link))
+            self.timeline.update(session, link, message, self._beyond(session.call, link), now)
         elif isinstance(message, CallAccept):
             self._accept(session, link, message, now)
         elif isinstance(message, Offer | Answer):
@@ -465,19 +465,19 @@ class Switch:
         elif isinstance(message, Woken | FirstFrame) and port.role is not None:
             name = (f"t_{port.role}_woken" if isinstance(message, Woken)
                     else f"t_first_frame_{port.role}")
-            self.timeline.record(session, name, message.at, None)
+            self.timeline.record(session, name, message.at, None, now)
             if isinstance(message, Woken) and port.role == "callee":
                 if message.ringing:
                     event(log, "call.ringing", call=call_id, callee=session.call.callee)
                 else:  # answered as it woke
-                    self.timeline.record(session, "t_answered", message.at, None)
+                    self.timeline.record(session, "t_answered", message.at, None, now)
         elif isinstance(message, Pickup) and port.role == "callee":
             if not session.call.ringing:
                 self._refuse(link, message, Code.PROTOCOL_ERROR, "pickup of a call that is "
                              "not ringing (no woken with ringing, or answered already)", "type")
                 return
             event(log, "call.answered", call=call_id, callee=session.call.callee)
-            self.timeline.record(session, "t_answered", message.at, None)
+            self.timeline.record(session, "t_answered", message.at, None, now)
         elif isinstance(message, Stats) and port.role is not None:
             self.timeline.report(session.call, port.role, message, session.links)
         else:

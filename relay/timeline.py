@@ -25,11 +25,12 @@ class Timeline:
         self.outbox = outbox
 
     def record(self, session: Session, name: str, at: float,
-               source: Link | None = None) -> None:
-        """A timeline event here: keep it and pass it to the other servers on the path."""
+               source: Link | None = None, now: float | None = None) -> None:
+        """A timeline event here (learned at ``now``): keep it and pass it to the other
+        servers on the path."""
         call = session.call
         try:
-            transition = call.handle(Milestone(name, at))
+            transition = call.handle(Milestone(name, at, now))
         except CallStateError as exc:
             event(log, "call.event_refused", logging.WARNING, call=call.id, reason=exc.message)
             return
@@ -40,7 +41,7 @@ class Timeline:
         self.outbox.add(CallChanged(call.id))
 
     def update(self, session: Session, link: Link, update: CallUpdate,
-               beyond: Collection[str] = ()) -> None:
+               beyond: Collection[str] = (), now: float | None = None) -> None:
         """What another server of the path learned: keep it, pass it on. Hop figures are
         taken only of the servers ``beyond`` the link it came over (each server speaks for its
         own part)."""
@@ -48,7 +49,7 @@ class Timeline:
         before = call.state
         for name, at in update.events.items():
             try:
-                transition = call.handle(Milestone(name, at))
+                transition = call.handle(Milestone(name, at, now))
             except CallStateError as exc:
                 event(log, "call.event_refused", logging.WARNING, call=call.id,
                       reason=exc.message, peer=str(link))

@@ -43,6 +43,7 @@ from relay.messages import (
     MediaStats,
     Message,
     Offer,
+    Pickup,
     Register,
     ServerEntry,
     Stats,
@@ -62,8 +63,10 @@ class FakeDevice:
     id: str
     codecs: tuple[str, ...] = VIDEO_CODECS
     answers_wake: bool = True  #: False: a device that registered and then went quiet
+    rings: bool = False  #: as the callee: ring, and answer only when picked up (``pickup``)
     received: list[Message] = field(default_factory=list)
     calls: dict[str, str] = field(default_factory=dict)  #: call -> role, while in it
+    held: dict[str, Offer] = field(default_factory=dict)  #: offers that came while ringing
 
     def handle(self, message: Message, now: float) -> list[Message]:
         self.received.append(message)
@@ -71,14 +74,27 @@ class FakeDevice:
             return []
         if isinstance(message, Wake):
             self.calls[message.call] = message.role
-            return [Woken(call=message.call, at=now)]
+            return [Woken(call=message.call, at=now,
+                          ringing=self.rings and message.role == "callee")]
         if isinstance(message, Offer):
-            return [Answer(call=message.call, leg=message.leg, sdp=SDP),
-                    FirstFrame(call=message.call, at=now)]
+            if self.rings and self.calls.get(message.call) == "callee":
+                self.held[message.call] = message
+                return []
+            return self._answer(message, now)
         if isinstance(message, Hangup):
             self.calls.pop(message.call, None)
+            self.held.pop(message.call, None)
             return [Stats(call=message.call, media=MediaStats(frames=30, fps=30.0))]
         return []
+
+    def _answer(self, offer: Offer, now: float) -> list[Message]:
+        return [Answer(call=offer.call, leg=offer.leg, sdp=SDP),
+                FirstFrame(call=offer.call, at=now)]
+
+    def pickup(self, call: str, now: float) -> list[Message]:
+        """A person picks up: ``pickup``, then the answer to the offer it held."""
+        held = self.held.pop(call, None)
+        return [Pickup(call=call, at=now), *(self._answer(held, now) if held else [])]
 
 
 @dataclass
@@ -160,6 +176,12 @@ class FakeTree:
         self._drain(server)
         self.pump()
         return call.id
+
+    def from_device(self, server: str, device: str, *messages: Message) -> None:
+        """What a device sends its server (as on the wire), and all it causes."""
+        for message in messages:
+            self._deliver(server, Link("device", device), message, DEVICE_TO_SERVER)
+        self.pump()
 
     def hangup(self, server: str, call: str) -> None:
         self.servers[server].hangup(call, self.now)

@@ -365,3 +365,86 @@ def test_messages_out_of_turn_are_refused_and_change_nothing() -> None:
         assert len(effects) == 1 and isinstance(effects[0].message, Error), effects  # type: ignore[union-attr]
         assert effects[0].message.code == code, (message, effects)  # type: ignore[union-attr]
     assert a1.find_call(call).state is CallState.ACTIVE
+
+
+# ---------------------------------------------------------------------- dial, ring, answer
+
+
+def test_a_dial_is_answered_with_dialed_ahead_of_the_wake_and_runs_as_any_call() -> None:
+    from relay.messages import Dial, Dialed, Wake
+    tree = populated(2)
+    tree.devices[("a1", "cam-a1")].received.clear()
+    tree.from_device("a1", "cam-a1", Dial(callee="b1/cam-b1", seq=7))
+    received = tree.devices[("a1", "cam-a1")].received
+    assert [type(m) for m in received[:2]] == [Dialed, Wake]
+    dialed = received[0]
+    assert dialed.seq == 7 and dialed.callee == "b1/cam-b1"
+    call = dialed.call
+    assert received[1].call == call and received[1].role == "caller"
+    for name in tree.path_between("a1", "b1"):
+        server = tree.servers[name]
+        found = server.find_call(call)
+        assert found is not None and found.state is CallState.ACTIVE, name
+        assert server.call_info(found).started_by == "device", name
+    assert tree.servers["a1"].counters.started_by == {"device": 1}
+    # a probe's call is "api"
+    other = tree.call("a2", "a2/cam-a2", "b2/cam-b2")
+    assert tree.servers["a2"].call_info(tree.servers["a2"].find_call(other)).started_by == "api"
+
+
+@pytest.mark.parametrize("callee, code", [("a1/cam-a1", Code.SAME_DEVICE),
+                                          ("a1/nobody", Code.UNKNOWN_DEVICE)])
+def test_a_refused_dial_is_an_error_with_the_refusal_s_code(callee: str, code: Code) -> None:
+    from relay.messages import Dial
+    tree = populated(2)
+    dial = Dial(callee=callee)
+    tree.devices[("a1", "cam-a1")].received.clear()
+    tree.from_device("a1", "cam-a1", dial)
+    received = tree.devices[("a1", "cam-a1")].received
+    assert len(received) == 1 and isinstance(received[0], Error), received
+    assert received[0].code == code and received[0].ref == "dial"
+    assert not tree.servers["a1"].sessions
+
+
+def test_a_ringing_callee_holds_the_call_and_the_ring_is_not_setup_time() -> None:
+    tree = FakeTree(TREES[2], timeouts=Timeouts(setup=3.0, ring=10.0))
+    tree.register("a1", "cam-a1")
+    phone = tree.register("b1", "desk", rings=True)
+    call = tree.call("a1", "a1/cam-a1", "b1/desk")
+    a1 = tree.servers["a1"]
+    assert a1.find_call(call).state is CallState.SETUP
+    assert phone.held, "the offer waits for a person"
+    tree.tick(5.0)  # longer than the setup timeout: ringing, it still stands
+    assert a1.find_call(call).state is CallState.SETUP
+    assert "t_answered" not in a1.find_call(call).timeline
+    tree.from_device("b1", "desk", *phone.pickup(call, tree.now))
+    found = a1.find_call(call)
+    assert found.state is CallState.ACTIVE
+    assert found.timeline["t_answered"] - found.timeline["t_callee_woken"] == pytest.approx(5.0)
+
+
+def test_an_unanswered_ring_ends_no_answer_and_a_decline_declined() -> None:
+    tree = FakeTree(TREES[1], timeouts=Timeouts(setup=3.0, ring=4.0))
+    tree.register("lower-a", "cam")
+    tree.register("lower-b", "desk", rings=True)
+    call = tree.call("lower-a", "lower-a/cam", "lower-b/desk")
+    tree.tick(3.0)
+    assert tree.servers["lower-a"].find_call(call).state is CallState.SETUP
+    tree.tick(1.5)
+    for name in ("lower-a", "upper", "lower-b"):
+        assert tree.servers[name].find_call(call).reason == "no_answer", name
+    second = tree.call("lower-a", "lower-a/cam", "lower-b/desk")
+    tree.from_device("lower-b", "desk", Hangup(call=second, reason="declined"))
+    for name in ("lower-a", "upper", "lower-b"):
+        assert tree.servers[name].find_call(second).reason == "declined", name
+    assert tree.devices[("lower-a", "cam")].received[-1].reason == "declined"
+
+
+def test_a_pickup_of_a_call_that_does_not_ring_is_refused() -> None:
+    from relay.messages import Pickup
+    tree = populated(1)
+    call = tree.call("lower-a", "lower-a/cam-lower-a", "lower-b/cam-lower-b")
+    tree.from_device("lower-b", "cam-lower-b", Pickup(call=call, at=tree.now))
+    error = tree.devices[("lower-b", "cam-lower-b")].received[-1]
+    assert isinstance(error, Error) and error.code == Code.PROTOCOL_ERROR
+    assert tree.servers["lower-b"].find_call(call).state is CallState.ACTIVE

@@ -1,0 +1,206 @@
+"""A person's use of a device from the command line: dial once, hold, hang up, and print the
+call's figures both ways (``python -m endpoint --call ADDRESS``); pick up a ringing call after a
+while (``--answer ring --ring-for S``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from endpoint.device import CallEnd, Device, DialError
+from relay.auth import probe_identity, token_for
+from relay.logs import event
+from relay.messages import DIRECTIONS, CallInfo, MessageError, Wake
+
+log = logging.getLogger("endpoint.phone")
+
+
+def http_url(server: str) -> str:
+    """``ws://h:p[/v1/device]`` -> ``http://h:p``: where the device's server answers HTTP."""
+    parts = urlsplit(server)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+@dataclass
+class DialResult:
+    """What ``--call`` did, as it prints it."""
+
+    callee: str
+    call: str | None = None
+    #: "hangup" for a call that was up and was hung up; else the refusal or end reason
+    reason: str | None = None
+    error: str | None = None
+    held_s: float = 0.0
+    #: the caller's server's record of the call (both directions' figures, the timeline)
+    info: dict[str, Any] | None = None
+    #: this device's own final figures for what it received, when the server's are missing
+    received: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        media = (self.info or {}).get("media", {})
+        return self.reason == "hangup" and all(
+            media.get(d, {}).get("frames", 0) > 0 for d in DIRECTIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"callee": self.callee, "call": self.call, "ok": self.ok, "reason": self.reason,
+                "error": self.error, "held_s": round(self.held_s, 3), "info": self.info,
+                "received": self.received, "notes": self.notes}
+
+
+async def dial_and_hold(device: Device, session: aiohttp.ClientSession, callee: str,
+                        hold_s: float, setup_timeout_s: float = 60.0) -> DialResult:
+    """Dial ``callee`` from ``device`` (registered), wait until the call is up (or ends: a
+    refusal, a decline, no answer), hold it ``hold_s`` seconds (0: until the other party hangs
+    up), hang up, and read the call's figures from the caller's server."""
+    result = DialResult(callee=callee)
+    try:
+        result.call = await device.dial(callee)
+    except DialError as exc:
+        result.reason, result.error = exc.code, exc.message
+        return result
+    except (ConnectionError, TimeoutError) as exc:
+        result.reason, result.error = "no_dial", str(exc) or "no reply to the dial"
+        return result
+    server = Server(session, http_url(device.url))
+    call = result.call
+    info = await server.call(call, wait="active", timeout_s=setup_timeout_s)
+    if info is not None and info.state == "active":
+        began = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await device.wait_end(call, hold_s if hold_s > 0 else None)
+        result.held_s = time.monotonic() - began
+    if call not in device.ended:
+        with contextlib.suppress(KeyError):
+            await device.hangup(call)
+    end: CallEnd = await device.wait_end(call, 10)
+    info = await server.final(call)
+    result.reason = info.reason if info is not None and info.reason else end.reason
+    if end.stats is not None:
+        result.received = end.stats.media.to_dict()
+    if info is not None:
+        result.info = info.to_dict()
+    else:
+        result.notes.append(server.problem or "the server's record of the call was not read")
+    return result
+
+
+class Server:
+    """Reads a call at the device's own server (``GET /v1/calls/{id}``); with auth on it needs
+    the probe's token: PROBE_TOKEN, or one signed here from VPHONE_AUTH_SECRET."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str,
+                 environ: Mapping[str, str] = os.environ) -> None:
+        self.session = session
+        self.url = url
+        token = token_for(probe_identity(), environ.get("PROBE_TOKEN"), environ)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.problem: str | None = None
+
+    async def call(self, call_id: str, wait: str | None = None,
+                   timeout_s: float = 10.0) -> CallInfo | None:
+        params = {"wait": wait, "timeout": f"{min(timeout_s, 120):g}"} if wait else {}
+        try:
+            async with self.session.get(f"{self.url}/v1/calls/{call_id}", params=params,
+                                        headers=self.headers,
+                                        timeout=aiohttp.ClientTimeout(total=timeout_s + 10)) as r:
+                body = await r.read()
+                if r.status != 200:
+                    self.problem = f"GET /v1/calls/{call_id}: HTTP {r.status} {body[:200]!r}"
+                    return None
+                return CallInfo.from_dict(json.loads(body))
+        except (aiohttp.ClientError, TimeoutError, MessageError, ValueError) as exc:
+            self.problem = f"GET /v1/calls/{call_id} at {self.url}: {exc!r}"
+            return None
+
+    async def final(self, call_id: str, within_s: float = 3.0) -> CallInfo | None:
+        """The ended call, once both devices' last figures are in (or ``within_s`` passed)."""
+        deadline = time.monotonic() + within_s
+        info = await self.call(call_id, wait="ended", timeout_s=within_s)
+        while info is not None and info.media.keys() < set(DIRECTIONS) and \
+                "t_first_frame_callee" in info.timeline and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            info = await self.call(call_id)
+        return info
+
+
+def ring_then(device: Device, ring_for_s: float) -> Any:
+    """An ``on_ring`` for scripted tests: pick up each ringing call after ``ring_for_s``
+    seconds (negative: never, so the server ends it with ``no_answer``)."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pick_up(wake: Wake) -> None:
+        await asyncio.sleep(ring_for_s)
+        with contextlib.suppress(KeyError):
+            await device.pickup(wake.call)
+
+    def on_ring(wake: Wake) -> None:
+        event(log, "device.ringing", call=wake.call, device=device.id, peer=wake.peer,
+              pickup_after_s=ring_for_s if ring_for_s >= 0 else None)
+        if ring_for_s >= 0:
+            task = asyncio.create_task(pick_up(wake))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    on_ring.tasks = tasks  # type: ignore[attr-defined]  # owned here, cancelled by the caller
+    return on_ring
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def report(result: DialResult) -> str:
+    """The call's figures, as a person reads them."""
+    lines = [f"call {result.call or '-'} to {result.callee}: {result.reason}"
+             + (f" ({result.error})" if result.error else "")
+             + (f", held {result.held_s:.1f} s" if result.held_s else "")]
+    info = result.info or {}
+    timeline = info.get("timeline", {})
+    t0 = timeline.get("t_received")
+    if t0 is not None:
+        steps = [(name, timeline[key]) for name, key in (
+            ("callee rung", "t_callee_woken"), ("answered", "t_answered"),
+            ("media up", "t_media_up"), ("first frame at callee", "t_first_frame_callee"),
+            ("first frame here", "t_first_frame_caller")) if key in timeline]
+        if steps:
+            lines.append("  setup: " + ", ".join(f"{n} +{(t - t0) * 1000:.0f} ms"
+                                                 for n, t in steps))
+    if info.get("path"):
+        lines.append(f"  path: {' > '.join(info['path'])}"
+                     + (f", codec {info['codec']}" if info.get("codec") else ""))
+    media = dict(info.get("media", {}))
+    if "callee_to_caller" not in media and result.received:
+        media["callee_to_caller"] = result.received
+    for direction in DIRECTIONS:
+        m = media.get(direction)
+        if not m:
+            lines.append(f"  {direction}: no figures")
+            continue
+        text = (f"  {direction}: {m.get('frames', 0)} frames at {m.get('fps', 0):.1f} fps, "
+                f"{m.get('frames_lost', 0)} lost, {m.get('gaps', 0)} freezes, latency p50 "
+                f"{_ms(m.get('latency_ms_p50'))} p95 {_ms(m.get('latency_ms_p95'))}; audio "
+                f"{m.get('audio_frames', 0)} frames, latency {_ms(m.get('audio_latency_ms_p50'))}")
+        if m.get("mos") is not None:
+            text += f", MOS {m['mos']:.2f}"
+        if m.get("psnr_db") is not None:
+            text += f"; PSNR {m['psnr_db']:.1f} dB"
+        lines.append(text)
+    lines += [f"  note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def to_json(result: DialResult) -> str:
+    return json.dumps(result.to_dict(), sort_keys=True)
