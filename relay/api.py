@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+import aiohttp
 from aiohttp import web
 from msgspec.structs import replace
 
@@ -27,6 +28,7 @@ from relay.messages import (
     CallList,
     ChildInfo,
     CreateCall,
+    DeviceInfo,
     DeviceList,
     Error,
     ErrorBody,
@@ -133,15 +135,51 @@ async def get_servers(request: web.Request) -> web.Response:
                                         servers=node.directory.servers()).to_dict())
 
 
+#: how long ``GET /v1/devices?scope=tree`` waits for the root's list
+TREE_LOOKUP_S = 3.0
+
+
+async def tree_devices(node: Node) -> list[DeviceInfo]:
+    """Every device of the tree, with its state: the root's list (it knows them all), read by
+    this server over HTTP (with a probe token of the root's own when auth is on)."""
+    root = next((s for s in node.directory.servers() if s.parent is None), None)
+    if root is None or root.name == node.name or node.directory.parent is None:
+        return node.directory.subtree_devices()  # the root, or cut off from it
+    auth = node.settings.auth
+    headers = ({"Authorization": f"Bearer {auth.token(probe_identity(root.name))}"}
+               if auth.on else {})
+    url = f"{root.url.rstrip('/')}/v1/devices"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TREE_LOOKUP_S)
+                                         ) as session, session.get(url, headers=headers) as r:
+            body = await r.read()
+            if r.status != 200:
+                raise Refused(Code.SERVER_UNREACHABLE, f"the root {root.name} answered "
+                              f"{url} with HTTP {r.status}", "scope")
+            return DeviceList.from_dict(json.loads(body)).devices
+    except (aiohttp.ClientError, TimeoutError, ValueError, MessageError) as exc:
+        raise Refused(Code.SERVER_UNREACHABLE, f"the root {root.name} did not list the tree's "
+                      f"devices at {url}: {exc!r}"[:500], "scope") from None
+
+
 async def get_devices(request: web.Request) -> web.Response:
-    """A lower server's devices, an upper server's subtree; ``?server=NAME``: one server's."""
+    """A lower server's devices, an upper server's subtree; ``?server=NAME``: one server's;
+    ``?scope=tree``: the whole tree's (the browser page's phone book)."""
     node = request.app[NODE]
     server = request.query.get("server")
+    scope = request.query.get("scope", "server")
+    if scope not in ("server", "tree"):
+        raise Refused(Code.BAD_QUERY, "scope must be 'server' or 'tree'", "scope")
     if server is not None:
         try:
             check_name(server, "server")
         except MessageError as exc:
             raise Refused(Code.BAD_QUERY, exc.message, "server") from None
+    if scope == "tree":
+        devices = await tree_devices(node)
+        if server is not None:
+            devices = [d for d in devices if d.server == server]
+    elif server is not None:
         devices = node.directory.devices_of(server)
     else:
         devices = node.directory.subtree_devices()

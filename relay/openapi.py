@@ -61,10 +61,14 @@ def openapi(role: str) -> dict[str, Any]:
         "/v1/servers": {"get": {"summary": "Every server of the tree this server knows",
                                 "responses": {**ok(ServerList), **_errors(400, 401, 403)}}},
         "/v1/devices": {"get": {"summary": "A lower server's devices; an upper server's "
-                                           "whole subtree; ?server=NAME: one server's",
+                                           "whole subtree; ?server=NAME: one server's; "
+                                           "?scope=tree: the whole tree's, from its root",
                                 "parameters": [{"name": "server", "in": "query", "schema": {
-                                    "type": "string", "pattern": NAME_PATTERN}}],
-                                "responses": {**ok(DeviceList), **_errors(400, 401, 403)}}},
+                                    "type": "string", "pattern": NAME_PATTERN}},
+                                    {"name": "scope", "in": "query", "schema": {
+                                        "type": "string", "enum": ["server", "tree"]}}],
+                                "responses": {**ok(DeviceList),
+                                              **_errors(400, 401, 403, 503)}}},
         "/v1/calls": {"get": {"summary": "Calls in progress",
                               "responses": {**ok(CallList), **_errors(400, 401, 403)}}},
         "/v1/calls/{call}": {

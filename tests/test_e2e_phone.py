@@ -165,3 +165,22 @@ async def test_the_command_line_dials_and_prints_figures_both_ways(tree: Tree):
     assert result["info"]["caller"] == "lower-a/bench"
     for direction in DIRECTIONS:
         assert result["info"]["media"][direction]["frames"] >= 10, result["info"]["media"]
+
+
+async def test_any_server_lists_the_whole_tree_s_devices_with_their_state(tree: Tree):
+    """``GET /v1/devices?scope=tree``: the phone book of the browser page, from the root."""
+    caller = tree.devices["lower-a/cam-1"]
+    call = await caller.dial("lower-b/cam-2")
+    await tree.until(lambda: call in tree.devices["lower-b/cam-2"].calls, 10, "the call up")
+    for server in ("lower-a", "lower-b", "upper"):
+        async with tree.session.get(f"{tree.servers[server].url}/v1/devices",
+                                    params={"scope": "tree"}) as response:
+            assert response.status == 200
+            body = await response.json()
+        states = {d["address"]: d["state"] for d in body["devices"]}
+        assert states == {"lower-a/cam-1": "busy", "lower-a/cam-3": "idle",
+                          "lower-b/cam-2": "busy"}, (server, states)
+    async with tree.session.get(f"{tree.lowers['lower-a'].url}/v1/devices",
+                                params={"scope": "everything"}) as response:
+        assert response.status == 400 and (await response.json())["error"]["code"] == "bad_query"
+    await caller.hangup(call)
