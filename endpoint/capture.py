@@ -5,7 +5,12 @@ so latency stays measurable with a camera.
 Source specs (``--video`` / ``--audio``)::
 
     v4l2:/dev/video0[:640x480@30]   opencv:0   file:clip.mp4   lavfi:testsrc=size=640x480:rate=30
+    rtsp://user:pass@camera.lab:554/stream1   (an IP camera; over TCP)
     alsa:default   alsa:hw:1   file:speech.wav   tone   none
+
+An RTSP camera's H.264 is sent as it comes, without decoding, on a call whose video is H.264
+(:class:`RtspTrack` with ``passthrough``); on a VP8 call (or with ``--stamp``) it is decoded
+and encoded again.
 
 A device that is missing, busy or unreadable raises :class:`CaptureError` with what was wrong
 and the likely fix; it is raised when the device is first opened (at start, see
@@ -15,13 +20,17 @@ and the likely fix; it is raised when the device is first opened (at start, see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import glob
+import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import numpy as np
@@ -31,10 +40,15 @@ from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
 from endpoint.sources import Pacer
+from relay.logs import event
+
+log = logging.getLogger("endpoint.capture")
 
 #: PyAV's bundled FFmpeg looks for the ALSA configuration in its build path otherwise.
 ALSA_CONFIG = "/usr/share/alsa/alsa.conf"
-CAPTURE_KINDS = ("v4l2", "opencv", "file", "lavfi")
+CAPTURE_KINDS = ("v4l2", "opencv", "file", "lavfi", "rtsp")
+#: how long an RTSP camera may take to answer (connect, DESCRIBE, a read) before it is an error
+RTSP_TIMEOUT_S = 5.0
 
 
 class CaptureError(Exception):
@@ -51,10 +65,15 @@ class VideoSpec:
 
     @classmethod
     def parse(cls, text: str) -> VideoSpec:
+        if text.startswith(("rtsp://", "rtsps://")):
+            if len(text.split("://", 1)[1]) < 1:
+                raise CaptureError(f"video source {text!r}: want rtsp://HOST[:PORT]/PATH")
+            return cls("rtsp", text)
         kind, sep, rest = text.partition(":")
         if not sep or kind not in CAPTURE_KINDS or not rest:
             raise CaptureError(f"video source {text!r}: want one of "
-                               + ", ".join(f"{k}:..." for k in CAPTURE_KINDS))
+                               + ", ".join(f"{k}:..." for k in CAPTURE_KINDS if k != "rtsp")
+                               + ", rtsp://...")
         if kind == "v4l2":
             found = re.fullmatch(r"(/[^:]+)(?::(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?)?", rest)
             if not found:
@@ -79,13 +98,19 @@ def check_video(text: str) -> VideoSpec:
         raise CaptureError(f"no video file {spec.target}")
     if spec.kind == "opencv":
         _opencv()
+    if spec.kind == "rtsp":
+        probe_rtsp(spec.target)
     return spec
 
 
-def open_video(spec: VideoSpec, width: int, height: int, fps: float) -> MediaStreamTrack:
-    """A live track of the source (its own player: close it with ``track.stop()``)."""
+def open_video(spec: VideoSpec, width: int, height: int, fps: float,
+               passthrough: bool = False) -> MediaStreamTrack:
+    """A live track of the source (its own player: close it with ``track.stop()``).
+    ``passthrough``: an RTSP camera's H.264 as it comes (av.Packet, not decoded)."""
     if spec.kind == "opencv":
         return OpenCVTrack(spec.target, width, height, fps)
+    if spec.kind == "rtsp":
+        return RtspTrack(spec.target, passthrough=passthrough)
     options: dict[str, str] = {}
     fmt: str | None = None
     target = spec.target
@@ -221,3 +246,151 @@ class StampedTrack(MediaStreamTrack):
     def stop(self) -> None:
         super().stop()
         self.source.stop()
+
+
+def _open_rtsp(url: str, timeout_s: float = RTSP_TIMEOUT_S) -> Any:
+    """The camera's stream, opened over TCP (interleaved RTP: through NAT and firewalls)."""
+    try:
+        return av.open(url, options={"rtsp_transport": "tcp",
+                                     "timeout": str(int(timeout_s * 1_000_000))},
+                       timeout=timeout_s)
+    except av.error.FFmpegError as exc:
+        raise CaptureError(f"cannot open RTSP camera {_redact(url)}: {_redact(str(exc))} (is "
+                           "the camera up, "
+                           "the path right, the user and password in the URL?)") from None
+
+
+def _redact(url: str) -> str:
+    """An RTSP URL without its password, for messages and logs."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def probe_rtsp(url: str) -> str:
+    """Open the camera once and read what it sends: its video codec ("h264", ...)."""
+    container = _open_rtsp(url)
+    try:
+        if not container.streams.video:
+            raise CaptureError(f"RTSP camera {_redact(url)} sends no video stream")
+        return str(container.streams.video[0].codec_context.name)
+    finally:
+        container.close()
+
+
+def has_parameter_sets(data: bytes) -> bool:
+    """Whether an H.264 access unit (Annex B) carries its SPS (NAL type 7)."""
+    start = 0
+    while (found := data.find(b"\x00\x00\x01", start)) >= 0 and found + 3 < len(data):
+        if data[found + 3] & 0x1F == 7:
+            return True
+        start = found + 3
+    return False
+
+
+class RtspTrack(MediaStreamTrack):
+    """An RTSP camera's video, read in a thread of its own: decoded frames, or
+    (``passthrough``) its H.264 access units as they come, for aiortc to packetize without
+    decoding (from the first keyframe on; SPS and PPS put in front of each keyframe that lacks
+    them, from the stream's SDP). A live source: when the sender falls behind, the oldest
+    frames are dropped (in passthrough, everything up to the next keyframe)."""
+
+    kind = "video"
+    QUEUE = 30
+
+    def __init__(self, url: str, passthrough: bool = False) -> None:
+        super().__init__()
+        self.url = url
+        self.passthrough = passthrough
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._quit = threading.Event()
+        self._waiting_keyframe = True
+        #: what the thread saw: packets or frames read, dropped, and why it stopped
+        self.read = 0
+        self.dropped = 0
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"rtsp {_redact(url)}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            container = _open_rtsp(self.url)
+        except CaptureError as exc:
+            self._finish(str(exc))
+            return
+        try:
+            self._read(container)
+        except Exception as exc:  # the camera went away mid-stream
+            self._finish(f"RTSP camera {_redact(self.url)} stopped: {exc!r}")
+        else:
+            self._finish(None)
+        finally:
+            container.close()
+
+    def _read(self, container: Any) -> None:
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        if self.passthrough and codec != "h264":
+            raise CaptureError(f"passthrough needs H.264; the camera sends {codec}")
+        extradata = bytes(stream.codec_context.extradata or b"")
+        origin: int | None = None
+        for packet in container.demux(stream):
+            if self._quit.is_set():
+                return
+            if packet.pts is None or not packet.size:
+                continue
+            origin = packet.pts if origin is None else origin
+            if self.passthrough:
+                data = bytes(packet)
+                if packet.is_keyframe and extradata and not has_parameter_sets(data):
+                    data = extradata + data
+                out = av.Packet(data)
+                out.pts, out.dts = packet.pts - origin, packet.pts - origin
+                out.time_base = packet.time_base
+                out.is_keyframe = packet.is_keyframe
+                self._put(out, packet.is_keyframe)
+            else:
+                for frame in packet.decode():
+                    frame.pts = (frame.pts or packet.pts) - origin
+                    self._put(frame, True)
+
+    def _put(self, item: Any, keyframe: bool) -> None:
+        self.read += 1
+        self._loop.call_soon_threadsafe(self._deliver, item, keyframe)
+
+    def _deliver(self, item: Any, keyframe: bool) -> None:
+        if self.passthrough:
+            if self._queue.qsize() >= self.QUEUE:  # behind: start again at a keyframe
+                self.dropped += self._queue.qsize()
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+                self._waiting_keyframe = True
+            if self._waiting_keyframe and not keyframe:
+                self.dropped += 1
+                return
+            self._waiting_keyframe = False
+        elif self._queue.qsize() >= self.QUEUE:
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(item)
+
+    def _finish(self, error: str | None) -> None:
+        self.error = error
+        if error is not None and not self._quit.is_set():
+            event(log, "capture.rtsp_failed", logging.WARNING, url=_redact(self.url),
+                  error=error)
+        with contextlib.suppress(RuntimeError):  # the loop closed first
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+    async def recv(self) -> Any:
+        if self.readyState != "live":
+            raise MediaStreamError
+        item = await self._queue.get()
+        if item is None:
+            self.stop()
+            raise MediaStreamError
+        return item
+
+    def stop(self) -> None:
+        super().stop()
+        self._quit.set()

@@ -30,7 +30,14 @@ from endpoint.bitrate import (
     set_audio_bitrate,
     set_start_bitrate,
 )
-from endpoint.capture import CaptureError, StampedTrack, VideoSpec, open_audio, open_video
+from endpoint.capture import (
+    CaptureError,
+    RtspTrack,
+    StampedTrack,
+    VideoSpec,
+    open_audio,
+    open_video,
+)
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
 from endpoint.playout import MarkedFrameBuffer, PlayoutBuffer
@@ -139,8 +146,14 @@ class DeviceSettings:
 
     @property
     def video_codecs(self) -> tuple[str, ...]:
-        """What the device tells its server it takes (a VP8 loop can only be VP8)."""
-        return ("video/VP8",) if self.video in ("preencoded", "packets") else self.codecs
+        """What the device tells its server it takes (a VP8 loop can only be VP8; an RTSP
+        camera would rather send its own H.264 than be decoded and encoded again)."""
+        if self.video in ("preencoded", "packets"):
+            return ("video/VP8",)
+        if self.video.startswith(("rtsp://", "rtsps://")) and "video/H264" in self.codecs \
+                and not self.stamp:
+            return ("video/H264", *(c for c in self.codecs if c != "video/H264"))
+        return self.codecs
 
     @property
     def capture(self) -> VideoSpec | None:
@@ -170,6 +183,29 @@ def offered_kinds(sdp: str) -> list[str]:
             if kind in ("audio", "video") and kind not in kinds:
                 kinds.append(kind)
     return kinds
+
+
+def offered_video_codec(sdp: str, accepted: tuple[str, ...]) -> str | None:
+    """The video codec a call will carry: the offer's first (its order decides, the answerer
+    takes it) that ``accepted`` holds, as ``video/NAME``; None when there is none."""
+    order: list[str] = []
+    names: dict[str, str] = {}
+    in_video = False
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            fields = line[2:].split()
+            in_video = fields[0] == "video"
+            if in_video:
+                order = fields[3:]
+        elif in_video and line.startswith("a=rtpmap:"):
+            pt, _, rest = line[len("a=rtpmap:"):].partition(" ")
+            names[pt] = "video/" + rest.split("/", 1)[0]
+    wanted = {c.lower(): c for c in accepted}
+    for pt in order:
+        found = wanted.get(names.get(pt, "").lower())
+        if found:
+            return found
+    return None
 
 
 @dataclass
@@ -233,17 +269,23 @@ class DeviceCall:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _add_transceivers(self, kinds: list[str]) -> None:
+    def _add_transceivers(self, kinds: list[str], codec: str | None = None) -> None:
+        """``codec``: the video codec the offer makes the call carry (None: not known)."""
         if self.settings.video == "packets":
             self._add_packet_transceivers(kinds)
             return
         for kind in kinds:
             if kind == "video":
-                video = self._video_source()
+                video = self._video_source(codec)
                 self.sources.append(video)
                 transceiver = self.pc.addTransceiver(video, direction="sendrecv")
                 self._time_parts(transceiver, video)
-                if not isinstance(video, PreEncodedVideoTrack):  # a live encoder adapts
+                if isinstance(video, RtspTrack) and video.passthrough:
+                    # the camera's own H.264, packetized as it comes: nothing here adapts it
+                    prefer_video_codec(transceiver, "video/H264", only=True)
+                    event(log, "device.passthrough", call=self.call, device=self.address,
+                          source="rtsp", codec="video/H264")
+                elif not isinstance(video, PreEncodedVideoTrack):  # a live encoder adapts
                     self.bitrate = EncoderTarget(floor=self.settings.min_bitrate,
                                                  target=self.settings.start_bitrate)
                     set_start_bitrate(transceiver.sender, self.settings.start_bitrate)
@@ -354,7 +396,7 @@ class DeviceCall:
         if self.channel is not None:
             self.spawn(self.channel.send(FirstFrame(call=self.call, at=now)))
 
-    def _video_source(self) -> MediaStreamTrack:
+    def _video_source(self, codec: str | None = None) -> MediaStreamTrack:
         if self.settings.video == "preencoded":
             assert self.supply.loop is not None, "pre-encoded video needs a MediaSupply loop"
             log, address = self.supply.send_log, self.address
@@ -362,8 +404,12 @@ class DeviceCall:
                                         lambda k, n, at: log.sent(address, k, n, at))
         capture = self.settings.capture
         if capture is not None:
+            # an RTSP camera's H.264 goes out as it came when the call carries H.264 (and
+            # nothing is drawn into it)
+            passthrough = (capture.kind == "rtsp" and codec == "video/H264"
+                           and not self.settings.stamp)
             track = open_video(capture, self.settings.width, self.settings.height,
-                               self.settings.fps)
+                               self.settings.fps, passthrough=passthrough)
             return StampedTrack(track, self.clock) if self.settings.stamp else track
         track = SyntheticVideoTrack(self.settings.width, self.settings.height, self.settings.fps)
         track.picture.stamped = self.settings.measure
@@ -372,7 +418,8 @@ class DeviceCall:
     async def answer(self, offer: Offer) -> str:
         # Transceivers first: codec preferences only count before setRemoteDescription. They
         # are made in the offer's m-line order (aiortc bundles wrongly otherwise).
-        self._add_transceivers(offered_kinds(offer.sdp))
+        self._add_transceivers(offered_kinds(offer.sdp),
+                               offered_video_codec(offer.sdp, self.settings.video_codecs))
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
         restrict_host_candidates(self.pc, self.settings.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
