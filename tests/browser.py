@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -110,3 +113,131 @@ class Page:
                                         "errors: window.vphone.errors})")
             raise AssertionError(f"waited {timeout} s for {what or expression}; page: "
                                  f"{state}") from None
+
+
+#: Firefox as a device with no person at it: a fake camera and microphone, no permission
+#: prompt, autoplay, loopback ICE allowed, host addresses not hidden behind mDNS names, and
+#: getUserMedia on a plain-http origin that is not localhost (a server on a lab address).
+FIREFOX_PREFS = {
+    "media.navigator.streams.fake": True,
+    "media.navigator.permission.disabled": True,
+    "media.autoplay.default": 0,
+    "media.peerconnection.ice.loopback": True,
+    "media.peerconnection.ice.obfuscate_host_addresses": False,
+    "media.devices.insecure.enabled": True,
+    "media.getusermedia.insecure.enabled": True,
+    "browser.shell.checkDefaultBrowser": False,
+    "datareporting.policy.dataSubmissionEnabled": False,
+    "toolkit.telemetry.reportingpolicy.firstRun": False,
+    "app.update.enabled": False,
+}
+
+
+def firefox() -> str:
+    """Firefox ESR: found on the PATH, or installed with apt (Debian's firefox-esr)."""
+    found = shutil.which("firefox-esr") or shutil.which("firefox")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Firefox ESR is not installed and cannot be installed here (needs root + apt)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "firefox-esr"]
+    done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
+    if done.returncode != 0:
+        subprocess.run(["apt-get", "update"], capture_output=True, timeout=300, env=env)
+        done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
+    found = shutil.which("firefox-esr")
+    if done.returncode != 0 or not found:
+        pytest.skip(f"installing Firefox ESR failed: {done.stderr[-500:]}")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BidiPage:
+    """The page of a Firefox started with ``--remote-debugging-port``, over WebDriver BiDi
+    (Firefox speaks no DevTools protocol): ``evaluate`` and ``until`` as :class:`Page`'s."""
+
+    def __init__(self, ws: Any, context: str) -> None:
+        self.ws = ws
+        self.context = context
+        self.ids = itertools.count(10)
+
+    @staticmethod
+    async def _call(ws: Any, ident: int, method: str, params: dict[str, Any]) -> Any:
+        await ws.send_json({"id": ident, "method": method, "params": params})
+        while True:
+            reply = await ws.receive_json()
+            if reply.get("id") == ident:
+                if reply.get("type") == "error":
+                    raise RuntimeError(f"{method}: {reply.get('error')}: {reply.get('message')}")
+                return reply["result"]
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def attach(cls, session: aiohttp.ClientSession, port: int,
+                     timeout: float = 60) -> AsyncIterator[BidiPage]:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    ws = await session.ws_connect(f"ws://127.0.0.1:{port}/session",
+                                                  max_msg_size=0)
+                    break
+                except (aiohttp.ClientError, OSError):
+                    await asyncio.sleep(0.3)
+        try:
+            await cls._call(ws, 1, "session.new", {"capabilities": {}})
+            tree = await cls._call(ws, 2, "browsingContext.getTree", {})
+            yield cls(ws, tree["contexts"][0]["context"])
+        finally:
+            await ws.close()
+
+    async def evaluate(self, expression: str, timeout: float = 30) -> Any:
+        """``expression``'s value in the page, as JSON (so objects come back whole)."""
+        async with asyncio.timeout(timeout):
+            result = await self._call(self.ws, next(self.ids), "script.evaluate", {
+                "expression": f"Promise.resolve({expression}).then((v) => JSON.stringify(v))",
+                "target": {"context": self.context}, "awaitPromise": True})
+        if result.get("type") == "exception":
+            raise RuntimeError(f"{expression!r} threw: {result.get('exceptionDetails')}")
+        value = result.get("result", {}).get("value")
+        return None if value is None else json.loads(value)
+
+    async def navigate(self, url: str) -> None:
+        await self._call(self.ws, next(self.ids), "browsingContext.navigate",
+                         {"context": self.context, "url": url, "wait": "complete"})
+
+    until = Page.until
+
+
+@contextlib.asynccontextmanager
+async def firefox_on(session: aiohttp.ClientSession, url: str) -> AsyncIterator[BidiPage]:
+    """Headless Firefox ESR on ``url`` (FIREFOX_PREFS), driven over WebDriver BiDi; the
+    browser and its profile are gone at the end."""
+    binary = firefox()
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        (Path(profile) / "user.js").write_text("".join(
+            f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in FIREFOX_PREFS.items()))
+        port = free_port()
+        process = await asyncio.create_subprocess_exec(
+            binary, "--headless", "--no-remote", "--profile", profile,
+            "--remote-debugging-port", str(port), "about:blank",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            async with BidiPage.attach(session, port) as page:
+                await page.navigate(url)
+                yield page
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 10)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
