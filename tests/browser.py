@@ -24,23 +24,45 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
+def installed(names: tuple[str, ...], package: str, what: str) -> str:
+    """The first of ``names`` on the PATH, or ``package`` installed with apt (a test skips with
+    the reason when neither works)."""
+    for name in names:
         found = shutil.which(name)
         if found:
             return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Chromium is not installed and cannot be installed here (needs root + apt)")
+        pytest.skip(f"{what} is not installed and cannot be installed here (needs root + apt)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    done = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
     if done.returncode != 0:  # stale or missing package lists: refresh once, then retry
         subprocess.run(["apt-get", "update"], capture_output=True, timeout=300, env=env)
-        done = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
-    found = shutil.which("chromium")
+        done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
+    found = next((f for f in map(shutil.which, names) if f), None)
     if done.returncode != 0 or not found:
-        pytest.skip(f"installing Chromium failed: {done.stderr[-500:]}")
+        pytest.skip(f"installing {what} failed: {done.stderr[-500:]}")
     return found
+
+
+def chromium() -> str:
+    return installed(("chromium", "chromium-browser"), "chromium", "Chromium")
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    """Stop a browser and every helper process of its session (started with
+    ``start_new_session``): they outlive the main one for a moment and write into the
+    profile, which can be removed once they are gone."""
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await asyncio.sleep(0.2)
 
 
 def run(url: str, *args: str, timeout: float = 60) -> str:
@@ -135,21 +157,7 @@ FIREFOX_PREFS = {
 
 def firefox() -> str:
     """Firefox ESR: found on the PATH, or installed with apt (Debian's firefox-esr)."""
-    found = shutil.which("firefox-esr") or shutil.which("firefox")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Firefox ESR is not installed and cannot be installed here (needs root + apt)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "firefox-esr"]
-    done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
-    if done.returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=True, timeout=300, env=env)
-        done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
-    found = shutil.which("firefox-esr")
-    if done.returncode != 0 or not found:
-        pytest.skip(f"installing Firefox ESR failed: {done.stderr[-500:]}")
-    return found
+    return installed(("firefox-esr", "firefox"), "firefox-esr", "Firefox ESR")
 
 
 def free_port() -> int:
@@ -232,12 +240,4 @@ async def firefox_on(session: aiohttp.ClientSession, url: str) -> AsyncIterator[
                 await page.navigate(url)
                 yield page
         finally:
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), 10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            await stop(process)

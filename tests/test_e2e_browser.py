@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -43,16 +41,7 @@ async def chromium_on(url: str, debug: bool = False):
         try:
             yield (process, Path(profile)) if debug else process
         finally:
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), 10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await asyncio.sleep(0.2)
+            await browser.stop(process)
 
 
 async def test_a_browser_device_calls_a_python_device_across_servers():
