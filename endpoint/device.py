@@ -795,8 +795,9 @@ class Device:
                   code=message.code, reason=message.message, call=message.call)
             if message.ref == Dial.TYPE and self._dials:
                 # dials are answered in order: this refusal is the oldest one waiting
-                future = next(f for f in self._dials.values() if not f.done())
-                future.set_exception(DialError(message.code, message.message))
+                future = next((f for f in self._dials.values() if not f.done()), None)
+                if future is not None:
+                    future.set_exception(DialError(message.code, message.message))
 
     async def _wake(self, channel: WebSocketChannel, wake: Wake) -> None:
         mode = self.settings.answer if wake.role == "callee" else "auto"
