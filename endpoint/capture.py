@@ -251,7 +251,8 @@ class StampedTrack(MediaStreamTrack):
 def _open_rtsp(url: str, timeout_s: float = RTSP_TIMEOUT_S) -> Any:
     """The camera's stream, opened over TCP (interleaved RTP: through NAT and firewalls)."""
     try:
-        return av.open(url, options={"rtsp_transport": "tcp",
+        return av.open(url, options={"rtsp_transport": "tcp", "fflags": "nobuffer",
+                                     "analyzeduration": "200000", "probesize": "65536",
                                      "timeout": str(int(timeout_s * 1_000_000))},
                        timeout=timeout_s)
     except av.error.FFmpegError as exc:
