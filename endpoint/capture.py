@@ -47,6 +47,9 @@ log = logging.getLogger("endpoint.capture")
 #: PyAV's bundled FFmpeg looks for the ALSA configuration in its build path otherwise.
 ALSA_CONFIG = "/usr/share/alsa/alsa.conf"
 CAPTURE_KINDS = ("v4l2", "opencv", "file", "lavfi", "rtsp")
+#: the H.264 profiles a call negotiates (aiortc offers profile-level-id 42001f and 42e01f):
+#: a camera's stream in one of these is forwarded as it is; the level is not checked
+PASSTHROUGH_PROFILES = ("Baseline", "Constrained Baseline")
 #: how long an RTSP camera may take to answer (connect, DESCRIBE, a read) before it is an error
 RTSP_TIMEOUT_S = 5.0
 
@@ -309,6 +312,7 @@ class RtspTrack(MediaStreamTrack):
         self.read = 0
         self.dropped = 0
         self.error: str | None = None
+        self.profile: str | None = None  #: the camera's H.264 profile, once it is read
         self._thread = threading.Thread(target=self._run, name=f"rtsp {_redact(url)}",
                                         daemon=True)
         self._thread.start()
@@ -330,9 +334,14 @@ class RtspTrack(MediaStreamTrack):
 
     def _read(self, container: Any) -> None:
         stream = container.streams.video[0]
-        codec = stream.codec_context.name
-        if self.passthrough and codec != "h264":
-            raise CaptureError(f"passthrough needs H.264; the camera sends {codec}")
+        codec, profile = stream.codec_context.name, stream.codec_context.profile
+        self.profile = profile
+        if self.passthrough and (codec != "h264" or profile not in PASSTHROUGH_PROFILES):
+            # the call negotiated constrained baseline H.264: anything else is decoded and
+            # encoded again (aiortc's sender takes frames and packets alike)
+            self.passthrough = False
+            event(log, "capture.rtsp_reencoded", url=_redact(self.url), codec=codec,
+                  profile=profile, reason="not a profile the call negotiated")
         extradata = bytes(stream.codec_context.extradata or b"")
         origin: int | None = None
         for packet in container.demux(stream):

@@ -72,6 +72,7 @@ class Camera:
     fps: float = 15.0
     gop: int = 15  #: a keyframe every this many frames (a camera's "I-frame interval")
     path: str = "/stream1"
+    profile: str = "baseline"  #: libx264's: baseline, main, high
     sessions: int = 0  #: sessions that played
     frames_sent: int = 0
     clients: dict[asyncio.Task[None], asyncio.StreamWriter] = field(default_factory=dict)
@@ -83,7 +84,9 @@ class Camera:
         codec.time_base = fractions.Fraction(1, CLOCK)
         codec.framerate = fractions.Fraction(int(self.fps), 1)
         codec.gop_size = self.gop
-        codec.options = {"preset": "ultrafast", "tune": "zerolatency", "profile": "baseline",
+        # ultrafast uses no tool past baseline: x264 would call any stream of it baseline
+        preset = "ultrafast" if self.profile == "baseline" else "superfast"
+        codec.options = {"preset": preset, "tune": "zerolatency", "profile": self.profile,
                          "x264-params": f"keyint={self.gop}:min-keyint={self.gop}:scenecut=0"}
         return codec
 

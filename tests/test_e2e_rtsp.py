@@ -19,7 +19,7 @@ from endpoint.device import Device
 from probe.client import ServerClient
 
 from .conftest import DEVICE_SETTINGS, make_tree
-from .rtsp_camera import nal_units, rtp_payloads, serving
+from .rtsp_camera import Camera, nal_units, rtp_payloads, serving
 
 
 def test_h264_is_cut_into_nal_units_and_fu_a_fragments():
@@ -54,8 +54,9 @@ async def test_a_camera_path_that_is_not_there_is_a_clear_error():
         assert await asyncio.to_thread(check_video, url)
 
 
-async def _camera_call(callee_codecs: tuple[str, ...], seconds: float = 3.0):
-    async with serving() as (url, camera), make_tree() as tree:
+async def _camera_call(callee_codecs: tuple[str, ...], seconds: float = 3.0,
+                       profile: str = "baseline"):
+    async with serving(Camera(profile=profile)) as (url, camera), make_tree() as tree:
         source = replace(DEVICE_SETTINGS, video=url)
         assert source.video_codecs[0] == "video/H264"  # it would rather send its own H.264
         cam = tree.start("lower-a", Device(tree.lowers["lower-a"].url, "ipcam", source))
@@ -79,6 +80,7 @@ async def test_an_rtsp_camera_s_h264_is_forwarded_without_decoding():
     info, tracks, camera, forwarded = await _camera_call(("video/VP8", "video/H264"))
     assert info.codec == "video/H264" and info.transcoded == [], info
     assert len(tracks) == 1 and tracks[0].passthrough and tracks[0].error is None
+    assert tracks[0].profile == "Constrained Baseline"
     media = info.media["caller_to_callee"]
     assert media.frames > 25 and media.fps > 8, media
     # the camera's stamps, read back at the far device: latency from the camera itself
@@ -87,6 +89,15 @@ async def test_an_rtsp_camera_s_h264_is_forwarded_without_decoding():
     assert info.media["callee_to_caller"].frames > 25  # and the other way, as any call
     assert camera.sessions >= 1 and camera.frames_sent > 30
     assert all(count > 100 for count in forwarded.values()), forwarded
+
+
+@pytest.mark.e2e
+async def test_a_camera_profile_the_call_did_not_negotiate_is_encoded_again():
+    info, tracks, _, _ = await _camera_call(("video/VP8", "video/H264"), profile="high")
+    assert info.codec == "video/H264", info
+    assert len(tracks) == 1 and tracks[0].profile == "High" and not tracks[0].passthrough
+    media = info.media["caller_to_callee"]
+    assert media.frames > 25 and media.latency_ms_p50 is not None, media
 
 
 @pytest.mark.e2e
