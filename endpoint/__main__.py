@@ -18,7 +18,7 @@ import aiohttp
 
 from endpoint.capture import CaptureError, check_video, open_audio
 from endpoint.device import Device, DeviceSettings, MediaSupply
-from endpoint.phone import dial_and_hold, report, ring_then, to_json
+from endpoint.phone import dial_and_hold, probe_headers, report, ring_then, to_json
 from relay.logs import setup_logging
 from relay.messages import AnswerMode
 from relay.rtc import MediaSettings
@@ -192,7 +192,13 @@ async def call_once(device: Device, session: aiohttp.ClientSession, args: argpar
                     stop: asyncio.Event) -> int:
     """``--call``: dial once registered, hold, hang up, print the figures. Ctrl-C hangs up."""
     await device.registered.wait()
-    dialing = asyncio.create_task(dial_and_hold(device, session, args.call, args.hold))
+    async with aiohttp.ClientSession(headers=probe_headers()) as api:
+        return await _call_once(device, api, args, stop)
+
+
+async def _call_once(device: Device, api: aiohttp.ClientSession, args: argparse.Namespace,
+                     stop: asyncio.Event) -> int:
+    dialing = asyncio.create_task(dial_and_hold(device, api, args.call, args.hold))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({dialing, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not dialing.done():  # Ctrl-C: hang up what is up, then report it

@@ -18,9 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from endpoint.device import CallEnd, Device, DialError
+from probe.client import ProbeError, ServerClient
 from relay.auth import probe_identity, token_for
 from relay.logs import event
-from relay.messages import DIRECTIONS, CallInfo, MessageError, Wake
+from relay.messages import DIRECTIONS, CallInfo, Wake
 
 log = logging.getLogger("endpoint.phone")
 
@@ -74,9 +75,13 @@ async def dial_and_hold(device: Device, session: aiohttp.ClientSession, callee: 
     except (ConnectionError, TimeoutError) as exc:
         result.reason, result.error = "no_dial", str(exc) or "no reply to the dial"
         return result
-    server = Server(session, http_url(device.url))
+    client = ServerClient(session, http_url(device.url))
     call = result.call
-    info = await server.call(call, wait="active", timeout_s=setup_timeout_s)
+    try:
+        info: CallInfo | None = await client.call(call, wait="active",
+                                                  timeout_s=setup_timeout_s)
+    except ProbeError as exc:
+        info, problem = None, f"{exc.code}: {exc}"
     if info is not None and info.state == "active":
         began = time.monotonic()
         with contextlib.suppress(TimeoutError):
@@ -86,54 +91,36 @@ async def dial_and_hold(device: Device, session: aiohttp.ClientSession, callee: 
         with contextlib.suppress(KeyError):
             await device.hangup(call)
     end: CallEnd = await device.wait_end(call, 10)
-    info = await server.final(call)
+    try:
+        info = await final_call(client, call)
+    except ProbeError as exc:
+        info, problem = None, f"{exc.code}: {exc}"
     result.reason = info.reason if info is not None and info.reason else end.reason
     if end.stats is not None:
         result.received = end.stats.media.to_dict()
     if info is not None:
         result.info = info.to_dict()
     else:
-        result.notes.append(server.problem or "the server's record of the call was not read")
+        result.notes.append(f"the server's record of the call was not read ({problem})")
     return result
 
 
-class Server:
-    """Reads a call at the device's own server (``GET /v1/calls/{id}``); with auth on it needs
-    the probe's token: PROBE_TOKEN, or one signed here from VPHONE_AUTH_SECRET."""
+def probe_headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What reading a call at the device's own server needs with auth on: the probe's token,
+    PROBE_TOKEN, or one signed here from VPHONE_AUTH_SECRET (none with auth off)."""
+    token = token_for(probe_identity(), environ.get("PROBE_TOKEN"), environ)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def __init__(self, session: aiohttp.ClientSession, url: str,
-                 environ: Mapping[str, str] = os.environ) -> None:
-        self.session = session
-        self.url = url
-        token = token_for(probe_identity(), environ.get("PROBE_TOKEN"), environ)
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.problem: str | None = None
 
-    async def call(self, call_id: str, wait: str | None = None,
-                   timeout_s: float = 10.0) -> CallInfo | None:
-        params = {"wait": wait, "timeout": f"{min(timeout_s, 120):g}"} if wait else {}
-        try:
-            async with self.session.get(f"{self.url}/v1/calls/{call_id}", params=params,
-                                        headers=self.headers,
-                                        timeout=aiohttp.ClientTimeout(total=timeout_s + 10)) as r:
-                body = await r.read()
-                if r.status != 200:
-                    self.problem = f"GET /v1/calls/{call_id}: HTTP {r.status} {body[:200]!r}"
-                    return None
-                return CallInfo.from_dict(json.loads(body))
-        except (aiohttp.ClientError, TimeoutError, MessageError, ValueError) as exc:
-            self.problem = f"GET /v1/calls/{call_id} at {self.url}: {exc!r}"
-            return None
-
-    async def final(self, call_id: str, within_s: float = 3.0) -> CallInfo | None:
-        """The ended call, once both devices' last figures are in (or ``within_s`` passed)."""
-        deadline = time.monotonic() + within_s
-        info = await self.call(call_id, wait="ended", timeout_s=within_s)
-        while info is not None and info.media.keys() < set(DIRECTIONS) and \
-                "t_first_frame_callee" in info.timeline and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            info = await self.call(call_id)
-        return info
+async def final_call(client: ServerClient, call_id: str, within_s: float = 3.0) -> CallInfo:
+    """The ended call, once both devices' last figures are in (or ``within_s`` passed)."""
+    deadline = time.monotonic() + within_s
+    info = await client.call(call_id, wait="ended", timeout_s=within_s)
+    while info.media.keys() < set(DIRECTIONS) and "t_first_frame_callee" in info.timeline \
+            and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        info = await client.call(call_id)
+    return info
 
 
 def ring_then(device: Device, ring_for_s: float) -> Any:
