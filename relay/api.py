@@ -70,22 +70,27 @@ def check_probe(request: web.Request) -> None:
     token = bearer(request.headers.get("Authorization", ""))
     refusal = auth.check(probe_identity(), token, probe_identity(node.name))
     if refusal is not None:
-        node.core.counters.refused(refusal[0])
         raise Refused(Code(refusal[0]), refusal[1] + " (send Authorization: Bearer TOKEN)")
 
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal as the API's JSON error, logged once and counted once by its code
+    (``relay_refusals_total{code}``): a call refused at the start shows in /metrics like one
+    refused on its way."""
+    counters = request.app[NODE].core.counters
     try:
         check_probe(request)
         return await handler(request)
     except Refused as exc:
+        counters.refused(exc.code)
         event(log, "api.refused", logging.INFO, path=request.path, method=request.method,
               status=exc.status, code=exc.code, reason=exc.message)
         headers = ({"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None
                    else None)
         return error_response(exc.status, exc.code, exc.message, exc.field, headers)
     except MessageError as exc:
+        counters.refused(exc.code)
         event(log, "api.invalid", logging.INFO, path=request.path, method=request.method,
               code=exc.code, field=exc.field, reason=exc.message)
         return error_response(400, exc.code, exc.message, exc.field)
@@ -94,6 +99,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED}.get(exc.status,
                                                                        Code.HTTP_ERROR)
+        counters.refused(code)
         return error_response(exc.status, code, f"{request.method} {request.path}: {exc.reason}",
                               headers={k: v for k, v in exc.headers.items()
                                        if k.lower() == "allow"})

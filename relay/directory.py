@@ -58,6 +58,11 @@ class TreeDirectory:
     parent: str | None = None
     #: this server is configured with a parent (so without its link it is cut off, not a root)
     has_parent: bool = False
+    #: servers that were in the tree and left it (a link on the way to them went down), most
+    #: recent last, at most LEFT_KEPT: a call to one is refused as unreachable, not unknown
+    left: dict[str, None] = field(default_factory=dict)
+
+    LEFT_KEPT = 10_000
 
     @property
     def cut_off(self) -> bool:
@@ -78,6 +83,19 @@ class TreeDirectory:
         if name == self.me.name:
             return self.me
         return self.below.get(name) or self.above.get(name)
+
+    def has_left(self, name: str) -> bool:
+        """``name`` was in the tree and has left it (and has not come back)."""
+        return name in self.left
+
+    def _gone(self, name: str) -> None:
+        self.left.pop(name, None)
+        self.left[name] = None
+        while len(self.left) > self.LEFT_KEPT:
+            del self.left[next(iter(self.left))]
+
+    def _back(self, name: str) -> None:
+        self.left.pop(name, None)
 
     def servers(self) -> list[ServerEntry]:
         """Every server this one knows, itself included."""
@@ -153,6 +171,7 @@ class TreeDirectory:
         """A child was welcomed: it learns the rest of the tree; the others learn of it."""
         self.below[entry.name] = entry
         self.via[entry.name] = entry.name
+        self._back(entry.name)
         link = Link("child", entry.name)
         batch = self.outbox.directory(link)
         for known in [*self.above.values(), self.me, *(
@@ -189,6 +208,7 @@ class TreeDirectory:
                 continue
             self.below[entry.name] = entry
             self.via[entry.name] = child
+            self._back(entry.name)
             self._spread_server(entry, child)
         for i, info in enumerate(update.devices):
             server = self.below.get(info.server)
@@ -262,7 +282,8 @@ class TreeDirectory:
     def _forget_server(self, name: str) -> None:
         """Drop a server of the subtree and its devices (the parent is told by the caller: a
         removed server takes its devices with it)."""
-        self.below.pop(name, None)
+        if self.below.pop(name, None) is not None:
+            self._gone(name)
         self.via.pop(name, None)
         for address in list(self.by_server.get(name, ())):
             self._unindex(address)
@@ -304,6 +325,8 @@ class TreeDirectory:
         self.outbox.drop(PARENT)
         gone = list(self.above)
         self.above.clear()
+        for name in gone:
+            self._gone(name)
         for batch in self._child_batches():
             for name in gone:
                 batch.remove_server(name)
@@ -317,6 +340,7 @@ class TreeDirectory:
                                    "devices"))
         for i, name in enumerate(update.servers_removed):
             if self.above.pop(name, None) is not None:
+                self._gone(name)
                 for batch in self._child_batches():
                     batch.remove_server(name)
             elif name == self.me.name or name in self.below:
@@ -329,6 +353,7 @@ class TreeDirectory:
                                        "server's subtree", f"servers[{i}].name"))
                 continue
             self.above[entry.name] = entry
+            self._back(entry.name)
             for batch in self._child_batches():
                 batch.add_server(entry)
         return refused

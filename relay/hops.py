@@ -26,6 +26,7 @@ from relay.messages import (
     LinkDirection,
     LinkFigures,
     StreamHop,
+    split_address,
 )
 
 #: one packet in this many has its transit measured (a power of two)
@@ -137,7 +138,11 @@ def links_of(path: Sequence[str], caller: str, callee: str,
     at the two ends anyway (each end's transit mean; a device's is not known: 0)."""
     if not path:
         return []
-    nodes = [caller, *path, callee]
+    # The callee's link only when the call reached the callee's server: a call turned away or
+    # cut off on its way ends at the last server it reached (a bare callee id is resolved to
+    # SERVER/DEVICE only there).
+    reached = split_address(callee)[0] == path[-1]
+    nodes = [caller, *path, *([callee] if reached else [])]
     links: list[LinkFigures] = []
     for i in range(len(nodes) - 1):
         a, b = nodes[i], nodes[i + 1]

@@ -51,6 +51,9 @@ def route(directory: TreeDirectory, callee: str, field: str = "callee") -> Route
     if entry is None and directory.cut_off:
         raise Refused(Code.SERVER_UNREACHABLE, f"{server} cannot be reached: {here} has lost "
                                                "its link to its parent", field)
+    if entry is None and directory.has_left(server):
+        raise Refused(Code.SERVER_UNREACHABLE, f"{server} cannot be reached: it has left the "
+                                               "tree (a link on the way to it went down)", field)
     if entry is None:
         raise Refused(Code.UNKNOWN_SERVER, f"no server {server!r} in the tree", field)
     if entry.role != "lower":

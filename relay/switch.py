@@ -98,7 +98,8 @@ class Switch:
 
     def __init__(self, directory: TreeDirectory, limits: Limits | None = None,
                  timeouts: Timeouts | None = None, auth: Auth | None = None,
-                 heartbeat_s: float = 2.0, call_id: Callable[[], str] = new_call_id) -> None:
+                 heartbeat_s: float = 2.0, call_id: Callable[[], str] = new_call_id,
+                 keep_ended_s: float | None = None) -> None:
         self.directory = directory
         self.outbox = directory.outbox
         self.limits = limits or Limits()
@@ -107,7 +108,7 @@ class Switch:
         self.heartbeat_s = heartbeat_s
         self.new_call_id = call_id
         self.sessions: dict[str, Session] = {}
-        self.ended = EndedCalls()
+        self.ended = EndedCalls(keep_ended_s)
         self.counters = Counters()
         #: set on SIGTERM: new calls and links are refused while the calls in progress end
         self.draining = False
@@ -144,11 +145,11 @@ class Switch:
 
     def create_call(self, request: CreateCall, now: float, dial: Dial | None = None) -> Call:
         """``POST /v1/calls`` at the caller's server, or the caller's own ``dial`` (answered
-        with ``dialed`` ahead of its wake-up). Raises Refused (and changes nothing)."""
+        with ``dialed`` ahead of its wake-up). Raises Refused (and changes nothing): the caller
+        counts it (the API's error middleware, or :meth:`_dial`), once."""
         started_by = "api" if dial is None else "device"
         refusal = admit("call", self.name, self.limits, self.draining, len(self.sessions))
         if refusal is not None:
-            self.counters.refused(refusal.code)
             raise refusal
         if self.directory.role != "lower":
             raise Refused(Code.NOT_A_LOWER_SERVER, f"{self.name} is an upper server: send call "
@@ -202,6 +203,7 @@ class Switch:
             self.create_call(CreateCall(caller=link.name, callee=dial.callee,
                                         media_mode=dial.media_mode), now, dial)
         except Refused as refusal:
+            self.counters.refused(refusal.code)
             event(log, "call.dial_refused", logging.INFO, device=link.name, callee=dial.callee,
                   code=refusal.code, reason=refusal.message)
             self.outbox.send(link, Error(code=refusal.code, message=refusal.message[:1024],

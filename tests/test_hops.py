@@ -78,6 +78,16 @@ def test_links_run_device_to_device_with_each_end_s_figures():
     assert links_of([], "x/1", "y/2", hops) == []
 
 
+def test_a_call_cut_off_on_its_way_has_no_link_past_the_last_server_it_reached() -> None:
+    hops = {"a": hop("a", 0.3, 1.0, 2.0), "u": hop("u", 9.0, 4.0, 6.0)}
+    # turned away at u (or cut off there): the path ends at u, the callee's server never had it
+    links = links_of(["a", "u"], "a/cam-1", "b/cam-2", hops)
+    assert [(link.from_, link.to) for link in links] == [("a/cam-1", "a"), ("a", "u")]
+    # a callee still a bare id was never resolved by its server
+    links = links_of(["a", "u"], "a/cam-1", "cam-2", hops)
+    assert [link.to for link in links] == ["a", "u"]
+
+
 def test_the_bottleneck_is_the_hop_with_the_largest_share():
     hops = {"a": hop("a", 0.3, 1.0, 2.0), "u": hop("u", 9.0, 4.0, 6.0, lost_c2c=5),
             "b": hop("b", 0.3, 6.0, 1.0)}

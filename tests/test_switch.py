@@ -252,8 +252,16 @@ def test_a_lost_subtree_leaves_every_directory_and_comes_back() -> None:
             assert switch.directory.server("a1") is None, name
             assert switch.directory.server("mid-1") is None, name
     assert not [a for a in tree.servers["root"].directory.devices if a.startswith("a")]
+    # a server that left is unreachable (503), not unknown (404): it existed, and a link on
+    # the way to it is down; at every server that heard it leave, the root included
     with pytest.raises(Refused) as caught:
         tree.call("b1", "b1/cam-b1", "a1/cam-a1")
+    assert caught.value.code is Code.SERVER_UNREACHABLE and caught.value.status == 503
+    assert "left the tree" in caught.value.message
+    assert all(tree.servers[n].directory.has_left("a1") for n in ("b1", "mid-2", "root"))
+    # one that never was is still unknown
+    with pytest.raises(Refused) as caught:
+        tree.call("b1", "b1/cam-b1", "zz/cam-1")
     assert caught.value.code is Code.UNKNOWN_SERVER
     # mid-1 restarts empty; its lower servers announce again
     tree.add_server("mid-1", "upper", "root")
@@ -264,6 +272,7 @@ def test_a_lost_subtree_leaves_every_directory_and_comes_back() -> None:
         tree.register(name, f"cam-{name}")
     call = tree.call("b1", "b1/cam-b1", "a1/cam-a1")
     assert tree.servers["b1"].find_call(call).path == ["b1", "mid-2", "root", "mid-1", "a1"]
+    assert not any(s.directory.has_left("a1") for s in tree.servers.values())  # back
 
 
 def test_the_same_device_id_under_two_servers() -> None:
