@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--ring-timeout", type=float,
                        default=float(env.get("ring_timeout", "30")),
                        help="seconds a ringing callee may ring before the call ends no_answer")
+        s.add_argument("--keep-ended", type=float,
+                       default=float(env.get("keep_ended", "120")), metavar="S",
+                       help="seconds an ended call is kept for GET /v1/calls/ID and the "
+                            "devices' last reports (memory grows this long under steady load, "
+                            "then stays flat; /metrics says it, so a soak's warm-up follows)")
         s.add_argument("--log-level", default=env.get("log_level", "info"))
         s.add_argument("--max-devices", type=int, default=int(env.get("max_devices", "1000")),
                        help="devices a lower server accepts; more are refused (server_full)")
@@ -98,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default 127.0.0.1: media stays on loopback")
     s.add_argument("--log-dir", type=Path, default=None)
     s.add_argument("--log-level", default="info")
+    s.add_argument("--restart", type=float, nargs="?", const=1.0, default=None, metavar="S",
+                   help="start a server that dies again after S seconds (default 1), on its "
+                        "port, from its command line: it rejoins the tree (every death is "
+                        "logged, stack.died, with or without this)")
+    s.add_argument("--isolate", action="append", default=[], metavar="LOWER",
+                   help="run this lower server and its devices in a network namespace of its "
+                        "own (root): the link to its parent crosses a veth, where a fault plan "
+                        "can cut or slow it (repeatable)")
+    s.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for every server (repeatable; e.g. "
+                        "--server-arg=--keep-ended --server-arg=30)")
     return p
 
 
@@ -109,7 +125,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         parent=getattr(args, "parent", None) or None, public_url=args.public_url,
         media=MediaSettings(addresses=tuple(addresses), ice_servers=tuple(args.ice_server or ())),
         timeouts=Timeouts(setup=args.setup_timeout, ring=args.ring_timeout),
-        media_mode=args.media_mode,
+        media_mode=args.media_mode, keep_ended_s=args.keep_ended,
         hop_figures=not args.no_hop_figures,
         congestion_control=args.congestion_control == "on",
         limits=Limits(max_devices=args.max_devices, max_calls=args.max_calls,
@@ -122,7 +138,9 @@ async def run_stack(args: argparse.Namespace) -> int:
         topology = load(args.topology) if args.topology else DEFAULT
         settings = StackSettings(devices=args.devices, size=args.size, fps=args.fps,
                                  media_addresses=tuple(args.media_address or ("127.0.0.1",)),
-                                 log_dir=args.log_dir, topology=topology, video=args.video)
+                                 log_dir=args.log_dir, topology=topology, video=args.video,
+                                 restart_after_s=args.restart, isolate=tuple(args.isolate),
+                                 server_args=tuple(args.server_arg))
     except (TopologyError, ValueError) as exc:
         print(f"relay stack: {exc}", file=sys.stderr)
         return 2

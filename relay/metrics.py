@@ -95,6 +95,11 @@ class NodeCollector(Collector):
                   f.transcoding)
         yield by(CounterMetricFamily, "relay_refusals", "Requests, messages and links turned "
                  "away, by code (relay/reasons.py)", "code", core.counters.refusals)
+        yield one(GaugeMetricFamily, "relay_ended_calls", "Ended calls kept (GET /v1/calls/ID "
+                  "still answers)", len(core.ended))
+        yield one(GaugeMetricFamily, "relay_ended_calls_keep_seconds", "How long an ended call "
+                  "is kept (--keep-ended): memory grows this long under steady load",
+                  core.ended.keep_s)
         yield one(GaugeMetricFamily, "relay_asyncio_tasks", "asyncio tasks alive in the server "
                   "(a leak shows as growth)", len(asyncio.all_tasks()))
 

@@ -70,7 +70,7 @@ class Node:
                                        max_devices=settings.limits.max_directory_devices,
                                        has_parent=settings.parent is not None)
         self.core = Switch(self.directory, settings.limits, settings.timeouts, settings.auth,
-                           settings.heartbeat_s)
+                           settings.heartbeat_s, keep_ended_s=settings.keep_ended_s)
         self.media = MediaPlane(settings.name, settings.media,
                                 settings.media_mode == "transcode", self.post, _MediaEvents(self),
                                 measure=settings.hop_figures,

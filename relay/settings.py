@@ -48,6 +48,9 @@ class ServerSettings:
     #: seconds a new link has to send its first message (register, announce); pings and
     #: invalid messages do not extend it
     first_message_s: float = 10.0
+    #: seconds an ended call is kept (``GET /v1/calls/{id}`` answers, late reports are filed):
+    #: a server's memory grows for this long under steady load, then stays flat
+    keep_ended_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.role not in ("lower", "upper"):
@@ -65,6 +68,8 @@ class ServerSettings:
                                 f"{self.media_mode!r}")
         if self.heartbeat_s <= 0:
             raise SettingsError("heartbeat_s must be positive")
+        if self.keep_ended_s < 0:
+            raise SettingsError("keep_ended_s must not be negative")
         if min(self.http_head_timeout_s, self.http_body_timeout_s, self.first_message_s) <= 0:
             raise SettingsError("http_head_timeout_s, http_body_timeout_s and first_message_s "
                                 "must be positive")
