@@ -443,7 +443,7 @@ async def command_load(args: argparse.Namespace) -> int:
         progress.done()
     run = {**report.summary(), "offset_s": 0.0}
     missed = objective.missed_by_server(
-        report.recorder.servers, settings.media == "full",
+        report.recorder.crossing, settings.media == "full",
         why_none=f"no call started: {report.scheduled} scheduled, {report.skipped_cap} skipped "
                  f"at the cap, {report.skipped_no_devices} without idle devices")
     summary = summary_of("load", [run], servers, objective, missed, settings.window_s)
@@ -607,25 +607,45 @@ def describe_run(summary: dict[str, Any]) -> str:
                      f"lag p99 {run['probe'].get('loop_lag_ms_p99')} ms"
                      + (f", PROBE ERRORS {run['probe_errors']} (see its log)"
                         if run.get("probe_errors") else ""))
-    for name, figures in summary["figures"]["servers"].items():
-        phases = figures["phases"]
-
-        def p(phase: str, key: str, phases: dict[str, Any] = phases) -> str:
-            found = phases.get(phase)
-            return f"{found[key]:.1f}" if found else "-"
-        lines.append(
-            f"  {name}: {figures['ok']}/{figures['calls']} ok, response p50/p95/p99 "
-            f"{p('response_ms', 'p50')}/{p('response_ms', 'p95')}/{p('response_ms', 'p99')} ms,"
-            f" server time p50 {p('server_time_ms', 'p50')} ms, setup p50/p95 "
-            f"{p('setup_ms', 'p50')}/{p('setup_ms', 'p95')} ms, media latency p50/p95 "
-            f"{p('media_latency_ms', 'p50')}/{p('media_latency_ms', 'p95')} ms"
-            + (f", failures {figures['failures']}" if figures["failures"] else ""))
+    callers = summary["figures"]["servers"]
+    crossing = summary["figures"].get("crossing") or callers
+    for name, figures in crossing.items():
+        lines.append(describe_server(name, figures, callers.get(name)))
         missed = summary["objective_missed"].get(name)
         if missed and summary["command"] != "capacity":
             lines.append(f"    objective missed: {'; '.join(missed)}")
     lines.extend(describe_hop_totals(summary["figures"].get("hops", {})))
     lines.extend(describe_server_metrics(summary.get("server_metrics", {})))
     return "\n".join(lines)
+
+
+def describe_server(name: str, crossing: dict[str, Any], as_caller: dict[str, Any] | None
+                    ) -> str:
+    """One server's line: the calls that crossed it (its objective is judged on them), their
+    setup, media latency (the typical frame, and the tail: each call direction's own p95 and
+    worst frame) and freezes; as the callers' server, its response time."""
+    def p(figures: dict[str, Any] | None, phase: str, key: str) -> str:
+        found = (figures or {}).get("phases", {}).get(phase)
+        return f"{found[key]:.1f}" if found else "-"
+
+    media = crossing.get("media") or {}
+    text = (f"  {name}: {crossing['ok']}/{crossing['calls']} calls crossing it ok, setup p50/p95 "
+            f"{p(crossing, 'setup_ms', 'p50')}/{p(crossing, 'setup_ms', 'p95')} ms, media "
+            f"latency p50/p95 {p(crossing, 'media_latency_ms', 'p50')}/"
+            f"{p(crossing, 'media_latency_ms', 'p95')} ms (tail: the calls' p95 at their p95 "
+            f"{p(crossing, 'media_latency_p95_ms', 'p95')}, worst frame "
+            f"{p(crossing, 'media_latency_max_ms', 'max')} ms), freezes "
+            f"{media.get('freezes', 0)}")
+    if media.get("freezes_per_minute"):
+        text += f" ({media['freezes_per_minute']:g}/min)"
+    if as_caller and as_caller.get("calls"):
+        text += (f"; as the callers' server: response p50/p95/p99 "
+                 f"{p(as_caller, 'response_ms', 'p50')}/{p(as_caller, 'response_ms', 'p95')}/"
+                 f"{p(as_caller, 'response_ms', 'p99')} ms, server time p50 "
+                 f"{p(as_caller, 'server_time_ms', 'p50')} ms")
+    if crossing["failures"]:
+        text += f"; failures {crossing['failures']}"
+    return text
 
 
 def describe_hop_totals(hops: dict[str, Any]) -> list[str]:

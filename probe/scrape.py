@@ -61,17 +61,29 @@ def lag_bound_ms(first: dict[str, float], last: dict[str, float], q: float = 0.9
                  ) -> float | None:
     """The histogram bucket bound under which ``q`` of the event-loop lag samples taken during
     the run fell (milliseconds; inf if beyond the last bucket; None with no samples)."""
-    buckets: list[tuple[float, float]] = []
+    return lag_bound_of(lag_buckets(first, last), q)
+
+
+def lag_buckets(first: dict[str, float], last: dict[str, float]) -> dict[float, float]:
+    """The event-loop lag histogram's cumulative bucket counts that moved between two samples
+    of one process (a restart in between: since the restart), by bound in seconds."""
     since = {} if restarted_between(first, last) else first
+    out: dict[float, float] = {}
     for key, value in last.items():
         if key.startswith(LAG + "_bucket{le="):
             bound = float(key[len(LAG + "_bucket{le="):-1])
-            buckets.append((bound, value - since.get(key, 0.0)))
-    buckets.sort()
-    if not buckets or buckets[-1][1] <= 0:
+            out[bound] = value - since.get(key, 0.0)
+    return out
+
+
+def lag_bound_of(buckets: dict[float, float], q: float = 0.99) -> float | None:
+    """The bound (ms) under which ``q`` of a lag histogram's samples fell (cumulative counts
+    by bound); inf past the last finite bucket; None with no sample."""
+    ordered = sorted(buckets.items())
+    if not ordered or ordered[-1][1] <= 0:
         return None
-    count = buckets[-1][1]  # le=+Inf: every sample
-    for bound, cumulative in buckets:
+    count = ordered[-1][1]  # le=+Inf: every sample
+    for bound, cumulative in ordered:
         if cumulative >= q * count:
             return round(bound * 1000, 3)
     return float("inf")
@@ -96,46 +108,101 @@ def restarted_between(first: dict[str, float], last: dict[str, float]) -> bool:
 
 
 @dataclass
+class Lifetime:
+    """One process of a server, as scraped: its first and last sample (a restart starts
+    another: ``process_start_time_seconds`` changed)."""
+
+    first: dict[str, float]
+    last: dict[str, float]
+    t_first: float
+    t_last: float
+    #: the first sample is the process's first moment: it counted from zero, not from first
+    from_start: bool = False
+
+    def since(self) -> dict[str, float]:
+        return {} if self.from_start else self.first
+
+
+@dataclass
 class ServerTrack:
-    """One server's samples over a run: the first, the last, and the peaks between."""
+    """One server's samples over a run: each process lifetime's first and last sample (a
+    restart starts a new one), and the peaks. Counters, CPU and the loop-lag histogram are
+    summed over the lifetimes, each from where it was first seen (a later one from zero):
+    a restart does not hand the new process's few seconds the whole run, nor lose the old
+    process's part."""
 
     url: str
-    first: dict[str, float] | None = None
-    last: dict[str, float] | None = None
-    t_first: float = 0.0
-    t_last: float = 0.0
+    lifetimes: list[Lifetime] = field(default_factory=list)
     peaks: dict[str, float] = field(default_factory=dict)
     scrapes: int = 0
     failed: int = 0
     error: str | None = None
 
+    @property
+    def first(self) -> dict[str, float] | None:
+        return self.lifetimes[0].first if self.lifetimes else None
+
+    @property
+    def last(self) -> dict[str, float] | None:
+        return self.lifetimes[-1].last if self.lifetimes else None
+
+    @property
+    def restarts(self) -> int:
+        return max(0, len(self.lifetimes) - 1)
+
     def add(self, sample: dict[str, float], now: float) -> None:
-        if self.first is None:
-            self.first, self.t_first = sample, now
-        self.last, self.t_last = sample, now
+        current = self.lifetimes[-1] if self.lifetimes else None
+        if current is None or restarted_between(current.last, sample):
+            self.lifetimes.append(Lifetime(sample, sample, now, now,
+                                           from_start=current is not None))
+        else:
+            current.last, current.t_last = sample, now
         self.scrapes += 1
         for name, key in PEAKS.items():
             value = total(sample, name)
             if value is not None:
                 self.peaks[key] = max(self.peaks.get(key, value), value)
 
+    def counters(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for life in self.lifetimes:
+            since = life.since()
+            for key, value in life.last.items():
+                name = key.split("{", 1)[0]
+                if name.startswith("relay_") and name.endswith("_total"):
+                    out[key] = out.get(key, 0.0) + value - since.get(key, 0.0)
+        return dict(sorted((k, v) for k, v in out.items() if v))
+
+    def cpu_seconds(self) -> float | None:
+        moved = [(total(life.last, CPU), total(life.since(), CPU) or 0.0)
+                 for life in self.lifetimes]
+        if not moved or any(last is None for last, _ in moved):
+            return None
+        return sum(last - since for last, since in moved if last is not None)
+
+    def lag_buckets(self) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for life in self.lifetimes:
+            for bound, count in lag_buckets(life.since(), life.last).items():
+                out[bound] = out.get(bound, 0.0) + count
+        return out
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"url": self.url, "scrapes": self.scrapes,
                                "failed_scrapes": self.failed}
         if self.error:
             out["last_error"] = self.error
-        if self.first is None or self.last is None:
-            return out
-        elapsed = self.t_last - self.t_first
         first, last = self.first, self.last
+        if first is None or last is None:
+            return out
+        elapsed = self.lifetimes[-1].t_last - self.lifetimes[0].t_first
         out["elapsed_s"] = round(elapsed, 1)
-        restarted = restarted_between(first, last)
-        if restarted:
-            out["restarted"] = True  # counters and CPU: since the restart
-        cpu_first, cpu_last = (0.0 if restarted else total(first, CPU)), total(last, CPU)
-        out["cpu_pct"] = (round((cpu_last - cpu_first) / elapsed * 100, 1)
-                          if elapsed > 0 and cpu_first is not None and cpu_last is not None
-                          else None)
+        if self.restarts:
+            out["restarted"] = True
+            out["restarts"] = self.restarts  # counters and CPU: summed over the processes
+        cpu = self.cpu_seconds()
+        out["cpu_pct"] = (round(cpu / elapsed * 100, 1)
+                          if elapsed > 0 and cpu is not None else None)
 
         def mb(sample: dict[str, float]) -> float | None:
             value = total(sample, "process_resident_memory_bytes")
@@ -147,8 +214,8 @@ class ServerTrack:
                           ("calls", "relay_calls")):
             out[key] = {"start": total(first, name), "end": total(last, name),
                         "peak": self.peaks.get(key)}
-        out["loop_lag_p99_ms_at_most"] = lag_bound_ms(first, last)
-        out["counters"] = counter_deltas(first, last)
+        out["loop_lag_p99_ms_at_most"] = lag_bound_of(self.lag_buckets())
+        out["counters"] = self.counters()
         return out
 
 
@@ -246,7 +313,9 @@ def describe(server_metrics: dict[str, dict[str, Any]]) -> Iterable[str]:
         refusals = {k.split("code=", 1)[1].rstrip("}"): int(v) for k, v in counters.items()
                     if k.startswith("relay_refusals_total{")}
         memory = s["memory_mb"]
-        restarted = " (restarted during the run)" if s.get("restarted") else ""
+        restarts = s.get("restarts", 1 if s.get("restarted") else 0)
+        restarted = (f" (restarted {restarts} time{'s' if restarts > 1 else ''} during the run"
+                     "; counters and CPU summed over its processes)" if restarts else "")
         yield (f"  {name} /metrics{restarted}: CPU {s['cpu_pct']} %, memory {memory['start']} -> "
                f"{memory['end']} MB (peak {memory['peak']}), legs peak {_g(s['legs']['peak'])}, "
                f"tasks {_g(s['tasks']['start'])} -> {_g(s['tasks']['end'])}, loop lag p99 <= "

@@ -41,10 +41,12 @@ FAILURE_CLASSES = (
 )
 
 #: Phases timed per call, in ms from the (scheduled) send time, and media figures (per call
-#: direction: media latency and audio latency are each direction's p50).
+#: direction: media latency and audio latency are each direction's p50; the media latency's
+#: tail is each direction's own p95 and max, so a server that stalls now and then shows in
+#: media too, not only in the typical frame).
 PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "setup_ms",
           "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms",
-          "audio_latency_ms", "video_kbps")
+          "media_latency_p95_ms", "media_latency_max_ms", "audio_latency_ms", "video_kbps")
 
 #: What a person in the call would notice, per call direction: picture quality (a direction's
 #: mean over its samples: endpoint/quality.py) and the call score (MOS: endpoint/emodel.py),
@@ -193,8 +195,11 @@ class Figures:
             if name in PHASES:
                 record_ms(self.histogram(name), value)
         for figures in media.values():
-            if figures.get("latency_ms_p50") is not None:
-                record_ms(self.histogram("media_latency_ms"), figures["latency_ms_p50"])
+            for key, phase in (("latency_ms_p50", "media_latency_ms"),
+                               ("latency_ms_p95", "media_latency_p95_ms"),
+                               ("latency_ms_max", "media_latency_max_ms")):
+                if figures.get(key) is not None:
+                    record_ms(self.histogram(phase), figures[key])
             if figures.get("audio_latency_ms_p50") is not None:
                 record_ms(self.histogram("audio_latency_ms"), figures["audio_latency_ms_p50"])
             skew = figures.get("av_sync_ms")
@@ -390,8 +395,8 @@ class Recorder:
             row: dict[str, Any] = {"t_s": index * self.window_s, "calls": f.calls, "ok": f.ok,
                                    "failed": f.calls - f.ok, "success_rate": f.success_rate,
                                    "late_starts": f.late_starts}
-            for phase in ("response_ms", "setup_ms", "media_latency_ms", "audio_latency_ms",
-                          "video_kbps"):
+            for phase in ("response_ms", "setup_ms", "media_latency_ms", "media_latency_p95_ms",
+                          "audio_latency_ms", "video_kbps"):
                 p = percentiles(f.histograms[phase]) if phase in f.histograms else None
                 row[f"{phase}_p50"] = p["p50"] if p else None
                 row[f"{phase}_p95"] = p["p95"] if p else None

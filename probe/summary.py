@@ -66,7 +66,7 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     total = Recorder(window_s)
     for run in runs:
         total.merge(Recorder.from_summary(run["figures"]))
-    missed = objective.missed_by_server(total.servers, media)
+    missed = objective.missed_by_server(total.crossing, media)
     gaps = [f"run {i}: {run['shard']['problem']}" for i, run in enumerate(runs)
             if run["shard"].get("problem")]
     if gaps:  # a load whose shards do not add up is not the load that was asked for

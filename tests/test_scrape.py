@@ -87,19 +87,24 @@ def test_lag_bound_edges():
     assert counter_deltas(empty, empty) == {}
 
 
-def test_a_server_restarted_mid_run_counts_from_zero():
+def test_a_server_restarted_mid_run_sums_each_process_s_part():
     before = parse("process_start_time_seconds 100\nprocess_cpu_seconds_total 50\n"
                    'relay_calls_started_total{server="a"} 40\n')
+    dying = parse("process_start_time_seconds 100\nprocess_cpu_seconds_total 53\n"
+                  'relay_calls_started_total{server="a"} 47\n')
     after = parse("process_start_time_seconds 200\nprocess_cpu_seconds_total 1\n"
                   'relay_calls_started_total{server="a"} 3\n')
     track = ServerTrack("http://a")
     track.add(before, 0.0)
+    track.add(dying, 5.0)
     track.add(after, 10.0)
     s = track.summary()
-    assert s["restarted"] is True
-    assert s["counters"] == {"relay_calls_started_total": 3}  # not -37
-    assert s["cpu_pct"] == 10.0  # 1 CPU-second since the restart, over 10 s
-    assert "restarted during the run" in next(iter(describe({"a": s})))
+    assert s["restarted"] is True and s["restarts"] == 1
+    # 7 by the first process while watched, 3 by the second since it started: not -37, and
+    # not the second's 3 alone
+    assert s["counters"] == {"relay_calls_started_total": 10}
+    assert s["cpu_pct"] == 40.0  # 3 + 1 CPU-seconds over the 10 s
+    assert "restarted 1 time during the run" in next(iter(describe({"a": s})))
 
 
 def test_an_unreadable_server_is_described_not_fatal():
