@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -30,10 +31,24 @@ from probe.client import ProbeError, Server, discover, find_device, pick_pair
 from probe.credentials import Credentials
 from probe.fleet import FLEET_PORT, Follower, follow, leading
 from probe.load import PAIRING_MODES, LoadReport, LoadSettings, Shard, run_load
+from probe.nemesis import (
+    DockerTarget,
+    Fault,
+    FaultError,
+    LocalTarget,
+    PlanError,
+    Target,
+    load_plan,
+    seconds,
+)
 from probe.objective import RUN, Objective
 from probe.report import CallLog, write_summary
 from probe.scrape import ServerWatch
 from probe.scrape import describe as describe_server_metrics
+from probe.scrape import parse as parse_metrics
+from probe.soak import Soak, SoakSettings, describe_stability, dump, print_line
+from probe.stability import StabilitySettings
+from probe.stats import Recorder
 from probe.summary import build as build_summary
 from probe.summary import merge as merge_summaries
 from relay.logs import setup_logging
@@ -79,7 +94,8 @@ def _common(c: argparse.ArgumentParser, devices: int, video: str, sample: float 
 
 
 def _load_args(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--duration", type=float, default=30.0, help="seconds of scheduled starts")
+    c.add_argument("--duration", type=_duration, default=30.0,
+                   help="how long calls are started: seconds, or with a unit (90s, 45m, 8h)")
     c.add_argument("--poisson", action="store_true", help="exponential gaps (same mean rate)")
     c.add_argument("--max-concurrent", type=int, default=100,
                    help="calls up at once at most; a start past it is skipped and counted")
@@ -120,6 +136,13 @@ def _load_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--max-av-sync-ms", type=_limit, default=o.max_av_sync_ms, metavar="MS",
                    help="the 95th percentile of the call directions' lip-sync skew, either "
                         "side")
+
+
+def _duration(text: str) -> float:
+    try:
+        return seconds(text)
+    except PlanError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _limit(text: str) -> float | None:
@@ -183,6 +206,43 @@ def build_parser() -> argparse.ArgumentParser:
                      help="... or its CPU, %% of one core (from /metrics)")
     cap.add_argument("--give-way-loss", type=float, default=limits.loss_in, metavar="F",
                      help="... or the share of the video sent to it lost on the way")
+    soak = sub.add_parser(
+        "soak", help="open-loop load for hours, faults on a schedule, each server judged on "
+                     "its stability (trends, leaks, restarts, recovery, invariants)")
+    soak.add_argument("--rate", type=float, default=None,
+                      help="calls started per second (or --at with --capacity)")
+    _common(soak, devices=10, video="packets")
+    _load_args(soak)
+    soak.set_defaults(duration=3600.0, window=30.0, scrape_interval=2.0, max_concurrent=100)
+    soak.add_argument("--capacity", type=Path, default=None, metavar="FILE",
+                      help="a capacity search's summary.json: the rate is --at of the least "
+                           "sustainable rate it found")
+    soak.add_argument("--at", type=float, default=None, metavar="FRACTION",
+                      help="with --capacity: the share of the sustainable rate to run at")
+    soak.add_argument("--warmup", type=_duration, default=None, metavar="DURATION",
+                      help="resource trends are judged from this long after the start (and "
+                           "after each restart); default: the servers' ended-call retention "
+                           "(/metrics) plus 60 s, at least 120 s")
+    soak.add_argument("--faults", type=Path, default=None, metavar="PLAN.json",
+                      help="faults to make on a schedule (docs/probe.md): on the --local "
+                           "stack, or on a compose lab with --compose-project")
+    soak.add_argument("--compose-project", default=os.environ.get("PROBE_COMPOSE_PROJECT"),
+                      metavar="NAME", help="make the plan's faults on this compose project's "
+                                           "containers (Docker Engine API; env "
+                                           "PROBE_COMPOSE_PROJECT)")
+    soak.add_argument("--docker-socket", default="/var/run/docker.sock", metavar="PATH")
+    soak.add_argument("--isolate", action="append", default=[], metavar="LOWER",
+                      help="with --local: run this lower server and its devices in a network "
+                           "namespace of its own, so a plan can cut or slow its link (root)")
+    soak.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                      help="with --local: one more argument for every server (repeatable)")
+    soak.add_argument("--max-recovery", type=_duration, default=60.0, metavar="DURATION",
+                      help="a server slower than this to recover from an incident is "
+                           "unstable")
+    soak.add_argument("--no-end-check", action="store_true",
+                      help="do not ask every server of each call's path how it ended there")
+    soak.add_argument("--idle-timeout", type=_duration, default=60.0, metavar="DURATION",
+                      help="how long the checks at the end wait for the tree to settle")
     merge = sub.add_parser("merge", help="merge probes' --out directories into one report")
     merge.add_argument("dirs", nargs="+", type=Path)
     merge.add_argument("--out", type=Path, required=True)
@@ -193,25 +253,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.asynccontextmanager
 async def servers_for(args: argparse.Namespace) -> AsyncIterator[list[str]]:
+    async with stack_for(args) as (urls, _):
+        yield urls
+
+
+@contextlib.asynccontextmanager
+async def stack_for(args: argparse.Namespace
+                    ) -> AsyncIterator[tuple[list[str], LocalStack | None]]:
+    """The servers' URLs: those given, or a local stack's (started here, and yielded too)."""
     if args.local:
         try:
             topology = load_topology(args.topology) if args.topology else DEFAULT
-        except TopologyError as exc:
+            settings = StackSettings(devices=args.devices, size=args.size, video=args.video,
+                                     topology=topology,
+                                     isolate=tuple(getattr(args, "isolate", None) or ()),
+                                     server_args=tuple(getattr(args, "server_arg", None)
+                                                       or ()))
+        except (TopologyError, ValueError) as exc:
             raise ProbeError("bad_arguments", str(exc)) from None
-        settings = StackSettings(devices=args.devices, size=args.size, video=args.video,
-                                 topology=topology)
         async with LocalStack(settings) as stack:
             if not args.json:
                 names = ", ".join(f"{c.name} {c.url}" for c in stack.servers if c.url)
                 print(f"local stack: {names} (logs in {stack.log_dir})", flush=True)
-            yield stack.urls
+            yield stack.urls, stack
         return
     if args.topology:
         raise ProbeError("bad_arguments", "--topology goes with --local")
     urls = args.server or [u for u in os.environ.get("PROBE_SERVERS", "").split(",") if u]
     if not urls:
         raise ProbeError("no_servers", "give --server URL (repeatable), PROBE_SERVERS, or --local")
-    yield urls
+    yield urls, None
 
 
 def describe_audio(m: dict[str, Any]) -> str:
@@ -516,6 +587,134 @@ async def command_capacity(args: argparse.Namespace) -> int:
     return finish(args, summary)
 
 
+async def command_soak(args: argparse.Namespace) -> int:
+    objective = objective_of(args)
+    rate = soak_rate(args)
+    plan: list[Fault] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stop.is_set() and main is not None:
+            main.cancel()  # a second signal: stop now
+        else:
+            print_line("stopping: no new calls; the calls up end, then the checks and the "
+                       "report (again to stop at once)")
+            stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    began = time.monotonic()
+    try:
+        async with (stack_for(args) as (urls, stack),
+                    probe_session(args, urls) as (session, credentials)):
+            servers = await discover(session, urls, credentials)
+            names = {s.name for s in servers}
+            target: Target | None = None
+            if args.faults is not None:
+                try:
+                    plan = load_plan(args.faults, names)
+                except PlanError as exc:
+                    raise ProbeError("bad_arguments", str(exc)) from None
+                if stack is not None:
+                    target = LocalTarget(stack)
+                elif args.compose_project:
+                    target = DockerTarget(args.compose_project, args.docker_socket)
+                else:
+                    raise ProbeError("bad_arguments", "--faults needs a place to make them: "
+                                     "--local, or --compose-project NAME")
+                for fault in plan:
+                    try:
+                        target.check(fault)
+                    except FaultError as exc:
+                        raise ProbeError("bad_arguments", str(exc)) from None
+            load = replace(load_settings_of(args, rate), start_at=None)
+            warmup = args.warmup if args.warmup is not None else await default_warmup(
+                session, servers)
+            stability = StabilitySettings(
+                window_s=args.window, warmup_s=warmup, max_recovery_s=args.max_recovery,
+                recover_by_s=args.setup_timeout,
+                close_after_s=args.hold + args.setup_timeout + args.request_timeout + 15.0)
+            settings = SoakSettings(load=load, stability=stability,
+                                    scrape_s=args.scrape_interval or 2.0,
+                                    ends=not args.no_end_check, idle_timeout_s=args.idle_timeout)
+            print_line(f"{len(servers)} servers, {sum(len(s.devices) for s in servers)} "
+                       f"devices; {rate:g} calls/s for {load.duration_s:g} s, windows of "
+                       f"{args.window:g} s, warm-up {warmup:g} s"
+                       + (f", {len(plan)} faults planned" if plan else ""))
+
+            def finish_summary(summary: dict[str, Any]) -> dict[str, Any]:
+                runs = summary.get("runs") or []
+                missed = {}
+                if runs:
+                    figures = Recorder.from_summary(runs[0]["figures"])
+                    missed = objective.missed_by_server(figures.crossing, load.media == "full")
+                built = summary_of("soak", runs, servers, objective, missed, load.window_s)
+                built.update({k: v for k, v in summary.items() if k not in built
+                              or k in ("runs",)})
+                built["valid"] = all(run["valid"] for run in runs)
+                built["elapsed_s"] = round(time.monotonic() - began, 1)
+                return built
+
+            soak = Soak(session, servers, settings, plan, target, args.out, stop,
+                        line=print_line, finish_summary=finish_summary)
+            summary = await soak.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if args.json:
+        print(dump(summary))
+    else:
+        print(describe_run(summary))
+        print("\n".join(describe_stability(summary["stability"])))
+        if args.out:
+            print(f"report: {args.out / 'report.html'}")
+    if not summary["valid"]:
+        return 3
+    return 0 if summary["stability"]["stable"] else 1
+
+
+def soak_rate(args: argparse.Namespace) -> float:
+    """--rate, or --at of the least sustainable rate a capacity search found (--capacity)."""
+    if args.capacity is None:
+        if args.at is not None:
+            raise ProbeError("bad_arguments", "--at goes with --capacity FILE")
+        if args.rate is None:
+            raise ProbeError("bad_arguments", "give --rate, or --capacity FILE --at FRACTION")
+        return float(args.rate)
+    if args.rate is not None or args.at is None:
+        raise ProbeError("bad_arguments", "--capacity FILE takes --at FRACTION (not --rate)")
+    if not 0 < args.at <= 10:
+        raise ProbeError("bad_arguments", f"--at {args.at:g}: a share of the capacity, e.g. "
+                                          "0.7")
+    try:
+        found = json.loads(args.capacity.read_text()).get("capacity") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ProbeError("bad_arguments", f"--capacity {args.capacity}: {exc}") from None
+    rates = {name: c["rate"] for name, c in found.items()
+             if isinstance(c, dict) and isinstance(c.get("rate"), int | float) and c["rate"] > 0}
+    if not rates:
+        raise ProbeError("bad_arguments", f"--capacity {args.capacity}: no server has a "
+                                          "sustainable rate in it (a capacity summary.json?)")
+    return args.at * min(rates.values())
+
+
+async def default_warmup(session: aiohttp.ClientSession, servers: list[Server]) -> float:
+    """The servers' ended-call retention (their memory grows that long under steady load,
+    relay_ended_calls_keep_seconds) plus 60 s, at least 120 s."""
+    kept: list[float] = []
+    for server in servers:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            async with session.get(f"{server.url}/metrics",
+                                   timeout=aiohttp.ClientTimeout(total=3)) as response:
+                found = parse_metrics(await response.text()).get(
+                    "relay_ended_calls_keep_seconds")
+            if found is not None:
+                kept.append(found)
+    return max(120.0, (max(kept) if kept else 120.0) + 60.0)
+
+
 #: What a fleet's leader tells its followers at the end (they write it as their own verdict).
 VERDICT = ("capacity", "capacity_steps", "valid", "objective_met", "objective_missed")
 
@@ -744,7 +943,8 @@ class Progress:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("probe", args.log_level)
-    commands = {"call": command_call, "load": command_load, "capacity": command_capacity}
+    commands = {"call": command_call, "load": command_load, "capacity": command_capacity,
+                "soak": command_soak}
     try:
         if args.command == "merge":
             return command_merge(args)

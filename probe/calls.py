@@ -59,6 +59,11 @@ class CallResult:
     series: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: in a load, the call's place in the run's schedule (every shard's: probe/load.py Shard)
     slot: int | None = None
+    #: in a load, the servers the call was to cross (the tree path; ``path`` is how far it got)
+    planned: list[str] = field(default_factory=list)
+    #: in a soak, how the call stood at each server of its path once it had ended
+    #: (probe/load.py ``check_ends``)
+    ends: dict[str, str] = field(default_factory=dict)
 
     @property
     def rate(self) -> dict[str, dict[str, Any] | None]:
@@ -125,7 +130,9 @@ class CallResult:
                 "links": self.links, "senders": self.senders,
                 "latency_parts": self.latency_parts, "bottleneck": self.bottleneck,
                 "rate": self.rate, "not_adapting": self.not_adapting, "series": self.series,
-                **({"slot": self.slot} if self.slot is not None else {})}
+                **({"slot": self.slot} if self.slot is not None else {}),
+                **({"planned_path": self.planned} if self.planned else {}),
+                **({"ends": self.ends} if self.ends else {})}
 
 
 def sample(info: CallInfo, t_s: float) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,16 +50,23 @@ def schedule(rate: float, duration_s: float, poisson: bool = False,
              rng: random.Random | None = None) -> list[float]:
     """Start offsets (s from the run's start) for ``rate`` calls/s over ``duration_s``:
     evenly spaced, or with exponential gaps (a Poisson process) of the same mean."""
+    return list(iter_schedule(rate, duration_s, poisson, rng))
+
+
+def iter_schedule(rate: float, duration_s: float, poisson: bool = False,
+                  rng: random.Random | None = None) -> Iterator[float]:
+    """:func:`schedule`, one offset at a time (an hours-long soak keeps no list of them)."""
     if rate <= 0 or duration_s <= 0:
-        return []
+        return
     if not poisson:
-        return [i / rate for i in range(int(rate * duration_s + 1e-9))]
+        for i in range(int(rate * duration_s + 1e-9)):
+            yield i / rate
+        return
     rng = rng or random.Random()
-    offsets, t = [], rng.expovariate(rate)
+    t = rng.expovariate(rate)
     while t < duration_s:
-        offsets.append(t)
+        yield t
         t += rng.expovariate(rate)
-    return offsets
 
 
 @dataclass(frozen=True)
@@ -274,11 +281,51 @@ class LoadReport:
         }
 
 
+async def check_ends(session: aiohttp.ClientSession, servers: list[Server],
+                     result: CallResult, timeout_s: float = 5.0) -> dict[str, str]:
+    """Ask every other server of a call's path how the call stands there now that it has
+    ended at the caller's: ``ended:REASON``, ``state:STATE`` (still not ended after
+    ``timeout_s``), ``unknown`` (it has no record of it) or ``unreachable``. The invariant
+    "every call ended with a reason at every server of its path" (probe/stability.py)."""
+    if result.call is None:
+        return {}
+    urls = {s.name: s.url for s in servers}
+    call = result.call
+
+    async def ask(name: str) -> tuple[str, str]:
+        client = ServerClient(session, urls[name])
+        try:
+            info = await client.call(call, wait="ended", timeout_s=timeout_s)
+        except ProbeError as exc:
+            if exc.code == "unknown_call":
+                return name, "unknown"
+            return name, "unreachable" if exc.code in ("server_unreachable", "timeout") \
+                else f"error:{exc.code}"
+        if info.state == "ended":
+            return name, f"ended:{info.reason}"
+        return name, f"state:{info.state}"
+
+    others = [name for name in dict.fromkeys(result.path)
+              if name != result.server and name in urls]
+    found = dict(await asyncio.gather(*(ask(name) for name in others)))
+    if result.server in urls:
+        found[result.server] = (f"ended:{result.reason}" if result.timeline.get("t_end")
+                                else "state:unknown")
+    return found
+
+
 async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                    settings: LoadSettings,
                    on_result: Callable[[CallResult], None] | None = None,
-                   on_tick: Callable[[LoadReport, int], None] | None = None) -> LoadReport:
-    """Start calls on schedule for ``settings.duration_s``, then wait for the last to finish."""
+                   on_tick: Callable[[LoadReport, int], None] | None = None,
+                   stop: asyncio.Event | None = None, keep_results: bool = True,
+                   windowed: bool = True, ends: bool = False,
+                   watch: LoopWatch | None = None) -> LoadReport:
+    """Start calls on schedule for ``settings.duration_s`` (or until ``stop`` is set), then
+    wait for the last to finish. For a long run (``probe soak``): ``keep_results`` False keeps
+    only the few sampled calls, ``windowed`` False keeps no per-window figures (the caller
+    keeps its own), and ``ends`` asks every server of each call's path how it ended there
+    (:func:`check_ends`, in ``CallResult.ends``)."""
     shard = settings.shard
     if shard.count > 1 and settings.poisson and settings.seed is None:
         raise ValueError("shards of a Poisson schedule need one --seed (they must build the "
@@ -291,14 +338,12 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
         raise ValueError(f"--via {settings.via}: no such server in the tree")
     pairing = Pairing(settings.pairing, devices, list(settings.pairs), rng, settings.callers_on,
                       settings.via, path)
-    everyone = schedule(settings.rate, settings.duration_s, settings.poisson, rng)
-    offsets = [(n, offset) for n, offset in enumerate(everyone) if shard.mine(n)]
-    report = LoadReport(settings, Recorder(settings.window_s), scheduled=len(offsets),
-                        scheduled_total=len(everyone))
+    everyone = iter_schedule(settings.rate, settings.duration_s, settings.poisson, rng)
+    report = LoadReport(settings, Recorder(settings.window_s, windowed=windowed))
     busy: set[str] = set()
     calls: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
-    watch = LoopWatch()
+    watch = watch if watch is not None else LoopWatch()
 
     async def one(caller: str, callee: str, scheduled: float, offset: float, late: bool,
                   slot: int) -> None:
@@ -320,13 +365,18 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                                     reason="probe_error", error="probe_error")
                 result.timeline["t_sent"] = scheduled
             result.slot = slot
-            report.results.append(result)
+            if keep_results or (result.series and sum(
+                    1 for r in report.results if r.series) < SAMPLED_CALLS_KEPT):
+                report.results.append(result)
             # every server the call was routed through (the tree path: the servers route
             # exactly on it), whether or not it got that far
             try:
                 planned = path(split_address(caller)[0] or "", split_address(callee)[0] or "")
             except ProbeError:
                 planned = list(result.path)  # the tree as discovered did not join them
+            result.planned = list(planned)
+            if ends:
+                result.ends = await check_ends(session, servers, result)
             report.recorder.add(result.server, offset, result.outcome, result.intervals,
                                 result.media, late, planned, result.hops, result.links,
                                 result.senders)
@@ -353,9 +403,23 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
         start_mono = loop.time() + (start_wall - now)
         report.started_at = start_wall
         try:
-            for n, (slot, offset) in enumerate(offsets):
+            n = -1
+            for slot, offset in enumerate(everyone):
+                report.scheduled_total += 1
+                if not shard.mine(slot):
+                    continue
+                n += 1
+                report.scheduled += 1
                 delay = start_mono + offset - loop.time()
-                if delay > 0:
+                if stop is not None:
+                    if not stop.is_set() and delay > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), delay)
+                    if stop.is_set():
+                        report.scheduled -= 1
+                        report.scheduled_total -= 1
+                        break
+                elif delay > 0:
                     await asyncio.sleep(delay)
                 error_ms = max(0.0, (loop.time() - start_mono - offset) * 1000)
                 record_ms(report.schedule_error, error_ms)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,8 +93,10 @@ def _legend(names: Sequence[str], width: int) -> list[str]:
 
 
 def line_chart(title: str, xs: Sequence[float], series: dict[str, Sequence[float | None]],
-               x_label: str, y_label: str, width: int = 640, height: int = 260) -> str:
-    """A line chart as inline SVG; None values break the line."""
+               x_label: str, y_label: str, width: int = 640, height: int = 260,
+               shade: Sequence[tuple[float, float, str, str]] = ()) -> str:
+    """A line chart as inline SVG; None values break the line. ``shade``: spans of x drawn
+    behind the lines, each (x0, x1, colour, what it is)."""
     values = [v for ys in series.values() for v in ys if v is not None]
     if not xs or not values:
         return _no_data(title, width)
@@ -109,6 +112,12 @@ def line_chart(title: str, xs: Sequence[float], series: dict[str, Sequence[float
         return TOP + ph - y / y1 * ph
 
     parts = _frame(title, y_label, y1, width, height)
+    for a, b, color, what in shade:
+        a, b = max(a, x0), min(b, x1)
+        if b > a:
+            parts.append(f'<rect class="shade" x="{px(a):.1f}" y="{TOP}" '
+                         f'width="{max(1.0, px(b) - px(a)):.1f}" height="{ph}" fill="{color}" '
+                         f'fill-opacity="0.25"><title>{_e(what)}</title></rect>')
     parts.append(f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + ph}" stroke="#333"/>')
     for i in range(5):
         x = x0 + (x1 - x0) * i / 4
@@ -176,6 +185,133 @@ def _phase(figures: dict[str, Any], phase: str, p: str) -> float | None:
     return found.get(p) if found else None
 
 
+def write_soak(out_dir: Path, summary: dict[str, Any]) -> None:
+    """A soak's outputs (calls.jsonl is written as calls end): summary.json, timeseries.csv
+    (one row per window and server: the trends) and report.html; each written whole to a
+    temporary name and renamed, so a reader never sees half a file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, text: str) -> None:
+        path = out_dir / FILES[name]
+        temp = path.with_suffix(path.suffix + ".part")
+        temp.write_text(text, encoding="utf-8")
+        temp.replace(path)
+
+    put("summary", json.dumps(summary, indent=1) + "\n")
+    rows = [{"window": i, "server": name, **row}
+            for name, found in (summary.get("trends") or {}).get("servers", {}).items()
+            for i, row in enumerate(found)]
+    rows.sort(key=lambda r: (r["window"], r["server"]))
+    text = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    put("timeseries", text.getvalue())
+    put("report", render_html(summary))
+
+
+#: colours of the spans drawn behind a soak's trend plots
+FAULT_COLOR, UNSTABLE_COLOR, INCIDENT_COLOR = "#888888", "#d62728", "#ff7f0e"
+
+#: a soak's per-server trend plots: (title, unit, the rows' keys)
+TREND_PLOTS = (
+    ("memory (RSS)", "MB", ("rss_mb",)),
+    ("event-loop lag p95, and its median call's transit p99", "ms",
+     ("loop_lag_p95_ms", "transit_p99_ms")),
+    ("response p95 (as the callers' server) and media tail of the calls crossing it", "ms",
+     ("response_p95_ms", "media_p95_ms")),
+    ("calls crossing it, failed, charged to it", "calls", ("calls", "failed", "blamed")),
+    ("open files, tasks, legs", "count", ("open_fds", "tasks", "legs_max")),
+)
+
+
+def _stability_html(summary: dict[str, Any]) -> list[str]:
+    stability = summary["stability"]
+    trends = (summary.get("trends") or {}).get("servers", {})
+    window = stability["window_s"]
+    body = ["<h2>Stability</h2>",
+            f"<p>{stability['windows']} windows of {window:g} s, warm-up "
+            f"{stability['warmup_s']:g} s. "
+            + ("<b>Every server stable.</b>" if stability.get("stable")
+               else "<b class=bad>Not stable.</b>")
+            + (" (the run is still going: these are the windows so far)"
+               if not stability.get("final") else "") + "</p>",
+            "<table><tr><th>server</th><th>verdict</th><th>reasons</th><th>restarts</th>"
+            "<th>recovery s</th><th>memory MB/h after warm-up</th>"
+            "<th>failures charged to it</th></tr>"]
+    for name, found in stability["servers"].items():
+        rss = (found.get("leaks") or {}).get("rss_mb") or {}
+        cls = "" if found["verdict"] == "stable" else " class=bad"
+        body.append(f"<tr><td>{_e(name)}</td><td{cls}>{_e(found['verdict'])}</td>"
+                    f"<td style='text-align:left'>{_e('; '.join(found['reasons']) or '-')}</td>"
+                    f"<td>{found['restarts']}</td><td>{_fmt(found.get('recovery_s'))}</td>"
+                    f"<td>{_fmt(rss.get('per_hour'))}</td>"
+                    f"<td>{found.get('blamed_failures', 0)}</td></tr>")
+    body.append("</table>")
+    incidents = stability.get("incidents") or []
+    if incidents:
+        body.append("<h3>Incidents</h3><table><tr><th>server</th><th>what</th><th>made</th>"
+                    "<th>start s</th><th>end s</th><th>calls hit</th><th>how they ended</th>"
+                    "<th>detect s</th><th>first call ok s</th><th>directories whole s</th>"
+                    "<th>lost</th></tr>")
+        for i in incidents:
+            body.append(f"<tr><td>{_e(i['server'])}</td><td style='text-align:left'>"
+                        f"{_e(i['kind'])}: {_e(i['detail'])}</td><td>{_e(i['made'])}</td>"
+                        f"<td>{_fmt(i['start_s'])}</td><td>{_fmt(i['end_s'])}</td>"
+                        f"<td>{i['calls_hit']}</td><td style='text-align:left'>"
+                        f"{_e(i['outcomes'] or '-')}</td><td>{_fmt(i['detect_s'])}</td>"
+                        f"<td>{_fmt(i['first_ok_call_s'])}</td>"
+                        f"<td>{_fmt(i['directory_whole_s'])}</td>"
+                        f"<td>{_e(i['lost'] or '-')}</td></tr>")
+        body.append("</table>")
+    invariants = stability.get("invariants")
+    if invariants is not None:
+        ends = invariants["calls_ended_everywhere"]
+        body.append("<h3>Invariants at the end</h3><ul>"
+                    f"<li>every call ended with a reason at every server of its path: "
+                    f"{'yes' if ends['ok'] else '<b class=bad>no</b>'} ({ends['checked']} "
+                    f"answers, {ends['broken']} broken, {ends['excused']} explained by an "
+                    f"incident)</li>"
+                    f"<li>idle: 0 calls, 0 legs, tasks and open files back: "
+                    f"{'yes' if invariants['idle']['ok'] else '<b class=bad>no</b>'}</li>"
+                    f"<li>every device registered again: "
+                    f"{'yes' if invariants['devices_back']['ok'] else '<b class=bad>no</b>'}"
+                    f"</li><li>every server's directory agrees: "
+                    f"{'yes' if invariants['directories_agree']['ok'] else '<b class=bad>no</b>'}"
+                    "</li></ul>")
+        for name, broken in invariants["broken_at"].items():
+            body.append(f"<p class=bad>{_e(name)}: {_e('; '.join(broken))}</p>")
+    faults = [(f["start_s"], f["end_s"] if f["end_s"] is not None else f["start_s"] + window,
+               f["server"], f"{f['kind']}: {f['what']}") for f in stability.get("faults", [])]
+    body.append("<h3>Trends per server</h3><p>Grey: a fault the plan made there; orange: an "
+                "incident found there (a restart, unreachable); red: an unstable window.</p>")
+    for name, rows in trends.items():
+        if not rows:
+            continue
+        found = stability["servers"].get(name, {})
+        shade = [(a, b, FAULT_COLOR, what) for a, b, server, what in faults if server == name]
+        shade += [(i["start_s"], i["end_s"] if i["end_s"] is not None else rows[-1]["t_s"],
+                   INCIDENT_COLOR, f"{i['kind']}: {i['detail']}") for i in incidents
+                  if i["server"] == name and not i["made"] and i["kind"] != "degraded"]
+        shade += [(w["start_s"], w["end_s"], UNSTABLE_COLOR, f"unstable: {w['signals']}")
+                  for w in found.get("unstable_windows", [])]
+        xs = [row["t_s"] for row in rows]
+        body.append(f"<h4>{_e(name)}: {_e(found.get('verdict', ''))}</h4>")
+        for title, unit, keys in TREND_PLOTS:
+            body.append(line_chart(f"{name}: {title}", xs, {
+                key: [row.get(key) for row in rows] for key in keys},
+                "s since the start", unit, width=560, height=200, shade=shade))
+    probe = (summary.get("trends") or {}).get("probe") or []
+    if probe:
+        body.append(line_chart("The probe itself: memory and worst loop lag per window",
+                               [r["t_s"] for r in probe],
+                               {"RSS MB": [r.get("rss_mb") for r in probe],
+                                "loop lag ms": [r.get("loop_lag_ms") for r in probe]},
+                               "s since the start", "MB / ms", width=560, height=200))
+    return body
+
+
 def render_html(summary: dict[str, Any]) -> str:
     runs = summary.get("runs", [])
     total = summary.get("figures", {})
@@ -188,6 +324,8 @@ def render_html(summary: dict[str, Any]) -> str:
             f" &middot; objective {'met' if summary.get('objective_met') else 'missed'}</p>"]
     if summary.get("objective"):
         body.append(f"<p>Objective: <code>{_e(summary['objective'])}</code></p>")
+    if summary.get("stability"):
+        body.extend(_stability_html(summary))
     if summary.get("capacity"):
         body.append("<h2>Capacity</h2><table><tr><th>server</th><th>sustainable calls/s</th>"
                     "<th>concurrent calls</th><th>first failing calls/s</th><th>why</th></tr>")

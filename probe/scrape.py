@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.logs import event
 
 log = logging.getLogger("probe.scrape")
+
+#: (server, UNIX time, the parsed sample or None, why it could not be read or None)
+SampleHook = Callable[[str, float, "dict[str, float] | None", "str | None"], None]
 
 #: gauges whose peak over the run is kept (summed over their labels)
 PEAKS = {"process_resident_memory_bytes": "memory_mb", "relay_asyncio_tasks": "tasks",
@@ -231,11 +234,17 @@ class ServerWatch:
     """
 
     def __init__(self, session: aiohttp.ClientSession, servers: dict[str, str],
-                 interval_s: float | None = 5.0, timeout_s: float = 3.0) -> None:
+                 interval_s: float | None = 5.0, timeout_s: float = 3.0,
+                 on_sample: SampleHook | None = None,
+                 on_round: Callable[[float], None] | None = None) -> None:
         self.session = session
         self.tracks = {name: ServerTrack(url.rstrip("/")) for name, url in servers.items()}
         self.interval_s = interval_s  #: None: at the start and the end only
         self.timeout_s = timeout_s
+        #: every scrape as it comes: (server, UNIX time, the sample or None, the error or None)
+        self.on_sample = on_sample
+        #: every round of scrapes done (UNIX time): every server has just been read
+        self.on_round = on_round
         self._task: asyncio.Task[None] | None = None
         self._windows: list[dict[str, ServerTrack]] = []  #: open windows get every sample too
 
@@ -254,8 +263,12 @@ class ServerWatch:
         await self.sample()
 
     async def _run(self, interval_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(interval_s)
+            due += interval_s  # a steady beat: a slow scrape does not push the next ones back
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due = max(due, loop.time() - interval_s)
             await self.sample()
 
     @contextlib.asynccontextmanager
@@ -274,6 +287,8 @@ class ServerWatch:
     async def sample(self) -> None:
         await asyncio.gather(*(self._scrape(name, track)
                                for name, track in self.tracks.items()))
+        if self.on_round is not None:
+            self.on_round(time.time())
 
     async def _scrape(self, name: str, track: ServerTrack) -> None:
         try:
@@ -291,10 +306,17 @@ class ServerWatch:
             for each in (track, *(window[name] for window in self._windows)):
                 each.failed += 1
                 each.error = error
+            if self.on_sample is not None:
+                self.on_sample(name, time.time(), None, error)
             return
         now = time.monotonic()
+        if track.error is not None:
+            event(log, "metrics_readable_again", server=name)
+            track.error = None
         for each in (track, *(window[name] for window in self._windows)):
             each.add(sample, now)
+        if self.on_sample is not None:
+            self.on_sample(name, time.time(), sample, None)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {name: track.summary() for name, track in sorted(self.tracks.items())}

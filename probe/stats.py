@@ -328,6 +328,9 @@ class Recorder:
 
     window_s: float = 5.0
     total: Figures = field(default_factory=Figures)
+    #: keep figures per time window (False: a long run keeps its own, probe/stability.py:
+    #: these hold several histograms each, too many for hours of windows)
+    windowed: bool = True
     servers: dict[str, Figures] = field(default_factory=dict)
     windows: dict[int, Figures] = field(default_factory=dict)
     crossing: dict[str, Figures] = field(default_factory=dict)
@@ -341,8 +344,9 @@ class Recorder:
             path: tuple[str, ...] | list[str] = (), hops: list[dict[str, Any]] | None = None,
             links: list[dict[str, Any]] | None = None,
             senders: dict[str, Any] | None = None) -> None:
-        slices = [self.total, self.servers.setdefault(server, Figures()),
-                  self.windows.setdefault(int(offset_s // self.window_s), Figures())]
+        slices = [self.total, self.servers.setdefault(server, Figures())]
+        if self.windowed:
+            slices.append(self.windows.setdefault(int(offset_s // self.window_s), Figures()))
         slices += [self.crossing.setdefault(name, Figures()) for name in dict.fromkeys(path)]
         kbps = sent_kbps(hops or [])
         if kbps is not None:  # a histogram like the phases' (kbit/s, not ms)

@@ -20,6 +20,7 @@ class LoopWatch:
         self._task: asyncio.Task[None] | None = None
         self._cpu0 = self._wall0 = 0.0
         self._cpu = self._wall = 0.0
+        self._recent_max = 0.0
 
     async def __aenter__(self) -> LoopWatch:
         self._cpu0, self._wall0 = time.process_time(), time.monotonic()
@@ -39,7 +40,14 @@ class LoopWatch:
         while True:
             due = loop.time() + self.interval_s
             await asyncio.sleep(self.interval_s)
-            record_ms(self.lag, max(0.0, (loop.time() - due) * 1000))
+            late_ms = max(0.0, (loop.time() - due) * 1000)
+            record_ms(self.lag, late_ms)
+            self._recent_max = max(self._recent_max, late_ms)
+
+    def recent_max_ms(self) -> float:
+        """The worst lag since the last time this was asked (a soak reads it per window)."""
+        found, self._recent_max = self._recent_max, 0.0
+        return found
 
     def figures(self) -> dict[str, float | None]:
         lag = percentiles(self.lag)
