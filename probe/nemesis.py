@@ -91,14 +91,16 @@ class Fault:
     share: float = 0.05  #: loss
 
     def describe(self) -> str:
-        what = {"kill": f"killed{'' if self.restart_after_s is None else f', started again after {self.restart_after_s:g} s'}",  # noqa: E501
-                "stop": f"stopped for {self.for_s:g} s",
-                "duty": f"stopped {self.stopped_ms:g} ms of every {self.period_ms:g} ms for "
-                        f"{self.for_s:g} s",
-                "cut": f"its parent link cut for {self.for_s:g} s",
-                "limit": f"its parent link at {self.kbit} kbit/s for {self.for_s:g} s",
-                "loss": f"{self.share:.0%} of its link's UDP dropped for {self.for_s:g} s"}
-        return what[self.kind]
+        if self.kind == "kill":
+            return "killed" + ("" if self.restart_after_s is None else
+                               f", started again after {self.restart_after_s:g} s")
+        lasting = f"for {self.for_s or 0:g} s"
+        return {"stop": f"stopped {lasting}",
+                "duty": f"stopped {self.stopped_ms:g} ms of every {self.period_ms:g} ms "
+                        f"{lasting}",
+                "cut": f"its parent link cut {lasting}",
+                "limit": f"its parent link at {self.kbit} kbit/s {lasting}",
+                "loss": f"{self.share:.0%} of its link's UDP dropped {lasting}"}[self.kind]
 
 
 def parse_plan(data: Any, servers: set[str] | None = None) -> list[Fault]:
@@ -373,6 +375,7 @@ class Nemesis:
             task = asyncio.create_task(self._run(i, fault), name=f"nemesis-{i}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._failed)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -384,6 +387,13 @@ class Nemesis:
                 await undo()
             self.record(self.plan[i], self._started[i], time.time())
         self._undo.clear()
+
+    def _failed(self, task: asyncio.Task[None]) -> None:
+        """A fault's task that raised (a bug, not a FaultError): said, never lost."""
+        if not task.cancelled() and task.exception() is not None:
+            error = f"{task.get_name()}: {task.exception()!r}"
+            self.errors.append(error)
+            event(log, "fault.crashed", logging.ERROR, error=error)
 
     async def wait(self) -> None:
         """Until every fault of the plan has been made and undone."""
