@@ -197,6 +197,8 @@ class Incident:
     #: what found it, besides (a fault made and the restart or gap it caused)
     seen_as: list[str] = field(default_factory=list)
     last_seen: float | None = None  #: unreachable/restart: the last scrape before it
+    #: a found incident that a fault made: the fault's own incident
+    cause: Incident | None = None
     # -- what it did, filled as calls come in
     calls_hit: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -425,6 +427,8 @@ class StabilityRecorder:
             incident.end = t
             if restarted:
                 incident.kind = "restart"
+                if incident.cause is not None:
+                    incident.cause.seen_as.append("restart")
                 incident.detail = (f"a new process started {point.started - self.t0:.1f} s "
                                    f"into the run; {incident.detail}")
         elif restarted:
@@ -496,6 +500,7 @@ class StabilityRecorder:
                 if fault.made and fault.server == incident.server and fault.start - 1 <= \
                         incident.start <= (fault.end or incident.start) + self.s.recover_by_s:
                     fault.seen_as.append(incident.kind)
+                    incident.cause = fault
                     incident.detail += (f" (the fault made: {fault.kind} at "
                                         f"{fault.start - self.t0:.1f} s)")
                     break
