@@ -45,23 +45,21 @@ def test_forwarding_benchmark_json():
     assert isinstance(cost["added_pct"], float)
 
 
-def test_soak_reads_every_server_back_to_idle():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), "--minutes", "0.4",
-                           "--warmup", "8", "--rate", "2", "--json"],
-                          capture_output=True, text=True, timeout=180)
-    # exit 1 is allowed: 24 s is no warm-up, so memory still grows; the rest must hold
+def test_soak_benchmark_prints_every_server_s_verdict_and_the_probe_s_memory():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), "--minutes", "0.5",
+                           "--window", "10", "--rate", "2", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    # 30 s is no warm-up: memory is not judged yet; a verdict is given all the same
     assert done.returncode in (0, 1), done.stderr[-3000:]
     out = json.loads(done.stdout)
-    assert out["calls"] >= 40 and out["calls_ok"] == out["calls"], out["failures"]
+    assert out["calls"] >= 50 and out["ok"] == out["calls"], out["failures"]
     assert set(out["servers"]) == {"upper", "lower-a", "lower-b"}
     for name, server in out["servers"].items():
-        assert server["legs"]["after_warmup"] > 0, (name, server)  # read mid-load
-        assert server["legs"]["end"] == 0, (name, server)
-        assert server["tasks"]["end"] <= server["tasks"]["baseline"] + 5, (name, server)
-        fds = server["open_fds"]
-        assert fds["after_warmup"] > fds["baseline"] > 0, (name, server)  # legs' sockets seen
-        assert fds["end"] <= fds["baseline"] + 4, (name, server)
+        assert server["verdict"] in ("stable", "unstable"), (name, server)
+        assert server["tasks"]["peak"] > server["tasks"]["start"], (name, server)  # mid-load
         assert server["memory_mb"]["end"] > 10
+    assert out["invariants_ok"], out  # every server back to idle, every device back
+    assert out["probe_memory_mb"]["peak"] > 10
 
 
 def test_directory_benchmark_shows_what_a_change_costs():

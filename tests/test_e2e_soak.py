@@ -249,7 +249,8 @@ async def test_a_fault_plan_is_made_recorded_and_undone_on_the_local_stack(tmp_p
         sys.executable, "-m", "probe", "soak", "--local", "--topology", str(topology),
         "--devices", "3", "--size", "320x240", "--isolate", "lower-b1", "--faults", str(plan),
         "--duration", "130s", "--rate", "1.5", "--hold", "2", "--window", "10",
-        "--warmup", "60s", "--max-lag-ms", "500", "--out", str(out), "--json",
+        "--warmup", "60s", "--server-arg=--keep-ended", "--server-arg=10", "--max-lag-ms",
+        "500", "--out", str(out), "--json",
         stdout=asyncio.subprocess.PIPE, stderr=(tmp_path / "soak.err").open("wb"))
     stdout, _ = await asyncio.wait_for(probe.communicate(), 300)
     err = (tmp_path / "soak.err").read_text()

@@ -74,12 +74,14 @@ class Lab:
             body = response.read()
         return json.loads(body) if path != "/metrics" else body.decode()
 
-    def probe(self, name: str, *args: str, timeout: float = 300
-              ) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-        """Run the probe service with ``args`` (its --out is /results/NAME); its exit status,
-        its JSON summary, and its per-call records."""
-        done = self.compose("run", "--rm", "-T", "--no-deps", "probe", "probe", *args, "--json",
-                            "--out", f"/results/{name}", timeout=timeout, check=False)
+    def probe(self, name: str, *args: str, timeout: float = 300,
+              volumes: tuple[str, ...] = ()) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+        """Run the probe service with ``args`` (its --out is /results/NAME; ``volumes``: more
+        HOST:CONTAINER mounts); its exit status, its JSON summary, and its per-call records."""
+        mounts = [a for v in volumes for a in ("-v", v)]
+        done = self.compose("run", "--rm", "-T", "--no-deps", *mounts, "probe", "probe", *args,
+                            "--json", "--out", f"/results/{name}", timeout=timeout,
+                            check=False)
         try:
             summary = json.loads(done.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):

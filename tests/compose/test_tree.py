@@ -5,6 +5,7 @@ the other subtree's calls go on; restarted, it announces again and takes calls a
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -101,3 +102,36 @@ def test_tree_b_a_mid_server_killed_mid_call(tree_lab: Lab):
     run = {k: v for k, v in summary.items() if k not in ("figures", "server_metrics")}
     assert status == 0 and calls[0]["ok"], (status, run, calls)
     assert calls[0]["path"] == ["lower-a1", "mid-1", "root", "mid-2", "lower-b1"]
+
+
+def test_tree_c_soak_with_faults_made_through_the_docker_api(tree_lab: Lab, tmp_path):
+    """``probe soak --faults`` from the lab's own probe container, the Docker socket mounted:
+    mid-2's container killed and started again, lower-a2's paused and unpaused through the
+    Docker Engine API. Each fault is recorded and found as what it did (a restart; a server
+    the probe could not read), the calls through them are charged to them, and at the end the
+    tree is whole and every invariant holds."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"faults": [
+        {"at": "20s", "kind": "kill", "server": "mid-2", "restart_after": "10s"},
+        {"at": "60s", "kind": "stop", "server": "lower-a2", "for": "8s"}]}))
+    plan.chmod(0o644)
+    status, summary, calls = tree_lab.probe(
+        "tree-c", "soak", "--compose-project", tree_lab.project, "--faults", "/plan.json",
+        "--pairing", "every-pair", "--rate", "0.5", "--duration", "100s", "--hold", "2",
+        "--window", "10", "--warmup", "60s", "--max-lag-ms", "1000", "--idle-timeout", "90s",
+        timeout=420, volumes=("/var/run/docker.sock:/var/run/docker.sock",
+                              f"{plan}:/plan.json:ro"))
+    stability = summary["stability"]
+    assert status in (0, 1) and stability["fault_errors"] == [], (status, stability)
+    made = {i["kind"]: i for i in stability["incidents"] if i["made"]}
+    assert set(made) == {"kill", "stop"}, stability["incidents"]
+    assert "restart" in made["kill"]["seen_as"] and made["kill"]["server"] == "mid-2"
+    assert "unreachable" in made["stop"]["seen_as"] and made["stop"]["server"] == "lower-a2"
+    assert made["kill"]["recovery_s"] is not None, made["kill"]
+    assert stability["servers"]["mid-2"]["restarts"] == 1
+    # the failures went to the servers the faults were made on
+    assert set(stability["blamed"]) <= {"mid-2", "lower-a2"}, stability["blamed"]
+    assert stability["invariants"]["ok"], stability["invariants"]
+    assert len(calls) >= 40
+    print("\n(tree-c) recovery of mid-2:", made["kill"]["recovery_s"], "s; verdicts:",
+          {n: v["verdict"] for n, v in stability["servers"].items()})
