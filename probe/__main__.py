@@ -591,6 +591,11 @@ async def command_soak(args: argparse.Namespace) -> int:
     objective = objective_of(args)
     rate = soak_rate(args)
     plan: list[Fault] = []
+    if args.faults is not None:  # a wrong plan is said before anything starts
+        try:
+            plan = load_plan(args.faults)
+        except PlanError as exc:
+            raise ProbeError("bad_arguments", str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -613,10 +618,11 @@ async def command_soak(args: argparse.Namespace) -> int:
             names = {s.name for s in servers}
             target: Target | None = None
             if args.faults is not None:
-                try:
-                    plan = load_plan(args.faults, names)
-                except PlanError as exc:
-                    raise ProbeError("bad_arguments", str(exc)) from None
+                unknown = sorted({f.server for f in plan} - names)
+                if unknown:
+                    raise ProbeError("bad_arguments", f"{args.faults}: no server "
+                                     f"{unknown[0]!r} in the tree (there are "
+                                     f"{', '.join(sorted(names))})")
                 if stack is not None:
                     target = LocalTarget(stack)
                 elif args.compose_project:

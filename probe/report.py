@@ -431,12 +431,18 @@ def _bitrate_series(calls: list[dict[str, Any]], most: int = 4) -> str:
     return "\n".join(out)
 
 
+#: a server on a path whose median call's transit p99 is past this is marked (ms: the capacity
+#: search's give-way limit, probe/capacity.py GiveWay)
+TRANSIT_TAIL_MS = 20.0
+
+
 def _paths(paths: list[dict[str, Any]], hops: dict[str, Any], most: int = 8) -> str:
     """The calls' paths, each as a row of hops (caller's devices, link, server, ..., callee's
     devices) with the run's figures of each hop: its latency part p50 and share of the row, the
     loss on a link and on arrival at a server, setup p50 of a link, and how often it was a
-    call's bottleneck. The row's largest latency part, and any hop that was the bottleneck of
-    most of its calls by loss or setup, are marked."""
+    call's bottleneck. The row's largest latency part, any hop that was the bottleneck of most
+    of its calls by loss or setup, and any server whose calls' transit tails are long (a
+    server that stalls now and then hides in the p50s), are marked."""
     out = ["<h2>Where the calls were held back: the paths</h2>",
            "<p>Each hop's figures are over every call of the run that crossed it: video latency "
            "part p50 (server: transit; link: one-way estimate, both ways; devices: their own "
@@ -475,6 +481,10 @@ def _paths(paths: list[dict[str, Any]], hops: dict[str, Any], most: int = 8) -> 
                      if calls and n * 2 > calls and m != "latency_ms"]
             if name == worst:
                 marks.insert(0, "latency_ms")
+            if transit is not None and transit > TRANSIT_TAIL_MS:
+                # a server that stalls now and then: its typical packet is quick, its calls'
+                # tails are not (the median call's transit p99 past capacity's give-way limit)
+                marks.append("transit tail")
             if marks:
                 lines.append("<span class=bn>bottleneck: " + ", ".join(
                     m.removesuffix("_ms") for m in marks) + "</span>")

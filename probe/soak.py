@@ -152,9 +152,13 @@ class Soak:
                             # a fault planned past the load's end is still made and undone
                             waiting = asyncio.create_task(nemesis.wait())
                             stopped = asyncio.create_task(self.stop.wait())
-                            await asyncio.wait({waiting, stopped},
-                                               return_when=asyncio.FIRST_COMPLETED)
-                            stopped.cancel()
+                            try:
+                                await asyncio.wait({waiting, stopped},
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                            finally:
+                                for task in (waiting, stopped):
+                                    task.cancel()
+                                await asyncio.gather(waiting, stopped, return_exceptions=True)
                     if nemesis is not None:
                         self.nemesis_errors = nemesis.errors
                     invariants = await self.invariants()
@@ -465,4 +469,9 @@ def print_line(text: str) -> None:
 
 
 def dump(summary: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in summary.items() if k not in ("runs", "trends")})
+    """The summary as one JSON line, without what only the files need (the trends, the runs'
+    encoded figures: summary.json has them)."""
+    out = {k: v for k, v in summary.items() if k != "trends"}
+    out["runs"] = [{k: v for k, v in run.items() if k not in ("figures", "timeseries")}
+                   for run in summary.get("runs", [])]
+    return json.dumps(out)

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,28 @@ async def soak(info: dict[str, Any], out: Path, *args: str) -> asyncio.subproces
         stdout=asyncio.subprocess.PIPE, stderr=(out.parent / f"{out.name}.err").open("wb"))
 
 
+async def finished(probe: asyncio.subprocess.Process, timeout: float) -> bytes:
+    """The soak's stdout once it has ended; killed if it has not within ``timeout``."""
+    try:
+        stdout, _ = await asyncio.wait_for(probe.communicate(), timeout)
+    finally:
+        if probe.returncode is None:
+            probe.kill()
+            await probe.wait()
+    return stdout
+
+
+@contextlib.asynccontextmanager
+async def ended(wait: Coroutine[Any, Any, bytes]) -> AsyncIterator[asyncio.Task[bytes]]:
+    """``wait`` as a task of the test's, cancelled (killing the soak) if the test fails first."""
+    task = asyncio.create_task(wait)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def started(out: Path, timeout: float = 60.0) -> float:
     """The soak's t0 (UNIX time), from the summary it writes at its first window."""
     deadline = time.monotonic() + timeout
@@ -85,7 +107,7 @@ async def test_soak_names_the_stalled_and_the_restarted_server_and_no_other(tmp_
     async with stack(tmp_path, "--restart", str(RESTART_AFTER)) as info:
         probe = await soak(info, out, "--duration", "360s", "--rate", "1.5", "--hold", "3",
                            "--max-lag-ms", "500")
-        try:
+        async with ended(finished(probe, 480)) as ending:
             t0 = await started(out)
 
             async def at(offset: float) -> float:
@@ -97,11 +119,7 @@ async def test_soak_names_the_stalled_and_the_restarted_server_and_no_other(tmp_
                 duty_ended = await at(DUTY[1])
             killed_at = await at(KILL_AT)
             os.kill(server(info, "mid-1")["pid"], signal.SIGKILL)
-            stdout, _ = await asyncio.wait_for(probe.communicate(), 420)
-        finally:
-            if probe.returncode is None:
-                probe.kill()
-                await probe.wait()
+            stdout = await ending
     err = (tmp_path / "soak.err").read_text()
     assert probe.returncode == 1, (probe.returncode, err[-3000:])  # unstable servers: exit 1
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
@@ -205,7 +223,7 @@ async def test_soak_finds_a_leak_made_in_one_server_at_its_rate_and_none_elsewhe
         info = local.info()
         probe = await soak(info, out, "--duration", "240s", "--rate", "2", "--hold", "2",
                            "--warmup", "60s", "--max-lag-ms", "500")
-        stdout, _ = await asyncio.wait_for(probe.communicate(), 360)
+        stdout = await finished(probe, 360)
     err = (tmp_path / "soak.err").read_text()
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     stability = summary["stability"]
@@ -234,7 +252,8 @@ async def test_a_fault_plan_is_made_recorded_and_undone_on_the_local_stack(tmp_p
     """The probe makes the faults itself (``--faults``, ``--local``): mid-2 killed and started
     again, lower-a2 stopped, the link of lower-b1 (in a namespace of its own) cut. Each is in
     the history with its start and end, found as what it did, and undone: the tree is whole
-    and every invariant holds at the end."""
+    and every invariant holds at the end. The soak is stopped early by SIGINT, as a person at
+    the console would: it ends its calls, checks, and writes the whole report all the same."""
     if os.geteuid() != 0:
         pytest.skip("a link fault needs a network namespace: root")
     plan = tmp_path / "plan.json"
@@ -252,11 +271,19 @@ async def test_a_fault_plan_is_made_recorded_and_undone_on_the_local_stack(tmp_p
         "--warmup", "60s", "--server-arg=--keep-ended", "--server-arg=10", "--max-lag-ms",
         "500", "--out", str(out), "--json",
         stdout=asyncio.subprocess.PIPE, stderr=(tmp_path / "soak.err").open("wb"))
-    stdout, _ = await asyncio.wait_for(probe.communicate(), 300)
+    async with ended(finished(probe, 360)) as ending:
+        t0 = await started(out, timeout=120)
+        await asyncio.sleep(max(0.0, t0 + 108 - time.time()))  # the plan is done by 97 s
+        probe.send_signal(signal.SIGINT)
+        stdout = await ending
     err = (tmp_path / "soak.err").read_text()
     assert probe.returncode in (0, 1), err[-3000:]
+    assert "stopping: no new calls" in err
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     stability = summary["stability"]
+    assert stability["final"] and stability["invariants"] is not None
+    assert 150 <= summary["runs"][0]["scheduled"] < 130 * 1.5  # stopped 22 s early
+    assert json.loads((out / "summary.json").read_text())["stability"]["final"]
     assert stability["fault_errors"] == [], stability["fault_errors"]
     faults = {f["kind"]: f for f in stability["faults"]}
     assert set(faults) == {"kill", "stop", "cut"}

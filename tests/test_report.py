@@ -91,6 +91,8 @@ def test_report_renders_in_chromium_with_its_plots(tmp_path: Path):
     assert dom.count("class=\"hop bottleneck\" title=\"upper\"") == 1
     assert dom.count("class=\"link bottleneck\" title=\"lower-b - upper\"") == 1
     assert "bottleneck: lost" in dom and "loss 2.91%" in dom
+    # the upper server's calls' transit p99 (27 ms) is past the give-way limit: its tail marked
+    assert dom.count("transit tail") == 1
     shot = browser.screenshot(url, tmp_path / "shot.png")
     with av.open(str(shot)) as container:
         picture = next(container.decode(video=0)).to_ndarray(format="rgb24")
