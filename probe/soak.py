@@ -112,7 +112,8 @@ class Soak:
         self.ok_calls = 0
         self.done_calls = 0
         self._call_log: CallLog | None = None
-        self._written = 0.0
+        #: the outputs being rewritten in a thread (the last one is awaited before the final)
+        self._writing: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ the run
 
@@ -168,6 +169,8 @@ class Soak:
                     ticker.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await ticker
+                    if self._writing is not None:  # its thread goes on: let it finish first
+                        await asyncio.gather(self._writing, return_exceptions=True)
         finally:
             if self._call_log is not None:
                 self._call_log.close()
@@ -233,7 +236,9 @@ class Soak:
                 self.line(self._window_line(index, now))
             if self.out is not None:
                 summary = self.finish_summary(self.summary(now, None, final=False))
-                await asyncio.to_thread(write_soak, self.out, summary)
+                self._writing = asyncio.ensure_future(asyncio.to_thread(write_soak, self.out,
+                                                                        summary))
+                await asyncio.shield(self._writing)
 
     def _window_line(self, index: int, now: float) -> str:
         assert self.recorder is not None

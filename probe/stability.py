@@ -27,10 +27,12 @@ into that window's figures when it closes; scrapes keep only what the trends nee
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -687,13 +689,14 @@ class StabilityRecorder:
             else:
                 segments.append([i])
         best: list[int] = []
+        disturbed = self._disturbed(name)
+        until = self.load_ended if self.load_ended is not None else math.inf
         for indexes in segments:
             began = seen.started[indexes[0]]
             since = max(seen.t[indexes[0]], began if not math.isnan(began) else 0.0,
                         self.t0) + self.s.warmup_s
-            until = self.load_ended if self.load_ended is not None else math.inf
             usable = [i for i in indexes if since <= seen.t[i] <= until
-                      and not self._disturbed(name, seen.t[i])]
+                      and not disturbed(seen.t[i])]
             if len(usable) > len(best):
                 best = usable
         if len(best) < 6:
@@ -711,10 +714,19 @@ class StabilityRecorder:
                 out[key] = _growth(found)
         return out
 
-    def _disturbed(self, name: str, t: float) -> bool:
-        """A moment inside one of this server's incidents (not steady load)."""
-        return any(i.server == name and i.kind != "degraded" and
-                   i.start <= t <= (i.end if i.end is not None else t) for i in self.incidents)
+    def _disturbed(self, name: str) -> Callable[[float], bool]:
+        """Whether a moment is inside one of this server's incidents (not steady load), asked
+        in time order (a pointer over the incidents' sorted spans: a scrape at a time)."""
+        spans = sorted((i.start, i.end if i.end is not None else math.inf)
+                       for i in self.incidents if i.server == name and i.kind != "degraded")
+        starts = [start for start, _ in spans]
+        reach = list(itertools.accumulate((end for _, end in spans), max))
+
+        def inside(t: float) -> bool:
+            # of the spans that began by t, the furthest end: is t before it?
+            began = bisect.bisect_right(starts, t)
+            return began > 0 and reach[began - 1] >= t
+        return inside
 
     def _drifts(self, name: str, unstable: list[dict[str, Any]]) -> dict[str, Any]:
         """Each judged figure's slope over the steady windows after warm-up; a drift is one
