@@ -133,6 +133,7 @@ class LocalStack:
     #: the isolated servers' namespaces, by server name
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     _watchers: set[asyncio.Task[None]] = field(default_factory=set)
+    _ports: set[int] = field(default_factory=set)  #: handed to servers of this stack
     _stopping: bool = False
     _exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -183,6 +184,9 @@ class LocalStack:
         ns = self.namespaces.get(node.name)
         host = ns.inside_ip if ns is not None else "127.0.0.1"
         port = free_port()
+        while port in self._ports:  # closed again at once: the kernel may hand it out twice
+            port = free_port()
+        self._ports.add(port)
         args = ["-m", "relay", node.role, "--name", node.name, "--host", host,
                 "--port", str(port), *self._media(node.name)]
         if serves_isolated:
