@@ -217,12 +217,10 @@ FAULT_COLOR, UNSTABLE_COLOR, INCIDENT_COLOR = "#888888", "#d62728", "#ff7f0e"
 #: a soak's per-server trend plots: (title, unit, the rows' keys)
 TREND_PLOTS = (
     ("memory (RSS)", "MB", ("rss_mb",)),
-    ("event-loop lag p95, and its median call's transit p99", "ms",
-     ("loop_lag_p95_ms", "transit_p99_ms")),
-    ("response p95 (as the callers' server) and media tail of the calls crossing it", "ms",
-     ("response_p95_ms", "media_p95_ms")),
-    ("calls crossing it, failed, charged to it", "calls", ("calls", "failed", "blamed")),
-    ("open files, tasks, legs", "count", ("open_fds", "tasks", "legs_max")),
+    ("loop lag, transit", "ms", ("loop_lag_p95_ms", "transit_p99_ms")),
+    ("response, media tail", "ms", ("response_p95_ms", "media_p95_ms")),
+    ("calls, failed, charged", "calls", ("calls", "failed", "blamed")),
+    ("files, tasks, legs", "count", ("open_fds", "tasks", "legs_max")),
 )
 
 
@@ -243,11 +241,15 @@ def _stability_html(summary: dict[str, Any]) -> list[str]:
     for name, found in stability["servers"].items():
         rss = (found.get("leaks") or {}).get("rss_mb") or {}
         cls = "" if found["verdict"] == "stable" else " class=bad"
+        memory = "-"
+        if rss:
+            memory = (f"<span title='{_e(rss.get('why'))}'>{rss['per_hour']:+.3g}: "
+                      + ("<b class=bad>leak</b>" if rss.get("leaking") else "no leak")
+                      + "</span>")
         body.append(f"<tr><td>{_e(name)}</td><td{cls}>{_e(found['verdict'])}</td>"
                     f"<td style='text-align:left'>{_e('; '.join(found['reasons']) or '-')}</td>"
                     f"<td>{found['restarts']}</td><td>{_fmt(found.get('recovery_s'))}</td>"
-                    f"<td>{_fmt(rss.get('per_hour'))}</td>"
-                    f"<td>{found.get('blamed_failures', 0)}</td></tr>")
+                    f"<td>{memory}</td><td>{found.get('blamed_failures', 0)}</td></tr>")
     body.append("</table>")
     incidents = stability.get("incidents") or []
     if incidents:
@@ -297,11 +299,12 @@ def _stability_html(summary: dict[str, Any]) -> list[str]:
         shade += [(w["start_s"], w["end_s"], UNSTABLE_COLOR, f"unstable: {w['signals']}")
                   for w in found.get("unstable_windows", [])]
         xs = [row["t_s"] for row in rows]
-        body.append(f"<h4>{_e(name)}: {_e(found.get('verdict', ''))}</h4>")
+        body.append(f"<h4>{_e(name)}: {_e(found.get('verdict', ''))}</h4><div class=trends>")
         for title, unit, keys in TREND_PLOTS:
             body.append(line_chart(f"{name}: {title}", xs, {
                 key: [row.get(key) for row in rows] for key in keys},
-                "s since the start", unit, width=560, height=200, shade=shade))
+                "s since the start", unit, width=520, height=190, shade=shade))
+        body.append("</div>")
     probe = (summary.get("trends") or {}).get("probe") or []
     if probe:
         body.append(line_chart("The probe itself: memory and worst loop lag per window",
@@ -410,7 +413,8 @@ def render_html(summary: dict[str, Any]) -> str:
              ".path div{border:1px solid #888;border-radius:4px;padding:4px 8px;font-size:12px;"
              "background:#f4f7fb}.path div.link{border-style:dashed;background:#fff}"
              ".path div.bottleneck{border:2px solid #c00;background:#fdecec}"
-             ".bn{color:#c00;font-weight:bold}")
+             ".bn{color:#c00;font-weight:bold}"
+             ".trends{display:flex;flex-wrap:wrap;gap:0 12px}.trends svg.plot{margin:4px 0}")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Probe report</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
 
