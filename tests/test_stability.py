@@ -180,3 +180,23 @@ def test_windows_close_only_once_their_calls_are_in():
                       caller_server="a", planned=("a",), reached=("a",))
     recorder.add_call(late, T0 + 41)
     assert recorder.late_records == 1 and recorder.calls == 1
+
+
+def test_the_soak_report_shades_the_unstable_windows_and_writes_the_trends(tmp_path):
+    from probe.report import write_soak
+
+    recorder = run(300, stalled=(100, 200))
+    stability = recorder.judge(T0 + 400)
+    stability["faults"] = [{"server": "b", "kind": "duty", "what": "stopped", "start_s": 100.0,
+                            "end_s": 200.0}]
+    summary = {"command": "soak", "stability": stability,
+               "trends": {"window_s": 20, "servers": recorder.rows,
+                          "probe": recorder.probe_rows}}
+    write_soak(tmp_path, summary)
+    rows = (tmp_path / "timeseries.csv").read_text().splitlines()
+    assert rows[0].startswith("window,server,t_s") and len(rows) == 1 + 3 * 19
+    page = (tmp_path / "report.html").read_text()
+    # b: its fault (grey) and its five unstable windows (red), behind each of its 5 plots
+    assert page.count('class="shade"') == 5 * (1 + 5)
+    assert "b: unstable" in page and "a: stable" in page
+    assert not list(tmp_path.glob("*.part"))
