@@ -213,7 +213,9 @@ class Incident:
     outcomes: Counter[str] = field(default_factory=Counter)
     examples: list[dict[str, Any]] = field(default_factory=list)
     up_ended_at: float | None = None  #: the last end of the calls up through it at its start
-    first_ok_after: float | None = None  #: the start of the first call through it that succeeded
+    #: when a call through it worked again: the first call that succeeded and was set up
+    #: (media both ways) after the incident began
+    first_ok_after: float | None = None
     #: when every directory was whole again after it (None: they never broke, or not yet)
     whole_at: float | None = None
 
@@ -229,9 +231,12 @@ class Incident:
 
     def hit(self, record: CallRecord, now: float, recover_by: float) -> bool:
         """Take a call that crossed this server; whether the incident hit it."""
-        if record.ok and record.t_sent > self.start and (
-                self.first_ok_after is None or record.t_sent < self.first_ok_after):
-            self.first_ok_after = record.t_sent
+        if record.ok:
+            # set up, not started: a call started while the server was stopped and set up
+            # once it went on says when it went on
+            up = record.t_sent + (record.setup_ms or 0.0) / 1000
+            if up > self.start and (self.first_ok_after is None or up < self.first_ok_after):
+                self.first_ok_after = up
         begin, stop = self.blame_window(now, recover_by)
         if record.t_end < begin or record.t_sent > stop:
             return False

@@ -143,9 +143,9 @@ def test_a_restart_is_found_charged_to_the_server_that_failed_and_timed():
     incident = next(i for i in found["incidents"] if i["kind"] == "restart")
     assert incident["server"] == "u" and incident["start_s"] == 120
     assert incident["outcomes"]["dropped:trunk_lost"] == 23
-    # calls through it succeed from 143 s on (started 4 s before they end); the directories
-    # are whole from the scrape at 142 s
-    assert incident["first_ok_call_s"] == 19.0 and incident["directory_whole_s"] == 22.0
+    # calls through it succeed from 143 s on (started 4 s before they end, set up 100 ms
+    # after); the directories are whole from the scrape at 142 s
+    assert incident["first_ok_call_s"] == 19.1 and incident["directory_whole_s"] == 22.0
     assert incident["recovery_s"] == 22.0 and u["recovery_s"] == 22.0
     # a call up through u when it died ended within the 4 s a call lasts
     assert incident["detect_s"] is not None and 0 <= incident["detect_s"] <= 4
