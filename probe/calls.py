@@ -61,6 +61,9 @@ class CallResult:
     slot: int | None = None
     #: in a load, the servers the call was to cross (the tree path; ``path`` is how far it got)
     planned: list[str] = field(default_factory=list)
+    #: in a load, how late the probe started it after its schedule (ms: its own lateness,
+    #: which every interval from ``t_sent`` includes)
+    late_ms: float | None = None
     #: in a soak, how the call stood at each server of its path once it had ended
     #: (probe/load.py ``check_ends``)
     ends: dict[str, str] = field(default_factory=dict)
@@ -132,6 +135,7 @@ class CallResult:
                 "rate": self.rate, "not_adapting": self.not_adapting, "series": self.series,
                 **({"slot": self.slot} if self.slot is not None else {}),
                 **({"planned_path": self.planned} if self.planned else {}),
+                **({"start_late_ms": self.late_ms} if self.late_ms is not None else {}),
                 **({"ends": self.ends} if self.ends else {})}
 
 

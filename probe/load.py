@@ -345,8 +345,9 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
     loop = asyncio.get_running_loop()
     watch = watch if watch is not None else LoopWatch()
 
-    async def one(caller: str, callee: str, scheduled: float, offset: float, late: bool,
+    async def one(caller: str, callee: str, scheduled: float, offset: float, late_ms: float,
                   slot: int) -> None:
+        late = late_ms > settings.late_ms
         try:
             try:
                 result = await run_call(session, servers, caller, callee, settings.hold_s,
@@ -365,6 +366,7 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                                     reason="probe_error", error="probe_error")
                 result.timeline["t_sent"] = scheduled
             result.slot = slot
+            result.late_ms = round(late_ms, 3)
             if keep_results or (result.series and sum(
                     1 for r in report.results if r.series) < SAMPLED_CALLS_KEPT):
                 report.results.append(result)
@@ -435,7 +437,8 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                 late = error_ms > settings.late_ms
                 report.late += int(late)
                 busy.update(pair)
-                task = asyncio.create_task(one(*pair, start_wall + offset, offset, late, slot))
+                task = asyncio.create_task(one(*pair, start_wall + offset, offset, error_ms,
+                                               slot))
                 calls.add(task)
                 task.add_done_callback(calls.discard)
                 report.started += 1

@@ -397,7 +397,7 @@ class Soak:
                 ) -> dict[str, Any]:
         assert self.recorder is not None
         recorder = self.recorder
-        stability = recorder.judge(now, invariants)
+        stability = recorder.judge(now, invariants, final=final)
         stability["faults"] = [{k: v for k, v in f.items() if not k.startswith("_")}
                                for f in self.faults]
         stability["fault_errors"] = list(self.nemesis_errors)

@@ -112,7 +112,7 @@ class Growth:
 
 
 def leak(ts: Sequence[float], values: Sequence[float], min_growth: float,
-         persist: float = 0.5) -> Growth | None:
+         persist: float = 0.5, most: int = MAX_POINTS) -> Growth | None:
     """Is this resource (sampled at times ``ts``, seconds) leaking? A leak is growth that is
 
     - real: the slope's 95 % range is above zero;
@@ -121,11 +121,12 @@ def leak(ts: Sequence[float], values: Sequence[float], min_growth: float,
     - kept up: the slope of the second half of the samples is at least ``persist`` of the
       whole's (warm-up grows fast, then flattens: its second half is flat; a leak is not).
 
-    None with too few samples (fewer than 6)."""
-    whole = theil_sen(ts, values)
+    ``most``: the points it is judged on (fewer: quicker, a wider range). None with too few
+    samples (fewer than 6)."""
+    whole = theil_sen(ts, values, most)
     if whole is None or whole.n < 6:
         return None
-    x, y = _thin(ts, values, MAX_POINTS)
+    x, y = _thin(ts, values, most)
     half = len(x) // 2
     first, second = theil_sen(x[:half], y[:half]), theil_sen(x[half:], y[half:])
     if whole.low <= 0:
