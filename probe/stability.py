@@ -651,6 +651,17 @@ class StabilityRecorder:
                 "blamed": dict(sorted(self.blamed.items())),
                 "probe": self._probe(), "late_records": self.late_records}
 
+    def judged(self, name: str, signal: str) -> list[float | None]:
+        """A server's figure per window as it is judged. The response is timed by the probe:
+        a window's worst stall of the probe's own loop is taken off it (a probe busy with its
+        report reads an answer late; that is not the server's doing)."""
+        values = [row.get(signal) for row in self.rows[name]]
+        if signal != "response_p95_ms":
+            return values
+        lags = [row.get("loop_lag_ms") or 0.0 for row in self.probe_rows]
+        return [None if v is None else max(0.0, v - (lags[i] if i < len(lags) else 0.0))
+                for i, v in enumerate(values)]
+
     def unstable_windows(self, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """A server's unstable windows (start/end offsets, which signals and their values),
         and the band of each judged signal."""
@@ -658,7 +669,7 @@ class StabilityRecorder:
         flagged: dict[int, dict[str, Any]] = {}
         bands = {}
         for signal, (floor, _) in JUDGED.items():
-            values = [row.get(signal) for row in rows]
+            values = self.judged(name, signal)
             found, flags = outside(values, K_SIGMA, floor)
             if found is None:
                 continue
@@ -754,8 +765,9 @@ class StabilityRecorder:
         for signal, (floor, _) in JUDGED.items():
             if signal == "blamed":
                 continue
-            pts = [(row["t_s"], row[signal]) for row in self.rows[name]
-                   if row.get(signal) is not None and row["t_s"] >= self.s.warmup_s
+            pts = [(row["t_s"], value) for row, value in zip(
+                       self.rows[name], self.judged(name, signal), strict=True)
+                   if value is not None and row["t_s"] >= self.s.warmup_s
                    and round(row["t_s"], 6) not in bad]
             slope = theil_sen([p[0] for p in pts], [p[1] for p in pts]) if len(pts) >= 6 \
                 else None

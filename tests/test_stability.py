@@ -200,3 +200,13 @@ def test_the_soak_report_shades_the_unstable_windows_and_writes_the_trends(tmp_p
     assert page.count('class="shade"') == 5 * (1 + 5)
     assert "b: unstable" in page and "a: stable" in page
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_slow_answer_the_probe_itself_was_too_busy_to_read_is_not_the_server_s():
+    recorder = run(300)
+    rows, probe = recorder.rows["a"], recorder.probe_rows
+    rows[5]["response_p95_ms"], probe[5]["loop_lag_ms"] = 120.0, 110.0  # the probe stalled
+    rows[9]["response_p95_ms"], probe[9]["loop_lag_ms"] = 120.0, 2.0  # the server was slow
+    windows, _ = recorder.unstable_windows("a")
+    assert [(w["start_s"], w["signals"]) for w in windows] == [
+        (180, {"response_p95_ms": 118.0})]
