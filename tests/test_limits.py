@@ -11,7 +11,6 @@ import pytest
 
 from endpoint.device import Device
 from relay.admission import Limits
-from relay.ended import EndedCalls
 from relay.links import RateLimit
 from relay.server import running_server
 from relay.settings import ServerSettings
@@ -112,9 +111,8 @@ async def test_a_draining_server_refuses_new_calls_and_devices_at_once():
 
 
 @pytest.mark.e2e
-async def test_ended_calls_are_kept_for_a_while_then_let_go(monkeypatch):
-    monkeypatch.setattr(EndedCalls, "KEEP_S", 0.5)
-    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK)
+async def test_ended_calls_are_kept_for_a_while_then_let_go():
+    settings = ServerSettings(role="lower", name="lower-a", media=LOOPBACK, keep_ended_s=0.5)
     async with running_server(settings) as server, aiohttp.ClientSession() as session:
         devices = [Device(server.url, f"cam-{i}", DEVICE_SETTINGS) for i in range(2)]
         tasks = [asyncio.create_task(d.run(session)) for d in devices]
@@ -129,7 +127,7 @@ async def test_ended_calls_are_kept_for_a_while_then_let_go(monkeypatch):
             await asyncio.sleep(0.2)
             async with session.get(f"{server.url}/v1/calls/{call}") as r:
                 assert r.status == 200 and (await r.json())["state"] == "ended"  # kept
-            await asyncio.sleep(0.8)  # past KEEP_S: the server's clock tick lets it go
+            await asyncio.sleep(0.8)  # past keep_ended_s: the server's clock tick lets it go
             async with session.get(f"{server.url}/v1/calls/{call}") as r:
                 assert r.status == 404
             assert len(server.core.ended) == 0
