@@ -134,7 +134,7 @@ def leak(ts: Sequence[float], values: Sequence[float], min_growth: float,
                       "range includes zero)")
     if whole.growth < min_growth:
         return Growth(whole, first, second, False, f"grew {whole.growth:.3g} over the span, "
-                      f"less than the {min_growth:g} its noise allows")
+                      f"less than the {min_growth:.3g} its noise allows")
     if second is None or second.slope < persist * whole.slope:
         return Growth(whole, first, second, False, "growth flattened out (warm-up: the "
                       "second half's slope is under half the whole's)")
