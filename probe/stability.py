@@ -744,8 +744,8 @@ class StabilityRecorder:
         return out
 
     def _disturbed(self, name: str) -> Callable[[float], bool]:
-        """Whether a moment is inside one of this server's incidents (not steady load), asked
-        in time order (a pointer over the incidents' sorted spans: a scrape at a time)."""
+        """Whether a moment is inside one of this server's incidents (not steady load): a
+        binary search over the incidents' spans, sorted once per judgement."""
         spans = sorted((i.start, i.end if i.end is not None else math.inf)
                        for i in self.incidents if i.server == name and i.kind != "degraded")
         starts = [start for start, _ in spans]
