@@ -441,9 +441,10 @@ def describe_stability(stability: dict[str, Any]) -> list[str]:
         lines.append(
             f"  incident: {incident['server']} {incident['kind']} at {incident['start_s']:g} s "
             f"({made}; {incident['detail']}): {incident['calls_hit']} calls hit "
-            f"{incident['outcomes']}; detected in {incident['detect_s']} s; first call through "
-            f"it ok after {incident['first_ok_call_s']} s, directories whole after "
-            f"{incident['directory_whole_s']} s"
+            f"{incident['outcomes']}"
+            + "".join(f"; {what} {incident[key]} s" for key, what in (
+                ("detect_s", "detected in"), ("first_ok_call_s", "first call through it ok after"),
+                ("directory_whole_s", "directories whole after")) if incident[key] is not None)
             + (f"; LOST {incident['lost']}" if incident["lost"] else ""))
     invariants = stability.get("invariants")
     if invariants is not None:

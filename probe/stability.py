@@ -500,13 +500,21 @@ class StabilityRecorder:
             self.convergence.append((t, whole))
             broke_at = self.convergence[-2][0] if len(self.convergence) > 1 else None
             if whole and broke_at is not None:
-                # whole again: the end of every incident still on when they broke
-                for incident in self.incidents:
-                    if incident.whole_at is None and incident.kind != "degraded" and \
-                            incident.start - BLAME_SLACK_S <= broke_at and (
-                                incident.end is None
-                                or incident.end + self.s.recover_by_s >= broke_at):
+                # whole again: the end of the incidents the break is put down to
+                for incident in self._broken_by(broke_at):
+                    if incident.whole_at is None:
                         incident.whole_at = t
+
+    def _broken_by(self, at: float) -> list[Incident]:
+        """The incidents a break of the directories that began at ``at`` is put down to: those
+        on then; with none on, those that ended up to ``recover_by_s`` before it (a parent
+        notices a child gone only when its heartbeats stop). Not one that ended before another
+        began: a fault on one server is not slow to recover because the next, on another
+        server, broke the directories after it."""
+        began = [i for i in self.incidents
+                 if i.kind != "degraded" and i.start - BLAME_SLACK_S <= at]
+        on = [i for i in began if i.end is None or at <= i.end]
+        return on or [i for i in began if i.end + self.s.recover_by_s >= at]
 
     def add_fault(self, server: str, kind: str, start: float, end: float | None,
                   detail: str) -> Incident:
@@ -527,14 +535,16 @@ class StabilityRecorder:
         """A new incident takes the recent calls that crossed its server. One found on a
         server the probe has just made a fault on is what that fault did: said so."""
         if not incident.made:
-            for fault in self.incidents:
-                if fault.made and fault.server == incident.server and fault.start - 1 <= \
-                        incident.start <= (fault.end or incident.start) + self.s.recover_by_s:
-                    fault.seen_as.append(incident.kind)
-                    incident.cause = fault
-                    incident.detail += (f" (the fault made: {fault.kind} at "
-                                        f"{fault.start - self.t0:.1f} s)")
-                    break
+            # the server's latest fault on (or just undone) when it was found
+            fault = max((f for f in self.incidents if f.made and f.server == incident.server
+                         and f.start - 1 <= incident.start
+                         <= (f.end or incident.start) + self.s.recover_by_s),
+                        key=lambda f: f.start, default=None)
+            if fault is not None:
+                fault.seen_as.append(incident.kind)
+                incident.cause = fault
+                incident.detail += (f" (the fault made: {fault.kind} at "
+                                    f"{fault.start - self.t0:.1f} s)")
         self.incidents.append(incident)
         now = max((r.t_end for r in self.recent), default=incident.start)
         for record in self.recent:
@@ -830,20 +840,17 @@ class StabilityRecorder:
                 "blamed_failures": self.blamed.get(name, 0),
                 "incidents": [f"{i.kind}@{i.start - self.t0:.1f}s" for i in incidents]}
 
-    def _converged_after(self, t: float) -> float | None:
-        """When the directories were whole again after ``t``, having been broken at ``t`` or
-        after it (None: they never broke, or never came back)."""
-        whole_at_t = True
-        broke = False
-        for at, whole in self.convergence:
-            if at <= t:
-                whole_at_t = whole
+    def _whole_after(self, incident: Incident) -> tuple[float | None, bool]:
+        """When the directories were whole again after the first break put down to this
+        incident (None: none was), and whether one still is at the end. From the whole
+        history: a restart is found only once the server answers again, maybe after the
+        directories were whole (then ``whole_at``, set as the scrapes come, missed it)."""
+        for (broke_at, whole), (at, _) in itertools.zip_longest(
+                self.convergence, self.convergence[1:], fillvalue=(None, None)):
+            if whole or not any(i is incident for i in self._broken_by(broke_at)):
                 continue
-            if not whole:
-                broke = True
-            elif broke or not whole_at_t:
-                return at
-        return None
+            return at, at is None
+        return None, False
 
     def _recovery(self, incident: Incident, now: float) -> dict[str, Any]:
         start = incident.start
@@ -853,8 +860,7 @@ class StabilityRecorder:
             return {"first_ok_call_s": None, "directory_whole_s": None,
                     "recovery_s": _r(end - start, 1) if done else None, "recovered": done}
         first_ok = incident.first_ok_after
-        back = self._converged_after(start)
-        broke = any(not whole and at > start for at, whole in self.convergence)
+        back, broke = self._whole_after(incident)
         parts = [first_ok - start if first_ok is not None else None,
                  back - start if back is not None else None]
         never = (first_ok is None and incident.calls_hit > 0) or (broke and back is None)

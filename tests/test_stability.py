@@ -52,10 +52,13 @@ class Server:
 def run(seconds: float, *, down: tuple[float, float] | None = None,
         stalled: tuple[float, float] | None = None,
         leak_mb_per_s: float = 0.0, end_at_u: Callable[[float], str] | None = None,
-        settings: StabilitySettings | None = None) -> StabilityRecorder:
+        settings: StabilitySettings | None = None,
+        made_at_b: tuple[float, float] | None = None) -> StabilityRecorder:
     """``down``: u's process dies at the first moment and a new one answers from the second
     (calls through it fail from the death until the directories are whole again, 3 s after);
-    ``stalled``: b stopped a quarter of every second; ``leak_mb_per_s``: a's memory grows."""
+    ``stalled``: b stopped a quarter of every second; ``leak_mb_per_s``: a's memory grows;
+    ``made_at_b``: a fault the probe made on b from the first moment to the second (a slow
+    link, say: calls and directories untouched)."""
     settings = settings or StabilitySettings(window_s=20, close_after_s=30, warmup_s=60)
     recorder = StabilityRecorder(["a", "u", "b"], T0, settings, expected_servers=3,
                                  expected_devices=DEVICES)
@@ -63,9 +66,14 @@ def run(seconds: float, *, down: tuple[float, float] | None = None,
     for name, server in servers.items():
         server.devices = DEVICES[name]
     t = T0
+    fault = None
     while t < T0 + seconds:
         t += 1.0
         offset = t - T0
+        if made_at_b is not None and offset == made_at_b[0]:
+            fault = recorder.add_fault("b", "limit", t, None, "its parent link limited")
+        if fault is not None and made_at_b is not None and offset == made_at_b[1]:
+            fault.end = t
         u_down = down is not None and down[0] <= offset < down[1]
         back = down is not None and down[1] <= offset < down[1] + 3
         if down is not None and offset == down[1]:
@@ -210,3 +218,30 @@ def test_a_slow_answer_the_probe_itself_was_too_busy_to_read_is_not_the_server_s
     windows, _ = recorder.unstable_windows("a")
     assert [(w["start_s"], w["signals"]) for w in windows] == [
         (180, {"response_p95_ms": 118.0})]
+
+
+def test_a_break_of_the_directories_is_put_down_to_the_incident_on_not_one_just_over():
+    # a fault on b undone at 110 s; u dies at 120 s and breaks the directories (within the
+    # 20 s a fault's end may take to show): u's, not b's, slow to recover, nor its failures
+    recorder = run(300, down=(120, 140), made_at_b=(60, 110))
+    found = recorder.judge(T0 + 400)
+    made = next(i for i in found["incidents"] if i["kind"] == "limit")
+    restart = next(i for i in found["incidents"] if i["kind"] == "restart")
+    assert made["directory_whole_s"] is None and made["outcomes"] == {"ok": 59}, made
+    assert made["recovery_s"] is not None and made["recovery_s"] < 1, made
+    assert restart["directory_whole_s"] == 22.0 and restart["recovery_s"] == 22.0, restart
+    assert found["blamed"].get("b", 0) == 0 and found["blamed"]["u"] > 0, found["blamed"]
+
+
+def test_a_server_found_unreachable_is_put_down_to_its_latest_fault():
+    recorder = StabilityRecorder(["a", "u", "b"], T0, StabilitySettings(window_s=20),
+                                 expected_servers=3, expected_devices=DEVICES)
+    for name in ("a", "u", "b"):
+        recorder.add_scrape(name, T0 + 1, Server().sample())
+    cut = recorder.add_fault("b", "cut", T0 + 150, None, "its parent link cut")
+    cut.end = T0 + 160
+    limit = recorder.add_fault("b", "limit", T0 + 170, None, "its parent link limited")
+    recorder.add_scrape("b", T0 + 174, None, "TimeoutError")  # within 20 s of the cut's end
+    found = next(i for i in recorder.incidents if i.kind == "unreachable")
+    assert found.cause is limit and limit.seen_as == ["unreachable"] and not cut.seen_as
+    assert "the fault made: limit at 170.0 s" in found.detail
