@@ -16,6 +16,10 @@ COPY pyproject.toml README.md ./
 COPY relay/ relay/
 COPY endpoint/ endpoint/
 COPY probe/ probe/
+COPY wire/ wire/
+COPY rtc/ rtc/
+COPY lab/ lab/
+COPY webdevice/ webdevice/
 RUN python3 -m venv /venv \
  && if ls /wheels/*.whl >/dev/null 2>&1; then \
         /venv/bin/pip install --no-index --find-links /wheels /app; \

@@ -38,9 +38,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from probe.calls import run_call
-from relay.logs import setup_logging
-from relay.messages import DIRECTIONS
 from tests.faults import split_lab
+from wire.logs import setup_logging
+from wire.messages import DIRECTIONS
 
 CALLER, CALLEE = "lower-b/cam-b", "lower-a/cam-a"
 #: which way of the limit each direction of the call crosses (tests/faults.py link_stats)

@@ -1,4 +1,4 @@
-"""Decode cost per wire message: relay.messages.decode (msgspec) against pydantic v2 models of the
+"""Decode cost per wire message: wire.messages.decode (msgspec) against pydantic v2 models of the
 same messages and against plain json.loads (parsing alone, no checks), in one run.
 
     .venv/bin/python benchmarks/decode.py [--json]
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.messages import NAME_PATTERN, decode
+from wire.messages import NAME_PATTERN, decode
 
 CALL = "5f2c0e9d3a6b41c7"
 SDP = "v=0\r\n" + "a=candidate:1 1 UDP 2130706431 127.0.0.1 40000 typ host\r\n" * 60
@@ -42,7 +42,7 @@ FRAMES: dict[str, dict[str, Any]] = {
 
 
 def pydantic_models() -> dict[str, Any] | None:
-    """The same messages as pydantic v2 models, as strict as relay.messages (names, bounds,
+    """The same messages as pydantic v2 models, as strict as wire.messages (names, bounds,
     no unknown fields)."""
     try:
         from pydantic import BaseModel, ConfigDict, Field, TypeAdapter

@@ -28,7 +28,9 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.messages import (
+from lab.stack import LocalStack, StackSettings
+from lab.topology import TreeNode
+from wire.messages import (
     MAX_MESSAGE_BYTES,
     Announce,
     DeviceInfo,
@@ -36,8 +38,6 @@ from relay.messages import (
     Welcome,
     decode,
 )
-from relay.stack import LocalStack, StackSettings
-from relay.topology import TreeNode
 
 
 class _Counted(msgspec.Struct):

@@ -32,16 +32,16 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lab.stack import LocalStack, StackSettings
 from probe.bottleneck import parts
 from probe.calls import CallResult, run_call
 from probe.capacity import CapacitySettings, describe_gave_way, search
-from probe.client import discover, pick_pair
 from probe.load import LoadSettings
 from probe.objective import Objective
 from probe.scrape import ServerWatch
-from relay.logs import setup_logging
-from relay.stack import LocalStack, StackSettings
 from tests.faults import duty_cycle, split_lab
+from wire.client import discover, pick_pair
+from wire.logs import setup_logging
 
 STOPPED_S, PERIOD_S, LOSS = 0.04, 0.15, 0.05
 

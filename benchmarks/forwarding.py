@@ -40,9 +40,9 @@ from hdrh.histogram import HdrHistogram
 
 from endpoint.device import Device, DeviceCall, DeviceSettings, MediaSupply
 from endpoint.meter import LATENCY_MAX_US
-from relay.logs import setup_logging
-from relay.messages import Offer
-from relay.rtc import MediaSettings
+from rtc.adapter import MediaSettings
+from wire.logs import setup_logging
+from wire.messages import Offer
 
 MODES = ("direct", "transcode", "forward")
 LOOPBACK = MediaSettings(addresses=("127.0.0.1",))

@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from endpoint.device import DeviceCall, DeviceSettings, MediaSupply
-from relay.messages import Offer
+from wire.messages import Offer
 
 
 async def one_run(measure: bool, size: tuple[int, int], warmup: float,

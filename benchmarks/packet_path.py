@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/packet_path.py [--packets 3000] [--spacing-ms 0,0.1,0.4,1.5]
         [--estimate]
 
-Per packet, as relay/rtc.py and relay/forward.py do it: SRTP unprotect in place, the receiver
+Per packet, as rtc/adapter.py and relay/forward.py do it: SRTP unprotect in place, the receiver
 accounting aiortc needs (RTCP statistics, NACK generator), the sequence/timestamp map, the header
 rewrite in the outgoing SRTP buffer, the NACK history copy, SRTP protect, the RTCP sender clock
 (every 8th packet).
@@ -25,9 +25,9 @@ from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
 from pylibsrtp import Policy, Session
 from pylibsrtp._binding import ffi
 
-from relay.congestion import Estimate
-from relay.forward import SequenceMap
-from relay.rtc import _HEADER, InPlaceSrtp, _Seen, ntp_now
+from rtc.adapter import _HEADER, InPlaceSrtp, _Seen, ntp_now
+from rtc.congestion import Estimate
+from rtc.rtp import SequenceMap
 
 
 def packets(count: int) -> tuple[Session, list[bytes]]:
@@ -61,7 +61,7 @@ def spin(seconds: float) -> None:
 def run(count: int, spacing: float, busy: bool = False, estimate: bool = False) -> float:
     """Mean CPU time (µs) of the per-packet work, ``spacing`` seconds between packets, the CPU
     idle in between (or ``busy``: spinning); with ``estimate``, congestion control's part too
-    (relay/congestion.py: the bandwidth estimate fed by every packet)."""
+    (rtc/congestion.py: the bandwidth estimate fed by every packet)."""
     receiver, datagrams = packets(count)
     rx = InPlaceSrtp(receiver)
     out = InPlaceSrtp(Session(Policy(key=os.urandom(30), ssrc_type=Policy.SSRC_ANY_OUTBOUND)))

@@ -24,11 +24,11 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lab.stack import LocalStack, StackSettings
+from lab.topology import DEFAULT, parse
 from probe.calls import run_call, wait_idle
-from probe.client import discover
-from relay.logs import setup_logging
-from relay.stack import LocalStack, StackSettings
-from relay.topology import DEFAULT, parse
+from wire.client import discover
+from wire.logs import setup_logging
 
 TREE = parse({"name": "root", "children": [
     {"name": "mid-1", "children": [{"name": "lower-a1"}, {"name": "lower-a2"}]},

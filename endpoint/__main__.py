@@ -19,10 +19,10 @@ import aiohttp
 from endpoint.capture import CaptureError, check_video, open_audio
 from endpoint.device import Device, DeviceSettings, MediaSupply
 from endpoint.phone import dial_and_hold, probe_headers, report, ring_then, to_json
-from relay.logs import setup_logging
-from relay.messages import AnswerMode
-from relay.rtc import MediaSettings
-from relay.settings import split_list
+from rtc.adapter import MediaSettings
+from wire.config import split_list
+from wire.logs import setup_logging
+from wire.messages import AnswerMode
 
 CODEC_CHOICES = {"any": ("video/VP8", "video/H264"), "vp8": ("video/VP8",),
                  "h264": ("video/H264",)}
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video codecs this device takes: vp8, h264, or any (VP8 first)")
     p.add_argument("--size", type=parse_size, default=parse_size(env("ENDPOINT_SIZE", "640x480")))
     p.add_argument("--fps", type=float, default=float(env("ENDPOINT_FPS", "30")))
+    p.add_argument("--rtp-payload", type=int, metavar="BYTES",
+                   default=int(env("ENDPOINT_RTP_PAYLOAD", "0")) or None,
+                   help="with --video packets: the most bytes of an RTP video payload (default "
+                        "1300, as aiortc; 1400 is GStreamer's; up to ~1450 fits a 1,500-byte "
+                        "path)")
     p.add_argument("--media-address", action="append", default=None,
                    help="address to gather ICE host candidates on (repeatable); default: all "
                         "but loopback (env ENDPOINT_MEDIA_ADDRESSES, comma-separated)")
@@ -151,7 +156,8 @@ async def run(args: argparse.Namespace) -> int:
                               min_bitrate=int(args.min_bitrate * 1000),
                               start_bitrate=int(args.start_bitrate * 1000),
                               audio_bitrate=int(args.audio_bitrate * 1000),
-                              audio_buffer_frames=args.audio_buffer, answer=args.answer)
+                              audio_buffer_frames=args.audio_buffer, answer=args.answer,
+                              rtp_payload=args.rtp_payload)
     supply = MediaSupply.for_settings(settings)
     devices = []
     counts = args.counts or [args.count] * len(args.server)

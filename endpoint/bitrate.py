@@ -1,5 +1,5 @@
 """A device's encoder follows the rate the path reports (REMB from its server: the least of every
-hop's estimate, see relay/congestion.py).
+hop's estimate, see rtc/congestion.py).
 
 aiortc's own handling sets the encoder's target to every REMB, clamped to at least 250 kbit/s
 for VP8 (500 for H.264), and its encoders start again, with a keyframe, whenever the target moves
@@ -37,8 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import RTCRtpSender
-from aiortc.codecs import get_encoder
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
+
+from rtc.adapter import (
+    RtcpDispatcher,
+    make_encoder,
+    octets_sent,
+    sender_encoder,
+    set_encoder_target,
+)
 
 DEFAULT_START = 300_000  #: libwebrtc's start bitrate (aiortc's VP8 encoder starts at 500)
 
@@ -84,16 +90,15 @@ class EncoderTarget:
         return wanted
 
 
-def follow_remb(sender: RTCRtpSender, target: EncoderTarget,
+def follow_remb(rtcp: RtcpDispatcher, sender: RTCRtpSender, target: EncoderTarget,
                 clock: Callable[[], float] = time.monotonic) -> None:
-    """Take REMB reports for ``sender``'s stream through ``target`` instead of aiortc's own
-    handling, and set its encoder's target bitrate (past aiortc's clamp) when one is taken."""
-    original = sender._handle_rtcp_packet
+    """Take REMB reports for ``sender``'s stream (through the call's RTCP dispatcher) into
+    ``target``, and set its encoder's target bitrate (past aiortc's clamp) when one is taken."""
     window: list[float] = []  # [time, octets sent] at the start of the rate's window
     rate: list[float] = []  # the bits/s sent over the last whole window
 
     def sent_bps(now: float) -> float | None:
-        octets = float(sender._RTCRtpSender__octet_count)
+        octets = float(octets_sent(sender))
         if not window:
             window[:] = [now, octets]
         elif now - window[0] >= 0.5:
@@ -101,33 +106,16 @@ def follow_remb(sender: RTCRtpSender, target: EncoderTarget,
             window[:] = [now, octets]
         return rate[0] if rate else None
 
-    async def handle(packet: Any) -> None:
-        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
-            try:
-                bitrate, ssrcs = unpack_remb_fci(packet.fci)
-            except ValueError:
-                return
-            encoder = sender._RTCRtpSender__encoder  # None until the first frame
-            if sender._ssrc in ssrcs and encoder is not None:
-                now = clock()
-                chosen = target.offer(bitrate, now, sent_bps(now))
-                if chosen is not None:
-                    set_target(encoder, chosen)
-            return
-        await original(packet)
+    def remb(bitrate: int) -> bool:
+        encoder = sender_encoder(sender)  # None until the first frame
+        if encoder is not None:
+            now = clock()
+            chosen = target.offer(bitrate, now, sent_bps(now))
+            if chosen is not None:
+                set_encoder_target(encoder, chosen)
+        return True  # aiortc's own handling (a clamped target) is skipped
 
-    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
-
-
-def set_target(encoder: Any, bps: int) -> None:
-    """Set an aiortc encoder's target bitrate, below its own floor too (its private field: the
-    property clamps). The encoder starts again at its next frame."""
-    for name in ("_Vp8Encoder__target_bitrate", "_H264Encoder__target_bitrate"):
-        if hasattr(encoder, name):
-            setattr(encoder, name, bps)
-            return
-    if hasattr(encoder, "target_bitrate"):
-        encoder.target_bitrate = bps
+    rtcp.on(sender, remb=remb)
 
 
 def set_audio_bitrate(sender: RTCRtpSender, bps: int) -> None:
@@ -142,21 +130,5 @@ def set_audio_bitrate(sender: RTCRtpSender, bps: int) -> None:
 
 def set_start_bitrate(sender: RTCRtpSender, bps: int) -> None:
     """Make ``sender``'s video encoder start at ``bps`` (past aiortc's clamp, as
-    :func:`set_target`): it reads its target when it opens, at the first frame."""
-    make_encoder(sender, lambda codec, encoder: set_target(encoder, bps))
-
-
-def make_encoder(sender: RTCRtpSender, configure: Callable[[Any, Any], None]) -> None:
-    """Make ``sender``'s encoder here, before aiortc would at the first frame, and
-    ``configure(codec, encoder)`` it."""
-    original = sender._next_encoded_frame
-
-    async def first(codec: Any) -> Any:
-        sender._next_encoded_frame = original  # once (what was there: another wrapper too)
-        if sender._RTCRtpSender__encoder is None:
-            encoder = get_encoder(codec)
-            configure(codec, encoder)
-            sender._RTCRtpSender__encoder = encoder
-        return await original(codec)
-
-    sender._next_encoded_frame = first  # type: ignore[method-assign]
+    ``set_encoder_target``): it reads its target when it opens, at the first frame."""
+    make_encoder(sender, lambda codec, encoder: set_encoder_target(encoder, bps))

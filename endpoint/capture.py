@@ -40,7 +40,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from endpoint import stamp
 from endpoint.sources import Pacer
-from relay.logs import event
+from wire.logs import event
 
 log = logging.getLogger("endpoint.capture")
 

@@ -40,14 +40,33 @@ from endpoint.capture import (
 )
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.packets import IdleTrack, PacketCounter, PacketLoop, PacketSender
-from endpoint.playout import MarkedFrameBuffer, PlayoutBuffer
+from endpoint.playout import PlayoutBuffer
 from endpoint.recovery import StallGuard
 from endpoint.sources import EncodedLoop, PreEncodedVideoTrack, SyntheticVideoTrack, ToneTrack
 from endpoint.view import Recorder, Viewer, ViewError
-from relay.auth import token_for
-from relay.links import WebSocketChannel, receive
-from relay.logs import event
-from relay.messages import (
+from rtc.adapter import (
+    DatagramTap,
+    MarkedFrameBuffer,
+    MediaSettings,
+    NextFrame,
+    RtcpDispatcher,
+    RtpHandler,
+    new_peer_connection,
+    prefer_video_codec,
+    remote_ssrcs,
+    replace_jitter_buffer,
+    restrict_host_candidates,
+    send_pli,
+    timestamp_mapper,
+    timestamp_origin,
+    wrap_encoded_frames,
+    wrap_rtp_handler,
+)
+from wire.auth import token_for
+from wire.config import parent_url
+from wire.links import WebSocketChannel, receive
+from wire.logs import event
+from wire.messages import (
     SERVER_TO_DEVICE,
     VIDEO_CODECS,
     WS_MAX_MSG_SIZE,
@@ -71,16 +90,6 @@ from relay.messages import (
     Wake,
     Woken,
 )
-from relay.rtc import (
-    DatagramTap,
-    MediaSettings,
-    new_peer_connection,
-    prefer_video_codec,
-    remote_ssrcs,
-    restrict_host_candidates,
-    watch_keyframe_requests,
-)
-from relay.settings import parent_url
 
 log = logging.getLogger("endpoint.device")
 
@@ -91,10 +100,10 @@ VIDEO_MODES = ("synthetic", "preencoded", "packets")
 def set_audio_buffer(receiver: Any, frames: int) -> None:
     """Hold ``frames`` audio frames before playing one, and wait no longer than that for a
     lost packet (endpoint/playout.py). aiortc's receiver holds 4, 80 ms of audio behind a video
-    that it holds one frame (endpoint/playout.py MarkedFrameBuffer: none here): lips would lag
+    that it holds one frame (rtc/adapter.py MarkedFrameBuffer: none here): lips would lag
     the voice by 40-75 ms on a clean LAN. One (20 ms) still puts two swapped packets back in
     order; a path with more jitter wants more (libwebrtc's NetEq adapts its target to it)."""
-    receiver._RTCRtpReceiver__jitter_buffer = PlayoutBuffer(frames)
+    replace_jitter_buffer(receiver, PlayoutBuffer(frames))
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,11 @@ class DeviceSettings:
     #: record the received video: a directory (one file per call) or a file path
     record: str | None = None
     #: this device's credential when its server has auth on (else signed with
-    #: VPHONE_AUTH_SECRET from the environment, if set; see relay/auth.py)
+    #: VPHONE_AUTH_SECRET from the environment, if set; see wire/auth.py)
     token: str | None = None
     bitrate: int = 1_000_000  #: for the pre-encoded loop
+    #: packet mode: the most bytes of an RTP video payload (None: aiortc's packetizer's 1,300)
+    rtp_payload: int | None = None
     #: video codecs this device takes, in its order of preference
     codecs: tuple[str, ...] = VIDEO_CODECS
     media: MediaSettings = field(default_factory=MediaSettings)
@@ -223,8 +234,8 @@ class MediaSupply:
             return cls()
         loop = EncodedLoop.encode(settings.width, settings.height, settings.fps,
                                   bitrate=settings.bitrate)
-        return cls(loop, packets=PacketLoop.from_loop(loop) if settings.video == "packets"
-                   else None)
+        return cls(loop, packets=PacketLoop.from_loop(loop, settings.rtp_payload)
+                   if settings.video == "packets" else None)
 
 
 class DeviceCall:
@@ -243,6 +254,8 @@ class DeviceCall:
         self.channel = channel
         self.clock = clock
         self.pc = new_peer_connection(settings.media)
+        #: the one place the call's RTCP feedback for its senders is taken
+        self.rtcp = RtcpDispatcher()
         self.video = VideoMeter()
         self.audio = AudioMeter()
         #: this device's own part of the video it sends: captured -> last packet sent
@@ -289,9 +302,9 @@ class DeviceCall:
                     self.bitrate = EncoderTarget(floor=self.settings.min_bitrate,
                                                  target=self.settings.start_bitrate)
                     set_start_bitrate(transceiver.sender, self.settings.start_bitrate)
-                    follow_remb(transceiver.sender, self.bitrate)
+                    follow_remb(self.rtcp, transceiver.sender, self.bitrate)
                 if isinstance(video, PreEncodedVideoTrack):
-                    watch_keyframe_requests(transceiver.sender, video.request_keyframe)
+                    self.rtcp.on(transceiver.sender, keyframe=video.request_keyframe)
                     prefer_video_codec(transceiver, "video/VP8", only=True)
                 elif len(self.settings.codecs) == 1:
                     # Restrict only: preferences on an answerer reorder its own codecs, and
@@ -322,37 +335,40 @@ class DeviceCall:
         if isinstance(video, SyntheticVideoTrack | PreEncodedVideoTrack):
             part = self.sender_part
             video.on_captured = part.begin
-            sender = transceiver.sender
-            next_frame = sender._next_encoded_frame
             pending: list[int] = []
 
-            async def timed_next(codec: Any) -> Any:
-                if pending:
-                    part.end(pending.pop(), self.clock())
-                frame = await next_frame(codec)
-                if frame is not None:
-                    pending.append(frame.timestamp)
-                return frame
+            def timed(next_frame: NextFrame) -> NextFrame:
+                async def timed_next(codec: Any) -> Any:
+                    if pending:
+                        part.end(pending.pop(), self.clock())
+                    frame = await next_frame(codec)
+                    if frame is not None:
+                        pending.append(frame.timestamp)
+                    return frame
 
-            sender._next_encoded_frame = timed_next  # type: ignore[method-assign]
+                return timed_next
+
+            wrap_encoded_frames(transceiver.sender, timed)
         receiver = transceiver.receiver
-        receiver._RTCRtpReceiver__jitter_buffer = MarkedFrameBuffer()  # before StallGuard's look
-        handle = receiver._handle_rtp_packet
+        replace_jitter_buffer(receiver, MarkedFrameBuffer())  # before StallGuard's look
         arrived = self.video.receiver
         # aiortc rebases the decoded frames' pts on the first frame's RTP timestamp
-        self._pts_origin = receiver._RTCRtpReceiver__timestamp_mapper
+        self._pts_origin = timestamp_mapper(receiver)
 
         guard = self.stall_guard = StallGuard(
-            receiver, lambda ssrc: self.spawn(receiver._send_rtcp_pli(ssrc)))
+            receiver, lambda ssrc: self.spawn(send_pli(receiver, ssrc)))
 
-        async def timed_handle(packet: Any, arrival_time_ms: int) -> None:
-            # (aiortc's arrival_time_ms counts from 1900, and in whole ms: the clock here)
-            now = self.clock()
-            arrived.begin(packet.timestamp, now)
-            await handle(packet, arrival_time_ms)
-            guard.after(packet, now)
+        def timing(handle: RtpHandler) -> RtpHandler:
+            async def timed_handle(packet: Any, arrival_time_ms: int) -> None:
+                # (aiortc's arrival_time_ms counts from 1900, and in whole ms: the clock here)
+                now = self.clock()
+                arrived.begin(packet.timestamp, now)
+                await handle(packet, arrival_time_ms)
+                guard.after(packet, now)
 
-        receiver._handle_rtp_packet = timed_handle  # type: ignore[method-assign]
+            return timed_handle
+
+        wrap_rtp_handler(receiver, timing)
 
     def _add_packet_transceivers(self, kinds: list[str]) -> None:
         packets = self.supply.packets
@@ -367,11 +383,11 @@ class DeviceCall:
             if kind == "video":
                 prefer_video_codec(transceiver, "video/VP8", only=True)
                 self.senders.append(PacketSender(
-                    transceiver, kind, packets,
+                    transceiver, kind, packets, self.rtcp,
                     functools.partial(self.supply.send_log.sent, self.address), self.clock,
                     part=self.sender_part))
             else:
-                self.senders.append(PacketSender(transceiver, kind, packets))
+                self.senders.append(PacketSender(transceiver, kind, packets, self.rtcp))
 
     def _start_packets(self) -> None:
         """Packet mode, once both descriptions are set: send, and count what arrives."""
@@ -479,8 +495,9 @@ class DeviceCall:
                 frame = await track.recv()
                 now = self.clock()
                 mapper = self._pts_origin
-                if frame.pts is not None and mapper is not None and mapper._origin is not None:
-                    self.video.receiver.end((frame.pts + mapper._origin) & 0xFFFFFFFF, now)
+                origin = timestamp_origin(mapper) if mapper is not None else None
+                if frame.pts is not None and origin is not None:
+                    self.video.receiver.end((frame.pts + origin) & 0xFFFFFFFF, now)
                 if recorder is not None:
                     recorder.write(frame, now)
                 if viewer is not None:

@@ -16,7 +16,7 @@ from endpoint import audiomark, emodel
 from endpoint.audiomark import Mark, MarkReader
 from endpoint.quality import QualityMeter
 from endpoint.stamp import Stamp, unwrap_ms
-from relay.messages import DevicePart, MediaStats, MediaWindow
+from wire.messages import DevicePart, MediaStats, MediaWindow
 
 #: latencies are recorded in microseconds, 1 us .. 60 s, 3 significant digits
 LATENCY_MAX_US = 60_000_000

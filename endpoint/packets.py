@@ -29,9 +29,9 @@ from aiortc.mediastreams import MediaStreamError
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.sources import AUDIO_PTIME, AUDIO_RATE, VIDEO_CLOCK, EncodedLoop, Pacer
 from endpoint.stamp import Stamp
-from relay.congestion import abs_send_time_offset, abs_send_time_value
-from relay.forward import payload_of
-from relay.rtc import SenderTap, ntp_now, vp8_payloads
+from rtc.adapter import RtcpDispatcher, SenderTap, ntp_now, vp8_payloads
+from rtc.congestion import abs_send_time_offset, abs_send_time_value
+from rtc.rtp import payload_of, vp8_packetize
 
 AUDIO_STEP = round(AUDIO_RATE * AUDIO_PTIME)  #: RTP timestamp step of one Opus packet
 
@@ -46,8 +46,12 @@ class PacketLoop:
     audio: bytes
 
     @classmethod
-    def from_loop(cls, loop: EncodedLoop) -> PacketLoop:
-        frames = tuple(tuple(vp8_payloads(data, k)) for k, data in enumerate(loop.frames))
+    def from_loop(cls, loop: EncodedLoop, payload_size: int | None = None) -> PacketLoop:
+        """``payload_size``: the most bytes of an RTP payload (default: aiortc's packetizer's,
+        1,300); larger ones make RTP packets as GStreamer's (MTU 1,400) or larger."""
+        frames = tuple(tuple(vp8_payloads(data, k) if payload_size is None
+                             else vp8_packetize(data, k, payload_size))
+                       for k, data in enumerate(loop.frames))
         return cls(loop.fps, frames, opus_tone())
 
 
@@ -101,12 +105,15 @@ class PacketSender:
     """Plays the loop (video) or the tone packet (audio) on one transceiver, in real time."""
 
     def __init__(self, transceiver: RTCRtpTransceiver, kind: str, loop: PacketLoop,
+                 rtcp: RtcpDispatcher,
                  on_sent: Callable[[int, int, float], None] | None = None,
                  clock: Callable[[], float] = time.time, part: PartMeter | None = None
                  ) -> None:
         self.kind = kind
         self.loop = loop
-        self.tap = SenderTap(transceiver, self.request_keyframe)
+        self.tap = SenderTap(transceiver)
+        # keyframe requests restart the loop; NACKs are answered from the tap's history
+        rtcp.on(transceiver.sender, keyframe=self.request_keyframe, nack=self._retransmit)
         self._on_sent = on_sent
         self._clock = clock
         #: the sender's own part of each frame: its logged send time -> its last packet sent
@@ -114,6 +121,10 @@ class PacketSender:
         self._position = 0
         self.keyframe_requests = 0
         self.packets = 0
+
+    async def _retransmit(self, lost: list[int]) -> bool:
+        await self.tap.retransmit(lost)
+        return True
 
     def request_keyframe(self) -> bool:
         self._position = 0
@@ -137,7 +148,7 @@ class PacketSender:
                 tuple(tap.packet(p, i == len(frame) - 1, payload_type, abs_send_time=True)
                       for i, p in enumerate(frame)) for frame in self.loop.frames)
             interval, step = 1 / self.loop.fps, round(VIDEO_CLOCK / self.loop.fps)
-        ext_id = getattr(tap.extension_ids(), "abs_send_time", None) or 0
+        ext_id = tap.abs_send_time_id()
         offset = abs_send_time_offset(templates[0][0], ext_id) if self.kind == "video" else None
         pacer = Pacer(interval)
         n = 0
@@ -150,7 +161,7 @@ class PacketSender:
             stamp = (offset, abs_send_time_value(ntp_now())) if offset is not None else None
             for template in templates[k]:
                 if tap.send_rewritten(template, len(template), payload_type, seq,
-                                      ts, stamp) is not None:
+                                      ts, stamp):
                     self.packets += 1
                 seq = (seq + 1) & 0xFFFF
             if self._part is not None:

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from endpoint.device import CallEnd, Device, DialError
-from probe.client import ProbeError, ServerClient
-from relay.auth import probe_identity, token_for
-from relay.logs import event
-from relay.messages import DIRECTIONS, CallInfo, Wake
+from wire.auth import probe_identity, token_for
+from wire.client import ProbeError, ServerClient
+from wire.logs import event
+from wire.messages import DIRECTIONS, CallInfo, Wake
 
 log = logging.getLogger("endpoint.phone")
 

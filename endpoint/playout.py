@@ -13,9 +13,11 @@ frames after it play with no more delay than before.
 
 from __future__ import annotations
 
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 from aiortc.utils import uint16_add
+
+from rtc.adapter import packet_bytes
 
 CAPACITY = 16  #: packets held at most (aiortc's own for audio)
 
@@ -55,36 +57,4 @@ class PlayoutBuffer:
             self.skipped += 1
         out = self._held.pop(self._next)
         self._next = uint16_add(self._next, 1)
-        return False, JitterFrame(data=out._data, timestamp=out.timestamp)
-
-
-class MarkedFrameBuffer(JitterBuffer):
-    """aiortc's video jitter buffer, but a frame is complete at its last packet (the RTP marker
-    bit) rather than when the next frame's first packet comes in, as a WebRTC receiver takes it.
-    aiortc's own holds every frame one frame interval more (33 ms at 30 fps, 67 ms at 15):
-    video latency measured 40 ms on the local stack with 33 of them that wait, and lip sync at
-    15 fps read 28 ms of sound before the picture for it. A frame whose marker is lost still
-    completes when the next one starts, as before."""
-
-    def __init__(self, capacity: int = 512) -> None:
-        super().__init__(capacity=capacity, is_video=True)
-
-    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
-        assert self._origin is not None
-        packets: list[RtpPacket] = []
-        for count in range(self._capacity):
-            packet = self._packets[(self._origin + count) % self._capacity]
-            if packet is None:
-                return None  # a packet missing: wait (NACK, or StallGuard)
-            if packets and packet.timestamp != packets[0].timestamp:
-                return self._take(packets, count)  # the next frame began: this one is whole
-            packets.append(packet)
-            if packet.marker:
-                return self._take(packets, count + 1)
-        return None
-
-    def _take(self, packets: list[RtpPacket], count: int) -> JitterFrame:
-        frame = JitterFrame(data=b"".join(p._data for p in packets),  # type: ignore[attr-defined]
-                            timestamp=packets[0].timestamp)
-        self.remove(count)
-        return frame
+        return False, JitterFrame(data=packet_bytes(out), timestamp=out.timestamp)

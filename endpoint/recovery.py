@@ -21,15 +21,23 @@ from typing import Any
 from aiortc.codecs import is_rtx
 from aiortc.utils import uint16_add
 
-from relay.forward import is_keyframe
+from rtc.adapter import (
+    buffer_origin,
+    decoder_running,
+    jitter_buffer,
+    queue_for_decoding,
+    receiver_codecs,
+    take_frame,
+)
+from rtc.rtp import is_keyframe
 
 
 class StallGuard:
     def __init__(self, receiver: Any, request_keyframe: Callable[[int], None],
                  stall_s: float = 0.3, interval_s: float = 1.0) -> None:
         self._receiver = receiver
-        self._buffer = receiver._RTCRtpReceiver__jitter_buffer
-        self._codecs = receiver._RTCRtpReceiver__codecs
+        self._buffer = jitter_buffer(receiver)
+        self._codecs = receiver_codecs(receiver)
         self._request = request_keyframe
         self.stall_s, self.interval_s = stall_s, interval_s
         self._origin: int | None = None
@@ -41,10 +49,10 @@ class StallGuard:
 
     def after(self, packet: Any, now: float) -> None:
         """``packet`` was just handed to the jitter buffer, at ``now``."""
-        if self._buffer._origin != self._origin:
+        if buffer_origin(self._buffer) != self._origin:
             # aiortc released a frame: more may be complete (while it released none, none is)
             self._drain(packet)
-            self._origin, self._progress_at = self._buffer._origin, now
+            self._origin, self._progress_at = buffer_origin(self._buffer), now
             return
         origin = self._origin
         assert origin is not None and self._progress_at is not None
@@ -56,7 +64,7 @@ class StallGuard:
                                                                      packet.payload):
             self._buffer.remove(held)  # everything before the keyframe's first packet
             self.skipped += held
-            self._origin, self._progress_at = self._buffer._origin, now
+            self._origin, self._progress_at = buffer_origin(self._buffer), now
         elif now - self._asked_at >= self.interval_s:
             self._asked_at = now
             self.keyframes_asked += 1
@@ -65,14 +73,13 @@ class StallGuard:
     def _drain(self, packet: Any) -> None:
         """Hand the decoder every complete frame still held (as aiortc does with one)."""
         receiver = self._receiver
-        if not receiver._RTCRtpReceiver__decoder_thread:
+        if not decoder_running(receiver):
             return
         codec = self._codecs.get(packet.payload_type)
         if codec is not None and is_rtx(codec):
             codec = self._codecs.get(codec.parameters.get("apt"))
         if codec is None:
             return
-        while (frame := self._buffer._remove_frame(packet.sequence_number)) is not None:
-            frame.timestamp = receiver._RTCRtpReceiver__timestamp_mapper.map(frame.timestamp)
-            receiver._RTCRtpReceiver__decoder_queue.put((codec, frame))
+        while (frame := take_frame(self._buffer, packet.sequence_number)) is not None:
+            queue_for_decoding(receiver, codec, frame)
             self.drained += 1

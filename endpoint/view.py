@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 
 from endpoint.window import HEADER
-from relay.messages import MediaStats
+from wire.messages import MediaStats
 
 
 class ViewError(Exception):

@@ -24,11 +24,12 @@ from typing import Any
 
 import aiohttp
 
+from lab.stack import LocalStack, StackError, StackSettings
+from lab.topology import DEFAULT, TopologyError
+from lab.topology import load as load_topology
 from probe.bottleneck import describe as describe_hops
 from probe.calls import CallResult, run_call, summarize, wait_idle
 from probe.capacity import CapacitySettings, GiveWay, Step, describe_gave_way, search
-from probe.client import ProbeError, Server, discover, find_device, pick_pair
-from probe.credentials import Credentials
 from probe.fleet import FLEET_PORT, Follower, follow, leading
 from probe.load import PAIRING_MODES, LoadReport, LoadSettings, Shard, run_load
 from probe.nemesis import (
@@ -51,12 +52,11 @@ from probe.stability import StabilitySettings
 from probe.stats import Recorder
 from probe.summary import build as build_summary
 from probe.summary import merge as merge_summaries
-from relay.logs import setup_logging
-from relay.messages import DIRECTIONS
-from relay.server import event_loop_factory
-from relay.stack import LocalStack, StackError, StackSettings
-from relay.topology import DEFAULT, TopologyError
-from relay.topology import load as load_topology
+from wire.client import ProbeError, Server, discover, find_device, pick_pair
+from wire.credentials import Credentials
+from wire.logs import setup_logging
+from wire.loops import event_loop_factory
+from wire.messages import DIRECTIONS
 
 
 def _common(c: argparse.ArgumentParser, devices: int, video: str, sample: float = 0.0) -> None:
@@ -481,7 +481,7 @@ def full_addresses(servers: list[Server], pairs: tuple[tuple[str, str], ...]
 async def probe_session(args: argparse.Namespace, urls: list[str]
                         ) -> AsyncIterator[tuple[aiohttp.ClientSession, Credentials]]:
     """The probe's HTTP session, and its credentials: its token goes only where
-    probe/credentials.py says (the servers in ``urls``, and what discovery finds)."""
+    wire/credentials.py says (the servers in ``urls``, and what discovery finds)."""
     credentials = Credentials.from_env(trust_announced=args.trust_announced)
     credentials.given(urls)
     # No connection cap: each call holds a long poll, and a capped pool would make the probe

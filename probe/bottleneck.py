@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.messages import DIRECTIONS
+from wire.messages import DIRECTIONS
 
 
 def parts(hops: list[dict[str, Any]], links: list[dict[str, Any]],
@@ -132,7 +132,7 @@ def rate_limit(hops: list[dict[str, Any]], links: list[dict[str, Any]], directio
                senders: dict[str, Any] | None = None, near: float = 0.1
                ) -> dict[str, Any] | None:
     """Which link limits the rate of a direction's video (congestion control,
-    relay/congestion.py). The sender hears its first server's report: the least of every
+    rtc/congestion.py). The sender hears its first server's report: the least of every
     hop's estimate from there down. Each estimate covers the path from the sending device up
     to its hop (forwarded packets keep the device's send times), so past the narrowest link
     they all read about its rate, and only they find its queue growing (``overuses``). The

@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 
 from probe.bottleneck import bottleneck, budget, rate_limit
-from probe.client import ProbeError, Server, ServerClient, find_device
 from probe.stats import Outcome, classify
-from relay.messages import DIRECTIONS, CallInfo
+from wire.client import ProbeError, Server, ServerClient, find_device
+from wire.messages import DIRECTIONS, CallInfo
 
 #: Intervals reported per call, in ms from t_sent: name -> event.
 INTERVALS = {

@@ -19,11 +19,11 @@ from typing import Any
 
 import aiohttp
 
-from probe.client import Server, lower_servers
 from probe.histograms import percentiles
 from probe.load import LoadReport, LoadSettings, run_load
 from probe.objective import Objective
 from probe.scrape import ServerWatch
+from wire.client import Server, lower_servers
 
 
 @dataclass(frozen=True)

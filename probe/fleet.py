@@ -27,7 +27,7 @@ indexed Job pod's own DNS name, or a Swarm dnsrr service's name: its other tasks
 so the one that answers is the leader (aiohttp tries each address in turn). The clocks must
 still agree, as for a shared load, since every step starts at a wall-clock moment.
 
-The wire bodies (``FleetStep``, ``FleetOrder``, ``FleetResult``) are in relay/messages.py.
+The wire bodies (``FleetStep``, ``FleetOrder``, ``FleetResult``) are in wire/messages.py.
 """
 
 from __future__ import annotations
@@ -44,16 +44,16 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from probe.client import ProbeError, Server
 from probe.histograms import decode
 from probe.load import LoadReport, LoadSettings, Shard, run_load
 from probe.stats import Recorder
 from probe.summary import RUN_COUNTS, shards_of
-from relay.api import error_response
-from relay.auth import bearer
-from relay.logs import event
-from relay.messages import ErrorBody, FleetOrder, FleetResult, FleetStep, MessageError
-from relay.reasons import Code
+from wire.auth import bearer
+from wire.client import ProbeError, Server
+from wire.http import error_response
+from wire.logs import event
+from wire.messages import ErrorBody, FleetOrder, FleetResult, FleetStep, MessageError
+from wire.reasons import Code
 
 log = logging.getLogger("probe.fleet")
 

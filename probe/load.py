@@ -23,7 +23,10 @@ import aiohttp
 from hdrh.histogram import HdrHistogram
 
 from probe.calls import CallResult, run_call
-from probe.client import (
+from probe.histograms import encode, new_histogram, percentiles, record_ms
+from probe.stats import Recorder
+from probe.watch import LoopWatch
+from wire.client import (
     ProbeError,
     Server,
     ServerClient,
@@ -31,11 +34,8 @@ from probe.client import (
     find_device,
     lower_servers,
 )
-from probe.histograms import encode, new_histogram, percentiles, record_ms
-from probe.stats import Recorder
-from probe.watch import LoopWatch
-from relay.logs import event
-from relay.messages import split_address
+from wire.logs import event
+from wire.messages import split_address
 
 log = logging.getLogger("probe.load")
 

@@ -43,9 +43,9 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from relay.logs import event
-from relay.netns import NamespaceError, need
-from relay.stack import LocalStack, StackError
+from lab.netns import NamespaceError, need
+from lab.stack import LocalStack, StackError
+from wire.logs import event
 
 log = logging.getLogger("probe.nemesis")
 
@@ -199,7 +199,7 @@ class Target(Protocol):
 
 
 class LocalTarget:
-    """The probe's own local stack (relay/stack.py): signals to its processes; link faults on
+    """The probe's own local stack (lab/stack.py): signals to its processes; link faults on
     the veth of a lower server run in a namespace of its own (``--isolate``)."""
 
     name = "local"

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.logs import event
+from wire.logs import event
 
 log = logging.getLogger("probe.scrape")
 

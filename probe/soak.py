@@ -34,14 +34,14 @@ from typing import Any
 import aiohttp
 
 from probe.calls import CallResult
-from probe.client import ProbeError, Server, ServerClient, lower_servers
 from probe.load import LoadReport, LoadSettings, run_load
 from probe.nemesis import Fault, Nemesis, Target
 from probe.report import CallLog, write_soak
 from probe.scrape import ServerWatch, parse, total
 from probe.stability import CallRecord, Incident, StabilityRecorder, StabilitySettings
 from probe.watch import LoopWatch
-from relay.logs import event
+from wire.client import ProbeError, Server, ServerClient, lower_servers
+from wire.logs import event
 
 log = logging.getLogger("probe.soak")
 

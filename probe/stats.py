@@ -21,7 +21,7 @@ from probe.histograms import (
     valid_b64,
 )
 from probe.hopstats import HopsRecorder
-from relay.reasons import reason as reason_of
+from wire.reasons import reason as reason_of
 
 #: What a failed call is counted as. Every failed call gets exactly one class.
 FAILURE_CLASSES = (
@@ -82,7 +82,7 @@ class Outcome:
 
 
 def failure_class(code: str) -> str:
-    """The failure class of a refusal or end reason, from the reasons table (relay/reasons.py);
+    """The failure class of a refusal or end reason, from the reasons table (wire/reasons.py);
     a code the table does not know is a rejection."""
     found = reason_of(code)
     return found.failure if found is not None and found.failure else "rejected"

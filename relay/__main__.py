@@ -12,16 +12,18 @@ import signal
 import sys
 from pathlib import Path
 
+from lab.stack import LocalStack, StackError, StackSettings
+from lab.topology import DEFAULT, TopologyError, load
 from relay.admission import Limits
-from relay.auth import Auth
 from relay.call import Timeouts
-from relay.logs import setup_logging
-from relay.reasons import markdown
-from relay.rtc import MediaSettings
-from relay.server import ListenError, event_loop_factory, serve
-from relay.settings import ServerSettings, SettingsError, env_defaults, split_list
-from relay.stack import LocalStack, StackError, StackSettings
-from relay.topology import DEFAULT, TopologyError, load
+from relay.server import ListenError, serve
+from relay.settings import ServerSettings, env_defaults
+from rtc.adapter import MediaSettings
+from wire.auth import Auth
+from wire.config import SettingsError, split_list
+from wire.logs import setup_logging
+from wire.loops import event_loop_factory
+from wire.reasons import markdown
 
 
 def build_parser() -> argparse.ArgumentParser:

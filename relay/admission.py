@@ -8,26 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from relay.reasons import REASONS, Code
-
-
-class Refused(Exception):
-    """A request, message or link turned away: the code (relay/reasons.py), what was wrong, and
-    the field it was wrong in. Raising it changes nothing."""
-
-    def __init__(self, code: Code, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
-
-    @property
-    def status(self) -> int:
-        return REASONS[self.code].status or 400
-
-    @property
-    def retry_after_s(self) -> int | None:
-        return REASONS[self.code].retry_after_s
+from wire.reasons import Code, Refused
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The HTTP API a server offers the probe (``/v1/...``), and the WebSocket routes of its links.
 
 Every error is JSON: ``{"error": {"code", "message", "field"}}`` with the status the reasons table
-(relay/reasons.py) gives its code; nothing a client sends produces a 5xx.
+(wire/reasons.py) gives its code; nothing a client sends produces a 5xx.
 """
 
 from __future__ import annotations
@@ -18,42 +18,34 @@ import aiohttp
 from aiohttp import web
 from msgspec.structs import replace
 
-from relay.admission import Refused
-from relay.auth import bearer, probe_identity
 from relay.call import CallState
-from relay.logs import event
 from relay.lower import device_link, device_page
-from relay.messages import (
+from relay.node import Node
+from relay.openapi import openapi
+from relay.upper import child_link
+from wire.auth import bearer, probe_identity
+from wire.http import error_response
+from wire.logs import event
+from wire.messages import (
     PROTOCOL_VERSION,
     CallList,
     ChildInfo,
     CreateCall,
     DeviceInfo,
     DeviceList,
-    Error,
-    ErrorBody,
     MessageError,
     ServerInfo,
     ServerList,
     check_call_id,
     check_name,
 )
-from relay.node import Node
-from relay.openapi import openapi
-from relay.reasons import Code
-from relay.upper import child_link
+from wire.reasons import Code, Refused
 
 log = logging.getLogger("relay.api")
 
 NODE = web.AppKey("node", Node)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    body = ErrorBody(error=Error(code=code, message=message, field=field))  # type: ignore[arg-type]
-    return web.json_response(body.to_dict(), status=status, headers=headers)
 
 
 #: Paths open without a probe token: health, metrics, the browser page, and the WebSocket links

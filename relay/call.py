@@ -9,7 +9,7 @@ States::
       │                                        │
       └──────(hangup / failure / timeout)──────┴──► ended
 
-A callee that rings (relay/messages.py ``Woken.ringing``) has ``t_callee_woken`` and not yet
+A callee that rings (wire/messages.py ``Woken.ringing``) has ``t_callee_woken`` and not yet
 ``t_answered``: while it rings the call waits for a person, not for the network, so the setup
 clock stops and the ring timeout (``no_answer``) runs instead. Timers count on this server's
 clock, from when it first saw each event (the events' own times are the devices' clocks).
@@ -22,8 +22,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from relay.messages import DIRECTIONS, TIMELINE_EVENTS, DevicePart, HopFigures, MediaStats
-from relay.reasons import Code
+from wire.messages import DIRECTIONS, TIMELINE_EVENTS, DevicePart, HopFigures, MediaStats
+from wire.reasons import Code
 
 
 class CallState(enum.StrEnum):
@@ -69,6 +69,8 @@ class End:
 
     reason: str
     at: float
+    #: what exactly went wrong, for a person (which leg failed and how), if anyone said
+    detail: str | None = None
 
 
 CallEvent = Milestone | MediaReport | End
@@ -130,6 +132,8 @@ class Call:
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)
     reason: str | None = None
+    #: what exactly ended it, for a person (which leg failed and how), when known
+    detail: str | None = None
     #: where this call's media is decoded and re-encoded ("SERVER:KIND:DIRECTION"); empty when
     #: every hop forwards
     transcoded: list[str] = field(default_factory=list)
@@ -168,6 +172,7 @@ class Call:
             self.media[event.direction] = event.stats
         elif isinstance(event, End):
             self.reason = event.reason
+            self.detail = event.detail
             self.timeline["t_end"] = event.at
         self.state = self._after(after)
         return Transition(before, self.state)
@@ -175,11 +180,11 @@ class Call:
     def record(self, name: str, at: float) -> Transition:
         return self.handle(Milestone(name, at))
 
-    def end(self, reason: str, at: float) -> Transition:
+    def end(self, reason: str, at: float, detail: str | None = None) -> Transition:
         """End the call unless it already ended (then nothing changes)."""
         if self.state is CallState.ENDED:
             return Transition(self.state, self.state)
-        return self.handle(End(reason, at))
+        return self.handle(End(reason, at, detail))
 
     def tick(self, now: float) -> Transition:
         """Enforce the timeouts; ends the call with a reason when one has passed."""

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 
 from msgspec.structs import replace
 
-from relay.admission import Refused
 from relay.effects import PARENT, DirectoryBatch, Link, Outbox
-from relay.messages import DeviceInfo, Directory, ServerEntry, ServerRole, split_address
-from relay.reasons import Code
+from wire.messages import DeviceInfo, Directory, ServerEntry, ServerRole, split_address
+from wire.reasons import Code, Refused
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from relay.messages import (
+from wire.messages import (
     MAX_DIRECTORY_ENTRIES,
     Answer,
     DeviceInfo,

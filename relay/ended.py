@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from relay.call import Call
 from relay.effects import Link
-from relay.messages import Role
+from wire.messages import Role
 
 
 @dataclass

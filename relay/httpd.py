@@ -30,9 +30,9 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from relay.api import error_response
-from relay.logs import event
-from relay.reasons import Code
+from wire.http import error_response
+from wire.logs import event
+from wire.reasons import Code
 
 log = logging.getLogger("relay.http")
 

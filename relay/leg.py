@@ -1,7 +1,8 @@
 """A Leg is one peer connection of a call at a server: to a device, or to the next server.
 
 Every leg carries audio and video both ways. What a leg receives is not decoded here: the call's
-Bridge (relay/forward.py) takes the packets off its receivers and sends them on the other leg.
+Bridge (relay/forward.py) makes it a transport of the media graph (rtc/graph.py): what it receives,
+producers; what it sends, consumers of the other leg's producers.
 """
 
 from __future__ import annotations
@@ -12,29 +13,34 @@ import time
 from collections.abc import Callable
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
-from aiortc.rtp import RtcpRrPacket, RtcpSrPacket
 
-from relay.logs import event
-from relay.messages import LegHop, Role
-from relay.rtc import (
+from rtc.adapter import (
     MediaSettings,
+    RtcpDispatcher,
+    far_end_reception,
     new_peer_connection,
     prefer_video_codec,
+    report_rtt,
     restrict_host_candidates,
+    sender_rtt,
 )
+from wire.logs import event
+from wire.messages import LegHop, Role
 
 log = logging.getLogger("relay.leg")
 
 KINDS = ("audio", "video")
 VIDEO_CLOCK = 90000  #: RTP clock rate of every video codec
+#: seconds a leg closed by its peer waits for the call's hang-up before failing the call
+CLOSED_GRACE_S = 0.75
 
 
 class Leg:
     """One aiortc peer connection, owned by a call; closed once."""
 
     def __init__(self, call: str, name: str, media: MediaSettings,
-                 on_ready: Callable[[dict[str, RTCRtpTransceiver]], None],
-                 on_failed: Callable[[Leg], None]) -> None:
+                 on_ready: Callable[[dict[str, RTCRtpTransceiver], RtcpDispatcher], None],
+                 on_failed: Callable[[Leg, str], None]) -> None:
         self.call = call
         self.name = name
         self.media = media
@@ -42,10 +48,14 @@ class Leg:
         self._closing: asyncio.Task[None] | None = None
         self._on_ready = on_ready
         self._on_failed = on_failed
+        self._failed = False
+        self._grace: asyncio.TimerHandle | None = None
         self.made_at = time.monotonic()
         self.ice_ms: float | None = None  #: made -> ICE connected
         self.dtls_ms: float | None = None  #: made -> DTLS done
         self.transceivers: dict[str, RTCRtpTransceiver] = {}
+        #: the one place the leg's RTCP feedback is taken (by the call's consumers, and here)
+        self.rtcp = RtcpDispatcher()
         #: the smallest round trip of the video sender's RTCP reports (s): queueing a stalled
         #: peer adds to some reports, not all, so the least is the link's own
         self.rtt_min: float | None = None
@@ -74,7 +84,7 @@ class Leg:
                         for kind in KINDS}
         prefer_video_codec(transceivers["video"], video_codec)
         self.transceivers = transceivers
-        self._on_ready(transceivers)
+        self._on_ready(transceivers, self.rtcp)
         self._sample_rtt(transceivers["video"].sender)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -89,7 +99,7 @@ class Leg:
         if set(transceivers) != set(KINDS):
             raise ValueError(f"offer must carry audio and video, not {sorted(transceivers)}")
         self.transceivers = transceivers
-        self._on_ready(transceivers)
+        self._on_ready(transceivers, self.rtcp)
         self._sample_rtt(transceivers["video"].sender)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
@@ -101,20 +111,13 @@ class Leg:
     def _sample_rtt(self, sender: RTCRtpSender) -> None:
         """Take each round trip from the RTCP reports answering this sender's (as aiortc
         does, RFC 3550: now - LSR sent - DLSR), keeping the least."""
-        original = sender._handle_rtcp_packet
 
-        async def handle(packet: object) -> None:
-            if isinstance(packet, RtcpRrPacket | RtcpSrPacket):
-                sent = getattr(sender, "_RTCRtpSender__lsr_time", None)
-                for report in packet.reports:
-                    if report.ssrc == sender._ssrc and report.dlsr and sent is not None and \
-                            report.lsr == getattr(sender, "_RTCRtpSender__lsr", None):
-                        rtt = time.time() - sent - report.dlsr / 65536
-                        if rtt >= 0 and (self.rtt_min is None or rtt < self.rtt_min):
-                            self.rtt_min = rtt
-            await original(packet)
+        def watch(sender: RTCRtpSender, packet: object) -> None:
+            rtt = report_rtt(sender, packet, time.time())
+            if rtt is not None and (self.rtt_min is None or rtt < self.rtt_min):
+                self.rtt_min = rtt
 
-        sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+        self.rtcp.watch_reports(sender, watch)
 
     async def _ice_state(self) -> None:
         if self.pc.iceConnectionState == "completed" and self.ice_ms is None:
@@ -125,8 +128,27 @@ class Leg:
         if state == "connected" and self.dtls_ms is None:
             self.dtls_ms = round((time.monotonic() - self.made_at) * 1000, 3)
         event(log, "leg.state", call=self.call, leg=self.name, state=state)
-        if state == "failed" and not self.closed:
-            self._on_failed(self)
+        if self.closed or self._failed:
+            return
+        if state == "failed":
+            ice = self.pc.iceConnectionState
+            self._fail("failed: ICE failed" if ice == "failed" else "failed: DTLS")
+        elif state == "closed" and self._grace is None:
+            # Closed under us: the peer shut DTLS down, or the transport's receive loop ended.
+            # A peer that hangs up closes its media too, and that can arrive before its hang-up
+            # does (UDP against the signalling's TCP): so the call fails only if it is still up
+            # CLOSED_GRACE_S later (our own close, when the call ends, cancels this).
+            self._grace = asyncio.get_running_loop().call_later(
+                CLOSED_GRACE_S, self._fail, "closed by the peer or its transport")
+
+    def _fail(self, why: str) -> None:
+        """No media will flow on this leg: the call must end now, not sit until a timeout."""
+        self._grace = None
+        if self.closed or self._failed:
+            return
+        self._failed = True
+        event(log, "leg.failed", logging.WARNING, call=self.call, leg=self.name, why=why)
+        self._on_failed(self, why)
 
     def figures(self, toward: Role, peer: str) -> LegHop:
         """The leg's round trip (RTCP, of its video sender), its setup, and what the far end
@@ -134,14 +156,12 @@ class Leg:
         rtt_ms = far_lost = far_jitter_ms = None
         video = self.transceivers.get("video")
         if video is not None:
-            sender = video.sender
-            rtt = getattr(sender, "_RTCRtpSender__rtt", None)
+            rtt = sender_rtt(video.sender)
             rtt_ms = round(max(0.0, rtt) * 1000, 3) if rtt is not None else None
-            stats = getattr(sender, "_RTCRtpSender__stats", {})
-            for stat in list(stats.values()):
-                if getattr(stat, "type", None) == "remote-inbound-rtp":
-                    far_lost = max(0, stat.packetsLost)
-                    far_jitter_ms = round(stat.jitter * 1000 / VIDEO_CLOCK, 3)
+            reception = far_end_reception(video.sender)
+            if reception is not None:
+                far_lost = max(0, reception[0])
+                far_jitter_ms = round(reception[1] * 1000 / VIDEO_CLOCK, 3)
         rtt_min_ms = round(self.rtt_min * 1000, 3) if self.rtt_min is not None else None
         return LegHop(toward=toward, peer=peer[:200], rtt_ms=rtt_ms, rtt_min_ms=rtt_min_ms,
                       ice_ms=self.ice_ms,
@@ -149,6 +169,9 @@ class Leg:
 
     async def close(self) -> None:
         """Close once, to the end, even if the caller is cancelled while waiting."""
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._pc.close() if self._pc is not None
                                                   else asyncio.sleep(0))

@@ -3,20 +3,19 @@ device page (``GET /device``). Everything a device says goes to the signalling c
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from aiohttp import web
 
 from relay.effects import Link
-from relay.messages import DEVICE_TO_SERVER, Register
 from relay.node import Node
+from webdevice import PAGE
+from wire.messages import DEVICE_TO_SERVER, Register
 
-DEVICE_PAGE = Path(__file__).parent / "static" / "device.html"
+DEVICE_PAGE = PAGE
 
 
 async def device_link(node: Node, request: web.Request) -> web.WebSocketResponse:
     """``GET /v1/device``: a device's WebSocket. Its first message must be ``register``; past
-    ``--max-message-rate`` its messages are dropped (relay/links.py)."""
+    ``--max-message-rate`` its messages are dropped (wire/links.py)."""
     return await node.serve_link(request, Register, node.core.device_register,
                                  lambda register: Link("device", register.device),
                                  DEVICE_TO_SERVER, node.settings.limits.max_message_rate)

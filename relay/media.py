@@ -20,14 +20,15 @@ from typing import Any, Protocol
 
 from aiortc.contrib.media import MediaRelay
 
-from relay.congestion import ESTIMATE_EVERY_S
 from relay.effects import Link, Negotiate, PortPlan, StartMedia
-from relay.forward import Bridge, Forwarder, ForwardingStats
+from relay.forward import Bridge, ForwardingStats
 from relay.leg import Leg
-from relay.logs import event
-from relay.messages import Answer, Error, HopFigures, Message, Offer, Role
-from relay.reasons import Code
-from relay.rtc import MediaSettings
+from rtc.adapter import MediaSettings
+from rtc.congestion import ESTIMATE_EVERY_S
+from rtc.graph import Consumer
+from wire.logs import event
+from wire.messages import Answer, Error, HopFigures, Message, Offer, Role
+from wire.reasons import Code
 
 log = logging.getLogger("relay.media")
 
@@ -36,7 +37,7 @@ class MediaEvents(Protocol):
     """What the media layer tells the core (the server feeds these in with ``now``)."""
 
     def media_up(self, call: str) -> None: ...
-    def media_failed(self, call: str, code: Code) -> None: ...
+    def media_failed(self, call: str, code: Code, detail: str | None = None) -> None: ...
     def transcoded(self, call: str, where: str) -> None: ...
     def hop_figures(self, call: str, figures: HopFigures) -> None: ...
 
@@ -84,15 +85,17 @@ class MediaPlane:
             else None
         bridge = Bridge(call, self.stats, self._relay, transcode_all=self.transcode_all,
                         measure=self.measure, on_media_up=on_media_up,
-                        on_transcode=lambda f: self._transcoded(call, f),
+                        on_transcode=lambda c: self._transcoded(call, bridge, c),
                         congestion=self.congestion)
         media = CallMedia(call, bridge, {}, toward={effect.up.link: "caller",
                                                     effect.down.link: "callee"})
         for plan, upstream in ((effect.up, True), (effect.down, False)):
             media.legs[plan.link] = Leg(
                 call, str(plan.link), self.settings,
-                on_ready=lambda transceivers, up=upstream: bridge.leg_ready(transceivers, up),
-                on_failed=lambda leg: self._events.media_failed(call, Code.MEDIA_FAILED))
+                on_ready=lambda transceivers, rtcp, up=upstream: bridge.leg_ready(
+                    transceivers, up, rtcp),
+                on_failed=lambda leg, why: self._events.media_failed(
+                    call, Code.MEDIA_FAILED, f"leg {leg.name} {why}"))
         self.calls[call] = media
         loop = asyncio.get_running_loop()
         if self.measure and (self._reporter is None or self._reporter.done()):
@@ -127,13 +130,14 @@ class MediaPlane:
             self._send(effect.link, Error(code=Code.BAD_SDP, message=f"{description.TYPE} "
                                           f"refused: {exc}"[:1024], field="sdp",
                                           call=media.call, ref=description.TYPE))
-            self._events.media_failed(media.call, Code.BAD_SDP)
+            self._events.media_failed(media.call, Code.BAD_SDP,
+                                      f"leg {leg.name}: {description.TYPE} refused: {exc}")
             return
         if isinstance(description, Offer):
             self._send(effect.link, Answer(call=media.call, leg=description.leg, sdp=sdp))
 
-    def _transcoded(self, call: str, forwarder: Forwarder) -> None:
-        self._events.transcoded(call, f"{self.server}:{forwarder.kind}:{forwarder.direction}")
+    def _transcoded(self, call: str, bridge: Bridge, consumer: Consumer) -> None:
+        self._events.transcoded(call, f"{self.server}:{bridge.direction_of(consumer)}")
 
     def figures(self, media: CallMedia) -> HopFigures:
         """This server's own part of the call (relay/hops.py)."""
@@ -152,7 +156,7 @@ class MediaPlane:
     async def _estimate(self) -> None:
         """Every ESTIMATE_EVERY_S, every stream's congestion estimate takes in the frames it
         noted: all streams' at once, which costs less than half of taking each frame as it
-        comes (relay/congestion.py, Estimate)."""
+        comes (rtc/congestion.py, Estimate)."""
         while self.calls:
             await asyncio.sleep(ESTIMATE_EVERY_S)
             now = time.monotonic()

@@ -9,12 +9,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from relay.admission import Limits, Refused, admit
-from relay.auth import Auth
+from relay.admission import Limits, admit
 from relay.directory import TreeDirectory
 from relay.effects import Link
-from relay.logs import event
-from relay.messages import (
+from wire.auth import Auth
+from wire.logs import event
+from wire.messages import (
     Announce,
     DeviceInfo,
     Directory,
@@ -23,7 +23,7 @@ from relay.messages import (
     ServerEntry,
     Welcome,
 )
-from relay.reasons import Code
+from wire.reasons import Code, Refused
 
 log = logging.getLogger("relay.membership")
 

@@ -94,7 +94,7 @@ class NodeCollector(Collector):
         yield one(GaugeMetricFamily, "relay_transcoding", "Call directions transcoding now",
                   f.transcoding)
         yield by(CounterMetricFamily, "relay_refusals", "Requests, messages and links turned "
-                 "away, by code (relay/reasons.py)", "code", core.counters.refusals)
+                 "away, by code (wire/reasons.py)", "code", core.counters.refusals)
         yield one(GaugeMetricFamily, "relay_ended_calls", "Ended calls kept (GET /v1/calls/ID "
                   "still answers)", len(core.ended))
         yield one(GaugeMetricFamily, "relay_ended_calls_keep_seconds", "How long an ended call "

@@ -3,7 +3,7 @@
 The core (relay/switch.py and relay/directory.py) decides everything and does no I/O. A
 :class:`Node` gives it each message that arrives on a link, each link that opens or closes, a
 clock tick every 250 ms and every media event, always with ``now``; then it drains the core's
-outbox: messages go to the links' channels (relay/links.py), media effects to the media layer
+outbox: messages go to the links' channels (wire/links.py), media effects to the media layer
 (relay/media.py), and requests waiting on a call (``GET /v1/calls/{id}?wait=``) are woken. It owns
 every channel and task it starts, and closes them once.
 
@@ -25,7 +25,6 @@ import aiohttp
 from aiohttp import web
 from msgspec.structs import replace
 
-from relay.admission import Refused
 from relay.call import Call, CallState
 from relay.directory import TreeDirectory
 from relay.effects import (
@@ -40,12 +39,12 @@ from relay.effects import (
     StopMedia,
 )
 from relay.forward import ForwardingStats
-from relay.links import WebSocketChannel, first_message, refuse_link, serve_messages
 from relay.media import MediaPlane
-from relay.messages import CallInfo, HopFigures, Message, ServerEntry
-from relay.reasons import Code
 from relay.settings import ServerSettings
 from relay.switch import Switch
+from wire.links import WebSocketChannel, first_message, refuse_link, serve_messages
+from wire.messages import CallInfo, HopFigures, Message, ServerEntry
+from wire.reasons import Code, Refused
 
 log = logging.getLogger("relay.node")
 
@@ -257,8 +256,8 @@ class _MediaEvents:
     def media_up(self, call: str) -> None:
         self.node.feed(self.node.core.media_up, call)
 
-    def media_failed(self, call: str, code: Code) -> None:
-        self.node.feed(self.node.core.media_failed, call, code)
+    def media_failed(self, call: str, code: Code, detail: str | None = None) -> None:
+        self.node.feed(self.node.core.media_failed, call, code, detail)
 
     def transcoded(self, call: str, where: str) -> None:
         self.node.core.transcoded(call, where)

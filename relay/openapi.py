@@ -1,5 +1,5 @@
 """The HTTP API's OpenAPI 3.1 description. The schemas are msgspec's JSON Schema of the bodies in
-relay/messages.py, so they cannot drift from what the servers accept and send; the statuses of
+wire/messages.py, so they cannot drift from what the servers accept and send; the statuses of
 each route's refusals come from the reasons table. Served at ``GET /openapi.json``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from relay.messages import (
+from wire.messages import (
     CALL_ID_PATTERN,
     NAME_PATTERN,
     PROTOCOL_VERSION,
@@ -20,7 +20,7 @@ from relay.messages import (
     ServerInfo,
     ServerList,
 )
-from relay.reasons import REASONS
+from wire.reasons import REASONS
 
 REF = "#/components/schemas/{name}"
 BODIES = (CreateCall, CallInfo, CallList, DeviceList, ServerInfo, ServerList, ErrorBody)

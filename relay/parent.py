@@ -10,11 +10,11 @@ import logging
 import aiohttp
 
 from relay.effects import PARENT
-from relay.links import receive, serve_messages
-from relay.logs import event
-from relay.messages import PARENT_TO_CHILD, WS_MAX_MSG_SIZE, Announce, Error, Welcome
 from relay.node import Node
-from relay.settings import parent_url
+from wire.config import parent_url
+from wire.links import receive, serve_messages
+from wire.logs import event
+from wire.messages import PARENT_TO_CHILD, WS_MAX_MSG_SIZE, Announce, Error, Welcome
 
 log = logging.getLogger("relay.parent")
 WELCOME_S = 10.0

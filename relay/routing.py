@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.admission import Refused
 from relay.directory import TreeDirectory
 from relay.effects import PARENT, Link
-from relay.messages import split_address
-from relay.reasons import Code
+from wire.messages import split_address
+from wire.reasons import Code, Refused
 
 
 @dataclass(frozen=True)

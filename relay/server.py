@@ -10,19 +10,19 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from relay.api import NODE, errors, setup_routes
 from relay.httpd import GuardedRunner
-from relay.logs import event
 from relay.metrics import setup_metrics
 from relay.node import Node
 from relay.parent import parent_link
-from relay.reasons import Code
 from relay.settings import ServerSettings
+from wire.logs import event
+from wire.reasons import Code
 
 log = logging.getLogger("relay.server")
 
@@ -111,16 +111,3 @@ async def serve(settings: ServerSettings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()  # then running_server drains
-
-
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop if asked for (or 'auto' and installed), else asyncio's default."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise
-        return None
-    return uvloop.new_event_loop

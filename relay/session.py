@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from relay.call import Call
 from relay.effects import Link
-from relay.messages import VIDEO_CODECS, Role
+from wire.messages import VIDEO_CODECS, Role
 
 
 @dataclass

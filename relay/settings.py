@@ -6,17 +6,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from relay.admission import Limits
-from relay.auth import Auth
 from relay.call import Timeouts
-from relay.messages import MessageError, check_name, check_url
-from relay.rtc import MediaSettings
-
-
-class SettingsError(ValueError):
-    """A setting is wrong; the message names it."""
+from rtc.adapter import MediaSettings
+from wire.auth import Auth
+from wire.config import SettingsError, parent_url
+from wire.messages import MessageError, check_name, check_url
 
 
 @dataclass(frozen=True)
@@ -35,11 +31,11 @@ class ServerSettings:
     media_mode: Literal["forward", "transcode"] = "forward"
     #: measure every hop of every call (relay/hops.py); off only to price the measuring
     hop_figures: bool = True
-    #: congestion control: estimate each leg, report the path's least upstream (relay/congestion.py)
+    #: congestion control: estimate each leg, report the path's least upstream (rtc/congestion.py)
     congestion_control: bool = True
     #: limits: past them the server answers "busy" at once (never a hang)
     limits: Limits = field(default_factory=Limits)
-    #: credentials on every link (relay/auth.py); off unless a secret is configured
+    #: credentials on every link (wire/auth.py); off unless a secret is configured
     auth: Auth = field(default_factory=Auth)
     #: seconds a request head may take from its first byte, and a body once its head is in
     #: (relay/httpd.py): a slow client is cut off, not held
@@ -78,19 +74,6 @@ class ServerSettings:
                 check_url(self.public_url, "public_url")
             except MessageError as exc:
                 raise SettingsError(str(exc)) from None
-
-
-def parent_url(url: str, path: str) -> str:
-    """``http://h:p`` or ``ws://h:p`` -> ``ws://h:p{path}`` (a path already given is kept)."""
-    parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise SettingsError(f"{url!r} is not a ws:// or http:// URL")
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") or path, "", ""))
-
-
-def split_list(value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
 def env_defaults(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -29,8 +29,7 @@ from collections.abc import Callable
 
 from msgspec.structs import replace
 
-from relay.admission import Limits, Refused, admit
-from relay.auth import Auth
+from relay.admission import Limits, admit
 from relay.call import BOTH_WOKEN, MEDIA_BOTH_WAYS, Call, Timeouts
 from relay.directory import TreeDirectory
 from relay.effects import (
@@ -45,9 +44,13 @@ from relay.effects import (
 )
 from relay.ended import Ended, EndedCalls
 from relay.hops import links_of
-from relay.logs import event
 from relay.membership import Counters, Membership
-from relay.messages import (
+from relay.routing import Local, route
+from relay.session import Port, Session
+from relay.timeline import Timeline
+from wire.auth import Auth
+from wire.logs import event
+from wire.messages import (
     MAX_PATH,
     Announce,
     Answer,
@@ -76,10 +79,7 @@ from relay.messages import (
     Woken,
     split_address,
 )
-from relay.reasons import Code
-from relay.routing import Local, route
-from relay.session import Port, Session
-from relay.timeline import Timeline
+from wire.reasons import Code, Refused
 
 log = logging.getLogger("relay.switch")
 
@@ -241,7 +241,8 @@ class Switch:
                         callee=call.callee or call.caller, server=self.name,
                         path=list(call.path), started_by=call.started_by,  # type: ignore[arg-type]
                         timeline=dict(call.timeline),
-                        media=dict(call.media), reason=call.reason, codec=call.codec,
+                        media=dict(call.media), reason=call.reason, detail=call.detail,
+                        codec=call.codec,
                         transcoded=list(call.transcoded),
                         hops=[call.hops[name] for name in call.path if name in call.hops],
                         links=links_of(call.path, call.caller, call.callee or call.caller,
@@ -450,7 +451,7 @@ class Switch:
             if message.path and not session.routed and link == session.down.link and \
                     message.path[:len(call.path)] == call.path:
                 call.path = list(message.path)  # how far it got, and who turned it away
-            self._end(session, message.reason, now, source=link)
+            self._end(session, message.reason, now, source=link, detail=message.detail)
         elif isinstance(message, CallUpdate) and link.is_trunk:
             self.timeline.update(session, link, message, self._beyond(session.call, link), now)
         elif isinstance(message, CallAccept):
@@ -504,10 +505,13 @@ class Switch:
         if session is not None and "t_media_up" not in session.call.timeline:
             self.timeline.record(session, "t_media_up", now, None)
 
-    def media_failed(self, call_id: str, code: Code, now: float) -> None:
+    def media_failed(self, call_id: str, code: Code, detail: str | None, now: float) -> None:
+        """A leg of the call failed or closed here (``detail``: which, and how): the call ends
+        at once, at every server of its path, saying so."""
         session = self.sessions.get(call_id)
         if session is not None:
-            self._end(session, code, now)
+            self._end(session, code, now, detail=f"{self.name}: {detail}"[:300]
+                      if detail else None)
 
     def _beyond(self, call: Call, link: Link) -> set[str]:
         """The servers of the call's path on the far side of trunk ``link`` from here."""
@@ -549,9 +553,10 @@ class Switch:
 
     # ------------------------------------------------------------------ ending, time
 
-    def _end(self, session: Session, reason: Code, now: float, source: Link | None = None) -> None:
+    def _end(self, session: Session, reason: Code, now: float, source: Link | None = None,
+             detail: str | None = None) -> None:
         """End a call here, tell the rest of its path (not ``source``), close its legs."""
-        if session.call.end(reason, now).ended:
+        if session.call.end(reason, now, detail).ended:
             self._finish(session, reason, source, now)
 
     def _finish(self, session: Session, reason: str, source: Link | None, now: float) -> None:
@@ -563,7 +568,8 @@ class Switch:
             if port.link != source:
                 self.outbox.send(port.link, Hangup(
                     call=call.id, reason=Code(reason),
-                    path=path if port is session.up and port.link.is_trunk else None))
+                    path=path if port is session.up and port.link.is_trunk else None,
+                    detail=call.detail))
         if session.routed and call.media_mode == "full":
             self.outbox.add(StopMedia(call.id))
         devices: dict[str, Role] = {}
@@ -576,7 +582,7 @@ class Switch:
         self.outbox.add(CallChanged(call.id))
         needed = MEDIA_BOTH_WAYS if call.media_mode == "full" else BOTH_WOKEN
         event(log, "call.ended", call=call.id, caller=call.caller, callee=call.callee,
-              reason=reason, was_active=all(m in call.timeline for m in needed),
+              reason=reason, detail=call.detail, was_active=all(m in call.timeline for m in needed),
               duration_s=round(call.timeline["t_end"] - call.created_at, 3))
 
     def tick(self, now: float) -> None:

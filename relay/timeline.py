@@ -13,9 +13,9 @@ from msgspec.structs import replace
 from relay.call import Call, CallStateError, MediaReport, Milestone
 from relay.effects import CallChanged, Link, Outbox
 from relay.ended import Ended
-from relay.logs import event
-from relay.messages import CallUpdate, HopFigures, Message, Role, Stats
 from relay.session import Session
+from wire.logs import event
+from wire.messages import CallUpdate, HopFigures, Message, Role, Stats
 
 log = logging.getLogger("relay.timeline")
 

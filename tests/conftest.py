@@ -18,14 +18,14 @@ import hypothesis
 import pytest
 
 from endpoint.device import Device, DeviceSettings
+from lab.topology import DEFAULT, TreeNode
 from relay.admission import Limits
-from relay.auth import Auth
 from relay.call import Timeouts
 from relay.node import Node
-from relay.rtc import MediaSettings
 from relay.server import running_server
 from relay.settings import ServerSettings
-from relay.topology import DEFAULT, TreeNode
+from rtc.adapter import MediaSettings
+from wire.auth import Auth
 
 # Property tests explore new examples on every local run; in CI they run a fixed set, so a
 # landing is judged on the same cases each time (what they found locally is fixed first).

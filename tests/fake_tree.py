@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.admission import Limits, Refused
+from relay.admission import Limits
 from relay.call import Timeouts
 from relay.directory import TreeDirectory
 from relay.effects import (
@@ -28,7 +28,8 @@ from relay.effects import (
     StartMedia,
     StopMedia,
 )
-from relay.messages import (
+from relay.switch import Switch
+from wire.messages import (
     CHILD_TO_PARENT,
     DEVICE_TO_SERVER,
     PARENT_TO_CHILD,
@@ -52,7 +53,7 @@ from relay.messages import (
     Woken,
     decode,
 )
-from relay.switch import Switch
+from wire.reasons import Refused
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\n"
 

@@ -1,7 +1,7 @@
 """Real faults, made and removed by the tests and benchmarks/faults.py.
 
 - :func:`namespace`: a network namespace of the test's own, joined to the host by a veth pair
-  (relay/netns.py). A server (and its devices) run inside it, so one link of a call crosses the
+  (lab/netns.py). A server (and its devices) run inside it, so one link of a call crosses the
   veth, where packets can be dropped with iptables (this kernel has no netem) without touching
   any other link. Everything made is removed in a ``finally``; iptables rules live in the
   namespace and go with it.
@@ -23,9 +23,9 @@ from typing import NoReturn
 
 import aiohttp
 
-from probe.client import ProbeError, Server, discover
-from relay import netns
-from relay.netns import Namespace, NamespaceError, need, qdisc_stats
+from lab import netns
+from lab.netns import Namespace, NamespaceError, need, qdisc_stats
+from wire.client import ProbeError, Server, discover
 
 __all__ = ["Namespace", "qdisc_stats"]
 
@@ -45,7 +45,7 @@ def _unavailable(reason: str) -> NoReturn:
 
 @contextlib.contextmanager
 def namespace() -> Iterator[Namespace]:
-    """relay/netns.py's namespace, with iptables at hand; a machine that cannot make one skips
+    """lab/netns.py's namespace, with iptables at hand; a machine that cannot make one skips
     the test (or raises FaultsUnavailable outside pytest)."""
     try:
         need("iptables", "iptables")

@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 
 from endpoint.device import Device
-from relay.auth import Auth, token_for
 from relay.server import running_server
 from relay.settings import ServerSettings
+from wire.auth import Auth, token_for
 
 from .conftest import DEVICE_SETTINGS, LOOPBACK, make_tree
 

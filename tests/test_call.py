@@ -14,7 +14,7 @@ from relay.call import (
     Milestone,
     Timeouts,
 )
-from relay.messages import MediaStats
+from wire.messages import MediaStats
 
 
 def new_call(**kw) -> Call:

@@ -14,7 +14,7 @@ import pytest
 
 from endpoint.capture import CaptureError, VideoSpec, check_video, open_audio
 from endpoint.device import Device, DeviceSettings
-from probe.client import ServerClient
+from wire.client import ServerClient
 
 from .conftest import DEVICE_SETTINGS, make_tree
 

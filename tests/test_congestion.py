@@ -11,7 +11,7 @@ from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
 from endpoint.bitrate import EncoderTarget
-from relay.congestion import ABS_SEND_TIME_URI, Feedback, abs_send_time_of
+from rtc.congestion import ABS_SEND_TIME_URI, Feedback, abs_send_time_of
 
 
 def _packet(abs_send_time: int | None, mid: str | None = "0") -> bytes:
@@ -177,7 +177,7 @@ def test_the_limiting_link_is_the_one_into_the_first_hop_that_found_the_queue_gr
 
 
 def test_the_estimate_counts_each_time_it_finds_the_queue_growing() -> None:
-    from relay.congestion import DelayEstimator
+    from rtc.congestion import DelayEstimator
 
     steady, queued = DelayEstimator(), DelayEstimator()
     for n in range(300):  # a frame every 33 ms; one path queues 5 ms more each frame
@@ -195,7 +195,7 @@ def _bottleneck(capacity_bps: int, seconds: float = 12, rate: int = 1_000_000,
     relay feeds it)."""
     from aiortc.rate import RemoteBitrateEstimator
 
-    from relay.congestion import Estimate
+    from rtc.congestion import Estimate
 
     each, grouped = RemoteBitrateEstimator(), Estimate(3)
     arrive = 0.0
@@ -293,7 +293,7 @@ def test_the_cheaper_rate_counter_counts_as_aiortc_s():
 
     from aiortc import rate
 
-    from relay.congestion import RateCounter
+    from rtc.congestion import RateCounter
 
     rng = random.Random(3)
     ours, theirs = RateCounter(1000, 8000), rate.RateCounter(1000, 8000)
@@ -311,7 +311,7 @@ def test_the_cheaper_rate_counter_counts_as_aiortc_s():
 
 
 def test_a_sender_answers_a_nacked_packet_once_a_round_trip_and_within_a_budget():
-    from relay.congestion import Resends
+    from rtc.congestion import Resends
 
     resends = Resends(share=0.25, burst=4, gap_s=0.25)
     # aiortc NACKs every still-missing packet at each new gap: the same ones again and again
@@ -327,7 +327,7 @@ def test_the_sliding_slope_equals_a_least_squares_fit_of_the_window_however_long
     import random
     from collections import deque
 
-    from relay.congestion import TrendlineEstimator
+    from rtc.congestion import TrendlineEstimator
 
     rng = random.Random(4)
     trend = TrendlineEstimator()
@@ -343,7 +343,7 @@ def test_the_sliding_slope_equals_a_least_squares_fit_of_the_window_however_long
 
 
 def test_an_estimate_notes_frames_and_works_them_in_when_drained_or_when_too_many_wait():
-    from relay.congestion import MAX_PENDING_FRAMES, Estimate
+    from rtc.congestion import MAX_PENDING_FRAMES, Estimate
 
     fed, batched = Estimate(3), Estimate(3)
     found_fed = found_batched = None

@@ -8,7 +8,8 @@ import pytest
 from relay.admission import Limits
 from relay.directory import TreeDirectory
 from relay.effects import PARENT, Link, Outbox, Send
-from relay.messages import (
+from relay.switch import Switch
+from wire.messages import (
     MAX_DIRECTORY_ENTRIES,
     MAX_MESSAGE_BYTES,
     DeviceInfo,
@@ -18,8 +19,7 @@ from relay.messages import (
     ServerEntry,
     decode,
 )
-from relay.reasons import Code
-from relay.switch import Switch
+from wire.reasons import Code
 
 from .fake_tree import FakeTree
 from .test_switch import TREES

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from probe.client import ServerClient
+from wire.client import ServerClient
 
 from . import browser
 from .conftest import make_tree

@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 
 from probe.calls import run_call, summarize
-from probe.client import ProbeError, ServerClient, discover, pick_pair
 from relay.call import CallState, Timeouts
-from relay.messages import DIRECTIONS
+from wire.client import ProbeError, ServerClient, discover, pick_pair
+from wire.messages import DIRECTIONS
 
 from .conftest import Tree, make_tree
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from lab.stack import LocalStack, StackSettings
 from probe.calls import run_call
-from probe.client import discover, pick_pair
-from relay.stack import LocalStack, StackSettings
+from wire.client import discover, pick_pair
 
 from .faults import split_lab
 

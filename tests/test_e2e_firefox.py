@@ -14,7 +14,7 @@ import sys
 import aiohttp
 import pytest
 
-from probe.client import ServerClient
+from wire.client import ServerClient
 
 from . import browser
 from .faults import Processes, namespace, split_tree, until_devices

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.stack import LocalStack, StackSettings
+from lab.stack import LocalStack, StackSettings
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ import aiortc.rtcrtpsender
 import pytest
 
 from endpoint.device import Device
-from probe.client import ServerClient
 from relay.forward import ForwardingStats
+from wire.client import ServerClient
 
 from .conftest import DEVICE_SETTINGS, Tree, make_tree
 
@@ -180,10 +180,10 @@ async def test_loss_on_a_trunk_is_repaired_by_nack(tree: Tree, monkeypatch):
     # Drop every 6th video packet the upper server receives from lower-a. They arrive on the
     # fast path (straight off the socket); retransmissions come on their own SSRC (RTX), which
     # takes aiortc's path and is not dropped.
-    forwarder = tree.upper.media.calls[info.call].bridge.forwarders["video", "caller_to_callee"]
-    ssrc = forwarder._fast_ssrc
-    assert ssrc is not None, "the fast path should carry this stream"
-    routes = forwarder.datagrams._routes
+    producer = tree.upper.media.calls[info.call].bridge.producers["video", "caller_to_callee"]
+    ssrc = producer.ssrc
+    routes = producer.transport.datagrams._routes
+    assert ssrc is not None and ssrc in routes, "the fast path should carry this stream"
     handler = routes[ssrc]
     seen = [0]
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from lab.stack import LocalStack, StackSettings
 from probe.calls import run_call
 from probe.capacity import CapacitySettings, GiveWay, search
-from probe.client import discover, pick_pair
 from probe.load import LoadSettings
 from probe.objective import Objective
 from probe.scrape import ServerWatch
-from relay.hops import TRANSIT_EVERY
-from relay.stack import LocalStack, StackSettings
+from rtc.meter import TRANSIT_EVERY
+from wire.client import discover, pick_pair
 
 from .faults import duty_cycle, split_lab
 

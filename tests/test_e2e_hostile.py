@@ -13,13 +13,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from probe.client import discover
-from probe.credentials import Credentials
 from relay.admission import Limits
-from relay.auth import Auth, probe_identity
 from relay.effects import Link
-from relay.links import INVALID_BURST
-from relay.messages import MAX_MESSAGE_BYTES
+from wire.auth import Auth, probe_identity
+from wire.client import discover
+from wire.credentials import Credentials
+from wire.links import INVALID_BURST
+from wire.messages import MAX_MESSAGE_BYTES
 
 from .conftest import Tree, make_tree
 

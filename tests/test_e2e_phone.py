@@ -15,9 +15,9 @@ import pytest
 from endpoint.device import DialError
 from endpoint.phone import dial_and_hold, report, ring_then
 from probe.calls import run_call, summarize
-from probe.client import discover
 from relay.call import Timeouts
-from relay.messages import DIRECTIONS
+from wire.client import discover
+from wire.messages import DIRECTIONS
 
 from .conftest import DEVICE_SETTINGS, Tree, make_tree
 

@@ -13,11 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from endpoint.device import Device, MediaSupply
 from endpoint.packets import PacketSender
 from probe.capacity import CapacitySettings, search
-from probe.client import discover
 from probe.load import LoadSettings, run_load
 from probe.objective import Objective
 from probe.scrape import ServerWatch
 from relay.call import Timeouts
+from wire.client import discover
 
 from .conftest import DEVICE_SETTINGS, Tree, make_tree
 

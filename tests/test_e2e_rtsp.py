@@ -16,7 +16,7 @@ import pytest
 
 from endpoint.capture import CaptureError, RtspTrack, check_video, has_parameter_sets
 from endpoint.device import Device
-from probe.client import ServerClient
+from wire.client import ServerClient
 
 from .conftest import DEVICE_SETTINGS, make_tree
 from .rtsp_camera import Camera, nal_units, rtp_payloads, serving

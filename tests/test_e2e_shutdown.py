@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from relay.stack import LocalStack, StackSettings
+from lab.stack import LocalStack, StackSettings
 
 pytestmark = pytest.mark.e2e
 

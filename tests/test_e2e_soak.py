@@ -212,8 +212,8 @@ async def test_soak_finds_a_leak_made_in_one_server_at_its_rate_and_none_elsewhe
     out = tmp_path / "soak"
     topology = tmp_path / "tree.json"
     topology.write_text(json.dumps(TREE))
-    from relay.stack import LocalStack, StackSettings
-    from relay.topology import load
+    from lab.stack import LocalStack, StackSettings
+    from lab.topology import load
 
     settings = StackSettings(devices=4, video="packets", size="320x240", fps=15,
                              topology=load(topology), log_dir=tmp_path / "logs",

@@ -10,14 +10,14 @@ from dataclasses import replace
 import pytest
 
 from endpoint.device import Device, MediaSupply
+from lab.topology import parse
 from probe.calls import run_call
 from probe.capacity import CapacitySettings, search
-from probe.client import ServerClient, discover, tree_path
 from probe.load import LoadSettings, run_load
 from probe.objective import Objective
 from relay.call import CallState
 from relay.settings import ServerSettings
-from relay.topology import parse
+from wire.client import ServerClient, discover, tree_path
 
 from .conftest import DEVICE_SETTINGS, LOOPBACK, Tree, make_tree
 

@@ -12,12 +12,12 @@ import time
 import aiohttp
 import pytest
 
-from probe.client import ProbeError
 from probe.fleet import Follower, Leader, merge_reports, settings_of, step_of
 from probe.histograms import record_ms
 from probe.load import LoadReport, LoadSettings, Shard
 from probe.stats import Outcome, Recorder
-from relay.messages import FleetStep
+from wire.client import ProbeError
+from wire.messages import FleetStep
 
 TOKEN = "fleet-token"
 

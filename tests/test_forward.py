@@ -9,7 +9,7 @@ from aiortc.codecs import get_encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from endpoint.sources import SyntheticVideoTrack
-from relay.forward import RequestLimiter, SequenceMap, is_keyframe, same_codec
+from rtc.rtp import RequestLimiter, SequenceMap, is_keyframe, same_codec
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
 H264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102,

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.messages import MessageError, decode, message_types
 from relay.server import running_server
 from relay.settings import ServerSettings
+from wire.messages import MessageError, decode, message_types
 
 from .conftest import LOOPBACK
 

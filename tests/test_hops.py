@@ -12,8 +12,9 @@ from probe.capacity import GiveWay, Step, describe_gave_way, gave_way
 from probe.load import LoadReport, LoadSettings
 from probe.stats import Outcome, Recorder
 from relay.effects import Link
-from relay.hops import Buckets, StreamMeter, links_of
-from relay.messages import CallUpdate, HopFigures, LegHop, StreamHop
+from relay.hops import links_of
+from rtc.meter import Buckets, StreamMeter
+from wire.messages import CallUpdate, HopFigures, LegHop, StreamHop
 
 from .fake_tree import FakeTree
 

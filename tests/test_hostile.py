@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from relay.call import CallState
 from relay.effects import PARENT, Link
-from relay.messages import (
+from wire.messages import (
     CHILD_TO_PARENT,
     DEVICE_TO_SERVER,
     Answer,
@@ -36,7 +36,7 @@ from relay.messages import (
     Woken,
     decode,
 )
-from relay.reasons import Code
+from wire.reasons import Code
 
 from .fake_tree import SDP, FakeTree
 

@@ -11,9 +11,9 @@ import pytest
 
 from endpoint.device import Device
 from relay.admission import Limits
-from relay.links import RateLimit
 from relay.server import running_server
 from relay.settings import ServerSettings
+from wire.links import RateLimit
 
 from .conftest import DEVICE_SETTINGS, LOOPBACK
 

@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from probe.client import Server
 from probe.load import LoadSettings, Shard, run_load
 from probe.objective import RUN
 from probe.summary import merge
-from relay.messages import DeviceInfo, Error, ErrorBody, ServerEntry
+from wire.client import Server
+from wire.messages import DeviceInfo, Error, ErrorBody, ServerEntry
 
 
 def servers_at(url: str, devices: int = 20) -> list[Server]:

@@ -7,7 +7,7 @@ import json
 import msgspec
 import pytest
 
-from relay.messages import (
+from wire.messages import (
     CHILD_TO_PARENT,
     DEVICE_TO_SERVER,
     Announce,
@@ -121,7 +121,7 @@ def subclasses(cls: type) -> set[type]:
 def test_every_message_class_is_registered_under_its_own_tag():
     types = message_types()
     defined = {c for c in subclasses(Message)  # the module's own; _Bases are not messages
-               if c.__module__ == "relay.messages" and not c.__name__.startswith("_")}
+               if c.__module__ == "wire.messages" and not c.__name__.startswith("_")}
     assert set(types.values()) == defined  # none left out of the decoder
     for tag, cls in types.items():
         assert cls.TYPE == tag

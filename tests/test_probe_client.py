@@ -1,14 +1,14 @@
-"""The probe's pure choices: which token goes to which server (probe/credentials.py), and what
+"""The probe's pure choices: which token goes to which server (wire/credentials.py), and what
 it says when a device is nowhere."""
 
 from __future__ import annotations
 
 import pytest
 
-from probe.client import ProbeError, Server, find_device
-from probe.credentials import Credentials, origin
-from relay.auth import Auth, probe_identity
-from relay.messages import DeviceInfo, ServerEntry
+from wire.auth import Auth, probe_identity
+from wire.client import ProbeError, Server, find_device
+from wire.credentials import Credentials, origin
+from wire.messages import DeviceInfo, ServerEntry
 
 AUTH = Auth(secret=b"unit-secret")
 

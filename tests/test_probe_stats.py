@@ -11,7 +11,7 @@ from probe.load import Pairing, schedule
 from probe.objective import RUN, Objective
 from probe.stats import FAILURE_CLASSES, Figures, Outcome, Recorder, classify, percentiles
 from probe.summary import merge
-from relay.messages import DIRECTIONS
+from wire.messages import DIRECTIONS
 
 GOOD = {"frames": 90, "frames_lost": 0, "fps": 30.0, "duration_s": 3.0, "gaps": 0,
         "latency_ms_p50": 40.0}

@@ -1,4 +1,4 @@
-"""The reasons table (relay/reasons.py): complete, used by the probe's classifier, and the same
+"""The reasons table (wire/reasons.py): complete, used by the probe's classifier, and the same
 as the table in docs/relay.md."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from probe.stats import FAILURE_CLASSES, classify, failure_class
-from relay.reasons import REASONS, Code, markdown, reason
+from wire.reasons import REASONS, Code, markdown, reason
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [p for d in ("relay", "probe", "endpoint") for p in (ROOT / d).rglob("*.py")]

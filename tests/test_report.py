@@ -18,7 +18,7 @@ from probe.scrape import ServerTrack, parse
 from probe.stats import Outcome, Recorder
 from probe.summary import build
 from relay.hops import links_of
-from relay.messages import DIRECTIONS, HopFigures, LegHop, StreamHop
+from wire.messages import DIRECTIONS, HopFigures, LegHop, StreamHop
 
 from . import browser
 

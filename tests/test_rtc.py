@@ -1,8 +1,13 @@
-"""The aiortc/aioice internals relay/rtc.py relies on are still there, and do what we need."""
+"""The aiortc/aioice internals rtc/adapter.py relies on are still there, and do what we need."""
 
 from __future__ import annotations
 
-from relay.rtc import MediaSettings, check_internals, new_peer_connection, restrict_host_candidates
+from rtc.adapter import (
+    MediaSettings,
+    check_internals,
+    new_peer_connection,
+    restrict_host_candidates,
+)
 
 
 def test_internals_present():
@@ -26,7 +31,7 @@ async def test_host_candidates_only_on_given_addresses():
 
 
 async def test_instance_internals_present_on_a_live_peer_connection():
-    from relay.rtc import check_instance_internals
+    from rtc.adapter import check_instance_internals
 
     pc = new_peer_connection(MediaSettings(addresses=("127.0.0.1",)))
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from probe.__main__ import build_parser, soak_rate
-from probe.client import ProbeError
+from wire.client import ProbeError
 
 
 def args(*argv: str) -> argparse.Namespace:

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from relay.admission import Limits, Refused
+from relay.admission import Limits
 from relay.call import CallState, Timeouts
 from relay.effects import Link, StartMedia, StopMedia
-from relay.messages import CallSetup, CallUpdate, Error, Hangup
-from relay.reasons import Code
+from wire.messages import CallSetup, CallUpdate, Error, Hangup
+from wire.reasons import Code, Refused
 
 from .fake_tree import FakeTree
 
@@ -359,7 +359,7 @@ def test_messages_out_of_turn_are_refused_and_change_nothing() -> None:
     tree = populated(2)
     call = tree.call("a1", "a1/cam-a1", "b1/cam-b1")
     a1 = tree.servers["a1"]
-    from relay.messages import Offer, Register
+    from wire.messages import Offer, Register
     cases = [
         (Link("device", "cam-a1"), Register(device="cam-a1"), Code.ALREADY_REGISTERED),
         (Link("device", "cam-a1"), Offer(call=call, leg=call, sdp="v=0\r\n"),
@@ -380,7 +380,7 @@ def test_messages_out_of_turn_are_refused_and_change_nothing() -> None:
 
 
 def test_a_dial_is_answered_with_dialed_ahead_of_the_wake_and_runs_as_any_call() -> None:
-    from relay.messages import Dial, Dialed, Wake
+    from wire.messages import Dial, Dialed, Wake
     tree = populated(2)
     tree.devices[("a1", "cam-a1")].received.clear()
     tree.from_device("a1", "cam-a1", Dial(callee="b1/cam-b1", seq=7))
@@ -404,7 +404,7 @@ def test_a_dial_is_answered_with_dialed_ahead_of_the_wake_and_runs_as_any_call()
 @pytest.mark.parametrize("callee, code", [("a1/cam-a1", Code.SAME_DEVICE),
                                           ("a1/nobody", Code.UNKNOWN_DEVICE)])
 def test_a_refused_dial_is_an_error_with_the_refusal_s_code(callee: str, code: Code) -> None:
-    from relay.messages import Dial
+    from wire.messages import Dial
     tree = populated(2)
     dial = Dial(callee=callee)
     tree.devices[("a1", "cam-a1")].received.clear()
@@ -450,7 +450,7 @@ def test_an_unanswered_ring_ends_no_answer_and_a_decline_declined() -> None:
 
 
 def test_a_pickup_of_a_call_that_does_not_ring_is_refused() -> None:
-    from relay.messages import Pickup
+    from wire.messages import Pickup
     tree = populated(1)
     call = tree.call("lower-a", "lower-a/cam-lower-a", "lower-b/cam-lower-b")
     tree.from_device("lower-b", "cam-lower-b", Pickup(call=call, at=tree.now))

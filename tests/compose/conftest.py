@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from relay.auth import Auth
+from wire.auth import Auth
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES_PER_SERVER = 3

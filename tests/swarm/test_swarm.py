@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from relay.auth import Auth
+from wire.auth import Auth
 
 if not os.environ.get("VPHONE_SWARM_TESTS"):
     pytest.skip("swarm tests run through tests/swarm/run (it builds the image)",

@@ -71,7 +71,7 @@ class Code(enum.StrEnum):
     CALLER_WAKE_TIMEOUT = "caller_wake_timeout"
     CALLEE_WAKE_TIMEOUT = "callee_wake_timeout"
     SETUP_TIMEOUT = "setup_timeout"
-    # the callee's answer (a device that rings: relay/messages.py Woken.ringing)
+    # the callee's answer (a device that rings: wire/messages.py Woken.ringing)
     DECLINED = "declined"
     NO_ANSWER = "no_answer"
     # the probe's own, when a request fails
@@ -232,3 +232,22 @@ def markdown() -> str:
         who = r.cause + (", probe" if r.probe_only else "")
         lines.append(f"| `{r.code}` | {who} | {status} | {r.failure or ''} | {r.text} |")
     return "\n".join(lines)
+
+
+class Refused(Exception):
+    """A request, message or link turned away: the code (wire/reasons.py), what was wrong, and
+    the field it was wrong in. Raising it changes nothing."""
+
+    def __init__(self, code: Code, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+    @property
+    def status(self) -> int:
+        return REASONS[self.code].status or 400
+
+    @property
+    def retry_after_s(self) -> int | None:
+        return REASONS[self.code].retry_after_s

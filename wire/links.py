@@ -17,11 +17,11 @@ from typing import TypeVar
 import aiohttp
 from aiohttp import web
 
-from relay.admission import Refused
-from relay.logs import event
-from relay.messages import WS_MAX_MSG_SIZE, Error, Message, MessageError, decode
+from wire.logs import event
+from wire.messages import WS_MAX_MSG_SIZE, Error, Message, MessageError, decode
+from wire.reasons import Refused
 
-log = logging.getLogger("relay.links")
+log = logging.getLogger("wire.links")
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 M = TypeVar("M", bound=Message)

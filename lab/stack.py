@@ -1,5 +1,5 @@
 """The local stack: a tree of servers (by default upper, lower-a and lower-b; any shape with a
-topology, relay/topology.py) and devices under each lower server, as separate processes on
+topology, lab/topology.py) and devices under each lower server, as separate processes on
 loopback. Used by ``python -m relay stack`` and ``probe --local``.
 
 Every server gets a free port when the stack starts and keeps it: a server that dies can be
@@ -9,7 +9,7 @@ logged once (``stack.died``, with the exit status and the log), and with ``resta
 server is started again on its port after that delay (``stack.restarted``). Faults are made
 through it (:meth:`LocalStack.kill`, :meth:`LocalStack.signal`, :meth:`LocalStack.start_again`:
 probe/nemesis.py). A lower server named in ``isolate`` runs with its devices in a network
-namespace of its own (relay/netns.py), so the link to its parent crosses a veth that a fault
+namespace of its own (lab/netns.py), so the link to its parent crosses a veth that a fault
 can cut or slow.
 
 Every child is started with a parent-death signal, so even a killed launcher leaves no process
@@ -36,12 +36,12 @@ from typing import IO, Any
 
 import aiohttp
 
-from relay.auth import token_for
-from relay.logs import event
-from relay.netns import Namespace, NamespaceError, namespace
-from relay.topology import DEFAULT, TreeNode
+from lab.netns import Namespace, NamespaceError, namespace
+from lab.topology import DEFAULT, TreeNode
+from wire.auth import token_for
+from wire.logs import event
 
-log = logging.getLogger("relay.stack")
+log = logging.getLogger("lab.stack")
 
 
 class StackError(RuntimeError):
@@ -68,7 +68,7 @@ class StackSettings:
     #: its port; None: it stays down (its death is logged either way)
     restart_after_s: float | None = None
     #: lower servers that run, with their devices, in a network namespace of their own: the
-    #: link to the parent crosses a veth (relay/netns.py; needs root)
+    #: link to the parent crosses a veth (lab/netns.py; needs root)
     isolate: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.messages import MessageError, check_name
+from wire.messages import MessageError, check_name
 
 MAX_DEVICES_PER_SERVER = 500
 MAX_SERVERS = 200  #: on one machine; a bigger tree is a deployment, not a local stack

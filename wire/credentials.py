@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from relay.auth import Auth, probe_identity
+from wire.auth import Auth, probe_identity
 
 
 def origin(url: str) -> str:

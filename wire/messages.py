@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from relay.reasons import Code
+from wire.reasons import Code
 
 #: Device link protocol (register.version).
 PROTOCOL_VERSION = 1
@@ -38,6 +38,7 @@ MAX_DIRECTORY_ENTRIES = 500
 MAX_URL_CHARS = 2048
 #: Servers a call may cross (a path longer than this is a routing loop or a hostile peer).
 MAX_PATH = 32
+MAX_DETAIL = 300  #: characters of a hang-up's detail
 
 # The (?!\n) refuses a trailing newline, which Python's "$" would let through; JSON Schema's
 # (ECMA) "$" never matches before one, so the same pattern means the same in both.
@@ -463,7 +464,7 @@ class Register(Message, frozen=True, tag="register"):
     version: int = PROTOCOL_VERSION
     #: video codecs the device can send and receive, in its order of preference
     codecs: Codecs = msgspec.field(default_factory=lambda: list(VIDEO_CODECS))
-    token: Token | None = None  #: HMAC credential for "device:ID" when auth is on (relay/auth.py)
+    token: Token | None = None  #: HMAC credential for "device:ID" when auth is on (wire/auth.py)
 
     def __post_init__(self) -> None:
         _unique(self.codecs, "codecs")
@@ -564,9 +565,11 @@ class Hangup(Message, frozen=True, tag="hangup"):
     """End a call; travels along the call's path away from whoever ended it."""
 
     call: CallId
-    reason: Code  #: relay/reasons.py
+    reason: Code  #: wire/reasons.py
     #: a call turned away before it was routed: the servers it reached, the last one refusing
     path: Annotated[list[Name], msgspec.Meta(max_length=MAX_PATH)] | None = None
+    #: what exactly went wrong, for a person (which server's leg failed and how)
+    detail: Annotated[str, msgspec.Meta(max_length=MAX_DETAIL)] | None = None
 
 
 # Child <-> parent (trunk).
@@ -760,6 +763,8 @@ class CallInfo(Body, frozen=True):
     timeline: dict[str, float] = {}
     media: dict[str, MediaStats] = {}
     reason: str | None = None
+    #: what exactly ended the call, for a person (which server's leg failed and how), if known
+    detail: str | None = None
     codec: str | None = None  #: the video codec the call's trunks carry
     #: where media is decoded and re-encoded on its way ("SERVER:KIND:DIRECTION"), if anywhere
     transcoded: list[str] = []

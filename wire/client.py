@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from probe.credentials import Credentials
-from relay.logs import event
-from relay.messages import (
+from wire.credentials import Credentials
+from wire.logs import event
+from wire.messages import (
     Body,
     CallInfo,
     CreateCall,
@@ -25,7 +25,7 @@ from relay.messages import (
     split_address,
 )
 
-log = logging.getLogger("probe.client")
+log = logging.getLogger("wire.client")
 
 B = TypeVar("B", bound=Body)
 
