@@ -254,7 +254,8 @@ class ReceiverTap:
         seen = self._seen
         seen.sequence_number, seen.timestamp = seq, ts
         if not repair:
-            self._statistics(ssrc, clock_rate).add(seen)  # type: ignore[arg-type]
+            stats = self._streams.get(ssrc) or self._statistics(ssrc, clock_rate)
+            stats.add(seen)  # type: ignore[arg-type]
         nack = self._nack
         if (nack is not None and not nack.missing and nack.max_seq is not None
                 and seq == (nack.max_seq + 1) & 0xFFFF):
@@ -610,7 +611,9 @@ class SenderTap:
         # Packets sent, as plain bytes; parsed only if a NACK asks for one.
         self._raw: dict[int, bytes] = {}
         self._srtp: InPlaceSrtp | None = None
-        self._reports = 0
+        self._reports = 0  #: packets sent
+        self._flushed = 0  #: of which handed to the sender's report counts
+        self._octets = 0  #: payload bytes sent since then
         #: which NACKed packets are answered (no storm on a congested link)
         self.resends = Resends()
         self.oversize = 0  #: packets too long to protect, dropped
@@ -686,7 +689,10 @@ class SenderTap:
         if transport is None:  # the leg closed
             return None
         transport.sendto(data, pair.remote_addr)
-        self._reported(ts, length - 12)
+        self._octets += length - 12
+        self._reports += 1
+        if self._reports & 7 == 1:  # the 1st, 9th, 17th ...
+            self._flush_report(ts)
         return len(data)
 
     def send_reheadered(self, source: bytes | memoryview, length: int,
@@ -744,16 +750,23 @@ class SenderTap:
         return 0
 
     def _reported(self, ts: int, payload_size: int) -> None:
-        """What the sender's RTCP sender reports say about the stream. The (NTP time, RTP
-        timestamp) pair is taken from every 8th packet: a sender report needs one recent pair,
-        and reading the clock per packet costs more than the rest of this."""
-        sender = self.sender
-        if not self._reports & 7:
-            sender._RTCRtpSender__ntp_timestamp = ntp_now()
-            sender._RTCRtpSender__rtp_timestamp = ts
+        """What the sender's RTCP sender reports say about the stream: counted here and handed
+        to the sender with the (NTP time, RTP timestamp) pair every 8th packet. A sender report
+        needs one recent pair, and counts a few packets behind are still true of a second's
+        report; the clock and the sender's name-mangled fields per packet cost more than the
+        rest of sending. (Written out in send_rewritten: per packet.)"""
+        self._octets += payload_size
         self._reports += 1
-        sender._RTCRtpSender__octet_count += payload_size
-        sender._RTCRtpSender__packet_count += 1
+        if self._reports & 7 == 1:  # the 1st, 9th, 17th ...
+            self._flush_report(ts)
+
+    def _flush_report(self, ts: int) -> None:
+        sender = self.sender
+        sender._RTCRtpSender__ntp_timestamp = ntp_now()
+        sender._RTCRtpSender__rtp_timestamp = ts
+        sender._RTCRtpSender__octet_count += self._octets
+        sender._RTCRtpSender__packet_count += self._reports - self._flushed
+        self._octets, self._flushed = 0, self._reports
 
     async def started(self) -> None:
         """Wait until aiortc has started the sender (the leg is connected, codec chosen)."""

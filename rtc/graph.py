@@ -35,6 +35,7 @@ from rtc.congestion import Feedback
 from rtc.meter import StreamMeter
 from rtc.rtp import RequestLimiter, SequenceMap, same_codec
 from rtc.stages import (
+    SEQ_TS,
     Accounting,
     Counted,
     Estimate,
@@ -187,8 +188,18 @@ class Producer:
         self._run(self._packet.load(memoryview(data), len(data), False, repair, arrival))
 
     def on_datagram(self, view: memoryview, length: int) -> None:
-        """The fast path: a decrypted packet of the current source, in a reused buffer."""
-        self._run(self._packet.load(view, length, True))
+        """The fast path: a decrypted packet of the current source, in a reused buffer.
+        (``Packet.load`` and ``_run`` written out: this runs for every packet.)"""
+        packet = self._packet
+        packet.view, packet.length = view, length
+        packet.seq, packet.ts = SEQ_TS.unpack_from(view, 2)
+        packet.marker = view[1] > 127
+        packet.fast, packet.repair, packet.arrival, packet.sample = True, False, 0.0, False
+        for stage in self._stages:
+            if not stage(packet):
+                return
+        for consumer in self.consumers:
+            consumer.forward(packet)
 
     def _run(self, packet: Packet) -> None:
         for stage in self._stages:
@@ -207,7 +218,8 @@ class Producer:
         if self.congestion:
             self.estimate = Estimator(self.tap.abs_send_time_id())
             stages.append(Estimate(self.estimate, self._estimated))
-        self._stages = tuple(stages)
+        # bound methods, not the objects: calling one costs a third of an instance's __call__
+        self._stages = tuple(stage.__call__ for stage in stages)
 
     def _new_source(self, ssrc: int) -> None:
         """A new SSRC: the consumers start again (at a keyframe), and its packets are taken off
@@ -359,6 +371,7 @@ class Consumer:
         self._transcode_all = transcode_all
         self._on_transcode = on_transcode
         self._stages: tuple[Stage, ...] = ()
+        self._running: tuple[Stage, ...] = ()
         self._gate: KeyframeGate | None = None
         transport.rtcp.on(self.sink.sender, keyframe=self.on_keyframe_request,
                           remb=self.on_remb, nack=self.on_nack)
@@ -366,16 +379,24 @@ class Consumer:
         producer.attach(self)
 
     def forward(self, packet: Packet) -> None:
-        if self.mode != "forward" and not self._decide():
-            return
+        """Take one packet of the producer's (until forwarding is decided: see _bind)."""
+        if self._decide():
+            self._forward(packet)
+
+    def _forward(self, packet: Packet) -> None:
         for stage in self._stages:
             if not stage(packet):
                 return
 
     def restart(self) -> None:
-        """Start again at the next keyframe (a new source)."""
-        if self._gate is not None:
+        """Start again at the next keyframe (a new source, a send that failed)."""
+        if self._gate is not None and not self._gate.waiting:
             self._gate.restart()
+            self._stages = (self._gate.__call__, *self._running)
+
+    def _opened(self) -> None:
+        """The gate let the stream start: it leaves the chain until the stream restarts."""
+        self._stages = self._running
 
     def _decide(self) -> bool:
         """Forward, or fall back, once both legs have negotiated; False until forwarding."""
@@ -394,14 +415,18 @@ class Consumer:
     def _bind(self, codec: RTCRtpCodecParameters, sink_codec: RTCRtpCodecParameters) -> None:
         producer = self.producer
         seq_map = SequenceMap(*SenderTap.new_origin())
-        self._gate = KeyframeGate(self.kind, codec.mimeType, seq_map, producer.want_keyframe)
+        self._gate = KeyframeGate(self.kind, codec.mimeType, seq_map, producer.want_keyframe,
+                                  self._opened)
         tap = producer.tap
         same = (tap.extension_ids() == self.sink.extension_ids()
                 and tap.receiver_mid is not None and tap.receiver_mid == self.sink.mid)
         send = Send(self.sink, sink_codec.payloadType, None if same else tap.extensions,
                     self.stats, producer.meter if producer.measure else None, self.restart)
-        self._stages = (self._gate, Rewrite(seq_map), send)
+        # bound methods, not the objects: calling one costs a third of an instance's __call__
+        self._running: tuple[Stage, ...] = (Rewrite(seq_map).__call__, send.__call__)
+        self._stages = (self._gate.__call__, *self._running)
         self.mode = "forward"
+        self.forward = self._forward  # type: ignore[method-assign]  # decided: per packet
         if len(producer.consumers) == 1:
             producer.tap.stop_decoder()  # nothing of it will be decoded here
         event(log, "consumer.forward", consumer=self.name, kind=self.kind,
@@ -463,7 +488,7 @@ class Consumer:
         if self.mode == "transcode":
             self.stats.transcoding -= 1
         self.mode = "closed"
-        self._stages = ()
+        self._stages = self._running = ()
         self.transport.rtcp.off(self.sink.sender)
         self.producer.detach(self)
         if self in self.transport.consumers:

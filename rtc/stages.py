@@ -31,7 +31,7 @@ from rtc.congestion import Estimate as Estimator
 from rtc.meter import TRANSIT_EVERY, StreamMeter
 from rtc.rtp import SequenceMap, is_keyframe, payload_of
 
-_SEQ_TS = struct.Struct("!HI")  #: sequence number and timestamp, from byte 2 of an RTP header
+SEQ_TS = struct.Struct("!HI")  #: sequence number and timestamp, from byte 2 of an RTP header
 
 
 class Packet:
@@ -60,8 +60,8 @@ class Packet:
              arrival: float = 0.0) -> Packet:
         """Take the plain packet in ``view[:length]``."""
         self.view, self.length = view, length
-        self.seq, self.ts = _SEQ_TS.unpack_from(view, 2)
-        self.marker = bool(view[1] & 0x80)
+        self.seq, self.ts = SEQ_TS.unpack_from(view, 2)
+        self.marker = view[1] > 127
         self.fast, self.repair, self.arrival = fast, repair, arrival
         self.sample = False
         return self
@@ -145,13 +145,14 @@ class Accounting:
     """Receiver statistics (RTCP reports stay true) and NACKs for missing packets, for every
     packet of either path."""
 
-    __slots__ = ("clock_rate", "ssrc", "tap")
+    __slots__ = ("_account", "clock_rate", "ssrc", "tap")
 
     def __init__(self, tap: Accountant, ssrc: int, clock_rate: int) -> None:
         self.tap, self.ssrc, self.clock_rate = tap, ssrc, clock_rate
+        self._account = tap.account
 
     def __call__(self, packet: Packet) -> bool:
-        self.tap.account(self.ssrc, packet.seq, packet.ts, self.clock_rate, packet.repair)
+        self._account(self.ssrc, packet.seq, packet.ts, self.clock_rate, packet.repair)
         return True
 
 
@@ -211,11 +212,14 @@ class KeyframeGate:
     upstream) or at the next packet (audio). Dropping a P-frame would corrupt video until the
     next keyframe; starting at one gives a decodable picture at once."""
 
-    __slots__ = ("_step", "_video", "mime", "seq_map", "waiting", "want_keyframe")
+    __slots__ = ("_step", "_video", "mime", "opened", "seq_map", "waiting", "want_keyframe")
 
     def __init__(self, kind: str, mime: str, seq_map: SequenceMap,
-                 want_keyframe: Callable[[], None]) -> None:
+                 want_keyframe: Callable[[], None],
+                 opened: Callable[[], None] = lambda: None) -> None:
         self.mime, self.seq_map, self.want_keyframe = mime, seq_map, want_keyframe
+        #: called when the stream starts: a consumer takes the gate out of its chain then
+        self.opened = opened
         self._video = kind == "video"
         self._step = 3000 if self._video else 960  #: the timestamp gap left at a restart
         self.waiting = True
@@ -232,6 +236,7 @@ class KeyframeGate:
             return False
         self.seq_map.restart(packet.seq, packet.ts, self._step)
         self.waiting = False
+        self.opened()
         return True
 
 
