@@ -665,7 +665,7 @@ class SenderTap:
         written in place (marker bit, extensions and payload kept; ``stamp``: (offset, value)
         of an abs-send-time to write too), protected in place and sent. Its protected size;
         0 if it was too long to protect (dropped, counted); None if the leg is not connected."""
-        dtls = self.sender.transport  # (inline, not _session/_transmit: this is per packet)
+        dtls = self.sender.transport  # (all written out here: this runs for every packet)
         session = dtls._tx_srtp
         pair = dtls.transport._connection._nominated.get(1)
         if session is None or pair is None:
@@ -701,9 +701,6 @@ class SenderTap:
         """As :meth:`send_rewritten`, for a packet whose leg writes header extensions
         differently (other ids, another MID): parsed with ``extensions``, written with this
         leg's. Costs a parse and a serialize; the fast path avoids it where the legs agree."""
-        srtp = self._session()
-        if srtp is None:
-            return None
         try:
             packet = RtpPacket.parse(bytes(source[:length]), extensions)
         except ValueError:
@@ -712,35 +709,7 @@ class SenderTap:
         packet.sequence_number, packet.timestamp = seq, ts
         packet.extensions.mid = self.sender._RTCRtpSender__mid
         data = packet.serialize(self.extensions)
-        if len(data) > srtp.room:
-            return self._too_long(len(data))
-        _srtp_ffi.memmove(srtp.buffer, data, len(data))
-        return self._transmit(srtp, len(data), seq, ts)
-
-    def _session(self) -> InPlaceSrtp | None:
-        dtls = self.sender.transport
-        session = dtls._tx_srtp
-        if session is None:  # not connected yet
-            return None
-        srtp = self._srtp
-        if srtp is None or srtp.session is not session:
-            srtp = self._srtp = InPlaceSrtp(session)
-        return srtp
-
-    def _transmit(self, srtp: InPlaceSrtp, length: int, seq: int, ts: int) -> int | None:
-        pair = self.sender.transport.transport._connection._nominated.get(1)
-        if pair is None:
-            return None
-        self._raw[seq % RTP_HISTORY_SIZE] = bytes(srtp.view[:length])
-        data = srtp.protect(length)
-        if data is None:
-            return 0
-        transport = pair.protocol.transport
-        if transport is None:  # the leg closed
-            return None
-        transport.sendto(data, pair.remote_addr)
-        self._reported(ts, length - 12)
-        return len(data)
+        return self.send_rewritten(data, len(data), payload_type, seq, ts)
 
     def _too_long(self, length: int) -> int:
         self.oversize += 1
@@ -749,18 +718,12 @@ class SenderTap:
                   bytes=length, room=self._srtp.room if self._srtp else SRTP_ROOM)
         return 0
 
-    def _reported(self, ts: int, payload_size: int) -> None:
-        """What the sender's RTCP sender reports say about the stream: counted here and handed
-        to the sender with the (NTP time, RTP timestamp) pair every 8th packet. A sender report
-        needs one recent pair, and counts a few packets behind are still true of a second's
-        report; the clock and the sender's name-mangled fields per packet cost more than the
-        rest of sending. (Written out in send_rewritten: per packet.)"""
-        self._octets += payload_size
-        self._reports += 1
-        if self._reports & 7 == 1:  # the 1st, 9th, 17th ...
-            self._flush_report(ts)
-
     def _flush_report(self, ts: int) -> None:
+        """What the sender's RTCP sender reports say about the stream: counted in
+        send_rewritten and handed to the sender with the (NTP time, RTP timestamp) pair every
+        8th packet. A sender report needs one recent pair, and counts a few packets behind are
+        still true of a second's report; the clock and the sender's name-mangled fields per
+        packet cost more than the rest of sending."""
         sender = self.sender
         sender._RTCRtpSender__ntp_timestamp = ntp_now()
         sender._RTCRtpSender__rtp_timestamp = ts
