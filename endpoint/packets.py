@@ -29,9 +29,9 @@ from aiortc.mediastreams import MediaStreamError
 from endpoint.meter import AudioMeter, PartMeter, SendLog, VideoMeter
 from endpoint.sources import AUDIO_PTIME, AUDIO_RATE, VIDEO_CLOCK, EncodedLoop, Pacer
 from endpoint.stamp import Stamp
-from rtc.adapter import RtcpDispatcher, SenderTap, ntp_now, vp8_payloads
+from rtc.adapter import RtcpDispatcher, SenderTap, ntp_now
 from rtc.congestion import abs_send_time_offset, abs_send_time_value
-from rtc.rtp import payload_of, vp8_packetize
+from rtc.rtp import VP8_PAYLOAD_MAX, payload_of, vp8_payloads
 
 AUDIO_STEP = round(AUDIO_RATE * AUDIO_PTIME)  #: RTP timestamp step of one Opus packet
 
@@ -49,9 +49,8 @@ class PacketLoop:
     def from_loop(cls, loop: EncodedLoop, payload_size: int | None = None) -> PacketLoop:
         """``payload_size``: the most bytes of an RTP payload (default: aiortc's packetizer's,
         1,300); larger ones make RTP packets as GStreamer's (MTU 1,400) or larger."""
-        frames = tuple(tuple(vp8_payloads(data, k) if payload_size is None
-                             else vp8_packetize(data, k, payload_size))
-                       for k, data in enumerate(loop.frames))
+        size = payload_size or VP8_PAYLOAD_MAX
+        frames = tuple(tuple(vp8_payloads(data, k, size)) for k, data in enumerate(loop.frames))
         return cls(loop.fps, frames, opus_tone())
 
 

@@ -92,8 +92,6 @@ class MediaSettings:
 #: path; an incoming datagram longer than the buffer is dropped as an SRTP error, not raised.
 SRTP_BUFFER = 2048
 SRTP_TRAILER = 144  #: pylibsrtp's SRTP_MAX_TRAILER_LEN: the most protect may append
-#: the longest plain RTP packet that can be protected
-SRTP_ROOM = SRTP_BUFFER - SRTP_TRAILER
 
 
 class RoomySession(pylibsrtp.Session):
@@ -105,16 +103,19 @@ class RoomySession(pylibsrtp.Session):
         self._buffer = _srtp_ffi.buffer(self._cdata)
 
     def unprotect(self, packet: bytes) -> bytes:
-        if len(packet) > SRTP_BUFFER:  # aiortc drops an SRTP error; a ValueError ends the leg
-            raise pylibsrtp.Error(f"a datagram of {len(packet)} bytes is longer than any RTP "
-                                  f"packet ({SRTP_BUFFER})")
-        return super().unprotect(packet)
+        return super().unprotect(_fits(packet))
 
     def unprotect_rtcp(self, packet: bytes) -> bytes:
-        if len(packet) > SRTP_BUFFER:
-            raise pylibsrtp.Error(f"a datagram of {len(packet)} bytes is longer than any RTCP "
-                                  f"packet ({SRTP_BUFFER})")
-        return super().unprotect_rtcp(packet)
+        return super().unprotect_rtcp(_fits(packet))
+
+
+def _fits(datagram: bytes) -> bytes:
+    """``datagram``, if a RoomySession's buffer holds it: a longer one is an SRTP error (aiortc
+    drops it), not pylibsrtp's ValueError, which would end aiortc's DTLS loop and the leg."""
+    if len(datagram) > SRTP_BUFFER:
+        raise pylibsrtp.Error(f"a datagram of {len(datagram)} bytes is longer than any packet "
+                              f"({SRTP_BUFFER})")
+    return datagram
 
 
 def new_peer_connection(media: MediaSettings) -> RTCPeerConnection:
@@ -619,10 +620,6 @@ class SenderTap:
         self.oversize = 0  #: packets too long to protect, dropped
 
     @property
-    def ssrc(self) -> int:
-        return self.sender._ssrc
-
-    @property
     def mid(self) -> str | None:
         return self.transceiver.mid
 
@@ -674,7 +671,7 @@ class SenderTap:
         if srtp is None or srtp.session is not session:
             srtp = self._srtp = InPlaceSrtp(session)
         if length > srtp.room:
-            return self._too_long(length)
+            return self._too_long(length, srtp.room)
         view = srtp.view
         _srtp_ffi.memmove(srtp.buffer, source, length)
         _HEADER.pack_into(view, 1, (source[1] & 0x80) | payload_type, seq, ts, self.sender._ssrc)
@@ -711,11 +708,11 @@ class SenderTap:
         data = packet.serialize(self.extensions)
         return self.send_rewritten(data, len(data), payload_type, seq, ts)
 
-    def _too_long(self, length: int) -> int:
+    def _too_long(self, length: int, room: int) -> int:
         self.oversize += 1
         if self.oversize == 1:
             event(log, "rtp.too_long", logging.WARNING, mid=self.mid, ssrc=self.sender._ssrc,
-                  bytes=length, room=self._srtp.room if self._srtp else SRTP_ROOM)
+                  bytes=length, room=room)
         return 0
 
     def _flush_report(self, ts: int) -> None:
@@ -792,12 +789,6 @@ class InPlaceSrtp:
         if _srtp_lib.srtp_protect(self._srtp[0], self.buffer, self._length):
             return None
         return bytes(self.view[:self._length[0]])
-
-
-def vp8_payloads(frame: bytes, picture_id: int) -> list[bytes]:
-    """The RTP payloads of one encoded VP8 frame, packetized as aiortc's sender does (each with
-    a payload descriptor carrying ``picture_id``)."""
-    return Vp8Encoder._packetize(frame, picture_id & 0x7FFF)
 
 
 def remote_ssrcs(pc: RTCPeerConnection) -> dict[str, int]:
@@ -911,7 +902,6 @@ def check_internals() -> list[str]:
         (RTCRtpSender, "_handle_rtcp_packet"),
         (RTCRtpSender, "_retransmit"),
         (RTCRtpSender, "_next_encoded_frame"),
-        (Vp8Encoder, "_packetize"),
         (JitterBuffer, "_remove_frame"),
         (HeaderExtensionsMap, "configure"),
         (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp"),

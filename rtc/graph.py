@@ -406,6 +406,9 @@ class Consumer:
         codec, sink_codec = producer.codec, self.sink.codec
         if codec is None or sink_codec is None:
             return False
+        if producer.released:  # another consumer transcodes: aiortc decodes the stream
+            self._refuse(codec, sink_codec, "its source is decoded for another consumer")
+            return False
         if same_codec(codec, sink_codec) and not self._transcode_all:
             self._bind(codec, sink_codec)
             return True
@@ -427,8 +430,7 @@ class Consumer:
         self._stages = (self._gate.__call__, *self._running)
         self.mode = "forward"
         self.forward = self._forward  # type: ignore[method-assign]  # decided: per packet
-        if len(producer.consumers) == 1:
-            producer.tap.stop_decoder()  # nothing of it will be decoded here
+        producer.tap.stop_decoder()  # nothing of it will be decoded here (once: idempotent)
         event(log, "consumer.forward", consumer=self.name, kind=self.kind,
               codec=codec.mimeType, rewrite="in place" if same else "re-header",
               congestion_control=producer.estimate is not None)
@@ -437,11 +439,9 @@ class Consumer:
                    ) -> None:
         producer = self.producer
         if self._relay is None or len(producer.consumers) > 1:
-            self.mode = "refused"
-            event(log, "consumer.refused", logging.WARNING, consumer=self.name, kind=self.kind,
-                  source_codec=codec.mimeType, sink_codec=sink_codec.mimeType,
-                  why="codecs differ and it cannot transcode (other consumers share the source)"
-                  if self._relay is not None else "codecs differ and transcoding is off")
+            self._refuse(codec, sink_codec, "codecs differ and it cannot transcode (other "
+                         "consumers share the source)" if self._relay is not None
+                         else "codecs differ and transcoding is off")
             return
         self.mode = "transcode"
         producer.release()
@@ -454,6 +454,12 @@ class Consumer:
               sink_codec=sink_codec.mimeType)
         if self._on_transcode is not None:
             self._on_transcode(self)
+
+    def _refuse(self, codec: RTCRtpCodecParameters, sink_codec: RTCRtpCodecParameters,
+                why: str) -> None:
+        self.mode = "refused"
+        event(log, "consumer.refused", logging.WARNING, consumer=self.name, kind=self.kind,
+              source_codec=codec.mimeType, sink_codec=sink_codec.mimeType, why=why)
 
     # -------------------------------------------------------------- feedback from downstream
 

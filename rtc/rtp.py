@@ -136,21 +136,25 @@ def same_codec(a: RTCRtpCodecParameters, b: RTCRtpCodecParameters) -> bool:
     return True
 
 
-#: bytes of the VP8 payload descriptor :func:`vp8_packetize` writes (X, I, a 15-bit picture id)
+#: bytes of the VP8 payload descriptor :func:`vp8_payloads` writes (X, I, a 15-bit picture id)
 VP8_DESCRIPTOR = 4
+#: the most bytes of an RTP payload aiortc's own VP8 packetizer makes (its PACKET_MAX)
+VP8_PAYLOAD_MAX = 1300
 
 
-def vp8_packetize(frame: bytes, picture_id: int, payload_size: int) -> list[bytes]:
+def vp8_payloads(frame: bytes, picture_id: int, payload_size: int = VP8_PAYLOAD_MAX
+                 ) -> list[bytes]:
     """The RTP payloads of one encoded VP8 frame (RFC 7741), each at most ``payload_size``
-    bytes, the descriptor carrying ``picture_id``: for a sender that fills a larger MTU than
-    aiortc's packetizer (1,300 bytes), as GStreamer (1,400) or a browser may."""
+    bytes, the descriptor carrying ``picture_id``. At the default, the same bytes aiortc's
+    sender makes; larger for a sender that fills a larger MTU, as GStreamer (1,400) or a
+    browser may."""
     if payload_size <= VP8_DESCRIPTOR:
         raise ValueError(f"an RTP payload of {payload_size} bytes has no room for VP8 data")
     chunk = payload_size - VP8_DESCRIPTOR
     pid = picture_id & 0x7FFF
     payloads = []
-    for i, at in enumerate(range(0, max(len(frame), 1), chunk)):
-        first = 0x90 if i == 0 else 0x80  # X=1, S on the frame's first packet, PID 0
+    for at in range(0, len(frame), chunk):
+        first = 0x90 if at == 0 else 0x80  # X=1, S on the frame's first packet, PID 0
         payloads.append(bytes((first, 0x80, 0x80 | pid >> 8, pid & 0xFF))
                         + frame[at:at + chunk])
     return payloads

@@ -9,7 +9,8 @@ from pylibsrtp import Policy, Session
 
 from endpoint.packets import PacketLoop, opus_tone, vp8_picture_id
 from endpoint.sources import EncodedLoop
-from rtc.adapter import InPlaceSrtp, vp8_payloads
+from rtc.adapter import InPlaceSrtp
+from rtc.rtp import vp8_payloads
 
 
 def test_picture_id_of_a_vp8_descriptor():
