@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from msgspec.structs import replace
 
+from relay.asyncapi import asyncapi
 from relay.call import CallState
 from relay.lower import device_link, device_page
 from relay.node import Node
@@ -50,7 +51,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Paths open without a probe token: health, metrics, the browser page, and the WebSocket links
 #: (devices and servers prove themselves in their first message).
-OPEN_PATHS = ("/healthz", "/metrics", "/device", "/v1/device", "/v1/trunk", "/openapi.json")
+OPEN_PATHS = ("/healthz", "/metrics", "/device", "/v1/device", "/v1/trunk", "/openapi.json",
+              "/v1/asyncapi.json")
 
 
 def check_probe(request: web.Request) -> None:
@@ -262,8 +264,15 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(openapi(request.app[NODE].role))
 
 
+async def asyncapi_json(request: web.Request) -> web.Response:
+    """``GET /v1/asyncapi.json``: the WebSocket protocol's description (relay/asyncapi.py)."""
+    node = request.app[NODE]
+    return web.json_response(asyncapi(node.name, str(request.url.origin())))
+
+
 def setup_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/v1/asyncapi.json", asyncapi_json)
     app.router.add_get("/v1/server", get_server)
     app.router.add_get("/v1/servers", get_servers)
     app.router.add_get("/v1/devices", get_devices)

@@ -5,6 +5,7 @@ response as documented (status, content type, headers, body schema), bad input r
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import sys
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 
 from lab.stack import LocalStack, StackSettings
+from relay.asyncapi import asyncapi
 
 pytestmark = pytest.mark.e2e
 
@@ -29,6 +31,12 @@ async def test_schemathesis_finds_nothing_in_ten_thousand_cases(tmp_path: Path):
         async with session.get(f"{url}/openapi.json") as r:
             spec = await r.json()
         assert {"/v1/calls", "/v1/calls/{call}", "/v1/devices", "/v1/server"} <= set(spec["paths"])
+        # The WebSocket protocol's description is served too, the one tests/test_asyncapi.py
+        # checks against the types and AsyncAPI 3.0.
+        for server in (c for c in stack.children if c.url):
+            async with session.get(f"{server.url}/v1/asyncapi.json") as r:
+                assert r.status == 200
+                assert await r.json() == json.loads(json.dumps(asyncapi(server.name, server.url)))
         # Semantic refusals of well-formed requests (unknown device, same device, caller on
         # another server) are the API working: positive_data_acceptance would call them bugs.
         # Ended calls stay readable on purpose (use_after_free); auth is off here.
