@@ -87,8 +87,25 @@ class CallResult:
 
     @property
     def not_adapting(self) -> list[str]:
-        """The directions whose sender cannot follow the path's rate (pre-encoded, packets)."""
-        return [d for d in DIRECTIONS if (self.senders.get(d) or {}).get("adapts") is False]
+        """The directions whose sender cannot follow the path's rate: it said so (pre-encoded,
+        packets), or a server found its description of the stream cannot be steered (no
+        abs-send-time, no REMB, transport-cc only). ``not_adapting_why`` says which."""
+        return list(self.not_adapting_why)
+
+    @property
+    def not_adapting_why(self) -> dict[str, str]:
+        out = {}
+        for direction in DIRECTIONS:
+            if (self.senders.get(direction) or {}).get("adapts") is False:
+                out[direction] = ("the sending device's encoder does not follow the rate "
+                                  "(a pre-encoded or packet source)")
+                continue
+            for hop in self.hops:
+                video = (hop.get("streams") or {}).get(direction, {}).get("video") or {}
+                if video.get("cannot_adapt"):
+                    out[direction] = f"{hop.get('server')}: {video['cannot_adapt']}"
+                    break
+        return out
 
     @property
     def bottleneck(self) -> dict[str, dict[str, Any] | None]:
@@ -132,7 +149,8 @@ class CallResult:
                 "intervals": self.intervals, "media": self.media, "hops": self.hops,
                 "links": self.links, "senders": self.senders,
                 "latency_parts": self.latency_parts, "bottleneck": self.bottleneck,
-                "rate": self.rate, "not_adapting": self.not_adapting, "series": self.series,
+                "rate": self.rate, "not_adapting": self.not_adapting,
+                "not_adapting_why": self.not_adapting_why, "series": self.series,
                 **({"slot": self.slot} if self.slot is not None else {}),
                 **({"planned_path": self.planned} if self.planned else {}),
                 **({"start_late_ms": self.late_ms} if self.late_ms is not None else {}),

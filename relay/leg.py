@@ -59,6 +59,8 @@ class Leg:
         #: the smallest round trip of the video sender's RTCP reports (s): queueing a stalled
         #: peer adds to some reports, not all, so the least is the link's own
         self.rtt_min: float | None = None
+        #: the offer this leg made, if it made one (an answer is checked against it)
+        self.offer_sdp: str | None = None
 
     @property
     def pc(self) -> RTCPeerConnection:
@@ -88,7 +90,8 @@ class Leg:
         self._sample_rtt(transceivers["video"].sender)
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        return self.pc.localDescription.sdp
+        self.offer_sdp = self.pc.localDescription.sdp
+        return self.offer_sdp
 
     async def create_answer(self, sdp: str) -> str:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))

@@ -21,11 +21,12 @@ from typing import Any, Protocol
 from aiortc.contrib.media import MediaRelay
 
 from relay.effects import Link, Negotiate, PortPlan, StartMedia
-from relay.forward import Bridge, ForwardingStats
+from relay.forward import Bridge, Direction, ForwardingStats
 from relay.leg import Leg
 from rtc.adapter import MediaSettings
 from rtc.congestion import ESTIMATE_EVERY_S
 from rtc.graph import Consumer
+from rtc.sdp import answer_problems, rate_feedback, sections
 from wire.logs import event
 from wire.messages import Answer, Error, HopFigures, Message, Offer, Role
 from wire.reasons import Code
@@ -53,6 +54,9 @@ class CallMedia:
     #: each leg's side of the call (the leg toward the caller, the one toward the callee)
     toward: dict[Link, Role] = field(default_factory=dict)
 
+
+#: what every leg's far end must do with each kind: a call carries audio and video both ways
+BOTH_WAYS = {"audio": "sendrecv", "video": "sendrecv"}
 
 #: seconds between a call's hop figures while it is up (and once more when it ends)
 HOP_REPORT_S = 1.0
@@ -119,6 +123,11 @@ class MediaPlane:
     async def _negotiate(self, media: CallMedia, effect: Negotiate) -> None:
         leg = media.legs[effect.link]
         description = effect.description
+        if isinstance(description, Answer) and leg.offer_sdp is not None:
+            problems = answer_problems(leg.offer_sdp, description.sdp, BOTH_WAYS)
+            if problems:
+                self._unusable(media, effect.link, leg, "; ".join(problems))
+                return
         try:
             if isinstance(description, Offer):
                 sdp = await leg.create_answer(description.sdp)
@@ -133,8 +142,22 @@ class MediaPlane:
             self._events.media_failed(media.call, Code.BAD_SDP,
                                       f"leg {leg.name}: {description.TYPE} refused: {exc}")
             return
+        incoming: Direction = "caller_to_callee" if media.toward[effect.link] == "caller" \
+            else "callee_to_caller"
+        producer = media.bridge.producers.get(("video", incoming))
+        if producer is not None:
+            video = next((s for s in sections(description.sdp) if s.kind == "video"), None)
+            producer.cannot_adapt = rate_feedback(video)
         if isinstance(description, Offer):
             self._send(effect.link, Answer(call=media.call, leg=description.leg, sdp=sdp))
+
+    def _unusable(self, media: CallMedia, link: Link, leg: Leg, why: str) -> None:
+        """An answer that cannot carry the call: refused, and the call ends saying why."""
+        event(log, "leg.unusable_answer", logging.WARNING, call=media.call, leg=leg.name,
+              why=why)
+        self._send(link, Error(code=Code.UNUSABLE_ANSWER, message=f"answer refused: {why}"[
+            :1024], field="sdp", call=media.call, ref="answer"))
+        self._events.media_failed(media.call, Code.UNUSABLE_ANSWER, f"leg {leg.name}: {why}")
 
     def _transcoded(self, call: str, bridge: Bridge, consumer: Consumer) -> None:
         self._events.transcoded(call, f"{self.server}:{bridge.direction_of(consumer)}")

@@ -152,6 +152,8 @@ class Producer:
         self.codec: RTCRtpCodecParameters | None = None
         self.ssrc: int | None = None
         self.released = False  #: aiortc decodes it (a consumer transcodes)
+        #: why its sender cannot follow the path's rate (rtc/sdp.py rate_feedback), if known
+        self.cannot_adapt: str | None = None
         self.closed = False
         self._on_first_packet = on_first_packet
         self._packet = Packet(transport.datagrams.kernel_arrival)
@@ -325,6 +327,8 @@ class Producer:
             lost, repaired, jitter = self.tap.loss(self.ssrc)
             jitter_ms = jitter * 1000 / clock_rate if jitter is not None else None
         figures = self.meter.figures(lost, repaired, jitter_ms, now=time.time())
+        if self.cannot_adapt is not None:
+            figures = msgspec.structs.replace(figures, cannot_adapt=self.cannot_adapt[:300])
         if not self.congestion:
             return figures
         feedback = self.feedback

@@ -383,6 +383,10 @@ class StreamHop(Body, frozen=True):
     #: times this hop's estimate found the queue on the stream's path growing (overuse, each
     #: a fall of the estimate): the hops past the narrowest link see it, those before do not
     overuses: Count = 0
+    #: video: why the sender of the stream arriving here cannot follow the path's rate, read
+    #: from its own description of the stream (no abs-send-time, no goog-remb, transport-cc
+    #: only); None when it can, or when this server cannot tell
+    cannot_adapt: Annotated[str, msgspec.Meta(max_length=300)] | None = None
 
 
 class LegHop(Body, frozen=True):

@@ -68,6 +68,7 @@ class Code(enum.StrEnum):
     SERVER_GONE = "server_gone"
     MEDIA_FAILED = "media_failed"
     BAD_SDP = "bad_sdp"
+    UNUSABLE_ANSWER = "unusable_answer"
     CALLER_WAKE_TIMEOUT = "caller_wake_timeout"
     CALLEE_WAKE_TIMEOUT = "callee_wake_timeout"
     SETUP_TIMEOUT = "setup_timeout"
@@ -191,6 +192,9 @@ REASONS: dict[Code, Reason] = _table(
     Reason(Code.MEDIA_FAILED, "network", None, "ice_dtls_failed",
            "a media leg (ICE or DTLS) failed"),
     Reason(Code.BAD_SDP, "remote", None, "ice_dtls_failed", "an offer or answer was refused"),
+    Reason(Code.UNUSABLE_ANSWER, "remote", None, "rejected",
+           "an SDP answer that cannot carry the call: recvonly, inactive or sendonly where the "
+           "call needs both ways, a rejected m-line, or no codec in common"),
     Reason(Code.CALLER_WAKE_TIMEOUT, "network", None, "timeout",
            "the caller did not acknowledge its wake-up in time (5 s)"),
     Reason(Code.CALLEE_WAKE_TIMEOUT, "network", None, "timeout",
