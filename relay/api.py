@@ -20,6 +20,7 @@ from msgspec.structs import replace
 
 from relay.asyncapi import asyncapi
 from relay.call import CallState
+from relay.gateway import OWN_AUTH_PREFIXES, setup_gateway_routes
 from relay.lower import device_link, device_page
 from relay.node import Node
 from relay.openapi import openapi
@@ -59,7 +60,7 @@ def check_probe(request: web.Request) -> None:
     """Raise Refused 401/403 unless the request carries the probe's token (when auth is on)."""
     node = request.app[NODE]
     auth = node.settings.auth
-    if not auth.on or request.path in OPEN_PATHS:
+    if not auth.on or request.path in OPEN_PATHS or request.path.startswith(OWN_AUTH_PREFIXES):
         return
     token = bearer(request.headers.get("Authorization", ""))
     refusal = auth.check(probe_identity(), token, probe_identity(node.name))
@@ -284,5 +285,6 @@ def setup_routes(app: web.Application, node: Node) -> None:
     if node.role == "lower":
         app.router.add_get("/v1/device", partial(device_link, node))
         app.router.add_get("/device", device_page)
+        setup_gateway_routes(app, node)
     else:
         app.router.add_get("/v1/trunk", partial(child_link, node))

@@ -6,6 +6,7 @@ the signalling core (:mod:`relay.switch`) feeds it and acts on what it returns.
 States::
 
     setup ──(first frame at both devices)──► active
+      (a one-way call, with a WHIP or WHEP party: the first frame of its one direction)
       │                                        │
       └──────(hangup / failure / timeout)──────┴──► ended
 
@@ -88,6 +89,9 @@ TRANSITIONS: dict[CallState, dict[type, CallState]] = {
 
 #: The milestones that together mean "both devices see each other".
 MEDIA_BOTH_WAYS = ("t_first_frame_callee", "t_first_frame_caller")
+#: The milestone that means media arrived in each direction: its receiver's first frame.
+FIRST_FRAME = {"caller_to_callee": "t_first_frame_callee",
+               "callee_to_caller": "t_first_frame_caller"}
 #: What makes a signalling-only call (media "none") active: both woken, and the callee answered.
 BOTH_WOKEN = ("t_caller_woken", "t_callee_woken", "t_answered")
 
@@ -145,6 +149,9 @@ class Call:
     path: list[str] = field(default_factory=list)
     #: "api" (POST /v1/calls) or "device" (the caller dialed)
     started_by: str = "api"
+    #: the directions it carries media in (one only where a party only sends or receives:
+    #: WHIP, WHEP); it is active once the first frame of each has arrived
+    directions: tuple[str, ...] = DIRECTIONS
     #: when this server first saw the callee rung and the answer (its own clock; see tick)
     rung_seen: float | None = None
     answered_seen: float | None = None
@@ -239,8 +246,14 @@ class Call:
                 return
             raise CallStateError(self.id, f"{event.name} already recorded")
 
+    @property
+    def needed(self) -> tuple[str, ...]:
+        """The milestones that make the call active."""
+        if self.media_mode != "full":
+            return BOTH_WOKEN
+        return tuple(FIRST_FRAME[d] for d in self.directions)
+
     def _after(self, state: CallState) -> CallState:
-        needed = MEDIA_BOTH_WAYS if self.media_mode == "full" else BOTH_WOKEN
-        if state is CallState.SETUP and all(m in self.timeline for m in needed):
+        if state is CallState.SETUP and all(m in self.timeline for m in self.needed):
             return CallState.ACTIVE
         return state

@@ -66,6 +66,8 @@ class StartMedia:
     call: str
     up: PortPlan  #: toward the caller
     down: PortPlan  #: toward the callee
+    #: the directions the call carries media in (one only with a WHIP or WHEP party)
+    directions: tuple[str, ...] = ("caller_to_callee", "callee_to_caller")
 
 
 @dataclass(frozen=True, slots=True)

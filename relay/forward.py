@@ -41,8 +41,12 @@ class Bridge:
                  transcode_all: bool = False, measure: bool = True,
                  on_media_up: Callable[[], None] | None = None,
                  on_transcode: Callable[[Consumer], None] | None = None,
-                 congestion: bool = True) -> None:
+                 congestion: bool = True,
+                 directions: tuple[str, ...] = ("caller_to_callee", "callee_to_caller"),
+                 ) -> None:
         self.call = call
+        #: the directions the call carries (one only with a WHIP or WHEP party)
+        self.directions = directions
         self.stats = stats
         self.router = Router(call, stats, measure=measure, congestion=congestion,
                              relay=relay, transcode_all=transcode_all)
@@ -51,6 +55,11 @@ class Bridge:
         self._on_media_up = on_media_up
         self._on_transcode = on_transcode
         self._legs: dict[bool, Transport] = {}
+        #: sides that only send, with producers of their own (a WHIP publisher's session)
+        self._sources: set[bool] = set()
+        #: sides whose receiver cannot say it decoded a frame (a WHEP player): the first
+        #: keyframe sent to it is called for instead
+        self._on_open: dict[bool, Callable[[], None]] = {}
 
     def leg_ready(self, transceivers: dict[str, RTCRtpTransceiver], upstream: bool,
                   rtcp: RtcpDispatcher | None = None) -> None:
@@ -64,11 +73,35 @@ class Bridge:
                 else None
             self.producers[kind, incoming] = self.router.produce(
                 transport, kind, f"{name}:{kind}", on_first_packet=first)
-        if len(self._legs) == 2:
-            for (kind, direction), producer in self.producers.items():
-                sink = self._legs[direction == "callee_to_caller"]
-                self.consumers[kind, direction] = self.router.consume(
-                    producer, sink, on_transcode=self._on_transcode)
+        self._join()
+
+    def source_ready(self, producers: dict[str, Producer], upstream: bool) -> None:
+        """A side that only sends, with live producers of its own (a WHIP publisher's, which
+        outlive the call): the other side consumes them; nothing is sent to it."""
+        incoming: Direction = "caller_to_callee" if upstream else "callee_to_caller"
+        for kind, producer in producers.items():
+            self.producers[kind, incoming] = producer
+        self._sources.add(upstream)
+        self._join()
+
+    def on_first_sent(self, upstream: bool, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the video sent to that side first starts (its keyframe)."""
+        self._on_open[upstream] = callback
+
+    def _join(self) -> None:
+        """Once both sides are here, each producer of a direction the call carries gets its
+        consumer on the other side's transport."""
+        if len(self._legs) + len(self._sources - set(self._legs)) < 2:
+            return
+        for (kind, direction), producer in self.producers.items():
+            toward_caller = direction == "callee_to_caller"
+            sink = self._legs.get(toward_caller)
+            if direction not in self.directions or sink is None or kind not in sink.kinds \
+                    or (kind, direction) in self.consumers:
+                continue
+            on_open = self._on_open.get(toward_caller) if kind == "video" else None
+            self.consumers[kind, direction] = self.router.consume(
+                producer, sink, on_transcode=self._on_transcode, on_open=on_open)
 
     def watch(self, kind: str, direction: Direction, transport: Transport) -> Consumer:
         """Send one of the call's streams on another transport too (fan-out): it starts at the

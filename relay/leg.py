@@ -93,14 +93,18 @@ class Leg:
         self.offer_sdp = self.pc.localDescription.sdp
         return self.offer_sdp
 
-    async def create_answer(self, sdp: str) -> str:
+    async def create_answer(self, sdp: str, directions: dict[str, str] | None = None) -> str:
+        """Answer an offer: audio and video both ways; or, with ``directions`` (a WHIP or WHEP
+        session's), each kind as given, video required and audio optional."""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         transceivers = {}
         for transceiver in self.pc.getTransceivers():
-            transceiver.direction = "sendrecv"
+            transceiver.direction = (directions or {}).get(transceiver.kind, "sendrecv")
             transceivers[transceiver.kind] = transceiver
-        if set(transceivers) != set(KINDS):
-            raise ValueError(f"offer must carry audio and video, not {sorted(transceivers)}")
+        needed = set(KINDS) if directions is None else {"video"}
+        if not needed <= set(transceivers):
+            raise ValueError(f"offer must carry {' and '.join(sorted(needed))}, not "
+                             f"{sorted(transceivers)}")
         self.transceivers = transceivers
         self._on_ready(transceivers, self.rtcp)
         self._sample_rtt(transceivers["video"].sender)

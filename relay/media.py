@@ -25,7 +25,7 @@ from relay.forward import Bridge, Direction, ForwardingStats
 from relay.leg import Leg
 from rtc.adapter import MediaSettings
 from rtc.congestion import ESTIMATE_EVERY_S
-from rtc.graph import Consumer
+from rtc.graph import Consumer, Producer
 from rtc.sdp import answer_problems, rate_feedback, sections
 from wire.logs import event
 from wire.messages import Answer, Error, HopFigures, Message, Offer, Role
@@ -41,6 +41,7 @@ class MediaEvents(Protocol):
     def media_failed(self, call: str, code: Code, detail: str | None = None) -> None: ...
     def transcoded(self, call: str, where: str) -> None: ...
     def hop_figures(self, call: str, figures: HopFigures) -> None: ...
+    def first_sent(self, call: str, device: str) -> None: ...
 
 
 @dataclass
@@ -76,6 +77,11 @@ class MediaPlane:
         self._events = events
         self._relay = MediaRelay()  # decodes, for the transcoding fallback only
         self.calls: dict[str, CallMedia] = {}
+        #: devices whose media is a live session's producers, by device id (WHIP publishers:
+        #: relay/gateway.py); a call consumes them and makes no leg to the device
+        self.sources: dict[str, dict[str, Producer]] = {}
+        #: devices whose leg is a session's, made already (WHEP players), by device id
+        self.sinks: dict[str, Leg] = {}
         self._closing: set[asyncio.Task[Any]] = set()
         self._reporter: asyncio.Task[None] | None = None
         self._estimator: asyncio.Task[None] | None = None
@@ -90,10 +96,22 @@ class MediaPlane:
         bridge = Bridge(call, self.stats, self._relay, transcode_all=self.transcode_all,
                         measure=self.measure, on_media_up=on_media_up,
                         on_transcode=lambda c: self._transcoded(call, bridge, c),
-                        congestion=self.congestion)
+                        congestion=self.congestion, directions=effect.directions)
         media = CallMedia(call, bridge, {}, toward={effect.up.link: "caller",
                                                     effect.down.link: "callee"})
+        gateways = []
         for plan, upstream in ((effect.up, True), (effect.down, False)):
+            device = plan.link.name if plan.link.kind == "device" else None
+            if device in self.sources:
+                gateways.append(lambda up=upstream, d=device: bridge.source_ready(
+                    self.sources[d], up))
+                continue
+            if device in self.sinks:
+                bridge.on_first_sent(upstream, lambda d=device: self._events.first_sent(call, d))
+                leg = self.sinks[device]
+                gateways.append(lambda up=upstream, leg=leg: bridge.leg_ready(
+                    leg.transceivers, up, leg.rtcp))
+                continue
             media.legs[plan.link] = Leg(
                 call, str(plan.link), self.settings,
                 on_ready=lambda transceivers, rtcp, up=upstream: bridge.leg_ready(
@@ -106,8 +124,10 @@ class MediaPlane:
             self._reporter = loop.create_task(self._report(), name="hop-figures")
         if self.congestion and (self._estimator is None or self._estimator.done()):
             self._estimator = loop.create_task(self._estimate(), name="estimates")
+        for ready in gateways:  # a session's leg or producers: live already
+            ready()
         for plan in (effect.up, effect.down):
-            if plan.offer:
+            if plan.offer and plan.link in media.legs:
                 self._spawn(media, self._offer(media, plan), f"{call}-offer-{plan.link}")
 
     async def _offer(self, media: CallMedia, plan: PortPlan) -> None:
@@ -185,6 +205,9 @@ class MediaPlane:
             now = time.monotonic()
             for media in list(self.calls.values()):
                 media.bridge.drain_estimates(now)
+            for producers in self.sources.values():
+                for producer in producers.values():
+                    producer.drain_estimate(now)
 
     def stop(self, call: str) -> None:
         """Close a call's legs, once; its tasks are cancelled first. The call's last hop

@@ -17,6 +17,7 @@ from wire.logs import event
 from wire.messages import (
     Announce,
     DeviceInfo,
+    DeviceKind,
     Directory,
     Register,
     Registered,
@@ -59,8 +60,9 @@ class Membership:
     def name(self) -> str:
         return self.directory.name
 
-    def device(self, register: Register) -> Refused | None:
-        """A device's first message. Returns the refusal, or None when it is registered."""
+    def device(self, register: Register, kind: DeviceKind = "device") -> Refused | None:
+        """A device's first message (or a WHIP or WHEP session's, ``kind``: relay/gateway.py).
+        Returns the refusal, or None when it is registered."""
         draining, calls = self._load()
         # In this order: a draining server says so; a stranger learns nothing more; a taken
         # id is named before the server is full.
@@ -74,12 +76,14 @@ class Membership:
         if refusal is not None:
             self.counters.refused(refusal.code)
             return refusal
-        info = DeviceInfo(id=register.device, server=self.name, codecs=list(register.codecs))
+        info = DeviceInfo(id=register.device, server=self.name, codecs=list(register.codecs),
+                          kind=kind)
         self.outbox.send(Link("device", register.device), Registered(
             server=self.name, device=register.device, address=info.address,
             heartbeat_s=self.heartbeat_s))
         self.directory.device_added(info)
-        event(log, "device.registered", device=register.device, codecs=",".join(info.codecs))
+        event(log, "device.registered", device=register.device, codecs=",".join(info.codecs),
+              kind=kind)
         return None
 
     def child(self, announce: Announce) -> Refused | None:

@@ -43,7 +43,7 @@ from relay.media import MediaPlane
 from relay.settings import ServerSettings
 from relay.switch import Switch
 from wire.links import WebSocketChannel, first_message, refuse_link, serve_messages
-from wire.messages import CallInfo, HopFigures, Message, ServerEntry
+from wire.messages import CallInfo, FirstFrame, HopFigures, Message, ServerEntry
 from wire.reasons import Code, Refused
 
 log = logging.getLogger("relay.node")
@@ -262,6 +262,12 @@ class _MediaEvents:
     def transcoded(self, call: str, where: str) -> None:
         self.node.core.transcoded(call, where)
         self.node.execute()
+
+    def first_sent(self, call: str, device: str) -> None:
+        """A device that cannot say it decoded a frame (a WHEP player) was sent the first
+        keyframe: that stands for its first frame (docs/protocol.md)."""
+        node = self.node
+        node.receive(Link("device", device), FirstFrame(call=call, at=node.clock()))
 
     def hop_figures(self, call: str, figures: HopFigures) -> None:
         self.node.feed(self.node.core.hop_figures, call, figures)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from msgspec.structs import replace
 
 from relay.admission import Limits, admit
-from relay.call import BOTH_WOKEN, MEDIA_BOTH_WAYS, Call, Timeouts
+from relay.call import Call, Timeouts
 from relay.directory import TreeDirectory
 from relay.effects import (
     PARENT,
@@ -60,6 +60,7 @@ from wire.messages import (
     CallUpdate,
     CreateCall,
     DeviceInfo,
+    DeviceKind,
     Dial,
     Dialed,
     Directory,
@@ -86,6 +87,23 @@ log = logging.getLogger("relay.switch")
 #: why a call ends when one of its links closes, by the link's kind
 LINK_LOST: dict[LinkKind, Code] = {"device": Code.DEVICE_GONE, "child": Code.SERVER_GONE,
                                    "parent": Code.TRUNK_LOST}
+
+
+def carried(caller: DeviceInfo | None, callee: DeviceInfo | None) -> tuple[str, ...]:
+    """The directions a call between these two can carry media in (None: a party not known
+    here, which may do both). A WHIP publisher only sends; a WHEP viewer only receives."""
+    def sends(info: DeviceInfo | None) -> bool:
+        return info is None or info.kind != "whep"
+
+    def receives(info: DeviceInfo | None) -> bool:
+        return info is None or info.kind != "whip"
+
+    out = []
+    if sends(caller) and receives(callee):
+        out.append("caller_to_callee")
+    if sends(callee) and receives(caller):
+        out.append("callee_to_caller")
+    return tuple(out)
 
 
 def new_call_id() -> str:
@@ -122,9 +140,11 @@ class Switch:
 
     # ------------------------------------------------------------------ links
 
-    def device_register(self, register: Register, now: float) -> Refused | None:
-        """A device's first message. Returns the refusal, or None when it is registered."""
-        return self.membership.device(register)
+    def device_register(self, register: Register, now: float,
+                        kind: DeviceKind = "device") -> Refused | None:
+        """A device's first message (or a WHIP/WHEP session's, ``kind``). Returns the
+        refusal, or None when it is registered."""
+        return self.membership.device(register, kind)
 
     def child_announce(self, announce: Announce, now: float) -> Refused | None:
         """A child server's first message. Returns the refusal, or None when it is welcomed."""
@@ -158,13 +178,21 @@ class Switch:
         where = route(self.directory, request.callee)
         if isinstance(where, Local) and where.device == caller.id:
             raise Refused(Code.SAME_DEVICE, "caller and callee are the same device", "callee")
-        for info, what in ((caller, "caller"), (self.directory.own.get(
-                where.device) if isinstance(where, Local) else None, "callee")):
+        local_callee = self.directory.own.get(where.device) if isinstance(where, Local) \
+            else None
+        for info, what in ((caller, "caller"), (local_callee, "callee")):
             if info is not None and info.state == "busy":
                 raise Refused(Code.BUSY_DEVICE, f"{what} {info.address} is busy (in a call)",
                               what)
+        directions = carried(caller, local_callee)
+        if not directions:
+            raise Refused(Code.NO_MEDIA_PATH, f"{caller.address} ({caller.kind}) and "
+                          f"{local_callee.address if local_callee else request.callee} "
+                          f"({local_callee.kind if local_callee else '?'}) have no direction "
+                          "in which one sends what the other receives", "callee")
         call = Call(self.new_call_id(), caller.address, "", now, self.timeouts,
-                    media_mode=request.media_mode, path=[self.name], started_by=started_by)
+                    media_mode=request.media_mode, path=[self.name], started_by=started_by,
+                    directions=directions)
         call.timeline["t_received"] = now
         up = Port(Link("device", caller.id), "caller", tuple(caller.codecs))
         if dial is not None:
@@ -191,7 +219,8 @@ class Switch:
             self._wake(session, session.up)
             self.outbox.send(where.link, CallSetup(
                 call=call.id, caller=call.caller, callee=where.callee, codecs=list(caller.codecs),
-                media_mode=request.media_mode, path=[self.name], started_by=started_by))  # type: ignore[arg-type]
+                media_mode=request.media_mode, path=[self.name], started_by=started_by,  # type: ignore[arg-type]
+                directions=list(directions)))  # type: ignore[arg-type]
         event(log, "call.started", call=call.id, caller=call.caller, callee=call.callee,
               started_by=started_by)
         return call
@@ -242,7 +271,7 @@ class Switch:
                         path=list(call.path), started_by=call.started_by,  # type: ignore[arg-type]
                         timeline=dict(call.timeline),
                         media=dict(call.media), reason=call.reason, detail=call.detail,
-                        codec=call.codec,
+                        codec=call.codec, directions=list(call.directions),  # type: ignore[arg-type]
                         transcoded=list(call.transcoded),
                         hops=[call.hops[name] for name in call.path if name in call.hops],
                         links=links_of(call.path, call.caller, call.callee or call.caller,
@@ -350,15 +379,22 @@ class Switch:
         if info.state == "busy":
             self._turn_away(link, setup, Code.CALLEE_BUSY, f"{info.address} is in a call", now)
             return
+        directions = tuple(d for d in carried(None, info) if d in setup.directions)
+        if not directions:
+            self._turn_away(link, setup, Code.NO_MEDIA_PATH, f"{info.address} ({info.kind}) "
+                            f"cannot take what the caller sends ({', '.join(setup.directions)})",
+                            now)
+            return
         path = [*setup.path, self.name]
         codec = next((c for c in setup.codecs if c in info.codecs), setup.codecs[0])
         call = Call(setup.call, setup.caller, info.address, now, self.timeouts, codec=codec,
-                    media_mode=setup.media_mode, path=path, started_by=setup.started_by)
+                    media_mode=setup.media_mode, path=path, started_by=setup.started_by,
+                    directions=directions)
         session = Session(call, Port(link), Port(Link("device", info.id), "callee",
                                                  tuple(info.codecs)), routed=True)
         self._open(session)
         self.outbox.send(link, CallAccept(call=call.id, callee=info.address, codec=codec,
-                                          path=path))
+                                          path=path, directions=list(directions)))  # type: ignore[arg-type]
         self._wake(session, session.down)
         self._start_media(session)
 
@@ -393,6 +429,7 @@ class Switch:
                          f"a path that does not continue {call.path}", "path")
             return
         call.path, call.codec, call.callee = list(accept.path), accept.codec, accept.callee
+        call.directions = tuple(accept.directions)
         session.routed = True
         if session.up.link.is_trunk:
             self.outbox.send(session.up.link, accept)
@@ -435,7 +472,7 @@ class Switch:
                 else port.codecs[0]  # the device's own: this server transcodes for it
             return PortPlan(port.link, offer, codec, port.role)
         self.outbox.add(StartMedia(call.id, plan(session.up, session.up.role is not None),
-                                   plan(session.down, True)))
+                                   plan(session.down, True), call.directions))
 
     # ------------------------------------------------------------------ calls in progress
 
@@ -580,9 +617,9 @@ class Switch:
         self.ended.add(Ended(call, tuple(p.link for p in session.ports if p.link.is_trunk),
                              devices), now)
         self.outbox.add(CallChanged(call.id))
-        needed = MEDIA_BOTH_WAYS if call.media_mode == "full" else BOTH_WOKEN
         event(log, "call.ended", call=call.id, caller=call.caller, callee=call.callee,
-              reason=reason, detail=call.detail, was_active=all(m in call.timeline for m in needed),
+              reason=reason, detail=call.detail,
+              was_active=all(m in call.timeline for m in call.needed),
               duration_s=round(call.timeline["t_end"] - call.created_at, 3))
 
     def tick(self, now: float) -> None:

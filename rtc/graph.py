@@ -362,7 +362,8 @@ class Consumer:
 
     def __init__(self, producer: Producer, transport: Transport, *, name: str = "",
                  relay: MediaRelay | None = None, transcode_all: bool = False,
-                 on_transcode: Callable[[Consumer], None] | None = None) -> None:
+                 on_transcode: Callable[[Consumer], None] | None = None,
+                 on_open: Callable[[], None] | None = None) -> None:
         kind = producer.kind
         if kind not in transport.kinds:
             raise ValueError(f"transport {transport.name} has no {kind} sender")
@@ -374,6 +375,8 @@ class Consumer:
         self._relay = relay
         self._transcode_all = transcode_all
         self._on_transcode = on_transcode
+        #: called once, when the stream first starts (its first keyframe goes out)
+        self._on_open = on_open
         self._stages: tuple[Stage, ...] = ()
         self._running: tuple[Stage, ...] = ()
         self._gate: KeyframeGate | None = None
@@ -401,6 +404,9 @@ class Consumer:
     def _opened(self) -> None:
         """The gate let the stream start: it leaves the chain until the stream restarts."""
         self._stages = self._running
+        if self._on_open is not None:
+            on_open, self._on_open = self._on_open, None
+            on_open()
 
     def _decide(self) -> bool:
         """Forward, or fall back, once both legs have negotiated; False until forwarding."""
@@ -536,11 +542,14 @@ class Router:
         return producer
 
     def consume(self, producer: Producer, transport: Transport, name: str = "",
-                on_transcode: Callable[[Consumer], None] | None = None) -> Consumer:
+                on_transcode: Callable[[Consumer], None] | None = None,
+                on_open: Callable[[], None] | None = None) -> Consumer:
         """Send ``producer``'s stream on ``transport`` too (live or not yet: it starts at the
-        producer's next keyframe, asked for now)."""
+        producer's next keyframe, asked for now). ``producer`` may belong to another router
+        (a WHIP publisher's, which outlives the calls that consume it)."""
         consumer = Consumer(producer, transport, name=name, relay=self.relay,
-                            transcode_all=self.transcode_all, on_transcode=on_transcode)
+                            transcode_all=self.transcode_all, on_transcode=on_transcode,
+                            on_open=on_open)
         self.consumers.append(consumer)
         return consumer
 

@@ -71,6 +71,10 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 Text = Annotated[str, msgspec.Meta(max_length=1024)]
 
 DeviceState = Literal["idle", "busy"]
+#: What a device is: one that speaks the device protocol ("device"), a WHIP publisher (sends,
+#: receives nothing) or a WHEP viewer (receives, sends nothing), both made by a lower server
+#: for an HTTP session (relay/gateway.py)
+DeviceKind = Literal["device", "whip", "whep"]
 Role = Literal["caller", "callee"]
 ServerRole = Literal["lower", "upper"]
 VideoCodec = Literal["video/VP8", "video/H264"]
@@ -242,6 +246,7 @@ class DeviceInfo(Body, frozen=True):
     codecs: Codecs = msgspec.field(default_factory=lambda: list(VIDEO_CODECS))
     #: SERVER/DEVICE (filled in; checked when given)
     address: str = ""
+    kind: DeviceKind = "device"
 
     def __post_init__(self) -> None:
         _unique(self.codecs, "codecs")
@@ -628,6 +633,9 @@ class Directory(Message, frozen=True, tag="directory"):
 
 
 Path = Annotated[list[Name], msgspec.Meta(min_length=1, max_length=MAX_PATH)]
+#: The directions a call carries media in: both, unless a party only sends (a WHIP publisher)
+#: or only receives (a WHEP viewer)
+Directions = Annotated[list[Direction], msgspec.Meta(min_length=1, max_length=2)]
 
 
 class CallSetup(Message, frozen=True, tag="call_setup"):
@@ -641,9 +649,12 @@ class CallSetup(Message, frozen=True, tag="call_setup"):
     codecs: Codecs = msgspec.field(default_factory=lambda: list(VIDEO_CODECS))
     media_mode: MediaMode = "full"
     started_by: StartedBy = "api"
+    #: the directions the caller's side can carry (the callee's server narrows them)
+    directions: Directions = msgspec.field(default_factory=lambda: list(DIRECTIONS))
 
     def __post_init__(self) -> None:
         _unique(self.codecs, "codecs")
+        _unique(self.directions, "directions")
 
 
 class CallAccept(Message, frozen=True, tag="call_accept"):
@@ -654,6 +665,12 @@ class CallAccept(Message, frozen=True, tag="call_accept"):
     callee: Address  #: SERVER/DEVICE, resolved
     codec: VideoCodec  #: the video codec every trunk of the call carries
     path: Path  #: every server of the call, from the caller's to the callee's
+    #: the directions the call carries media in: what makes it active is the first frame of
+    #: each (docs/protocol.md)
+    directions: Directions = msgspec.field(default_factory=lambda: list(DIRECTIONS))
+
+    def __post_init__(self) -> None:
+        _unique(self.directions, "directions")
 
 
 class CallUpdate(Message, frozen=True, tag="call_update"):
@@ -770,6 +787,8 @@ class CallInfo(Body, frozen=True):
     #: what exactly ended the call, for a person (which server's leg failed and how), if known
     detail: str | None = None
     codec: str | None = None  #: the video codec the call's trunks carry
+    #: the directions the call carries media in (one only with a WHIP or WHEP party)
+    directions: list[Direction] = msgspec.field(default_factory=lambda: list(DIRECTIONS))
     #: where media is decoded and re-encoded on its way ("SERVER:KIND:DIRECTION"), if anywhere
     transcoded: list[str] = []
     server_time_ms: float | None = None  #: time the server spent on this request

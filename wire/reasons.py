@@ -69,6 +69,9 @@ class Code(enum.StrEnum):
     MEDIA_FAILED = "media_failed"
     BAD_SDP = "bad_sdp"
     UNUSABLE_ANSWER = "unusable_answer"
+    NO_MEDIA_PATH = "no_media_path"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNKNOWN_SESSION = "unknown_session"
     CALLER_WAKE_TIMEOUT = "caller_wake_timeout"
     CALLEE_WAKE_TIMEOUT = "callee_wake_timeout"
     SETUP_TIMEOUT = "setup_timeout"
@@ -192,6 +195,12 @@ REASONS: dict[Code, Reason] = _table(
     Reason(Code.MEDIA_FAILED, "network", None, "ice_dtls_failed",
            "a media leg (ICE or DTLS) failed"),
     Reason(Code.BAD_SDP, "remote", None, "ice_dtls_failed", "an offer or answer was refused"),
+    Reason(Code.UNSUPPORTED_MEDIA_TYPE, "remote", 415, "rejected",
+           "a WHIP or WHEP offer not sent as application/sdp"),
+    Reason(Code.UNKNOWN_SESSION, "remote", 404, "rejected", "no such WHIP or WHEP session here"),
+    Reason(Code.NO_MEDIA_PATH, "remote", 409, "rejected",
+           "neither party sends what the other receives (a WHIP publisher only sends, a WHEP "
+           "viewer only receives)"),
     Reason(Code.UNUSABLE_ANSWER, "remote", None, "rejected",
            "an SDP answer that cannot carry the call: recvonly, inactive or sendonly where the "
            "call needs both ways, a rejected m-line, or no codec in common"),

@@ -1,0 +1,225 @@
+"""WHIP and WHEP on lower servers (relay/gateway.py), with stacks nobody here wrote: FFmpeg's
+WHIP muxer publishing in its own process, called by a device under another lower server; a
+WHEP player (aiortc's peer connection, none of this project's code) watching a device under
+another lower server across the tree; and the HTTP contract of RFC 9725 around them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from rtc.adapter import restrict_host_candidates
+from wire.auth import Auth
+from wire.messages import CallInfo
+
+from .conftest import Tree, make_tree
+
+pytestmark = pytest.mark.e2e
+
+PUBLISHER = Path(__file__).with_name("whip_publisher.py")
+
+
+def p256_certificate(folder: Path) -> tuple[Path, Path]:
+    """A DTLS certificate for FFmpeg on a curve aiortc's OpenSSL takes (see whip_publisher)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whip-publisher")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7)).sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def devices(tree: Tree, server: str) -> dict[str, dict[str, Any]]:
+    async with tree.session.get(f"{tree.lowers[server].url}/v1/devices") as r:
+        return {d["id"]: d for d in (await r.json())["devices"]}
+
+
+async def call_info(tree: Tree, server: str, call: str, wait: str = "") -> CallInfo:
+    query = f"?wait={wait}&timeout=15" if wait else ""
+    async with tree.session.get(f"{tree.lowers[server].url}/v1/calls/{call}{query}") as r:
+        return CallInfo.from_dict(await r.json())
+
+
+async def test_ffmpeg_publishes_over_whip_and_a_device_calls_it(tmp_path: Path) -> None:
+    cert, key = p256_certificate(tmp_path)
+    async with make_tree() as tree:
+        cam = await tree.add_device("lower-a", "cam-1")
+        url = f"{tree.lowers['lower-b'].url}/v1/whip/obs"
+        publisher = await asyncio.create_subprocess_exec(
+            sys.executable, str(PUBLISHER), url, "9", "--cert", str(cert), "--key", str(key),
+            "--audio", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            await tree.until(lambda: tree.known("lower-b/obs"), 15, "the publisher registered")
+            listed = (await devices(tree, "lower-b"))["obs"]
+            assert listed["kind"] == "whip" and listed["codecs"] == ["video/H264"], listed
+            await asyncio.sleep(0.5)  # media flowing before the call: it joins a live stream
+            sent = time.monotonic()
+            async with tree.session.post(f"{tree.lowers['lower-a'].url}/v1/calls", json={
+                    "caller": "lower-a/cam-1", "callee": "lower-b/obs"}) as r:
+                assert r.status == 201, await r.text()
+                call = (await r.json())["call"]
+            info = await call_info(tree, "lower-a", call, "active")
+            setup_s = time.monotonic() - sent
+            assert info.state == "active", info
+            assert info.directions == ["callee_to_caller"] and info.codec == "video/H264"
+            await asyncio.sleep(3)
+            info = await call_info(tree, "lower-a", call)
+            got = info.media["callee_to_caller"]
+            # FFmpeg's frames, decoded by the calling device: about 15 a second
+            assert got.frames >= 30 and got.fps >= 10, got
+            assert got.audio_frames > 0, got
+            hops = {h.server: h for h in info.hops}
+            video = hops["lower-b"].streams["callee_to_caller"]["video"]
+            assert video.packets > 0
+            assert "caller_to_callee" not in info.media  # the publisher receives nothing
+            print(f"\nFFmpeg WHIP -> lower-b -> upper -> lower-a -> cam-1: setup "
+                  f"{setup_s * 1000:.0f} ms, {got.frames} frames at {got.fps} fps, "
+                  f"{got.audio_frames} audio frames, unreadable {got.unreadable}")
+            out, err = await asyncio.wait_for(publisher.communicate(), 30)
+            assert publisher.returncode == 0, err.decode()[-2000:]
+            assert json.loads(out.decode().strip().splitlines()[-1])["frames"] > 100
+            # FFmpeg DELETEs its session on close: the device leaves, the call ends
+            await tree.until(lambda: not tree.known("lower-b/obs"), 10, "the publisher gone")
+            info = await call_info(tree, "lower-a", call, "ended")
+            assert info.state == "ended" and info.reason == "device_gone", info
+            assert cam.id == "cam-1"
+        finally:
+            if publisher.returncode is None:
+                publisher.kill()
+                await publisher.wait()
+
+
+async def _player_offer(pc: RTCPeerConnection) -> str:
+    pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    restrict_host_candidates(pc, ("127.0.0.1",))
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc.localDescription.sdp
+
+
+async def test_a_whep_player_watches_a_device_under_another_lower_server() -> None:
+    async with make_tree() as tree:
+        await tree.add_device("lower-b", "cam-2")
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        frames = 0
+        first = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+
+        @pc.on("track")
+        def on_track(track: Any) -> None:
+            async def read() -> None:
+                nonlocal frames
+                while True:
+                    await track.recv()
+                    if track.kind == "video":
+                        frames += 1
+                        first.set()
+            tasks.append(asyncio.create_task(read()))
+
+        try:
+            offer = await _player_offer(pc)
+            sent = time.monotonic()
+            async with tree.session.post(
+                    f"{tree.lowers['lower-a'].url}/v1/whep/lower-b/cam-2", data=offer,
+                    headers={"Content-Type": "application/sdp"}) as r:
+                assert r.status == 201, await r.text()
+                assert r.headers["Content-Type"].startswith("application/sdp")
+                location = r.headers["Location"]
+                answer = await r.text()
+            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            await asyncio.wait_for(first.wait(), 10)
+            first_frame_s = time.monotonic() - sent
+            await asyncio.sleep(2)
+            assert frames >= 15, frames  # cam-2 sends 15 fps
+            viewers = [d for d in (await devices(tree, "lower-a")).values()
+                       if d["kind"] == "whep"]
+            assert len(viewers) == 1 and viewers[0]["state"] == "busy"
+            async with tree.session.get(f"{tree.lowers['lower-a'].url}/v1/calls") as r:
+                calls = (await r.json())["calls"]
+            assert len(calls) == 1 and calls[0]["callee"] == "lower-b/cam-2"
+            call = calls[0]["call"]
+            info = await call_info(tree, "lower-a", call)
+            assert info.state == "active" and info.directions == ["callee_to_caller"]
+            assert info.path == ["lower-a", "upper", "lower-b"]
+            print(f"\nWHEP player at lower-a watching lower-b/cam-2: first frame "
+                  f"{first_frame_s * 1000:.0f} ms after the POST, {frames} frames")
+            async with tree.session.patch(f"{tree.lowers['lower-a'].url}{location}",
+                                          data="a=candidate:x", headers={
+                                              "Content-Type": "application/trickle-ice-sdpfrag"}
+                                          ) as r:
+                assert r.status == 405
+            async with tree.session.delete(f"{tree.lowers['lower-a'].url}{location}") as r:
+                assert r.status == 200
+            info = await call_info(tree, "lower-b", call, "ended")
+            assert info.state == "ended" and info.reason == "hangup", info
+            await tree.until(lambda: tree.lowers["lower-b"].directory.own["cam-2"].state
+                             == "idle", 5, "cam-2 idle again")
+            assert not [d for d in (await devices(tree, "lower-a")).values()
+                        if d["kind"] == "whep"]
+            async with tree.session.delete(f"{tree.lowers['lower-a'].url}{location}") as r:
+                assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_session"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await pc.close()
+
+
+async def test_whip_http_contract_and_credentials() -> None:
+    auth = Auth(secret=b"whip-secret")
+    async with make_tree(auth=auth) as tree, aiohttp.ClientSession() as bare:
+        url = f"{tree.lowers['lower-b'].url}/v1/whip/pub-1"
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        try:
+            pc.addTransceiver("video", direction="sendonly")
+            restrict_host_candidates(pc, ("127.0.0.1",))
+            await pc.setLocalDescription(await pc.createOffer())
+            offer = pc.localDescription.sdp
+            sdp = {"Content-Type": "application/sdp"}
+            async with bare.post(url, data=offer, headers={"Content-Type": "text/plain"}) as r:
+                assert r.status == 415
+            async with bare.post(url, data=offer, headers=sdp) as r:
+                assert r.status == 401, await r.text()
+            wrong = {**sdp, "Authorization": f"Bearer {auth.token('device:other')}"}
+            async with bare.post(url, data=offer, headers=wrong) as r:
+                assert r.status in (401, 403), await r.text()
+            received = offer.replace("a=sendonly", "a=recvonly")
+            mine = {**sdp, "Authorization": f"Bearer {auth.token('device:pub-1')}"}
+            async with bare.post(url, data=received, headers=mine) as r:
+                assert r.status == 400 and "publisher must send" in await r.text()
+            async with bare.post(url, data=offer, headers=mine) as r:
+                assert r.status == 201, await r.text()
+                location = r.headers["Location"]
+                answer = await r.text()
+            assert "a=recvonly" in answer and "a=candidate:" in answer
+            await tree.until(lambda: tree.known("lower-b/pub-1"), 10, "pub-1 known")
+            async with bare.post(url, data=offer, headers=mine) as r:
+                assert r.status == 400 and "already registered" in await r.text()
+            session = f"{tree.lowers['lower-b'].url}{location}"
+            async with bare.delete(session) as r:
+                assert r.status in (401, 403)  # only its own credential ends it
+            async with bare.delete(session, headers=mine) as r:
+                assert r.status == 200
+            await tree.until(lambda: not tree.known("lower-b/pub-1"), 10, "pub-1 gone")
+        finally:
+            await pc.close()
