@@ -57,6 +57,8 @@ class PortPlan:
     offer: bool  #: this server makes the offer (device legs, the downstream trunk)
     codec: str  #: the video codec to put first
     role: Role | None = None  #: a device leg: the device's part in the call
+    #: the device is in another call here (its id): consume its stream there, make no leg
+    tap: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

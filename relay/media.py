@@ -102,6 +102,10 @@ class MediaPlane:
         gateways = []
         for plan, upstream in ((effect.up, True), (effect.down, False)):
             device = plan.link.name if plan.link.kind == "device" else None
+            if plan.tap is not None:
+                producers = self._tapped(plan.tap, plan.link)
+                gateways.append(lambda up=upstream, p=producers: bridge.source_ready(p, up))
+                continue
             if device in self.sources:
                 gateways.append(lambda up=upstream, d=device: bridge.source_ready(
                     self.sources[d], up))
@@ -129,6 +133,17 @@ class MediaPlane:
         for plan in (effect.up, effect.down):
             if plan.offer and plan.link in media.legs:
                 self._spawn(media, self._offer(media, plan), f"{call}-offer-{plan.link}")
+
+    def _tapped(self, call: str, link: Link) -> dict[str, Producer]:
+        """What the device on ``link`` sends in call ``call`` here: its producers, to fan out
+        to another call (none if that call's media is gone)."""
+        source = self.calls.get(call)
+        if source is None or link not in source.toward:
+            return {}
+        direction = "caller_to_callee" if source.toward[link] == "caller" \
+            else "callee_to_caller"
+        return {kind: producer for (kind, way), producer in source.bridge.producers.items()
+                if way == direction}
 
     async def _offer(self, media: CallMedia, plan: PortPlan) -> None:
         sdp = await media.legs[plan.link].create_offer(plan.codec)

@@ -17,6 +17,9 @@ class Port:
     link: Link
     role: Role | None = None
     codecs: tuple[str, ...] = VIDEO_CODECS
+    #: a device watched while in another call (that call's id): its stream is fanned out to
+    #: this call too; it is not woken, told or made idle by this call
+    tap: str | None = None
 
 
 @dataclass

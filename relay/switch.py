@@ -376,7 +376,8 @@ class Switch:
             self._turn_away(link, setup, Code.UNKNOWN_DEVICE,
                             f"no device {device!r} on {self.name}", now)
             return
-        if info.state == "busy":
+        source = self._tap_source(info, setup) if info.state == "busy" else None
+        if info.state == "busy" and source is None:
             self._turn_away(link, setup, Code.CALLEE_BUSY, f"{info.address} is in a call", now)
             return
         directions = tuple(d for d in carried(None, info) if d in setup.directions)
@@ -386,17 +387,38 @@ class Switch:
                             now)
             return
         path = [*setup.path, self.name]
-        codec = next((c for c in setup.codecs if c in info.codecs), setup.codecs[0])
+        codec = source.call.codec if source is not None else \
+            next((c for c in setup.codecs if c in info.codecs), setup.codecs[0])
         call = Call(setup.call, setup.caller, info.address, now, self.timeouts, codec=codec,
                     media_mode=setup.media_mode, path=path, started_by=setup.started_by,
                     directions=directions)
         session = Session(call, Port(link), Port(Link("device", info.id), "callee",
-                                                 tuple(info.codecs)), routed=True)
+                                                 tuple(info.codecs),
+                                                 tap=source.call.id if source else None),
+                          routed=True)
         self._open(session)
         self.outbox.send(link, CallAccept(call=call.id, callee=info.address, codec=codec,
                                           path=path, directions=list(directions)))  # type: ignore[arg-type]
-        self._wake(session, session.down)
+        if source is None:
+            self._wake(session, session.down)
+        else:  # awake and sending already: its stream is fanned out to this call too
+            event(log, "call.tapped", call=call.id, device=info.address, source=source.call.id)
+            self.timeline.record(session, "t_callee_woken", now, None, now)
+            self.timeline.record(session, "t_answered", now, None, now)
         self._start_media(session)
+
+    def _tap_source(self, info: DeviceInfo, setup: CallSetup) -> Session | None:
+        """The call a busy device is in, if a call that only watches it (media toward the
+        caller alone: a WHEP player) may take its stream from there (the same codec)."""
+        if setup.media_mode != "full" or list(setup.directions) != ["callee_to_caller"]:
+            return None
+        link = Link("device", info.id)
+        for session in self.sessions.values():
+            port = session.port_for(link)
+            if port is not None and port.tap is None and session.routed and \
+                    session.call.media_mode == "full" and session.call.codec in setup.codecs:
+                return session
+        return None
 
     def _transit(self, link: Link, setup: CallSetup, now: float) -> None:
         try:
@@ -470,7 +492,7 @@ class Switch:
         def plan(port: Port, offer: bool) -> PortPlan:
             codec = call.codec if port.role is None or call.codec in port.codecs \
                 else port.codecs[0]  # the device's own: this server transcodes for it
-            return PortPlan(port.link, offer, codec, port.role)
+            return PortPlan(port.link, offer and port.tap is None, codec, port.role, port.tap)
         self.outbox.add(StartMedia(call.id, plan(session.up, session.up.role is not None),
                                    plan(session.down, True), call.directions))
 
@@ -602,7 +624,7 @@ class Switch:
         self.counters.ended_by_reason[reason] = self.counters.ended_by_reason.get(reason, 0) + 1
         path = list(call.path) if not session.routed else None
         for port in session.ports:
-            if port.link != source:
+            if port.link != source and port.tap is None:
                 self.outbox.send(port.link, Hangup(
                     call=call.id, reason=Code(reason),
                     path=path if port is session.up and port.link.is_trunk else None,
@@ -611,9 +633,14 @@ class Switch:
             self.outbox.add(StopMedia(call.id))
         devices: dict[str, Role] = {}
         for port in session.ports:
-            if port.role is not None:
+            if port.role is not None and port.tap is None:
                 devices[port.link.name] = port.role
                 self.directory.device_state(port.link.name, "idle")
+                for tapping in [s for s in self.sessions.values()
+                                if (p := s.port_for(port.link)) is not None
+                                and p.tap == call.id]:
+                    # the stream they watched is gone with this call
+                    self._end(tapping, Code.SOURCE_ENDED, now)
         self.ended.add(Ended(call, tuple(p.link for p in session.ports if p.link.is_trunk),
                              devices), now)
         self.outbox.add(CallChanged(call.id))

@@ -65,6 +65,7 @@ class FakeDevice:
     codecs: tuple[str, ...] = VIDEO_CODECS
     answers_wake: bool = True  #: False: a device that registered and then went quiet
     rings: bool = False  #: as the callee: ring, and answer only when picked up (``pickup``)
+    first_frame: bool = True  #: False: it decodes nothing (it receives no media)
     received: list[Message] = field(default_factory=list)
     calls: dict[str, str] = field(default_factory=dict)  #: call -> role, while in it
     held: dict[str, Offer] = field(default_factory=dict)  #: offers that came while ringing
@@ -89,8 +90,8 @@ class FakeDevice:
         return []
 
     def _answer(self, offer: Offer, now: float) -> list[Message]:
-        return [Answer(call=offer.call, leg=offer.leg, sdp=SDP),
-                FirstFrame(call=offer.call, at=now)]
+        answer: list[Message] = [Answer(call=offer.call, leg=offer.leg, sdp=SDP)]
+        return [*answer, FirstFrame(call=offer.call, at=now)] if self.first_frame else answer
 
     def pickup(self, call: str, now: float) -> list[Message]:
         """A person picks up: ``pickup``, then the answer to the offer it held."""
@@ -157,10 +158,10 @@ class FakeTree:
         return None
 
     def register(self, server: str, device: str, codecs: tuple[str, ...] = VIDEO_CODECS,
-                 **options: Any) -> FakeDevice:
+                 kind: str = "device", **options: Any) -> FakeDevice:
         fake = FakeDevice(server, device, codecs, **options)
         refusal = self.servers[server].device_register(
-            Register(device=device, codecs=list(codecs)), self.now)
+            Register(device=device, codecs=list(codecs)), self.now, kind)  # type: ignore[arg-type]
         if refusal is not None:
             raise refusal
         self.devices[(server, device)] = fake

@@ -223,3 +223,64 @@ async def test_whip_http_contract_and_credentials() -> None:
             await tree.until(lambda: not tree.known("lower-b/pub-1"), 10, "pub-1 gone")
         finally:
             await pc.close()
+
+
+async def test_a_whep_player_watching_a_device_in_a_call_gets_its_stream_fanned_out() -> None:
+    async with make_tree() as tree:
+        await tree.add_device("lower-a", "cam-1")
+        await tree.add_device("lower-b", "cam-2")
+        async with tree.session.post(f"{tree.lowers['lower-a'].url}/v1/calls", json={
+                "caller": "lower-a/cam-1", "callee": "lower-b/cam-2"}) as r:
+            talk = (await r.json())["call"]
+        assert (await call_info(tree, "lower-a", talk, "active")).state == "active"
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        frames = 0
+        first = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+
+        @pc.on("track")
+        def on_track(track: Any) -> None:
+            async def read() -> None:
+                nonlocal frames
+                while True:
+                    await track.recv()
+                    if track.kind == "video":
+                        frames += 1
+                        first.set()
+            tasks.append(asyncio.create_task(read()))
+
+        try:
+            offer = await _player_offer(pc)
+            async with tree.session.post(
+                    f"{tree.lowers['lower-a'].url}/v1/whep/lower-b/cam-2", data=offer,
+                    headers={"Content-Type": "application/sdp"}) as r:
+                assert r.status == 201, await r.text()
+                answer = await r.text()
+            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            await asyncio.wait_for(first.wait(), 10)
+            seen = (await call_info(tree, "lower-a", talk)).media.get("callee_to_caller")
+            before = seen.frames if seen is not None else 0
+            await asyncio.sleep(2)
+            assert frames >= 15, frames
+            talking = await call_info(tree, "lower-a", talk)
+            assert talking.state == "active"  # the call watched goes on, both ways
+            assert talking.media["callee_to_caller"].frames > before
+            # the watch took cam-2's stream at lower-b, from the call it is in: no wake-up
+            async with tree.session.get(f"{tree.lowers['lower-b'].url}/v1/calls") as r:
+                at_b = {c["call"]: c for c in (await r.json())["calls"]}
+            watch = next(c for c in at_b if c != talk)
+            assert tree.devices["lower-b/cam-2"].id == "cam-2"
+            async with tree.session.delete(f"{tree.lowers['lower-a'].url}/v1/calls/{talk}"):
+                pass
+            info = await call_info(tree, "lower-b", watch, "ended")
+            assert info.reason == "source_ended", info
+            await tree.until(lambda: not any(d.kind == "whep" for d in
+                                             tree.lowers["lower-a"].directory.own.values()),
+                             5, "the player's session ended with its call")
+            await tree.until(lambda: tree.lowers["lower-b"].directory.own["cam-2"].state
+                             == "idle", 5, "cam-2 idle")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await pc.close()

@@ -11,7 +11,8 @@ import pytest
 from relay.admission import Limits
 from relay.call import CallState, Timeouts
 from relay.effects import Link, StartMedia, StopMedia
-from wire.messages import CallSetup, CallUpdate, Error, Hangup
+from relay.switch import carried
+from wire.messages import CallSetup, CallUpdate, DeviceInfo, Error, Hangup, Wake
 from wire.reasons import Code, Refused
 
 from .fake_tree import FakeTree
@@ -457,3 +458,65 @@ def test_a_pickup_of_a_call_that_does_not_ring_is_refused() -> None:
     error = tree.devices[("lower-b", "cam-lower-b")].received[-1]
     assert isinstance(error, Error) and error.code == Code.PROTOCOL_ERROR
     assert tree.servers["lower-b"].find_call(call).state is CallState.ACTIVE
+
+
+def test_the_directions_a_call_carries_follow_what_each_party_can_do() -> None:
+    def info(kind: str) -> DeviceInfo:
+        return DeviceInfo(id="d", server="s", kind=kind)  # type: ignore[arg-type]
+
+    both = ("caller_to_callee", "callee_to_caller")
+    assert carried(info("device"), info("device")) == both
+    assert carried(info("device"), info("whip")) == ("callee_to_caller",)
+    assert carried(info("whep"), info("device")) == ("callee_to_caller",)
+    assert carried(info("whep"), None) == ("callee_to_caller",)
+    assert carried(info("whip"), info("whep")) == ("caller_to_callee",)
+    assert carried(info("whip"), info("whip")) == ()
+    assert carried(info("whep"), info("whep")) == ()
+
+
+def test_a_one_way_call_is_active_on_its_one_direction_s_first_frame() -> None:
+    tree = FakeTree(TREES[2])
+    tree.register("a1", "viewer", kind="whep")
+    tree.register("b1", "cam", first_frame=False)  # it receives nothing: decodes nothing
+    call = tree.call("a1", "a1/viewer", "b1/cam")
+    for name in tree.path_between("a1", "b1"):
+        found = tree.servers[name].find_call(call)
+        assert found.directions == ("callee_to_caller",), name
+        assert found.state is CallState.ACTIVE, (name, found.timeline)
+        assert "t_first_frame_callee" not in found.timeline
+    starts = [e for e in tree.media["b1"] if isinstance(e, StartMedia)]
+    assert starts[0].directions == ("callee_to_caller",)
+
+
+def test_a_call_between_two_publishers_has_nothing_to_carry() -> None:
+    tree = FakeTree(TREES[2])
+    tree.register("a1", "pub-a", kind="whip")
+    tree.register("b1", "pub-b", kind="whip")
+    tree.register("a1", "pub-c", kind="whip")
+    with pytest.raises(Refused) as refused:
+        tree.call("a1", "a1/pub-a", "a1/pub-c")
+    assert refused.value.code == Code.NO_MEDIA_PATH
+    call = tree.call("a1", "a1/pub-a", "b1/pub-b")  # the callee's server finds it out
+    assert tree.servers["a1"].find_call(call).reason == Code.NO_MEDIA_PATH
+
+
+def test_a_viewer_of_a_device_in_a_call_taps_that_call_and_ends_with_it() -> None:
+    tree = populated(2)
+    tree.register("a2", "viewer", kind="whep")
+    talk = tree.call("a1", "a1/cam-a1", "b1/cam-b1")
+    cam = tree.devices[("b1", "cam-b1")]
+    woken_before = sum(isinstance(m, Wake) for m in cam.received)
+    watch = tree.call("a2", "a2/viewer", "b1/cam-b1")
+    assert sum(isinstance(m, Wake) for m in cam.received) == woken_before  # not woken again
+    start = next(e for e in tree.media["b1"] if isinstance(e, StartMedia) and e.call == watch)
+    assert start.down.tap == talk and not start.down.offer
+    assert start.directions == ("callee_to_caller",)
+    assert tree.servers["a2"].find_call(watch).state is CallState.ACTIVE
+    # a call both ways to a busy device is still refused
+    with pytest.raises(Refused):
+        tree.call("a1", "a1/cam-a1", "b1/cam-b1")
+    tree.hangup("a1", talk)
+    for name in tree.path_between("a2", "b1"):
+        assert tree.servers[name].find_call(watch).reason == Code.SOURCE_ENDED, name
+    assert not any(isinstance(m, Hangup) and m.call == watch for m in cam.received)
+    assert tree.servers["b1"].directory.own["cam-b1"].state == "idle"

@@ -70,6 +70,7 @@ class Code(enum.StrEnum):
     BAD_SDP = "bad_sdp"
     UNUSABLE_ANSWER = "unusable_answer"
     NO_MEDIA_PATH = "no_media_path"
+    SOURCE_ENDED = "source_ended"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNKNOWN_SESSION = "unknown_session"
     CALLER_WAKE_TIMEOUT = "caller_wake_timeout"
@@ -198,6 +199,8 @@ REASONS: dict[Code, Reason] = _table(
     Reason(Code.UNSUPPORTED_MEDIA_TYPE, "remote", 415, "rejected",
            "a WHIP or WHEP offer not sent as application/sdp"),
     Reason(Code.UNKNOWN_SESSION, "remote", 404, "rejected", "no such WHIP or WHEP session here"),
+    Reason(Code.SOURCE_ENDED, "normal", None, None,
+           "a viewer watched a device's stream fanned out of another call, and that call ended"),
     Reason(Code.NO_MEDIA_PATH, "remote", 409, "rejected",
            "neither party sends what the other receives (a WHIP publisher only sends, a WHEP "
            "viewer only receives)"),
