@@ -67,6 +67,8 @@ class CallResult:
     #: in a soak, how the call stood at each server of its path once it had ended
     #: (probe/load.py ``check_ends``)
     ends: dict[str, str] = field(default_factory=dict)
+    #: the directions the call carried (one only with a WHIP publisher or a WHEP player)
+    directions: tuple[str, ...] = DIRECTIONS
 
     @property
     def rate(self) -> dict[str, dict[str, Any] | None]:
@@ -120,7 +122,8 @@ class CallResult:
         if self.media_mode == "none":  # signalling only: no media direction to judge
             return classify(self.error, self.reason, self.active, {}, ())
         woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
-        return classify(self.error, self.reason, self.active, self.media, DIRECTIONS, woken)
+        return classify(self.error, self.reason, self.active, self.media, self.directions,
+                        woken)
 
     @property
     def intervals(self) -> dict[str, float]:
@@ -129,8 +132,9 @@ class CallResult:
             return {}
         out = {name: round((self.timeline[ev] - sent) * 1000, 2)
                for name, ev in INTERVALS.items() if ev in self.timeline}
-        if "t_first_frame_callee" in self.timeline and "t_first_frame_caller" in self.timeline:
-            last = max(self.timeline["t_first_frame_callee"], self.timeline["t_first_frame_caller"])
+        needed = first_frames(self.directions)
+        if all(m in self.timeline for m in needed):
+            last = max(self.timeline[m] for m in needed)
             out["setup_ms"] = round((last - sent) * 1000, 2)
         elif self.media_mode == "none" and "t_callee_woken" in self.timeline:
             out["setup_ms"] = round((self.timeline["t_callee_woken"] - sent) * 1000, 2)
@@ -193,9 +197,15 @@ def _final(info: CallInfo) -> bool:
         hop.at >= end for hop in info.hops)
 
 
+def first_frames(directions: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The first-frame events that make a call carrying ``directions`` active."""
+    return tuple("t_first_frame_callee" if d == "caller_to_callee" else "t_first_frame_caller"
+                 for d in directions)
+
+
 def _carried_media(info: CallInfo) -> bool:
-    return all(d in info.media and info.media[d].frames > 0 for d in DIRECTIONS) and all(
-        e in info.timeline for e in ("t_first_frame_callee", "t_first_frame_caller"))
+    return all(d in info.media and info.media[d].frames > 0 for d in info.directions) and all(
+        e in info.timeline for e in first_frames(info.directions))
 
 
 async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller: str,
@@ -243,7 +253,7 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
                 info = await client.call(info.call)
         if info.state != "ended":
             info = await client.hangup(info.call)
-        if media == "full" and "t_first_frame_callee" in info.timeline:
+        if media == "full" and all(e in info.timeline for e in first_frames(info.directions)):
             # the devices' last reports and every server's last hop figures follow the
             # hang-up along the path
             deadline = time.monotonic() + 1.0
@@ -257,9 +267,10 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
         return result
     result.timeline.update(info.timeline)
     result.path = list(info.path)
-    up = ("t_caller_woken", "t_callee_woken", "t_answered") if media == "none" else (
-        "t_first_frame_callee", "t_first_frame_caller")
+    up = ("t_caller_woken", "t_callee_woken", "t_answered") if media == "none" else \
+        first_frames(info.directions)
     result.active = all(e in info.timeline for e in up)
+    result.directions = tuple(info.directions)
     result.media = {d: s.to_dict() for d, s in info.media.items()}
     result.hops = [hop.to_dict() for hop in info.hops]
     result.links = [link.to_dict() for link in info.links]

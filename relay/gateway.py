@@ -34,7 +34,7 @@ from relay.effects import Link
 from relay.leg import Leg
 from relay.node import Node
 from rtc.graph import Producer, Router
-from rtc.sdp import sections
+from rtc.sdp import rate_feedback, sections
 from wire.auth import bearer
 from wire.logs import event
 from wire.messages import (
@@ -152,6 +152,9 @@ class Gateways:
                                          session.leg.rtcp)
             for kind in session.leg.transceivers:
                 session.producers[kind] = router.produce(transport, kind, f"whip:{device}:{kind}")
+            if "video" in session.producers:  # can the publisher follow the path's rate?
+                session.producers["video"].cannot_adapt = rate_feedback(
+                    next((s for s in sections(offer) if s.kind == "video"), None))
         except Exception:
             await self.end(session, "its offer could not be answered")
             raise
