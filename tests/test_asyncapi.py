@@ -5,6 +5,7 @@ it is generated from, and against the AsyncAPI 3.0 schema published by the Async
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -118,3 +119,16 @@ def test_document_is_valid_asyncapi_3() -> None:
     broken = json.loads(json.dumps(DOC))
     broken["operations"]["sendToDevice"]["action"] = "push"
     assert list(validator.iter_errors(broken))
+
+
+def test_every_example_in_the_protocol_guide_is_a_valid_message() -> None:
+    """docs/protocol.md's examples decode, so the guide an outside implementer follows is true."""
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)\n```", doc, re.S)
+    assert len(blocks) >= 10
+    seen = set()
+    for block in blocks:
+        message = decode(block)
+        seen.add(message.TYPE)
+    assert {"register", "registered", "wake", "woken", "offer", "answer", "first_frame",
+            "stats", "hangup", "error", "heartbeat"} <= seen
