@@ -155,9 +155,9 @@ class Gateways:
             if "video" in session.producers:  # can the publisher follow the path's rate?
                 session.producers["video"].cannot_adapt = rate_feedback(
                     next((s for s in sections(offer) if s.kind == "video"), None))
-        except Exception:
+        except Exception as exc:
             await self.end(session, "its offer could not be answered")
-            raise
+            raise _refused(exc) from None
         session.answer = answer
         self.node.media.sources[device] = session.producers
         event(log, "whip.published", session=session.id, device=device,
@@ -178,8 +178,10 @@ class Gateways:
             self.node.media.sinks[session.device] = session.leg
             call = self.node.feed(self.node.core.create_call, CreateCall(
                 caller=f"{self.node.name}/{session.device}", callee=address))
-        except BaseException:
-            await self.end(session, "its call could not be placed")
+        except BaseException as exc:
+            await self.end(session, "its offer could not be answered, or its call placed")
+            if isinstance(exc, Exception):
+                raise _refused(exc) from None
             raise
         session.call = call.id
         session.answer = answer
@@ -228,6 +230,14 @@ class Gateways:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _refused(exc: Exception) -> Refused:
+    """What went wrong with an offer, as the client's error (a refusal stays one)."""
+    if isinstance(exc, Refused):
+        return exc
+    event(log, "gateway.bad_offer", logging.INFO, error=repr(exc)[:300])
+    return Refused(Code.BAD_SDP, f"the offer could not be answered: {exc}"[:500], "sdp")
 
 
 def _new_id() -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from probe.calls import run_call
+from wire.client import discover
 from wire.messages import CallInfo
 
 from .conftest import Tree, make_tree
@@ -129,6 +131,18 @@ async def test_a_gstreamer_webrtcbin_device_calls_and_is_called(gstreamer: None,
                       f"{setup_s * 1000:.0f} ms; GStreamer decoded {gst_side['frames_in']} "
                       f"frames, {gst_side['audio_in']} audio buffers; cam-1 decoded "
                       f"{cam.frames} frames at {cam.fps} fps; not adapting: {why}")
+                await tree.until(lambda: tree.lowers["lower-b"].directory.own["gst-1"].state
+                                 == "idle", 5, "gst-1 idle")
+            # the probe's own call, judged as any: both ways, no stamp from GStreamer
+            servers = await discover(tree.session, tree.urls)
+            result = await run_call(tree.session, servers, "lower-a/cam-1", "lower-b/gst-1",
+                                    hold_s=2.0)
+            assert result.ok, result.to_dict()
+            assert result.not_adapting == ["callee_to_caller"], result.not_adapting_why
+            print(f"probe: ok, setup {result.intervals['setup_ms']:.0f} ms, frames "
+                  f"{ {d: m['frames'] for d, m in result.media.items()} }, not adapting "
+                  f"{result.not_adapting_why}")
+            assert (await _lines(gst, "call", 10))[-1]["frames_in"] > 0
         finally:
             if gst.returncode is None:
                 gst.terminate()

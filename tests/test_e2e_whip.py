@@ -234,6 +234,15 @@ async def test_whip_http_contract_and_credentials() -> None:
             await tree.until(lambda: tree.known("lower-b/pub-1"), 10, "pub-1 known")
             async with bare.post(url, data=offer, headers=mine) as r:
                 assert r.status == 400 and "already registered" in await r.text()
+            # garbage that looks like SDP is refused with why, and leaves nothing behind
+            for junk in ("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n"
+                         "a=rtpmap:96 VP8/90000\r\n", "v=0\r\n" + "x" * 70_000):
+                async with bare.post(f"{tree.lowers['lower-b'].url}/v1/whip/junk",
+                                     data=junk, headers={**sdp, "Authorization":
+                                     f"Bearer {auth.token('device:junk')}"}) as r:
+                    assert r.status in (400, 413), await r.text()
+                    assert (await r.json())["error"]["code"] in ("bad_sdp", "too_large")
+            assert "junk" not in tree.lowers["lower-b"].directory.own
             session = f"{tree.lowers['lower-b'].url}{location}"
             async with bare.delete(session) as r:
                 assert r.status in (401, 403)  # only its own credential ends it
