@@ -56,8 +56,6 @@ log = logging.getLogger("relay.gateway")
 
 SDP_TYPE = "application/sdp"
 TRICKLE_TYPE = "application/trickle-ice-sdpfrag"
-#: what the session resource allows (PATCH is answered 405: no trickle ICE, no ICE restart)
-SESSION_METHODS = "DELETE"
 
 
 @dataclass
@@ -68,7 +66,6 @@ class GatewaySession:
     kind: DeviceKind
     device: str  #: the device id it is on this server
     leg: Leg
-    token: str | None = None  #: what it authenticated with (DELETE must show the same)
     watched: str | None = None  #: WHEP: the address it watches
     call: str | None = None  #: WHEP: its call
     router: Router | None = None  #: WHIP: its producers' router (outlives calls)
@@ -140,7 +137,7 @@ class Gateways:
         video = _offered(offer, "video", sends=True)
         session_id = _new_id()
         session = GatewaySession(session_id, "whip", device,
-                                 self._leg(f"whip:{device}", session_id), token=token)
+                                 self._leg(f"whip:{device}", session_id))
         self._register(session, video, token)
         try:
             answer = await session.leg.create_answer(
@@ -164,14 +161,16 @@ class Gateways:
               codecs=",".join(video))
         return session
 
-    async def watch(self, address: str, offer: str, token: str | None) -> GatewaySession:
-        """WHEP: a player's offer to watch ``address``; answered once the call is placed."""
+    async def watch(self, address: str, offer: str) -> GatewaySession:
+        """WHEP: a player's offer to watch ``address`` (the probe's token was checked: it places
+        a call); answered once the call is placed."""
         video = _offered(offer, "video", sends=False)
         session_id = _new_id()
         session = GatewaySession(session_id, "whep", f"whep-{session_id[:12]}",
-                                 self._leg(f"whep:{address}", session_id), token=token,
-                                 watched=address)
-        self._register(session, video, token=None)
+                                 self._leg(f"whep:{address}", session_id), watched=address)
+        auth = self.node.settings.auth  # the player was let in with the probe's token
+        self._register(session, video, auth.token(f"device:{session.device}") if auth.on
+                       else None)
         try:
             answer = await session.leg.create_answer(
                 offer, directions={"audio": "sendonly", "video": "sendonly"})
@@ -304,8 +303,7 @@ async def whep_post(request: web.Request) -> web.Response:
     """``POST /v1/whep/{address}``: watch a device of the tree (``lower-b/cam-2``)."""
     address = check_address(request.match_info["address"], "address")
     offer = await _read_sdp(request)
-    session = await request.app[GATEWAYS].watch(address, offer,
-                                                 bearer(request.headers.get("Authorization", "")))
+    session = await request.app[GATEWAYS].watch(address, offer)
     return _created(request, session)
 
 

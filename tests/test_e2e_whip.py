@@ -128,48 +128,60 @@ async def test_ffmpeg_publishes_over_whip_and_a_device_calls_it(tmp_path: Path) 
                 await publisher.wait()
 
 
-async def _player_offer(pc: RTCPeerConnection) -> str:
-    pc.addTransceiver("audio", direction="recvonly")
-    pc.addTransceiver("video", direction="recvonly")
-    restrict_host_candidates(pc, ("127.0.0.1",))
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc.localDescription.sdp
+class Player:
+    """A WHEP player: aiortc's peer connection (none of this project's code) receiving audio
+    and video, counting the video frames it decodes."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.frames = 0
+        self.first = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.pc.on("track", self._track)
+
+    def _track(self, track: Any) -> None:
+        async def read() -> None:
+            while True:
+                await track.recv()
+                if track.kind == "video":
+                    self.frames += 1
+                    self.first.set()
+        self._tasks.append(asyncio.create_task(read()))
+
+    async def watch(self, session: aiohttp.ClientSession, url: str) -> str:
+        """POST the offer to ``url``, apply the answer; the session's Location."""
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.pc.addTransceiver("video", direction="recvonly")
+        restrict_host_candidates(self.pc, ("127.0.0.1",))
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with session.post(url, data=self.pc.localDescription.sdp,
+                                headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+            assert r.headers["Content-Type"].startswith("application/sdp")
+            location = r.headers["Location"]
+            answer = await r.text()
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        return location
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pc.close()
 
 
 async def test_a_whep_player_watches_a_device_under_another_lower_server() -> None:
     async with make_tree() as tree:
         await tree.add_device("lower-b", "cam-2")
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        frames = 0
-        first = asyncio.Event()
-        tasks: list[asyncio.Task[None]] = []
-
-        @pc.on("track")
-        def on_track(track: Any) -> None:
-            async def read() -> None:
-                nonlocal frames
-                while True:
-                    await track.recv()
-                    if track.kind == "video":
-                        frames += 1
-                        first.set()
-            tasks.append(asyncio.create_task(read()))
-
+        player = Player()
         try:
-            offer = await _player_offer(pc)
             sent = time.monotonic()
-            async with tree.session.post(
-                    f"{tree.lowers['lower-a'].url}/v1/whep/lower-b/cam-2", data=offer,
-                    headers={"Content-Type": "application/sdp"}) as r:
-                assert r.status == 201, await r.text()
-                assert r.headers["Content-Type"].startswith("application/sdp")
-                location = r.headers["Location"]
-                answer = await r.text()
-            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-            await asyncio.wait_for(first.wait(), 10)
+            location = await player.watch(
+                tree.session, f"{tree.lowers['lower-a'].url}/v1/whep/lower-b/cam-2")
+            await asyncio.wait_for(player.first.wait(), 10)
             first_frame_s = time.monotonic() - sent
             await asyncio.sleep(2)
-            assert frames >= 15, frames  # cam-2 sends 15 fps
+            assert player.frames >= 15, player.frames  # cam-2 sends 15 fps
             viewers = [d for d in (await devices(tree, "lower-a")).values()
                        if d["kind"] == "whep"]
             assert len(viewers) == 1 and viewers[0]["state"] == "busy"
@@ -181,7 +193,7 @@ async def test_a_whep_player_watches_a_device_under_another_lower_server() -> No
             assert info.state == "active" and info.directions == ["callee_to_caller"]
             assert info.path == ["lower-a", "upper", "lower-b"]
             print(f"\nWHEP player at lower-a watching lower-b/cam-2: first frame "
-                  f"{first_frame_s * 1000:.0f} ms after the POST, {frames} frames")
+                  f"{first_frame_s * 1000:.0f} ms after the POST, {player.frames} frames")
             async with tree.session.patch(f"{tree.lowers['lower-a'].url}{location}",
                                           data="a=candidate:x", headers={
                                               "Content-Type": "application/trickle-ice-sdpfrag"}
@@ -198,14 +210,12 @@ async def test_a_whep_player_watches_a_device_under_another_lower_server() -> No
             async with tree.session.delete(f"{tree.lowers['lower-a'].url}{location}") as r:
                 assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_session"
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await pc.close()
+            await player.close()
 
 
-async def test_whip_http_contract_and_credentials() -> None:
+async def test_whip_http_contract_and_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     auth = Auth(secret=b"whip-secret")
+    monkeypatch.setenv("VPHONE_AUTH_SECRET", auth.secret.decode())  # the devices sign with it
     async with make_tree(auth=auth) as tree, aiohttp.ClientSession() as bare:
         url = f"{tree.lowers['lower-b'].url}/v1/whip/pub-1"
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -249,6 +259,17 @@ async def test_whip_http_contract_and_credentials() -> None:
             async with bare.delete(session, headers=mine) as r:
                 assert r.status == 200
             await tree.until(lambda: not tree.known("lower-b/pub-1"), 10, "pub-1 gone")
+            # WHEP takes the probe's token (it places a call): without it, 401
+            whep = f"{tree.lowers['lower-a'].url}/v1/whep/lower-b/cam-2"
+            async with bare.post(whep, data=offer, headers=sdp) as r:
+                assert r.status == 401, await r.text()
+            await tree.add_device("lower-b", "cam-2")
+            player = Player()
+            try:
+                await player.watch(tree.session, whep)  # the probe's session: its token
+                await asyncio.wait_for(player.first.wait(), 10)
+            finally:
+                await player.close()
         finally:
             await pc.close()
 
@@ -261,35 +282,15 @@ async def test_a_whep_player_watching_a_device_in_a_call_gets_its_stream_fanned_
                 "caller": "lower-a/cam-1", "callee": "lower-b/cam-2"}) as r:
             talk = (await r.json())["call"]
         assert (await call_info(tree, "lower-a", talk, "active")).state == "active"
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        frames = 0
-        first = asyncio.Event()
-        tasks: list[asyncio.Task[None]] = []
-
-        @pc.on("track")
-        def on_track(track: Any) -> None:
-            async def read() -> None:
-                nonlocal frames
-                while True:
-                    await track.recv()
-                    if track.kind == "video":
-                        frames += 1
-                        first.set()
-            tasks.append(asyncio.create_task(read()))
-
+        player = Player()
         try:
-            offer = await _player_offer(pc)
-            async with tree.session.post(
-                    f"{tree.lowers['lower-a'].url}/v1/whep/lower-b/cam-2", data=offer,
-                    headers={"Content-Type": "application/sdp"}) as r:
-                assert r.status == 201, await r.text()
-                answer = await r.text()
-            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-            await asyncio.wait_for(first.wait(), 10)
+            await player.watch(tree.session,
+                               f"{tree.lowers['lower-a'].url}/v1/whep/lower-b/cam-2")
+            await asyncio.wait_for(player.first.wait(), 10)
             seen = (await call_info(tree, "lower-a", talk)).media.get("callee_to_caller")
             before = seen.frames if seen is not None else 0
             await asyncio.sleep(2)
-            assert frames >= 15, frames
+            assert player.frames >= 15, player.frames
             talking = await call_info(tree, "lower-a", talk)
             assert talking.state == "active"  # the call watched goes on, both ways
             assert talking.media["callee_to_caller"].frames > before
@@ -308,7 +309,4 @@ async def test_a_whep_player_watching_a_device_in_a_call_gets_its_stream_fanned_
             await tree.until(lambda: tree.lowers["lower-b"].directory.own["cam-2"].state
                              == "idle", 5, "cam-2 idle")
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await pc.close()
+            await player.close()
