@@ -68,6 +68,8 @@ def main() -> None:
             for packet in audio.encode(aframe):
                 out.mux(packet)
         sent += 1
+        if sent == 1:  # the first mux did the WHIP handshake: pace from its end, no burst
+            started = time.time() - 1 / args.fps
         time.sleep(max(0.0, started + sent / args.fps - time.time()))
     out.close()
     print(json.dumps({"frames": sent, "seconds": round(time.time() - started, 3)}), flush=True)
