@@ -331,7 +331,9 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
         raise ValueError("shards of a Poisson schedule need one --seed (they must build the "
                          "same schedule)")
     rng = random.Random(settings.seed)
-    devices = {s.name: shard.devices([d.address for d in s.devices])
+    # Load pairs devices that speak the protocol both ways; a WHIP publisher or a WHEP player
+    # (one way, and one call at a time) is called by name (``--pair``), not drawn at random.
+    devices = {s.name: shard.devices([d.address for d in s.devices if d.kind == "device"])
                for s in lower_servers(servers)}
     path = TreePaths(servers)
     if settings.via is not None and not any(s.name == settings.via for s in servers):
