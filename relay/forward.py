@@ -15,9 +15,11 @@ and re-encoding (aiortc's MediaRelay), and says so. Others may watch a producer 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Literal
 
+import msgspec
 from aiortc import RTCRtpTransceiver
 from aiortc.contrib.media import MediaRelay
 
@@ -60,6 +62,8 @@ class Bridge:
         #: sides whose receiver cannot say it decoded a frame (a WHEP player): the first
         #: keyframe sent to it is called for instead
         self._on_open: dict[bool, Callable[[], None]] = {}
+        #: a live source's counts when this call took it: (packets, bytes, time, figures)
+        self._since: dict[tuple[str, Direction], tuple[int, int, float, StreamHop]] = {}
 
     def leg_ready(self, transceivers: dict[str, RTCRtpTransceiver], upstream: bool,
                   rtcp: RtcpDispatcher | None = None) -> None:
@@ -81,6 +85,10 @@ class Bridge:
         incoming: Direction = "caller_to_callee" if upstream else "callee_to_caller"
         for kind, producer in producers.items():
             self.producers[kind, incoming] = producer
+            # its figures before this call are not this call's (see figures)
+            meter = producer.meter
+            self._since[kind, incoming] = (meter.packets, meter.bytes, time.time(),
+                                           producer.figures())
         self._sources.add(upstream)
         self._join()
 
@@ -123,7 +131,11 @@ class Bridge:
         out: dict[str, dict[str, StreamHop]] = {}
         for (kind, direction), producer in self.producers.items():
             if producer.meter.packets:
-                out.setdefault(direction, {})[kind] = producer.figures()
+                figures = producer.figures()
+                since = self._since.get((kind, direction))
+                if since is not None:
+                    figures = _since(figures, *since)
+                out.setdefault(direction, {})[kind] = figures
         return out
 
     @property
@@ -133,3 +145,18 @@ class Bridge:
 
     def close(self) -> None:
         self.router.close("call ended")
+
+
+def _since(now: StreamHop, packets: int, size: int, at: float, then: StreamHop) -> StreamHop:
+    """A live source's figures counted from when a call took it (a WHIP publisher's stream
+    arrives before and between calls): what arrived, its bitrate and its losses since then.
+    Transit counts only what was forwarded, so it is this call's (and its other consumers')."""
+    span = max(1e-6, time.time() - at)
+    grown = now.bytes - size
+    return msgspec.structs.replace(
+        now, packets=now.packets - packets, bytes=grown,
+        bitrate_kbps=round(grown * 8 / span / 1000, 1),
+        lost=max(0, now.lost - then.lost), repaired=max(0, now.repaired - then.repaired),
+        keyframes_in=now.keyframes_in - then.keyframes_in,
+        keyframes_out=now.keyframes_out - then.keyframes_out,
+        nacks_in=now.nacks_in - then.nacks_in, nacks_out=now.nacks_out - then.nacks_out)

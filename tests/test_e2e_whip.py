@@ -74,7 +74,7 @@ async def test_ffmpeg_publishes_over_whip_and_a_device_calls_it(tmp_path: Path) 
             await tree.until(lambda: tree.known("lower-b/obs"), 15, "the publisher registered")
             listed = (await devices(tree, "lower-b"))["obs"]
             assert listed["kind"] == "whip" and listed["codecs"] == ["video/H264"], listed
-            await asyncio.sleep(0.5)  # media flowing before the call: it joins a live stream
+            await asyncio.sleep(1.0)  # media flowing before the call: it joins a live stream
             sent = time.monotonic()
             async with tree.session.post(f"{tree.lowers['lower-a'].url}/v1/calls", json={
                     "caller": "lower-a/cam-1", "callee": "lower-b/obs"}) as r:
@@ -93,6 +93,9 @@ async def test_ffmpeg_publishes_over_whip_and_a_device_calls_it(tmp_path: Path) 
             hops = {h.server: h for h in info.hops}
             video = hops["lower-b"].streams["callee_to_caller"]["video"]
             assert video.packets > 0
+            # counted from when the call took the live stream, not from the publish
+            source = tree.lowers["lower-b"].media.sources["obs"]["video"].meter
+            assert video.packets <= source.packets - 5, (video.packets, source.packets)
             assert "caller_to_callee" not in info.media  # the publisher receives nothing
             print(f"\nFFmpeg WHIP -> lower-b -> upper -> lower-a -> cam-1: setup "
                   f"{setup_s * 1000:.0f} ms, {got.frames} frames at {got.fps} fps, "
