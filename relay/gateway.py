@@ -270,7 +270,13 @@ async def _read_sdp(request: web.Request) -> str:
                       f"{content_type or 'nothing'}", "Content-Type")
     if request.content_length is not None and request.content_length > MAX_SDP_CHARS:
         raise Refused(Code.TOO_LARGE, f"the offer is larger than {MAX_SDP_CHARS} bytes")
-    body = await request.content.read(MAX_SDP_CHARS + 1)
+    limit = request.app[GATEWAYS].node.settings.http_body_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            body = await _whole(request, MAX_SDP_CHARS + 1)
+    except TimeoutError:
+        raise Refused(Code.REQUEST_TIMEOUT,
+                      f"the offer did not arrive within {limit:g} s") from None
     if len(body) > MAX_SDP_CHARS:
         raise Refused(Code.TOO_LARGE, f"the offer is larger than {MAX_SDP_CHARS} bytes")
     sdp = body.decode(errors="replace")
@@ -278,6 +284,19 @@ async def _read_sdp(request: web.Request) -> str:
         raise Refused(Code.BAD_SDP, "the body is not an SDP offer (it must start with v=0)",
                       "sdp")
     return sdp
+
+
+async def _whole(request: web.Request, most: int) -> bytes:
+    """The body, read to its end or until it is ``most`` bytes long."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < most:
+        chunk = await request.content.read(most - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _created(request: web.Request, session: GatewaySession) -> web.Response:

@@ -43,6 +43,40 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return out
 
 
+def _gateways() -> dict[str, Any]:
+    """WHIP and WHEP (relay/gateway.py): an SDP offer in, the answer out, the session's
+    Location."""
+    sdp = {"content": {"application/sdp": {"schema": {"type": "string"}}}}
+    created = {"201": {"description": "the SDP answer; Location names the session",
+                       "headers": {"Location": {"schema": {"type": "string"}}}, **sdp}}
+    session = [{"name": "session", "in": "path", "required": True,
+                "schema": {"type": "string", "maxLength": 64}}]
+    return {
+        "/v1/whip/{device}": {"post": {
+            "summary": "WHIP (RFC 9725): publish as device {device} (kind whip)",
+            "parameters": [{"name": "device", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": NAME_PATTERN}}],
+            "requestBody": {"required": True, **sdp},
+            "responses": {**created, **_errors(400, 401, 403, 408, 413, 415, 503)}}},
+        "/v1/whep/{address}": {"post": {
+            "summary": "WHEP: watch a device of the tree (SERVER/DEVICE)",
+            "parameters": [{"name": "address", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "requestBody": {"required": True, **sdp},
+            "responses": {**created,
+                          **_errors(400, 401, 403, 404, 408, 409, 413, 415, 421, 503)}}},
+        "/v1/sessions/{session}": {
+            "delete": {"summary": "End a WHIP or WHEP session", "parameters": session,
+                       "responses": {"200": {"description": "ended"},
+                                     **_errors(400, 401, 403, 404)}},
+            "patch": {"summary": "Trickle ICE and ICE restarts: not supported (405)",
+                      "parameters": session,
+                      "requestBody": {"content": {"application/trickle-ice-sdpfrag": {
+                          "schema": {"type": "string"}}}},
+                      "responses": {**_errors(400, 401, 403, 404, 405)}}},
+    }
+
+
 def openapi(role: str) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(BODIES, ref_template=REF)
     call_id = {"name": "call", "in": "path", "required": True,
@@ -83,12 +117,17 @@ def openapi(role: str) -> dict[str, Any]:
                                                    **_json({"type": "object"})},
                                            **_errors(400)}}},
     }
+    paths["/v1/asyncapi.json"] = {"get": {
+        "summary": "The WebSocket protocol (device and trunk links) as AsyncAPI 3.0",
+        "responses": {"200": {"description": "ok", **_json({"type": "object"})},
+                      **_errors(400)}}}
     if role == "lower":
         paths["/v1/calls"]["post"] = {
             "summary": "Start a call from a device of this server",
             "requestBody": {"required": True, **_json(_ref(CreateCall))},
             "responses": {**ok(CallInfo, "201"),
                           **_errors(400, 401, 403, 404, 408, 409, 413, 421, 503)}}
+        paths.update(_gateways())
     return {
         "openapi": "3.1.0",
         "info": {"title": f"vphone-relay {role} server", "version": str(PROTOCOL_VERSION),

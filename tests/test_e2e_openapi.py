@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import sys
@@ -45,7 +46,10 @@ async def test_schemathesis_finds_nothing_in_ten_thousand_cases(tmp_path: Path):
             "--checks", "all", "--exclude-checks",
             "positive_data_acceptance,use_after_free,ignored_auth",
             "--max-examples", "1500", "--seed", "1", "--no-color",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
+            # WHIP and WHEP take SDP: serialized as text (tests/schemathesis_hooks.py)
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+                 "PYTHONPATH": str(Path(__file__).parent)})
         out, _ = await asyncio.wait_for(process.communicate(), 900)
     output = out.decode(errors="replace")
     found = re.search(r"(\d+) generated, (\d+) passed", output)
