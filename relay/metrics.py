@@ -58,6 +58,11 @@ class NodeCollector(Collector):
                  states)
         yield one(CounterMetricFamily, "relay_calls_started", "Calls started at this server",
                   core.counters.calls_started)
+        kinds = {"device": 0, "whip": 0, "whep": 0}
+        for device in node.directory.own.values():
+            kinds[device.kind] += 1
+        yield by(GaugeMetricFamily, "relay_devices", "This server's own devices, by kind (whip: "
+                 "WHIP publishers, whep: WHEP players watching)", "kind", kinds)
         yield by(CounterMetricFamily, "relay_calls_originated", "Calls started here as the "
                  "caller's server, by who started them: api (POST /v1/calls) or device (the "
                  "caller dialed)", "started_by",

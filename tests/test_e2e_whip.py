@@ -188,6 +188,9 @@ async def test_a_whep_player_watches_a_device_under_another_lower_server() -> No
             viewers = [d for d in (await devices(tree, "lower-a")).values()
                        if d["kind"] == "whep"]
             assert len(viewers) == 1 and viewers[0]["state"] == "busy"
+            async with tree.session.get(f"{tree.lowers['lower-a'].url}/metrics") as r:
+                assert 'relay_devices{kind="whep",role="lower",server="lower-a"} 1.0' in \
+                    await r.text()
             async with tree.session.get(f"{tree.lowers['lower-a'].url}/v1/calls") as r:
                 calls = (await r.json())["calls"]
             assert len(calls) == 1 and calls[0]["callee"] == "lower-b/cam-2"
