@@ -345,12 +345,13 @@ def describe_rate(result: CallResult) -> list[str]:
     """Per direction, the rate the path allowed, which link set it, and whether the sender
     followed (congestion control: docs/relay.md)."""
     lines = []
-    for direction in DIRECTIONS:
+    cannot = result.not_adapting_why
+    for direction in result.directions:
         sender = result.senders.get(direction) or {}
         limit = result.rate.get(direction)
-        if sender.get("adapts") is False:
-            lines.append(f"  {direction:<28} rate: the sender cannot adapt (pre-encoded or "
-                         "packet source): the path's reports go unheard")
+        if direction in cannot:
+            lines.append(f"  {direction:<28} rate: the sender cannot adapt ({cannot[direction]})"
+                         ": the path's reports go unheard")
         elif limit is not None:
             target = sender.get("target_kbps")
             by = (f"set by {limit['link']}" if limit["link"] is not None

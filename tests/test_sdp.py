@@ -80,3 +80,4 @@ def test_rate_feedback_says_why_a_sender_cannot_be_steered() -> None:
     assert "REMB" in (rate_feedback(no_remb) or "")
     receive_only = sections(OFFER.replace("a=sendrecv", "a=recvonly"))[1]
     assert rate_feedback(receive_only) is None  # sends nothing to steer
+
