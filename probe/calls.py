@@ -19,7 +19,7 @@ import aiohttp
 from probe.bottleneck import bottleneck, budget, rate_limit
 from probe.stats import Outcome, classify
 from wire.client import ProbeError, Server, ServerClient, find_device
-from wire.messages import DIRECTIONS, CallInfo
+from wire.messages import DIRECTIONS, FIRST_FRAME, CallInfo
 
 #: Intervals reported per call, in ms from t_sent: name -> event.
 INTERVALS = {
@@ -199,8 +199,7 @@ def _final(info: CallInfo) -> bool:
 
 def first_frames(directions: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The first-frame events that make a call carrying ``directions`` active."""
-    return tuple("t_first_frame_callee" if d == "caller_to_callee" else "t_first_frame_caller"
-                 for d in directions)
+    return tuple(FIRST_FRAME[d] for d in directions)
 
 
 def _carried_media(info: CallInfo) -> bool:

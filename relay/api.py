@@ -6,7 +6,6 @@ Every error is JSON: ``{"error": {"code", "message", "field"}}`` with the status
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -26,7 +25,7 @@ from relay.node import Node
 from relay.openapi import openapi
 from relay.upper import child_link
 from wire.auth import bearer, probe_identity
-from wire.http import error_response
+from wire.http import error_response, read_body
 from wire.logs import event
 from wire.messages import (
     PROTOCOL_VERSION,
@@ -101,15 +100,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def read_json(request: web.Request) -> object:
-    if request.content_length is not None and request.content_length > 64 * 1024:
-        raise Refused(Code.TOO_LARGE, "request body is larger than 64 KiB")
-    limit = request.app[NODE].settings.http_body_timeout_s
-    try:
-        async with asyncio.timeout(limit):
-            body = await request.read()
-    except TimeoutError:
-        raise Refused(Code.REQUEST_TIMEOUT,
-                      f"the request body did not arrive within {limit:g} s") from None
+    body = await read_body(request, 64 * 1024, request.app[NODE].settings.http_body_timeout_s)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

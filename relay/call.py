@@ -23,7 +23,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from wire.messages import DIRECTIONS, TIMELINE_EVENTS, DevicePart, HopFigures, MediaStats
+from wire.messages import (
+    DIRECTIONS,
+    FIRST_FRAME,
+    TIMELINE_EVENTS,
+    DevicePart,
+    HopFigures,
+    MediaStats,
+)
 from wire.reasons import Code
 
 
@@ -89,9 +96,6 @@ TRANSITIONS: dict[CallState, dict[type, CallState]] = {
 
 #: The milestones that together mean "both devices see each other".
 MEDIA_BOTH_WAYS = ("t_first_frame_callee", "t_first_frame_caller")
-#: The milestone that means media arrived in each direction: its receiver's first frame.
-FIRST_FRAME = {"caller_to_callee": "t_first_frame_callee",
-               "callee_to_caller": "t_first_frame_caller"}
 #: What makes a signalling-only call (media "none") active: both woken, and the callee answered.
 BOTH_WOKEN = ("t_caller_woken", "t_callee_woken", "t_answered")
 

@@ -62,8 +62,8 @@ class Bridge:
         #: sides whose receiver cannot say it decoded a frame (a WHEP player): the first
         #: keyframe sent to it is called for instead
         self._on_open: dict[bool, Callable[[], None]] = {}
-        #: a live source's counts when this call took it: (packets, bytes, time, figures)
-        self._since: dict[tuple[str, Direction], tuple[int, int, float, StreamHop]] = {}
+        #: a live source's figures when this call took it, and when
+        self._since: dict[tuple[str, Direction], tuple[float, StreamHop]] = {}
 
     def leg_ready(self, transceivers: dict[str, RTCRtpTransceiver], upstream: bool,
                   rtcp: RtcpDispatcher | None = None) -> None:
@@ -86,9 +86,7 @@ class Bridge:
         for kind, producer in producers.items():
             self.producers[kind, incoming] = producer
             # its figures before this call are not this call's (see figures)
-            meter = producer.meter
-            self._since[kind, incoming] = (meter.packets, meter.bytes, time.time(),
-                                           producer.figures())
+            self._since[kind, incoming] = (time.time(), producer.figures())
         self._sources.add(upstream)
         self._join()
 
@@ -99,7 +97,7 @@ class Bridge:
     def _join(self) -> None:
         """Once both sides are here, each producer of a direction the call carries gets its
         consumer on the other side's transport."""
-        if len(self._legs) + len(self._sources - set(self._legs)) < 2:
+        if len(self._sources | set(self._legs)) < 2:
             return
         for (kind, direction), producer in self.producers.items():
             toward_caller = direction == "callee_to_caller"
@@ -147,14 +145,14 @@ class Bridge:
         self.router.close("call ended")
 
 
-def _since(now: StreamHop, packets: int, size: int, at: float, then: StreamHop) -> StreamHop:
+def _since(now: StreamHop, at: float, then: StreamHop) -> StreamHop:
     """A live source's figures counted from when a call took it (a WHIP publisher's stream
     arrives before and between calls): what arrived, its bitrate and its losses since then.
     Transit counts only what was forwarded, so it is this call's (and its other consumers')."""
     span = max(1e-6, time.time() - at)
-    grown = now.bytes - size
+    grown = now.bytes - then.bytes
     return msgspec.structs.replace(
-        now, packets=now.packets - packets, bytes=grown,
+        now, packets=now.packets - then.packets, bytes=grown,
         bitrate_kbps=round(grown * 8 / span / 1000, 1),
         lost=max(0, now.lost - then.lost), repaired=max(0, now.repaired - then.repaired),
         keyframes_in=now.keyframes_in - then.keyframes_in,

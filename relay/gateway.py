@@ -34,8 +34,9 @@ from relay.effects import Link
 from relay.leg import Leg
 from relay.node import Node
 from rtc.graph import Producer, Router
-from rtc.sdp import rate_feedback, sections
+from rtc.sdp import rate_feedback, section
 from wire.auth import bearer
+from wire.http import read_body
 from wire.logs import event
 from wire.messages import (
     MAX_SDP_CHARS,
@@ -151,7 +152,7 @@ class Gateways:
                 session.producers[kind] = router.produce(transport, kind, f"whip:{device}:{kind}")
             if "video" in session.producers:  # can the publisher follow the path's rate?
                 session.producers["video"].cannot_adapt = rate_feedback(
-                    next((s for s in sections(offer) if s.kind == "video"), None))
+                    section(offer, "video"))
         except Exception as exc:
             await self.end(session, "its offer could not be answered")
             raise _refused(exc) from None
@@ -246,7 +247,7 @@ def _new_id() -> str:
 def _offered(offer: str, kind: str, sends: bool) -> list[str]:
     """The video codecs of an offer that this project forwards, in the offer's order; refused
     when the offer does not send (WHIP) or receive (WHEP) video in one of them."""
-    found = next((s for s in sections(offer) if s.kind == kind), None)
+    found = section(offer, kind)
     if found is None or found.port == 0:
         raise Refused(Code.BAD_SDP, f"the offer has no {kind} m-line", "sdp")
     if (sends and not found.sends) or (not sends and not found.receives):
@@ -268,35 +269,13 @@ async def _read_sdp(request: web.Request) -> str:
     if content_type != SDP_TYPE:
         raise Refused(Code.UNSUPPORTED_MEDIA_TYPE, f"the body must be {SDP_TYPE}, not "
                       f"{content_type or 'nothing'}", "Content-Type")
-    if request.content_length is not None and request.content_length > MAX_SDP_CHARS:
-        raise Refused(Code.TOO_LARGE, f"the offer is larger than {MAX_SDP_CHARS} bytes")
-    limit = request.app[GATEWAYS].node.settings.http_body_timeout_s
-    try:
-        async with asyncio.timeout(limit):
-            body = await _whole(request, MAX_SDP_CHARS + 1)
-    except TimeoutError:
-        raise Refused(Code.REQUEST_TIMEOUT,
-                      f"the offer did not arrive within {limit:g} s") from None
-    if len(body) > MAX_SDP_CHARS:
-        raise Refused(Code.TOO_LARGE, f"the offer is larger than {MAX_SDP_CHARS} bytes")
+    body = await read_body(request, MAX_SDP_CHARS,
+                           request.app[GATEWAYS].node.settings.http_body_timeout_s, "offer")
     sdp = body.decode(errors="replace")
     if not sdp.startswith("v=0"):
         raise Refused(Code.BAD_SDP, "the body is not an SDP offer (it must start with v=0)",
                       "sdp")
     return sdp
-
-
-async def _whole(request: web.Request, most: int) -> bytes:
-    """The body, read to its end or until it is ``most`` bytes long."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < most:
-        chunk = await request.content.read(most - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def _created(request: web.Request, session: GatewaySession) -> web.Response:

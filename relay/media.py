@@ -26,7 +26,7 @@ from relay.leg import Leg
 from rtc.adapter import MediaSettings
 from rtc.congestion import ESTIMATE_EVERY_S
 from rtc.graph import Consumer, Producer
-from rtc.sdp import answer_problems, rate_feedback, sections
+from rtc.sdp import answer_problems, rate_feedback, section
 from wire.logs import event
 from wire.messages import Answer, Error, HopFigures, Message, Offer, Role
 from wire.reasons import Code
@@ -181,8 +181,7 @@ class MediaPlane:
             else "callee_to_caller"
         producer = media.bridge.producers.get(("video", incoming))
         if producer is not None:
-            video = next((s for s in sections(description.sdp) if s.kind == "video"), None)
-            producer.cannot_adapt = rate_feedback(video)
+            producer.cannot_adapt = rate_feedback(section(description.sdp, "video"))
         if isinstance(description, Offer):
             self._send(effect.link, Answer(call=media.call, leg=description.leg, sdp=sdp))
 

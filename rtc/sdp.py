@@ -92,6 +92,11 @@ def sections(sdp: str) -> list[MediaSection]:
     return out
 
 
+def section(sdp: str, kind: str) -> MediaSection | None:
+    """The first media section of ``kind`` in a description, if any."""
+    return next((s for s in sections(sdp) if s.kind == kind), None)
+
+
 def answer_problems(offer: str, answer: str, needs: dict[str, str]) -> list[str]:
     """Why an answer to ``offer`` cannot carry the call: per kind, ``needs[kind]`` is what the
     *answerer* must do ("sendrecv", "sendonly" or "recvonly"). Empty when it can."""

@@ -100,6 +100,9 @@ Codecs = Annotated[list[VideoCodec], msgspec.Meta(min_length=1, max_length=len(V
 MEDIA_MODES: tuple[str, ...] = typing.get_args(MediaMode)
 #: Media directions, named by who sends: ``caller_to_callee`` is measured at the callee.
 DIRECTIONS: tuple[str, ...] = typing.get_args(Direction)
+#: The timeline event that means media arrived in a direction: its receiver's first frame.
+FIRST_FRAME: dict[str, str] = {"caller_to_callee": "t_first_frame_callee",
+                               "callee_to_caller": "t_first_frame_caller"}
 
 
 class MessageError(ValueError):
