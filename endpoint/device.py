@@ -90,6 +90,13 @@ from wire.messages import (
     Wake,
     Woken,
 )
+from wire.states import (
+    PHONE_TRANSITIONS,
+    LocalProtocolError,
+    PhoneEvent,
+    PhoneState,
+    RemoteProtocolError,
+)
 
 log = logging.getLogger("endpoint.device")
 
@@ -246,8 +253,10 @@ class DeviceCall:
 
     def __init__(self, call: str, role: Role, peer: str, settings: DeviceSettings,
                  channel: WebSocketChannel | None, clock: Callable[[], float],
-                 address: str = "", supply: MediaSupply | None = None) -> None:
+                 address: str = "", supply: MediaSupply | None = None,
+                 on_first_frame: Callable[[], None] | None = None) -> None:
         self.call, self.role, self.peer = call, role, peer
+        self.on_first_frame = on_first_frame
         self.address = address
         self.settings = settings
         self.supply = supply or MediaSupply()
@@ -409,6 +418,8 @@ class DeviceCall:
 
     def _first_frame(self, now: float) -> None:
         event(log, "media.first_frame", call=self.call, role=self.role, peer=self.peer)
+        if self.on_first_frame is not None:
+            self.on_first_frame()
         if self.channel is not None:
             self.spawn(self.channel.send(FirstFrame(call=self.call, at=now)))
 
@@ -591,6 +602,34 @@ class CallEnd:
 ENDED_KEPT = 64
 
 
+class NotInCall(LocalProtocolError, KeyError):
+    """A person's action that the call's state does not allow here (a pickup of a call that
+    does not ring, a hang-up of a call this device is not in)."""
+
+
+@dataclass
+class Phone:
+    """One call at this device: where it stands in the table (wire/states.py
+    PHONE_TRANSITIONS), the wake-up that started it, the offer it holds while it rings, and
+    its media once it answered the offer."""
+
+    wake: Wake
+    state: PhoneState = PhoneState.NEW
+    offer: Offer | None = None
+    media: DeviceCall | None = None
+
+    def handle(self, what: PhoneEvent) -> PhoneState:
+        """Move by the table; an event it does not take raises RemoteProtocolError (the
+        server's message) and changes nothing. The caller turns a person's misuse into
+        NotInCall."""
+        after = PHONE_TRANSITIONS[self.state].get(what)
+        if after is None:
+            raise RemoteProtocolError(f"{what.value} is not taken by a call in state "
+                                      f"{self.state.value}")
+        self.state = after
+        return after
+
+
 class Device:
     """One device, kept registered with its server (reconnecting with backoff). Besides
     answering, it can ``dial`` another address, and (``answer="ring"``) ``pickup`` or
@@ -604,11 +643,8 @@ class Device:
         self.settings = settings
         self.supply = supply or MediaSupply.for_settings(settings)
         self.clock = clock
-        self.calls: dict[str, DeviceCall] = {}
-        self.pending: dict[str, Wake] = {}
-        #: calls ringing here (answer="ring"), and an offer that came while one rang
-        self.ringing: dict[str, Wake] = {}
-        self._held: dict[str, Offer] = {}
+        #: this device's calls that have not ended, each with its place in the table
+        self.phones: dict[str, Phone] = {}
         #: called when a call starts ringing here (answer="ring")
         self.on_ring = on_ring
         self.registered = asyncio.Event()
@@ -623,6 +659,27 @@ class Device:
         self._ends: dict[str, asyncio.Future[CallEnd]] = {}
         #: the calls that ended here, newest last (at most ENDED_KEPT)
         self.ended: OrderedDict[str, CallEnd] = OrderedDict()
+
+    @property
+    def calls(self) -> dict[str, DeviceCall]:
+        """The calls whose media is up or connecting here."""
+        return {c: p.media for c, p in self.phones.items() if p.media is not None}
+
+    @property
+    def ringing(self) -> dict[str, Wake]:
+        """The calls ringing here (answer="ring"): a person picks up or declines."""
+        return {c: p.wake for c, p in self.phones.items() if p.state is PhoneState.RINGING}
+
+    def _person(self, call_id: str, what: PhoneEvent) -> Phone:
+        """The call a person acts on, moved by ``what``; NotInCall if the table refuses."""
+        phone = self.phones.get(call_id)
+        if phone is None:
+            raise NotInCall(f"{self.id} is in no call {call_id!r}")
+        try:
+            phone.handle(what)
+        except RemoteProtocolError as exc:
+            raise NotInCall(f"{self.id}, call {call_id}: {exc.message}") from None
+        return phone
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Stay registered: connect, register, serve; on any failure say what it is waiting
@@ -688,29 +745,25 @@ class Device:
         return call
 
     async def pickup(self, call_id: str) -> None:
-        """Answer a call that rings here (``answer="ring"``)."""
-        wake = self.ringing.pop(call_id, None)
+        """Answer a call that rings here (``answer="ring"``). NotInCall if it does not."""
         channel = self.channel
-        if wake is None or channel is None:
-            raise KeyError(f"no call {call_id!r} rings on {self.id}")
+        if channel is None:
+            raise NotInCall(f"{self.id} is not registered: no call rings on it")
+        phone = self._person(call_id, PhoneEvent.PICKUP)
         await channel.send(Pickup(call=call_id, at=self.clock()))
-        event(log, "device.answered", call=call_id, device=self.id, peer=wake.peer)
-        offer = self._held.pop(call_id, None)
+        event(log, "device.answered", call=call_id, device=self.id, peer=phone.wake.peer)
+        offer, phone.offer = phone.offer, None
         if offer is not None:
             await self._answer(channel, offer)
 
     async def decline(self, call_id: str) -> None:
         """Turn down a call that rings here: it ends with reason ``declined``."""
-        if self.ringing.pop(call_id, None) is None:
-            raise KeyError(f"no call {call_id!r} rings on {self.id}")
+        self._person(call_id, PhoneEvent.DECLINE)
         await self._hang_up(call_id, "declined")
 
     async def hangup(self, call_id: str) -> CallEnd:
         """End a call this device is in (ringing, being set up or up): how it ended."""
-        if call_id not in self.calls and call_id not in self.pending and \
-                call_id not in self.ringing:
-            raise KeyError(f"{self.id} is in no call {call_id!r}")
-        self.ringing.pop(call_id, None)
+        self._person(call_id, PhoneEvent.HANGUP)
         return await self._hang_up(call_id, "hangup")
 
     async def wait_end(self, call_id: str, timeout_s: float | None = None) -> CallEnd:
@@ -732,10 +785,10 @@ class Device:
 
     async def _finish(self, call_id: str, reason: str, by: str) -> CallEnd:
         """Close what this device has of a call and remember how it ended."""
-        self.pending.pop(call_id, None)
-        self.ringing.pop(call_id, None)
-        self._held.pop(call_id, None)
-        call = self.calls.pop(call_id, None)
+        phone = self.phones.pop(call_id, None)
+        if phone is not None:
+            phone.state = PhoneState.ENDED  # (HANGUP, DECLINE or LOST: the table's end)
+        call = phone.media if phone is not None else None
         stats = None
         if call is not None:
             stats = call.stats()
@@ -787,12 +840,33 @@ class Device:
                 return
             await self._handle(channel, message)
 
+    async def _refuse(self, channel: WebSocketChannel, message: Message, code: str,
+                      text: str) -> None:
+        """The server sent what this device's calls cannot take: tell it, change nothing."""
+        call = getattr(message, "call", None)
+        event(log, "device.refused", logging.WARNING, device=self.id, call=call, code=code,
+              reason=text, ref=message.TYPE)
+        await channel.send(Error(code=code, message=text, call=call, ref=message.TYPE))  # type: ignore[arg-type]
+
     async def _handle(self, channel: WebSocketChannel, message: Message) -> None:
         if isinstance(message, Wake):
+            if message.call in self.phones:
+                await self._refuse(channel, message, "duplicate_call",
+                                   f"call {message.call} already woke this device")
+                return
             await self._wake(channel, message)
         elif isinstance(message, Offer):
-            if message.call in self.ringing:
-                self._held[message.call] = message  # answered at pickup
+            phone = self.phones.get(message.call)
+            if phone is None:
+                await self._refuse(channel, message, "unknown_call", "offer without wake-up")
+                return
+            try:
+                phone.handle(PhoneEvent.OFFER)
+            except RemoteProtocolError as exc:
+                await self._refuse(channel, message, exc.code, exc.message)
+                return
+            if phone.state is PhoneState.RINGING:
+                phone.offer = message  # answered at pickup
             else:
                 await self._answer(channel, message)
         elif isinstance(message, Dialed):
@@ -800,8 +874,7 @@ class Device:
             if future is not None and not future.done():
                 future.set_result(message.call)
         elif isinstance(message, Hangup):
-            if message.call in self.calls or message.call in self.pending or \
-                    message.call in self.ringing:
+            if message.call in self.phones:
                 end = await self._finish(message.call, message.reason, "remote")
                 if end.stats is not None:
                     await channel.send(end.stats)
@@ -818,10 +891,9 @@ class Device:
 
     async def _wake(self, channel: WebSocketChannel, wake: Wake) -> None:
         mode = self.settings.answer if wake.role == "callee" else "auto"
-        self.pending[wake.call] = wake
-        if mode == "ring":
-            self.ringing[wake.call] = wake
+        phone = self.phones[wake.call] = Phone(wake)
         # a device that declines rings too (for no time): it never answers
+        phone.handle(PhoneEvent.WAKE if mode == "auto" else PhoneEvent.WAKE_RINGING)
         await channel.send(Woken(call=wake.call, at=self.clock(), ringing=mode != "auto"))
         event(log, "device.woken", call=wake.call, device=self.id, role=wake.role,
               peer=wake.peer, answer=mode)
@@ -831,14 +903,15 @@ class Device:
             self.on_ring(wake)
 
     async def _answer(self, channel: WebSocketChannel, offer: Offer) -> None:
-        wake = self.pending.pop(offer.call, None)
-        if wake is None:
-            await channel.send(Error(code="unknown_call", message="offer without wake-up",
-                                     call=offer.call, ref="offer"))
-            return
+        """Answer the offer of a call the table has moved to CONNECTING."""
+        phone = self.phones[offer.call]
+        if phone.state is not PhoneState.CONNECTING:  # picked up: the held offer's turn
+            phone.handle(PhoneEvent.OFFER)
+        wake = phone.wake
         call = DeviceCall(offer.call, wake.role, wake.peer, self.settings, channel,
-                          self.clock, self.address or self.id, self.supply)
-        self.calls[offer.call] = call
+                          self.clock, self.address or self.id, self.supply,
+                          on_first_frame=lambda: self._first_frame(offer.call))
+        phone.media = call
         try:
             sdp = await call.answer(offer)
         except Exception as exc:  # a bad offer ends this call only
@@ -849,11 +922,16 @@ class Device:
         if not call.closed:
             await channel.send(Answer(call=offer.call, leg=offer.leg, sdp=sdp))
 
+    def _first_frame(self, call_id: str) -> None:
+        phone = self.phones.get(call_id)
+        if phone is not None and phone.state is PhoneState.CONNECTING:
+            phone.handle(PhoneEvent.FIRST_FRAME)
+
     async def _end_all(self, reason: str) -> None:
         for future in self._dials.values():
             if not future.done():
                 future.set_exception(ConnectionError(f"{self.id} lost its server link"))
-        ids = set(self.calls) | set(self.pending) | set(self.ringing)
+        ids = list(self.phones)
         await asyncio.gather(*(self._finish(c, reason, "remote") for c in ids),
                              return_exceptions=True)
 

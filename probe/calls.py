@@ -20,6 +20,7 @@ from probe.bottleneck import bottleneck, budget, rate_limit
 from probe.stats import Outcome, classify
 from wire.client import ProbeError, Server, ServerClient, find_device
 from wire.messages import DIRECTIONS, FIRST_FRAME, CallInfo
+from wire.states import CallState, replay
 
 #: Intervals reported per call, in ms from t_sent: name -> event.
 INTERVALS = {
@@ -266,9 +267,9 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
         return result
     result.timeline.update(info.timeline)
     result.path = list(info.path)
-    up = ("t_caller_woken", "t_callee_woken", "t_answered") if media == "none" else \
-        first_frames(info.directions)
-    result.active = all(e in info.timeline for e in up)
+    # up as the servers judge it: the same table (wire/states.py), over the same milestones
+    needed = () if media == "none" else first_frames(info.directions)
+    result.active = replay(info.timeline, needed) is CallState.ACTIVE
     result.directions = tuple(info.directions)
     result.media = {d: s.to_dict() for d, s in info.media.items()}
     result.hops = [hop.to_dict() for hop in info.hops]

@@ -196,10 +196,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def post_call(request: web.Request) -> web.Response:
     started = time.perf_counter()
     node = request.app[NODE]
-    received_at = node.clock()
     command = CreateCall.from_dict(await read_json(request))
-    call = node.core.create_call(command, received_at)
-    node.execute()
+    call = node.feed(node.core.create_call, command)
+    if isinstance(call, Refused):
+        raise call
     info = replace(node.call_info(call),
                    server_time_ms=round((time.perf_counter() - started) * 1000, 3))
     return web.json_response(info.to_dict(), status=201,

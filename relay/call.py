@@ -1,26 +1,22 @@
-"""The call state machine, as pure logic: events and timer ticks in (with ``now``), changes out.
+"""A call at one server: the table of wire/states.py, fed with events and ``now``.
 
 Every server on a call's path keeps one :class:`Call`. It imports neither aiohttp nor aiortc;
-the signalling core (:mod:`relay.switch`) feeds it and acts on what it returns.
+the signalling core (:mod:`relay.switch`) feeds it and acts on what it returns. Its states and
+every move between them are :data:`wire.states.CALL_TRANSITIONS`; which deadlines run in a
+state are :data:`wire.states.CALL_TIMERS`. A milestone is named for the table by
+:func:`wire.states.classify` (the last wake-up makes the call READY; the last first frame
+FLOWING, and so on); an event the table does not take raises :class:`CallStateError` and
+changes nothing.
 
-States::
-
-    setup ──(first frame at both devices)──► active
-      (a one-way call, with a WHIP or WHEP party: the first frame of its one direction)
-      │                                        │
-      └──────(hangup / failure / timeout)──────┴──► ended
-
-A callee that rings (wire/messages.py ``Woken.ringing``) has ``t_callee_woken`` and not yet
-``t_answered``: while it rings the call waits for a person, not for the network, so the setup
-clock stops and the ring timeout (``no_answer``) runs instead. Timers count on this server's
-clock, from when it first saw each event (the events' own times are the devices' clocks).
-
-An event that does not fit the current state raises :class:`CallStateError` and changes nothing.
+A callee that rings (wire/messages.py ``Woken.ringing``) waits for a person, not for the
+network: the setup clock stops while it rings and the ring timeout (``no_answer``) runs instead.
+Timers count on this server's clock, from when it first saw each event (the events' own times
+are the devices' clocks).
 """
 
 from __future__ import annotations
 
-import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wire.messages import (
@@ -32,22 +28,26 @@ from wire.messages import (
     MediaStats,
 )
 from wire.reasons import Code
+from wire.states import (
+    CALL_TIMERS,
+    CALL_TRANSITIONS,
+    TIMER_REASONS,
+    WOKEN,
+    CallEvent,
+    CallState,
+    RemoteProtocolError,
+    classify,
+)
 
 
-class CallState(enum.StrEnum):
-    SETUP = "setup"
-    ACTIVE = "active"
-    ENDED = "ended"
-
-
-class CallStateError(Exception):
-    """An event arrived that the call cannot take in its state; nothing was changed."""
+class CallStateError(RemoteProtocolError):
+    """An event arrived that the call cannot take in its state; nothing was changed. Events
+    come from peers (devices, the other servers of the path): the switch answers the one that
+    sent it."""
 
     def __init__(self, call: str, message: str, code: Code = Code.PROTOCOL_ERROR) -> None:
-        super().__init__(f"call {call}: {message}")
+        super().__init__(f"call {call}: {message}", code)
         self.call = call
-        self.message = message
-        self.code = code
 
 
 # Events the machine takes.
@@ -81,24 +81,23 @@ class End:
     detail: str | None = None
 
 
-CallEvent = Milestone | MediaReport | End
+@dataclass(frozen=True)
+class Timeout:
+    """A deadline of the call's state passed (its timer), ending it with ``reason`` (None: the
+    legs of an ending call did not close in time)."""
 
-#: transitions[state][event type] -> next state. A missing pair is a protocol error.
-#: A Milestone that completes media both ways promotes SETUP to ACTIVE (see Call._after).
-TRANSITIONS: dict[CallState, dict[type, CallState]] = {
-    CallState.SETUP: {Milestone: CallState.SETUP, MediaReport: CallState.SETUP,
-                      End: CallState.ENDED},
-    CallState.ACTIVE: {Milestone: CallState.ACTIVE, MediaReport: CallState.ACTIVE,
-                       End: CallState.ENDED},
-    # Late media reports after the end are kept: a device's last figures arrive after hang-up.
-    CallState.ENDED: {MediaReport: CallState.ENDED},
-}
+    at: float
+    reason: str | None = None
 
-#: The milestones that together mean "both devices see each other".
-MEDIA_BOTH_WAYS = ("t_first_frame_callee", "t_first_frame_caller")
-#: What makes a signalling-only call (media "none") active: both woken, and the callee answered.
-BOTH_WOKEN = ("t_caller_woken", "t_callee_woken", "t_answered")
 
+@dataclass(frozen=True)
+class Closed:
+    """The call's legs at this server are closed (or it had none)."""
+
+    at: float
+
+
+CallInput = CallEvent | Milestone | MediaReport | End | Timeout | Closed
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -107,22 +106,25 @@ class Timeouts:
     wake: float = 5.0  #: command -> both devices acknowledged their wake-up
     setup: float = 20.0  #: command -> first frame at both devices (time spent ringing aside)
     ring: float = 30.0  #: a ringing callee rung -> answered (else ``no_answer``)
+    close: float = 5.0  #: ended -> its legs closed (else it is closed all the same)
 
 
 @dataclass(frozen=True)
 class Transition:
-    """What an event changed: the state before and after, and whether it ended the call."""
+    """What an event changed: the state before and after."""
 
     before: CallState
     after: CallState
 
     @property
     def ended(self) -> bool:
-        return self.before is not CallState.ENDED and self.after is CallState.ENDED
+        """The call ended with this event (it was not ending or ended before)."""
+        over = (CallState.ENDING, CallState.ENDED)
+        return self.before not in over and self.after in over
 
     @property
     def activated(self) -> bool:
-        return self.before is CallState.SETUP and self.after is CallState.ACTIVE
+        return self.before is not CallState.ACTIVE and self.after is CallState.ACTIVE
 
 
 @dataclass
@@ -136,7 +138,7 @@ class Call:
     timeouts: Timeouts = field(default_factory=Timeouts)
     codec: str = "video/VP8"  #: the video codec the trunks carry
     media_mode: str = "full"  #: "none": signalling only, up once both devices are woken
-    state: CallState = CallState.SETUP
+    state: CallState = CallState.WAKING
     timeline: dict[str, float] = field(default_factory=dict)
     media: dict[str, MediaStats] = field(default_factory=dict)
     reason: str | None = None
@@ -160,61 +162,111 @@ class Call:
     rung_seen: float | None = None
     answered_seen: float | None = None
 
-    @property
-    def ringing(self) -> bool:
-        """The callee is rung and has not answered yet."""
-        return "t_callee_woken" in self.timeline and "t_answered" not in self.timeline
+    #: when its legs closed here (this server's clock)
+    closed_at: float | None = None
+    #: told after every change (the switch keeps its timers by it)
+    on_change: Callable[[Call], None] | None = field(default=None, repr=False, compare=False)
 
-    def handle(self, event: CallEvent) -> Transition:
-        """Apply one event. Raises CallStateError (and changes nothing) if it does not fit."""
-        before = self.state
-        after = TRANSITIONS[before].get(type(event))
-        if after is None:
-            raise CallStateError(self.id, f"{type(event).__name__} not allowed in state "
-                                          f"{before.value}", code=Code.CALL_ENDED)
+    @property
+    def over(self) -> bool:
+        """Ended here (its legs may still be closing)."""
+        return self.state in (CallState.ENDING, CallState.ENDED)
+
+    def handle(self, event: CallInput) -> Transition:
+        """Apply one event. Raises CallStateError (and changes nothing) if the table does not
+        take it in the call's state."""
         if isinstance(event, Milestone):
             self._check_milestone(event)
+            if self.timeline.get(event.name) == event.at:
+                # Every event happens once; the same one again (two routes) is no news.
+                return Transition(self.state, self.state)
+            kind = classify(event.name, {**self.timeline, event.name: event.at}, self.needed)
+        elif isinstance(event, MediaReport):
+            if event.direction not in DIRECTIONS:
+                raise CallStateError(self.id, f"unknown media direction {event.direction!r}")
+            kind = CallEvent.REPORT
+        elif isinstance(event, End):
+            kind = CallEvent.END
+        elif isinstance(event, Timeout):
+            kind = CallEvent.TIMEOUT
+        else:
+            kind = CallEvent.CLOSED
+        before = self.state
+        after = CALL_TRANSITIONS[before].get(kind)
+        if after is None:
+            raise CallStateError(self.id, f"{kind.value} is not taken in state {before.value}",
+                                 code=Code.CALL_ENDED if self.over else Code.PROTOCOL_ERROR)
+        if isinstance(event, Milestone):
             self.timeline[event.name] = event.at
             if event.seen is not None:
                 self._seen(event.seen)
         elif isinstance(event, MediaReport):
-            if event.direction not in DIRECTIONS:
-                raise CallStateError(self.id, f"unknown media direction {event.direction!r}")
             self.media[event.direction] = event.stats
-        elif isinstance(event, End):
+        elif isinstance(event, End | Timeout) and not self.over:
             self.reason = event.reason
-            self.detail = event.detail
+            self.detail = event.detail if isinstance(event, End) else None
             self.timeline["t_end"] = event.at
-        self.state = self._after(after)
-        return Transition(before, self.state)
+        else:  # Closed, or an ending call's close timer
+            self.closed_at = event.at
+        self.state = after
+        if self.on_change is not None:
+            self.on_change(self)
+        return Transition(before, after)
 
     def record(self, name: str, at: float) -> Transition:
         return self.handle(Milestone(name, at))
 
     def end(self, reason: str, at: float, detail: str | None = None) -> Transition:
         """End the call unless it already ended (then nothing changes)."""
-        if self.state is CallState.ENDED:
+        if self.over:
             return Transition(self.state, self.state)
         return self.handle(End(reason, at, detail))
 
+    def close(self, at: float) -> Transition:
+        """Its legs here are closed: ENDING becomes ENDED (elsewhere nothing changes)."""
+        if self.state is not CallState.ENDING:
+            return Transition(self.state, self.state)
+        return self.handle(Closed(at))
+
+    @property
+    def ringing(self) -> bool:
+        return self.state is CallState.RINGING
+
+    def deadline(self) -> tuple[float, str] | None:
+        """The first deadline running in the call's state (CALL_TIMERS), and its name."""
+        found: list[tuple[float, str]] = []
+        for timer in CALL_TIMERS.get(self.state, ()):
+            if timer == "wake":
+                if not all(m in self.timeline for m in ("t_caller_woken", "t_callee_woken")):
+                    found.append((self.created_at + self.timeouts.wake, timer))
+            elif timer == "ring" and self.rung_seen is not None:
+                found.append((self.rung_seen + self.timeouts.ring, timer))
+            elif timer == "setup":
+                found.append((self.created_at + self.rang_s + self.timeouts.setup, timer))
+            elif timer == "close":
+                found.append((self.timeline.get("t_end", self.created_at)
+                              + self.timeouts.close, timer))
+        return min(found) if found else None
+
+    def next_deadline(self) -> float | None:
+        """When tick() may next change something, or None."""
+        found = self.deadline()
+        return found[0] if found else None
+
     def tick(self, now: float) -> Transition:
-        """Enforce the timeouts; ends the call with a reason when one has passed."""
-        if self.state is not CallState.SETUP:
+        """Enforce the deadline of the call's state: past it, the call ends with the timer's
+        reason (an ending call whose legs did not close is taken as closed)."""
+        if self._seen(now) and self.on_change is not None:
+            self.on_change(self)
+        found = self.deadline()
+        if found is None or now < found[0]:
             return Transition(self.state, self.state)
-        self._seen(now)
-        age = now - self.created_at
-        woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
-        if not woken and age > self.timeouts.wake:
-            who = "caller" if "t_caller_woken" not in self.timeline else "callee"
-            return self.handle(End(Code(f"{who}_wake_timeout"), now))
-        if self.ringing:
-            assert self.rung_seen is not None
-            if now - self.rung_seen > self.timeouts.ring:
-                return self.handle(End(Code.NO_ANSWER, now))
-            return Transition(self.state, self.state)
-        if age - self.rang_s > self.timeouts.setup:
-            return self.handle(End(Code.SETUP_TIMEOUT, now))
-        return Transition(self.state, self.state)
+        timer = found[1]
+        reason = TIMER_REASONS[timer]
+        if timer == "wake":  # whoever has not acknowledged it
+            reason = Code("caller_wake_timeout" if "t_caller_woken" not in self.timeline
+                          else "callee_wake_timeout")
+        return self.handle(Timeout(now, reason))
 
     @property
     def rang_s(self) -> float:
@@ -223,41 +275,30 @@ class Call:
             return 0.0
         return max(0.0, self.answered_seen - self.rung_seen)
 
-    def _seen(self, now: float) -> None:
+    def _seen(self, now: float) -> bool:
+        """Note when this server first saw the callee rung and answered; True if it is news
+        (a deadline moved)."""
+        news = False
         if self.rung_seen is None and "t_callee_woken" in self.timeline:
-            self.rung_seen = now
+            self.rung_seen, news = now, True
         if self.answered_seen is None and "t_answered" in self.timeline:
-            self.answered_seen = now
-
-    def next_deadline(self) -> float | None:
-        """When tick() may next change something, or None."""
-        if self.state is not CallState.SETUP:
-            return None
-        woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
-        wake = None if woken else self.created_at + self.timeouts.wake
-        if self.ringing and self.rung_seen is not None:
-            ring = self.rung_seen + self.timeouts.ring
-            return min(ring, wake) if wake is not None else ring
-        setup = self.created_at + self.rang_s + self.timeouts.setup
-        return min(setup, wake) if wake is not None else setup
+            self.answered_seen, news = now, True
+        return news
 
     def _check_milestone(self, event: Milestone) -> None:
         if event.name not in TIMELINE_EVENTS or event.name == "t_end":
             raise CallStateError(self.id, f"unknown timeline event {event.name!r}")
-        if event.name in self.timeline:
-            # Every event happens once; a repeat is a peer's mistake, not a new fact.
-            if self.timeline[event.name] == event.at:
-                return
+        if event.name in self.timeline and self.timeline[event.name] != event.at:
             raise CallStateError(self.id, f"{event.name} already recorded")
 
     @property
     def needed(self) -> tuple[str, ...]:
-        """The milestones that make the call active."""
+        """The first frames that make the call active (none: signalling only, active once
+        both are woken and the callee answered)."""
         if self.media_mode != "full":
-            return BOTH_WOKEN
+            return ()
         return tuple(FIRST_FRAME[d] for d in self.directions)
 
-    def _after(self, state: CallState) -> CallState:
-        if state is CallState.SETUP and all(m in self.timeline for m in self.needed):
-            return CallState.ACTIVE
-        return state
+    @property
+    def was_active(self) -> bool:
+        return all(m in self.timeline for m in (*WOKEN, *self.needed))

@@ -176,6 +176,10 @@ class DirectoryBatch:
         return out
 
 
+#: directory changes wait this long to go out together (a burst of joins costs a few messages)
+DIRECTORY_FLUSH_S = 0.05
+
+
 class Outbox:
     """Effects in the order they were made. Directory changes wait per link, coalescing, and are
     cut into bounded messages when they are flushed (``take(directory=True)``: the server does
@@ -214,10 +218,14 @@ class Outbox:
     def directory_pending(self) -> bool:
         return any(self._batches.values())
 
+    def flush_directory(self) -> None:
+        """The waiting directory changes become messages, after the effects so far."""
+        for link in list(self._batches):
+            self._flush(link)
+
     def take(self, directory: bool = True) -> list[Effect]:
         """The effects so far; with ``directory``, the waiting directory changes too."""
         if directory:
-            for link in list(self._batches):
-                self._flush(link)
+            self.flush_directory()
         effects, self._effects = self._effects, []
         return effects

@@ -40,9 +40,16 @@ class EndedCalls:
         while self._calls:
             oldest = next(iter(self._calls.values()))
             if len(self._calls) <= self.kept and now - oldest.call.timeline.get(
-                    "t_end", now) <= self.keep_s:
+                    "t_end", now) < self.keep_s:
                 return
             self._calls.popitem(last=False)
+
+    def next_expiry(self) -> float | None:
+        """When the oldest ended call is to be forgotten (None: none is kept)."""
+        if not self._calls:
+            return None
+        oldest = next(iter(self._calls.values())).call
+        return oldest.timeline.get("t_end", oldest.created_at) + self.keep_s
 
     def get(self, call_id: str) -> Ended | None:
         return self._calls.get(call_id)

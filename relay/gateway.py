@@ -178,6 +178,8 @@ class Gateways:
             self.node.media.sinks[session.device] = session.leg
             call = self.node.feed(self.node.core.create_call, CreateCall(
                 caller=f"{self.node.name}/{session.device}", callee=address))
+            if isinstance(call, Refused):
+                raise call
         except BaseException as exc:
             await self.end(session, "its offer could not be answered, or its call placed")
             if isinstance(exc, Exception):
@@ -192,8 +194,8 @@ class Gateways:
     def _register(self, session: GatewaySession, codecs: list[str], token: str | None) -> None:
         node = self.node
         register = Register(device=session.device, codecs=codecs, token=token)  # type: ignore[arg-type]
-        refusal = node.core.device_register(register, node.clock(), session.kind)
-        node.execute()
+        refusal = node.feed(lambda now: node.core.device_register(register, now, session.kind),
+                            carry_out=False)
         if refusal is not None:
             raise refusal
         self.sessions[session.id] = session

@@ -42,6 +42,7 @@ class MediaEvents(Protocol):
     def transcoded(self, call: str, where: str) -> None: ...
     def hop_figures(self, call: str, figures: HopFigures) -> None: ...
     def first_sent(self, call: str, device: str) -> None: ...
+    def media_closed(self, call: str) -> None: ...
 
 
 @dataclass
@@ -225,25 +226,30 @@ class MediaPlane:
 
     def stop(self, call: str) -> None:
         """Close a call's legs, once; its tasks are cancelled first. The call's last hop
-        figures go to the core first."""
+        figures go to the core first; the core hears when the legs are closed."""
         media = self.calls.pop(call, None)
-        if media is not None:
-            if self.measure:
-                self._events.hop_figures(call, self.figures(media))
-            task = asyncio.get_running_loop().create_task(self._close(media),
-                                                          name=f"{call}-close")
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        if media is None:
+            self._events.media_closed(call)
+            return
+        if self.measure:
+            self._events.hop_figures(call, self.figures(media))
+        task = asyncio.get_running_loop().create_task(self._close(media),
+                                                      name=f"{call}-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _close(self, media: CallMedia) -> None:
-        current = asyncio.current_task()
-        tasks = [t for t in media.tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        media.bridge.close()
-        await asyncio.gather(*(leg.close() for leg in media.legs.values()),
-                             return_exceptions=True)
+        try:
+            current = asyncio.current_task()
+            tasks = [t for t in media.tasks if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            media.bridge.close()
+            await asyncio.gather(*(leg.close() for leg in media.legs.values()),
+                                 return_exceptions=True)
+        finally:
+            self._events.media_closed(media.call)
 
     async def close(self) -> None:
         for call in list(self.calls):

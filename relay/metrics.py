@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from relay.call import CallState
 from relay.node import Node
 
 REGISTRY = web.AppKey("registry", CollectorRegistry)
@@ -48,7 +49,9 @@ class NodeCollector(Collector):
             return metric
 
         core = node.core
-        states: dict[str, int] = {"setup": 0, "active": 0}
+        states = {state.value: 0 for state in CallState if state is not CallState.ENDED}
+        for call in core.closing.values():
+            states[call.state.value] += 1
         for session in core.sessions.values():
             states[session.call.state.value] = states.get(session.call.state.value, 0) + 1
         legs: dict[str, int] = {}

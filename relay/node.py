@@ -2,10 +2,12 @@
 
 The core (relay/switch.py and relay/directory.py) decides everything and does no I/O. A
 :class:`Node` gives it each message that arrives on a link, each link that opens or closes, a
-clock tick every 250 ms and every media event, always with ``now``; then it drains the core's
-outbox: messages go to the links' channels (wire/links.py), media effects to the media layer
-(relay/media.py), and requests waiting on a call (``GET /v1/calls/{id}?wait=``) are woken. It owns
-every channel and task it starts, and closes them once.
+media event, always with ``now``, through one entry point (:meth:`Node.feed`); then it drains
+the core's outbox: messages go to the links' channels (wire/links.py), media effects to the media
+layer (relay/media.py), and requests waiting on a call (``GET /v1/calls/{id}?wait=``) are woken.
+The core owns time (as aioquic's ``get_timer``/``handle_timer``): after every input the node asks
+it when it next needs waking, and sleeps until then; nothing polls. It owns every channel and
+task it starts, and closes them once.
 
 The roles' own routes are elsewhere: a lower server's device links (relay/lower.py), an upper
 server's child links (relay/upper.py), and the link to a parent, which both roles may have
@@ -50,9 +52,6 @@ log = logging.getLogger("relay.node")
 
 Clock = Callable[[], float]
 M = TypeVar("M", bound=Message)
-TICK_S = 0.25
-#: directory changes wait this long to go out together (a burst of joins costs a few messages)
-DIRECTORY_FLUSH_S = 0.05
 
 
 class Node:
@@ -79,7 +78,9 @@ class Node:
         self.listening = asyncio.Event()
         self._changed = asyncio.Event()
         self._executing = False
-        self._flush_timer: asyncio.TimerHandle | None = None
+        #: the one timer: when the core asked to be woken (its clock), and the handle
+        self._timer: tuple[float, asyncio.TimerHandle] | None = None
+        self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -93,7 +94,7 @@ class Node:
     # ------------------------------------------------------------------ lifetime
 
     async def start(self) -> None:
-        self.spawn(self._tick_loop(), f"{self.name}-ticker")
+        self._arm()
 
     async def close(self, reason: Code = Code.SERVER_SHUTTING_DOWN) -> None:
         """End every call (telling every hop why), then close every leg, link and task."""
@@ -104,9 +105,10 @@ class Node:
         for channel in list(self.channels.values()):
             with contextlib.suppress(Exception):
                 await channel.close(aiohttp.WSCloseCode.GOING_AWAY, "server shutting down")
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        self._closed = True
+        if self._timer is not None:
+            self._timer[1].cancel()
+            self._timer = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -118,32 +120,49 @@ class Node:
         task.add_done_callback(_log_failure)
         return task
 
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            self.feed(self.core.tick)
+    def _arm(self) -> None:
+        """Sleep until the core's next deadline (one timer, moved when the deadline does)."""
+        if self._closed:
+            return
+        now = self.clock()
+        at = self.core.timer(now)
+        if self._timer is not None:
+            if self._timer[0] == at:
+                return
+            self._timer[1].cancel()
+            self._timer = None
+        if at is not None:
+            handle = asyncio.get_running_loop().call_later(max(0.0, at - now), self._wake)
+            self._timer = (at, handle)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self.feed(self.core.handle_timer)
 
     # ------------------------------------------------------------------ the core
 
-    def feed(self, handler: Callable[..., Any], *args: Any) -> Any:
-        """Call a core entry point with ``now`` last, then carry out what it asked for."""
+    def feed(self, handler: Callable[..., Any], *args: Any, carry_out: bool = True) -> Any:
+        """Call a core entry point with ``now`` last, then carry out what it asked for (not
+        with ``carry_out`` False: a link's first message, whose answer waits until the link
+        is attached)."""
         result = handler(*args, self.clock())
-        self.execute()
+        if carry_out:
+            self.execute()
         return result
 
     def receive(self, link: Link, message: Message) -> None:
         self.feed(self.core.receive, link, message)
 
-    def execute(self, directory: bool = False) -> None:
-        """Carry out the core's effects, and those they cause, in order. Directory changes go
-        out DIRECTORY_FLUSH_S after the first one (or with ``directory``, now)."""
+    def execute(self) -> None:
+        """Carry out the core's effects, and those they cause, in order; then sleep until the
+        core's next deadline (directory changes wait for theirs: see Switch.timer)."""
         if self._executing:
             return  # the loop below picks up what was added
         self._executing = True
         changed = False
         outbox = self.core.outbox
         try:
-            while effects := outbox.take(directory):
+            while effects := outbox.take(directory=False):
                 for effect in effects:
                     changed = self._carry_out(effect) or changed
         finally:
@@ -151,13 +170,7 @@ class Node:
         if changed:
             self._changed.set()
             self._changed = asyncio.Event()
-        if outbox.directory_pending and self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(
-                DIRECTORY_FLUSH_S, self._flush_directory)
-
-    def _flush_directory(self) -> None:
-        self._flush_timer = None
-        self.execute(directory=True)
+        self._arm()
 
     def _carry_out(self, effect: Effect) -> bool:
         if isinstance(effect, Send):
@@ -186,8 +199,7 @@ class Node:
             channel.post(message)
 
     def undeliverable(self, link: Link, message: Message) -> None:
-        self.core.undeliverable(link, message, self.clock())
-        self.execute()
+        self.feed(self.core.undeliverable, link, message)
 
     def attach(self, link: Link, channel: WebSocketChannel) -> None:
         """A link is up (the core has accepted it): its queued messages go out."""
@@ -214,7 +226,7 @@ class Node:
                                           self.settings.first_message_s)
         if message is None:
             return ws
-        refusal = admit(message, self.clock())  # carried out once attached
+        refusal = self.feed(admit, message, carry_out=False)  # carried out once attached
         if refusal is not None:
             await refuse_link(ws, refusal, first.TYPE, request.remote or "peer")
             return ws
@@ -240,7 +252,8 @@ class Node:
         """Wait until the call is in one of ``states`` (or ended), at most ``timeout`` seconds."""
         def reached() -> bool:
             call = self.find_call(call_id)
-            return call is None or call.state in states or call.state is CallState.ENDED
+            return call is None or call.state in states or call.state is CallState.ENDED \
+                or (call.over and CallState.ENDED not in states)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while not reached():
@@ -260,8 +273,10 @@ class _MediaEvents:
         self.node.feed(self.node.core.media_failed, call, code, detail)
 
     def transcoded(self, call: str, where: str) -> None:
-        self.node.core.transcoded(call, where)
-        self.node.execute()
+        self.node.feed(self.node.core.transcoded, call, where)
+
+    def media_closed(self, call: str) -> None:
+        self.node.feed(self.node.core.media_closed, call)
 
     def first_sent(self, call: str, device: str) -> None:
         """A device that cannot say it decoded a frame (a WHEP player) was sent the first

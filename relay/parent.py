@@ -43,7 +43,7 @@ async def parent_link(node: Node, session: aiohttp.ClientSession) -> None:
                     raise ConnectionError(why)
                 backoff = 0.2
                 channel = node.channel(PARENT, ws, f"parent:{welcome.server}")
-                node.core.parent_welcomed(welcome, node.clock())
+                node.feed(node.core.parent_welcomed, welcome, carry_out=False)
                 node.attach(PARENT, channel)
                 try:
                     await serve_messages(channel, PARENT_TO_CHILD,

@@ -23,6 +23,7 @@ type): a pair that is not in the table is refused, and nothing changes.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import uuid
 from collections.abc import Callable
@@ -30,9 +31,10 @@ from collections.abc import Callable
 from msgspec.structs import replace
 
 from relay.admission import Limits, admit
-from relay.call import Call, Timeouts
+from relay.call import Call, CallState, Timeouts
 from relay.directory import TreeDirectory
 from relay.effects import (
+    DIRECTORY_FLUSH_S,
     PARENT,
     CallChanged,
     Link,
@@ -133,6 +135,13 @@ class Switch:
         self.membership = Membership(directory, self.limits, self.auth, self.counters,
                                      heartbeat_s, lambda: (self.draining, len(self.sessions)))
         self.timeline = Timeline(self.outbox)
+        #: ended calls whose legs are closing, by id (CallState.ENDING)
+        self.closing: dict[str, Call] = {}
+        #: (deadline, call id): a call's next deadline, pushed whenever it changes; an entry
+        #: whose call has moved on is dropped when it comes up (see timer)
+        self._timers: list[tuple[float, str]] = []
+        #: when the directory changes waiting now go out (None: none wait)
+        self._flush_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -163,10 +172,17 @@ class Switch:
 
     # ------------------------------------------------------------------ the probe's commands
 
-    def create_call(self, request: CreateCall, now: float, dial: Dial | None = None) -> Call:
+    def create_call(self, request: CreateCall, now: float,
+                    dial: Dial | None = None) -> Call | Refused:
         """``POST /v1/calls`` at the caller's server, or the caller's own ``dial`` (answered
-        with ``dialed`` ahead of its wake-up). Raises Refused (and changes nothing): the caller
-        counts it (the API's error middleware, or :meth:`_dial`), once."""
+        with ``dialed`` ahead of its wake-up): the call, or the refusal (nothing changed; the
+        caller counts it: the API's error middleware, or :meth:`_dial`, once)."""
+        try:
+            return self._create_call(request, now, dial)
+        except Refused as refusal:
+            return refusal
+
+    def _create_call(self, request: CreateCall, now: float, dial: Dial | None) -> Call:
         started_by = "api" if dial is None else "device"
         refusal = admit("call", self.name, self.limits, self.draining, len(self.sessions))
         if refusal is not None:
@@ -228,10 +244,9 @@ class Switch:
     def _dial(self, link: Link, dial: Dial, now: float) -> None:
         """A device starts a call: as ``POST /v1/calls`` with it as the caller. Answered with
         ``dialed`` ahead of its wake-up, or an error with the refusal's code."""
-        try:
-            self.create_call(CreateCall(caller=link.name, callee=dial.callee,
-                                        media_mode=dial.media_mode), now, dial)
-        except Refused as refusal:
+        refusal = self.create_call(CreateCall(caller=link.name, callee=dial.callee,
+                                              media_mode=dial.media_mode), now, dial)
+        if isinstance(refusal, Refused):
             self.counters.refused(refusal.code)
             event(log, "call.dial_refused", logging.INFO, device=link.name, callee=dial.callee,
                   code=refusal.code, reason=refusal.message)
@@ -346,6 +361,7 @@ class Switch:
             call = Call(setup.call, setup.caller, setup.callee, now, self.timeouts,
                         media_mode=setup.media_mode, path=[*setup.path, self.name])
             call.end(code, now)
+            call.close(now)  # it has no legs here
             self.ended.add(Ended(call, (link,)), now)
 
     def _setup_problem(self, link: Link, setup: CallSetup) -> tuple[Code, str] | None:
@@ -470,6 +486,8 @@ class Switch:
     def _open(self, session: Session) -> None:
         call = session.call
         self.sessions[call.id] = session
+        call.on_change = self._schedule
+        self._schedule(call)
         self.counters.calls_started += 1
         for port in session.ports:
             if port.role is not None:
@@ -527,21 +545,24 @@ class Switch:
         elif isinstance(message, Woken | FirstFrame) and port.role is not None:
             name = (f"t_{port.role}_woken" if isinstance(message, Woken)
                     else f"t_first_frame_{port.role}")
-            self.timeline.record(session, name, message.at, None, now)
-            if isinstance(message, Woken) and port.role == "callee":
+            taken = self.timeline.record(session, name, message.at, None, now, link,
+                                         message.TYPE)
+            if taken and isinstance(message, Woken) and port.role == "callee":
                 if message.ringing:
                     event(log, "call.ringing", call=call_id, callee=session.call.callee)
                 else:  # answered as it woke
-                    self.timeline.record(session, "t_answered", message.at, None, now)
+                    self.timeline.record(session, "t_answered", message.at, None, now, link,
+                                         message.TYPE)
         elif isinstance(message, Pickup) and port.role == "callee":
             if not session.call.ringing:
                 self._refuse(link, message, Code.PROTOCOL_ERROR, "pickup of a call that is "
                              "not ringing (no woken with ringing, or answered already)", "type")
                 return
             event(log, "call.answered", call=call_id, callee=session.call.callee)
-            self.timeline.record(session, "t_answered", message.at, None, now)
+            self.timeline.record(session, "t_answered", message.at, None, now, link,
+                                 message.TYPE)
         elif isinstance(message, Stats) and port.role is not None:
-            self.timeline.report(session.call, port.role, message, session.links)
+            self.timeline.report(session.call, port.role, message, session.links, link)
         else:
             self._refuse(link, message, Code.UNEXPECTED_TYPE,
                          f"{message.TYPE!r} is not expected here", "type")
@@ -592,7 +613,7 @@ class Switch:
         if ended is not None:
             self.timeline.hops(ended.call, figures, list(ended.trunks))
 
-    def transcoded(self, call_id: str, where: str) -> None:
+    def transcoded(self, call_id: str, where: str, now: float) -> None:
         """A direction of this call fell back to transcoding here: the call's record says
         where, at every server."""
         session = self.sessions.get(call_id)
@@ -630,7 +651,10 @@ class Switch:
                     path=path if port is session.up and port.link.is_trunk else None,
                     detail=call.detail))
         if session.routed and call.media_mode == "full":
+            self.closing[call.id] = call  # until the media layer says its legs are closed
             self.outbox.add(StopMedia(call.id))
+        else:
+            call.close(now)
         devices: dict[str, Role] = {}
         for port in session.ports:
             if port.role is not None and port.tap is None:
@@ -646,15 +670,66 @@ class Switch:
         self.outbox.add(CallChanged(call.id))
         event(log, "call.ended", call=call.id, caller=call.caller, callee=call.callee,
               reason=reason, detail=call.detail,
-              was_active=all(m in call.timeline for m in call.needed),
+              was_active=call.was_active,
               duration_s=round(call.timeline["t_end"] - call.created_at, 3))
 
-    def tick(self, now: float) -> None:
-        """Enforce every call's timeouts; forget ended calls past their keep."""
-        for session in list(self.sessions.values()):
-            if session.call.tick(now).ended:
-                self._finish(session, session.call.reason or Code.SETUP_TIMEOUT, None, now)
+    def media_closed(self, call_id: str, now: float) -> None:
+        """The media layer closed an ended call's legs here: the call is ENDED."""
+        call = self.closing.pop(call_id, None)
+        if call is not None and call.close(now).after is CallState.ENDED:
+            self.outbox.add(CallChanged(call_id))
+
+    def _schedule(self, call: Call) -> None:
+        deadline = call.next_deadline()
+        if deadline is not None:
+            heapq.heappush(self._timers, (deadline, call.id))
+
+    def _timed(self, call_id: str) -> Call | None:
+        session = self.sessions.get(call_id)
+        return session.call if session is not None else self.closing.get(call_id)
+
+    def timer(self, now: float) -> float | None:
+        """When the core next needs :meth:`handle_timer` (UNIX time), or None: a call's
+        deadline (relay/call.py), an ending call's close timer, an ended call to forget, or
+        directory changes to send (they wait DIRECTORY_FLUSH_S, to go out together)."""
+        timers = self._timers
+        while timers:
+            deadline, call_id = timers[0]
+            call = self._timed(call_id)
+            if call is not None and call.next_deadline() == deadline:
+                break
+            heapq.heappop(timers)  # that call moved on
+        if self._flush_at is None and self.outbox.directory_pending:
+            self._flush_at = now + DIRECTORY_FLUSH_S
+        found = [t for t in (timers[0][0] if timers else None, self.ended.next_expiry(),
+                             self._flush_at) if t is not None]
+        return min(found) if found else None
+
+    def handle_timer(self, now: float) -> None:
+        """Whatever is due by ``now``: calls past a deadline end (or, ending, are taken as
+        closed), ended calls past their keep are forgotten, waiting directory changes go out."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, call_id = heapq.heappop(timers)
+            call = self._timed(call_id)
+            if call is None or call.next_deadline() != deadline:
+                continue
+            transition = call.tick(now)
+            session = self.sessions.get(call_id)
+            if transition.ended and session is not None:
+                self._finish(session, call.reason or Code.SETUP_TIMEOUT, None, now)
+            elif call.state is CallState.ENDED and self.closing.pop(call_id, None):
+                event(log, "call.close_timeout", logging.WARNING, call=call_id,
+                      caller=call.caller, callee=call.callee)
+                self.outbox.add(CallChanged(call_id))
         self.ended.expire(now)
+        if self._flush_at is not None and now >= self._flush_at:
+            self._flush_at = None
+            self.outbox.flush_directory()
+
+    def tick(self, now: float) -> None:
+        """Everything due by ``now`` (tests move the clock with it)."""
+        self.handle_timer(now)
 
     def end_all(self, reason: Code, now: float) -> None:
         for session in list(self.sessions.values()):

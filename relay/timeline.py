@@ -1,7 +1,8 @@
 """The timeline relay: every server of a call's path keeps the call's timeline events and media
 figures, and passes each one it learns to the other servers of the path (never back where it
 came from). A device's last figures, sent after the hang-up, are kept under the right call and
-device and passed on too. Pure: the outbox is the only way out."""
+device and passed on too. An event the call's table does not take is the sending peer's mistake:
+it gets an ``error`` naming it, and nothing changes. Pure: the outbox is the only way out."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from relay.effects import CallChanged, Link, Outbox
 from relay.ended import Ended
 from relay.session import Session
 from wire.logs import event
-from wire.messages import CallUpdate, HopFigures, Message, Role, Stats
+from wire.messages import CallUpdate, Error, HopFigures, Message, Role, Stats
 
 log = logging.getLogger("relay.timeline")
 
@@ -24,21 +25,31 @@ class Timeline:
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
 
+    def refused(self, peer: Link | None, exc: CallStateError, ref: str) -> None:
+        """``peer`` sent what the call cannot take: tell it (once), log it, change nothing."""
+        event(log, "call.event_refused", logging.WARNING, call=exc.call, reason=exc.message,
+              peer=str(peer) if peer else None, ref=ref)
+        if peer is not None:
+            self.outbox.send(peer, Error(code=exc.code, message=exc.message[:1024],
+                                         call=exc.call, ref=ref))
+
     def record(self, session: Session, name: str, at: float,
-               source: Link | None = None, now: float | None = None) -> None:
-        """A timeline event here (learned at ``now``): keep it and pass it to the other
-        servers on the path."""
+               source: Link | None = None, now: float | None = None,
+               peer: Link | None = None, ref: str = "call_update") -> bool:
+        """A timeline event here (learned at ``now``, from ``peer`` in its message ``ref``):
+        keep it and pass it to the other servers on the path. False: refused (``peer`` told)."""
         call = session.call
         try:
             transition = call.handle(Milestone(name, at, now))
         except CallStateError as exc:
-            event(log, "call.event_refused", logging.WARNING, call=call.id, reason=exc.message)
-            return
+            self.refused(peer, exc, ref)
+            return False
         self.relay(session.links, CallUpdate(call=call.id, events={name: at}),  # type: ignore[dict-item]
                    source)
         if transition.activated:
             event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
         self.outbox.add(CallChanged(call.id))
+        return True
 
     def update(self, session: Session, link: Link, update: CallUpdate,
                beyond: Collection[str] = (), now: float | None = None) -> None:
@@ -51,8 +62,7 @@ class Timeline:
             try:
                 transition = call.handle(Milestone(name, at, now))
             except CallStateError as exc:
-                event(log, "call.event_refused", logging.WARNING, call=call.id,
-                      reason=exc.message, peer=str(link))
+                self.refused(link, exc, update.TYPE)
                 continue
             if transition.activated:
                 event(log, "call.active", call=call.id, caller=call.caller, callee=call.callee)
@@ -65,15 +75,16 @@ class Timeline:
         if before is not call.state:
             self.outbox.add(CallChanged(call.id))
 
-    def report(self, call: Call, role: Role, stats: Stats, links: list[Link]) -> None:
-        """A device's figures for what it receives (the direction toward it), and its own
-        part of what it sends (the direction away)."""
+    def report(self, call: Call, role: Role, stats: Stats, links: list[Link],
+               peer: Link | None = None) -> None:
+        """A device's (``peer``'s) figures for what it receives (the direction toward it), and
+        its own part of what it sends (the direction away)."""
         direction = "callee_to_caller" if role == "caller" else "caller_to_callee"
         away = "caller_to_callee" if role == "caller" else "callee_to_caller"
         try:
             call.handle(MediaReport(direction, stats.media))
         except CallStateError as exc:
-            event(log, "call.stats_refused", logging.WARNING, call=call.id, reason=exc.message)
+            self.refused(peer, exc, stats.TYPE)
             return
         senders = {away: stats.sender} if stats.sender is not None else {}
         call.senders.update(senders)
@@ -88,7 +99,8 @@ class Timeline:
         if not (link in ended.trunks if link.is_trunk else link.name in ended.devices):
             return False
         if isinstance(message, Stats) and link.kind == "device":
-            self.report(ended.call, ended.devices[link.name], message, list(ended.trunks))
+            self.report(ended.call, ended.devices[link.name], message, list(ended.trunks),
+                        link)
         elif isinstance(message, CallUpdate) and (message.media or message.hops
                                                   or message.senders):
             for direction, stats in message.media.items():

@@ -119,6 +119,9 @@ class FakeTree:
         self.now = 1000.0
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
+        #: the media layer closes a call's legs as soon as it is told (False: never, and the
+        #: close timer ends it)
+        self.legs_close = True
         self.servers: dict[str, Switch] = {}
         self.parent_of: dict[str, str | None] = {}
         self.devices: dict[tuple[str, str], FakeDevice] = {}
@@ -175,6 +178,8 @@ class FakeTree:
         """Start a call as the probe would; raises Refused as the HTTP API would answer."""
         call = self.servers[server].create_call(
             CreateCall(caller=caller, callee=callee, media_mode=media), self.now)  # type: ignore[arg-type]
+        if isinstance(call, Refused):
+            raise call
         self._drain(server)
         self.pump()
         return call.id
@@ -246,8 +251,9 @@ class FakeTree:
         switch = self.servers.get(name)
         if switch is None:
             return
-        for effect in switch.outbox.take():
-            self._carry_out(name, effect)
+        while effects := switch.outbox.take():
+            for effect in effects:
+                self._carry_out(name, effect)
 
     def _carry_out(self, name: str, effect: Effect) -> None:
         if isinstance(effect, Send):
@@ -263,6 +269,8 @@ class FakeTree:
                 self._send(name, effect.link, Answer(call=effect.call, leg=effect.call, sdp=SDP))
         elif isinstance(effect, StopMedia | CloseLink):
             self.media[name].append(effect)
+            if isinstance(effect, StopMedia) and self.legs_close:
+                self.servers[name].media_closed(effect.call, self.now)  # at once, here
         else:
             assert isinstance(effect, CallChanged)
 

@@ -172,14 +172,20 @@ async def test_hangup_closes_all_four_legs(tree: Tree):
     assert len(device_pcs) == 2
     assert len(call_tasks() - baseline) >= 10  # the call's own tasks and aiortc's
 
+    a_legs = list(tree.lowers["lower-a"].media.calls[info.call].legs.values())
     ended = await a.hangup(info.call)
-    assert ended.state == "ended" and ended.reason == "hangup"
+    assert ended.state in ("ending", "ended") and ended.reason == "hangup"
+    # ENDED is when this server's legs are closed (wire/states.py): they are, then
+    ended = await a.call(info.call, wait="ended", timeout_s=10)
+    assert ended.state == "ended"
+    assert a_legs and all(leg.connection_state == "closed" for leg in a_legs)
 
     await tree.until(lambda: all(leg.connection_state == "closed" for leg in legs), 10)
     await tree.until(lambda: all(pc.connectionState == "closed" for pc in device_pcs), 10)
     for node in tree.servers.values():
         assert not node.core.sessions and not node.media.calls, node.name
-        assert node.find_call(info.call).state is CallState.ENDED
+    await tree.until(lambda: all(node.find_call(info.call).state is CallState.ENDED
+                                 for node in tree.servers.values()), 5, "every server ENDED")
     await tree.until(lambda: all(not d.calls for d in tree.devices.values()), 5)
     # every task the call started is gone (aiortc's included)
     await tree.until(lambda: call_tasks() <= baseline, 10)

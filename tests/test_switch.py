@@ -10,9 +10,18 @@ import pytest
 
 from relay.admission import Limits
 from relay.call import CallState, Timeouts
-from relay.effects import Link, StartMedia, StopMedia
+from relay.effects import DIRECTORY_FLUSH_S, Link, StartMedia, StopMedia
 from relay.switch import carried
-from wire.messages import CallSetup, CallUpdate, DeviceInfo, Error, Hangup, Wake
+from wire.messages import (
+    CallSetup,
+    CallUpdate,
+    DeviceInfo,
+    Error,
+    Hangup,
+    Register,
+    Wake,
+    Woken,
+)
 from wire.reasons import Code, Refused
 
 from .fake_tree import FakeTree
@@ -422,10 +431,11 @@ def test_a_ringing_callee_holds_the_call_and_the_ring_is_not_setup_time() -> Non
     phone = tree.register("b1", "desk", rings=True)
     call = tree.call("a1", "a1/cam-a1", "b1/desk")
     a1 = tree.servers["a1"]
-    assert a1.find_call(call).state is CallState.SETUP
+    assert a1.find_call(call).state is CallState.RINGING
     assert phone.held, "the offer waits for a person"
     tree.tick(5.0)  # longer than the setup timeout: ringing, it still stands
-    assert a1.find_call(call).state is CallState.SETUP
+    for name in a1.find_call(call).path:  # every server of the path knows it rings
+        assert tree.servers[name].find_call(call).state is CallState.RINGING, name
     assert "t_answered" not in a1.find_call(call).timeline
     tree.from_device("b1", "desk", *phone.pickup(call, tree.now))
     found = a1.find_call(call)
@@ -439,7 +449,7 @@ def test_an_unanswered_ring_ends_no_answer_and_a_decline_declined() -> None:
     tree.register("lower-b", "desk", rings=True)
     call = tree.call("lower-a", "lower-a/cam", "lower-b/desk")
     tree.tick(3.0)
-    assert tree.servers["lower-a"].find_call(call).state is CallState.SETUP
+    assert tree.servers["lower-a"].find_call(call).state is CallState.RINGING
     tree.tick(1.5)
     for name in ("lower-a", "upper", "lower-b"):
         assert tree.servers[name].find_call(call).reason == "no_answer", name
@@ -520,3 +530,72 @@ def test_a_viewer_of_a_device_in_a_call_taps_that_call_and_ends_with_it() -> Non
         assert tree.servers[name].find_call(watch).reason == Code.SOURCE_ENDED, name
     assert not any(isinstance(m, Hangup) and m.call == watch for m in cam.received)
     assert tree.servers["b1"].directory.own["cam-b1"].state == "idle"
+
+
+# ---------------------------------------------------------------------- the core owns time
+
+
+def test_the_core_says_when_it_next_needs_waking_and_acts_exactly_then() -> None:
+    tree = FakeTree(TREES[1], timeouts=Timeouts(wake=2.0, setup=10.0))
+    tree.register("lower-a", "cam")
+    tree.register("lower-b", "mute", answers_wake=False)
+    start = tree.now
+    call = tree.call("lower-a", "lower-a/cam", "lower-b/mute")
+    a = tree.servers["lower-a"]
+    assert a.timer(tree.now) == start + 2.0  # the wake-up deadline, nothing sooner
+    a.handle_timer(start + 1.999)
+    assert a.find_call(call).state is CallState.WAKING
+    a.handle_timer(start + 2.0)
+    found = a.find_call(call)
+    assert found.over and found.reason == "callee_wake_timeout"
+    assert found.timeline["t_end"] == start + 2.0
+
+
+def test_directory_changes_wait_for_the_cores_flush_deadline() -> None:
+    tree = FakeTree(TREES[1])
+    a = tree.servers["lower-a"]
+    assert a.timer(tree.now) is None  # nothing to wait for: no poll
+    a.device_register(Register(device="cam", codecs=["video/VP8"]), tree.now)
+    a.outbox.take(directory=False)  # the welcome goes now; the directory change waits
+    assert a.outbox.directory_pending
+    assert a.timer(tree.now) == pytest.approx(tree.now + DIRECTORY_FLUSH_S)
+    a.handle_timer(tree.now + DIRECTORY_FLUSH_S / 2)
+    assert a.outbox.directory_pending
+    a.handle_timer(tree.now + DIRECTORY_FLUSH_S)
+    sent = a.outbox.take(directory=False)
+    assert any(getattr(e, "message", None) and e.message.TYPE == "directory" for e in sent)
+
+
+def test_legs_that_never_close_are_closed_by_the_timer_and_ended_calls_expire() -> None:
+    tree = FakeTree(TREES[1], timeouts=Timeouts(close=5.0))
+    tree.legs_close = False
+    tree.register("lower-a", "cam")
+    tree.register("lower-b", "cam-b")
+    call = tree.call("lower-a", "lower-a/cam", "lower-b/cam-b")
+    a = tree.servers["lower-a"]
+    assert a.find_call(call).state is CallState.ACTIVE
+    tree.hangup("lower-a", call)
+    ended_at = tree.now
+    assert a.find_call(call).state is CallState.ENDING
+    assert a.timer(tree.now) == ended_at + 5.0
+    a.handle_timer(ended_at + 5.0)
+    assert a.find_call(call).state is CallState.ENDED and not a.closing
+    keep = a.ended.keep_s
+    assert a.timer(tree.now) == ended_at + keep  # then only the ended call's expiry
+    a.handle_timer(ended_at + keep)
+    assert a.find_call(call) is None and a.timer(tree.now) is None
+
+
+def test_a_peer_that_breaks_the_call_table_is_told_and_nothing_changes() -> None:
+    tree = FakeTree(TREES[1])
+    tree.register("lower-a", "cam")
+    callee = tree.register("lower-b", "desk", rings=True)
+    call = tree.call("lower-a", "lower-a/cam", "lower-b/desk")
+    b = tree.servers["lower-b"]
+    woken = b.find_call(call).timeline["t_callee_woken"]
+    tree.from_device("lower-b", "desk", Woken(call=call, at=woken + 1.0))  # a second wake-up
+    error = callee.received[-1]
+    assert isinstance(error, Error) and error.ref == "woken" and error.call == call
+    assert "already recorded" in error.message
+    assert b.find_call(call).timeline["t_callee_woken"] == woken
+    assert b.find_call(call).state is CallState.RINGING

@@ -776,7 +776,9 @@ class CallInfo(Body, frozen=True):
     """``GET /v1/calls/{id}``: a call's state, timeline and media figures at one server."""
 
     call: CallId
-    state: Literal["setup", "active", "ended"]
+    #: where the call stands here (wire/states.py CallState: waiting for the wake-ups, ringing,
+    #: connecting, active, ending while its legs close, ended)
+    state: Literal["waking", "ringing", "connecting", "active", "ending", "ended"]
     caller: Address
     callee: Address
     server: Name
