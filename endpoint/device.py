@@ -86,6 +86,7 @@ from wire.messages import (
     Register,
     Registered,
     Role,
+    Script,
     Stats,
     Wake,
     Woken,
@@ -97,6 +98,7 @@ from wire.states import (
     PhoneState,
     RemoteProtocolError,
 )
+from wire.tasks import Tasks
 
 log = logging.getLogger("endpoint.device")
 
@@ -645,6 +647,8 @@ class Device:
         self.clock = clock
         #: this device's calls that have not ended, each with its place in the table
         self.phones: dict[str, Phone] = {}
+        #: its own tasks: heartbeats, and what a call's script does when (ring, hang up)
+        self.tasks = Tasks(f"device {device_id}")
         #: called when a call starts ringing here (answer="ring")
         self.on_ring = on_ring
         self.registered = asyncio.Event()
@@ -706,7 +710,7 @@ class Device:
                     self.waiting_for = None
                     backoff = 0.2
                     event(log, "device.registered", device=self.id, address=reply.address)
-                    beat = asyncio.create_task(self._heartbeat(channel))
+                    beat = self.tasks.spawn(self._heartbeat(channel), f"{self.id}-heartbeat")
                     try:
                         await self._serve(channel)
                     finally:
@@ -891,16 +895,41 @@ class Device:
 
     async def _wake(self, channel: WebSocketChannel, wake: Wake) -> None:
         mode = self.settings.answer if wake.role == "callee" else "auto"
+        # a call's script (a load's scenario) steers a device that answers by itself; a
+        # person's phone (answer="ring") rings for the person
+        script = wake.script if self.settings.answer == "auto" else None
+        scripted_ring = (script is not None and wake.role == "callee"
+                         and (script.ring_s > 0 or script.decline))
         phone = self.phones[wake.call] = Phone(wake)
         # a device that declines rings too (for no time): it never answers
-        phone.handle(PhoneEvent.WAKE if mode == "auto" else PhoneEvent.WAKE_RINGING)
-        await channel.send(Woken(call=wake.call, at=self.clock(), ringing=mode != "auto"))
+        rings = mode != "auto" or scripted_ring
+        phone.handle(PhoneEvent.WAKE_RINGING if rings else PhoneEvent.WAKE)
+        await channel.send(Woken(call=wake.call, at=self.clock(), ringing=rings))
         event(log, "device.woken", call=wake.call, device=self.id, role=wake.role,
-              peer=wake.peer, answer=mode)
+              peer=wake.peer, answer=mode, script=script.to_dict() if script else None)
         if mode == "decline":
             await self._hang_up(wake.call, "declined")
         elif mode == "ring" and self.on_ring is not None:
             self.on_ring(wake)
+        elif scripted_ring and script is not None:
+            self.tasks.spawn(self._ring_out(wake.call, script), f"{wake.call}-ring")
+
+    async def _ring_out(self, call_id: str, script: Script) -> None:
+        """A scripted callee: ring for the script's time, then pick up or decline."""
+        await asyncio.sleep(script.ring_s)
+        phone = self.phones.get(call_id)
+        if phone is None or phone.state is not PhoneState.RINGING:
+            return  # it ended meanwhile (the caller hung up, the ring timeout)
+        if script.decline:
+            await self.decline(call_id)
+        else:
+            await self.pickup(call_id)
+
+    async def _hold_then_hang_up(self, call_id: str, hold_s: float) -> None:
+        """A scripted device that hangs up: hold the call, then end it."""
+        await asyncio.sleep(hold_s)
+        if call_id in self.phones:
+            await self.hangup(call_id)
 
     async def _answer(self, channel: WebSocketChannel, offer: Offer) -> None:
         """Answer the offer of a call the table has moved to CONNECTING."""
@@ -926,6 +955,10 @@ class Device:
         phone = self.phones.get(call_id)
         if phone is not None and phone.state is PhoneState.CONNECTING:
             phone.handle(PhoneEvent.FIRST_FRAME)
+            script = phone.wake.script if self.settings.answer == "auto" else None
+            if script is not None and script.hangup_by == phone.wake.role:
+                self.tasks.spawn(self._hold_then_hang_up(call_id, script.hold_s),
+                                 f"{call_id}-hold")
 
     async def _end_all(self, reason: str) -> None:
         for future in self._dials.values():
@@ -937,4 +970,5 @@ class Device:
 
     async def close(self) -> None:
         """Close every call of this device (after its run() task was cancelled)."""
+        await self.tasks.close()
         await self._end_all("device_gone")

@@ -44,6 +44,7 @@ from probe.nemesis import (
 )
 from probe.objective import RUN, Objective
 from probe.report import CallLog, write_summary
+from probe.scenario import Scenario
 from probe.scrape import ServerWatch
 from probe.scrape import describe as describe_server_metrics
 from probe.scrape import parse as parse_metrics
@@ -99,6 +100,10 @@ def _load_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--poisson", action="store_true", help="exponential gaps (same mean rate)")
     c.add_argument("--max-concurrent", type=int, default=100,
                    help="calls up at once at most; a start past it is skipped and counted")
+    c.add_argument("--scenario", type=Path, default=None, metavar="FILE",
+                   help="what each call does, step by step (JSON or TOML: dial, ring, answer "
+                        "or decline, hold, hang up from either side; docs/probe.md); default: "
+                        "answered at once, held --hold s, hung up by the probe")
     c.add_argument("--pairing", default="random", choices=list(PAIRING_MODES))
     c.add_argument("--pair", action="append", default=None, metavar="CALLER:CALLEE",
                    help="with --pairing explicit (repeatable)")
@@ -458,7 +463,9 @@ def load_settings_of(args: argparse.Namespace, rate: float) -> LoadSettings:
             raise ProbeError("bad_arguments", f"--pair {text!r}: want CALLER:CALLEE")
         pairs.append((caller, callee))
     try:
-        return LoadSettings(rate=rate, duration_s=args.duration, poisson=args.poisson,
+        scenario = Scenario.load(args.scenario) if getattr(args, "scenario", None) else None
+        return LoadSettings(scenario=scenario, rate=rate, duration_s=args.duration,
+                            poisson=args.poisson,
                             max_concurrent=args.max_concurrent, hold_s=args.hold,
                             setup_timeout_s=args.setup_timeout, late_ms=args.late_ms,
                             request_timeout_s=args.request_timeout,

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from probe.bottleneck import bottleneck, budget, rate_limit
+from probe.scenario import Plan
 from probe.stats import Outcome, classify
 from wire.client import ProbeError, Server, ServerClient, find_device
 from wire.messages import DIRECTIONS, FIRST_FRAME, CallInfo
@@ -70,6 +71,10 @@ class CallResult:
     ends: dict[str, str] = field(default_factory=dict)
     #: the directions the call carried (one only with a WHIP publisher or a WHEP player)
     directions: tuple[str, ...] = DIRECTIONS
+    #: how the call's scenario meant it to end ("declined": the callee was to decline)
+    expected_end: str = "hangup"
+    #: the call's draws from its scenario (probe/scenario.py), when it had one
+    plan: dict[str, Any] | None = None
 
     @property
     def rate(self) -> dict[str, dict[str, Any] | None]:
@@ -121,10 +126,11 @@ class CallResult:
     @property
     def outcome(self) -> Outcome:
         if self.media_mode == "none":  # signalling only: no media direction to judge
-            return classify(self.error, self.reason, self.active, {}, ())
+            return classify(self.error, self.reason, self.active, {}, (),
+                            expected=self.expected_end)
         woken = "t_caller_woken" in self.timeline and "t_callee_woken" in self.timeline
         return classify(self.error, self.reason, self.active, self.media, self.directions,
-                        woken)
+                        woken, self.expected_end)
 
     @property
     def intervals(self) -> dict[str, float]:
@@ -159,7 +165,8 @@ class CallResult:
                 **({"slot": self.slot} if self.slot is not None else {}),
                 **({"planned_path": self.planned} if self.planned else {}),
                 **({"start_late_ms": self.late_ms} if self.late_ms is not None else {}),
-                **({"ends": self.ends} if self.ends else {})}
+                **({"ends": self.ends} if self.ends else {}),
+                **({"plan": self.plan} if self.plan else {})}
 
 
 def sample(info: CallInfo, t_s: float) -> dict[str, dict[str, Any]]:
@@ -211,18 +218,31 @@ def _carried_media(info: CallInfo) -> bool:
 async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller: str,
                    callee: str, hold_s: float, setup_timeout_s: float = 20.0,
                    scheduled: float | None = None, media: str = "full",
-                   request_timeout_s: float = 10.0, sample_s: float | None = None) -> CallResult:
+                   request_timeout_s: float = 10.0, sample_s: float | None = None,
+                   plan: Plan | None = None) -> CallResult:
     """Start a call at the caller's server, wait for media both ways (or, with ``media``
     "none", for both wake-ups), hold, hang up. ``scheduled``: the time the call was due to
     start (open-loop load), which ``t_sent`` then is, so every interval counts from it.
-    ``sample_s``: read the call this often while it is held, into ``series``."""
+    ``sample_s``: read the call this often while it is held, into ``series``. ``plan``: one
+    call of a scenario (probe/scenario.py): its script goes to the devices (ring, decline,
+    who hangs up), and its hold replaces ``hold_s``."""
     server, device = find_device(servers, caller)
     client = ServerClient(session, server.url, request_timeout_s)
     result = CallResult(caller=device.address, callee=callee, server=server.name,
                         media_mode=media)
+    script = None
+    if plan is not None:
+        hold_s = plan.hold_s
+        result.expected_end = plan.expected_end
+        result.plan = {"ring_s": plan.ring_s, "declines": plan.declines, "hold_s": plan.hold_s,
+                       "hangup_by": plan.hangup_by}
+        if plan != Plan(hold_s=plan.hold_s):  # anything but today's call: the devices' part
+            script = plan.script
+            # ringing is a person's time, not setup time: the servers stop the setup clock
+            setup_timeout_s += plan.ring_s
     result.timeline["t_sent"] = scheduled if scheduled is not None else time.time()
     try:
-        info = await client.create_call(device.address, callee, media=media)
+        info = await client.create_call(device.address, callee, media=media, script=script)
     except ProbeError as exc:
         result.timeline["t_response"] = time.time()
         result.reason = result.error = exc.code
@@ -242,6 +262,11 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
                         result.series.setdefault(direction, []).append(row)
                     if info.state != "active":
                         break
+            elif plan is not None and plan.hangup_by != "probe":
+                # a device hangs up by itself after the hold; the probe waits for it (and
+                # hangs up itself only if it never does)
+                info = await client.call(info.call, wait="ended",
+                                         timeout_s=min(120.0, hold_s + 10.0))
             else:
                 await asyncio.sleep(hold_s)
             # Devices report every second: make sure both directions have reported.

@@ -24,6 +24,7 @@ from hdrh.histogram import HdrHistogram
 
 from probe.calls import CallResult, run_call
 from probe.histograms import encode, new_histogram, percentiles, record_ms
+from probe.scenario import Plan, Scenario
 from probe.stats import Recorder
 from probe.watch import LoopWatch
 from wire.client import (
@@ -213,6 +214,17 @@ class LoadSettings:
     #: the schedule's start, UNIX time (shards of one load share it); None: now, or for a
     #: shard of several the next aligned moment (Shard.start_at)
     start_at: float | None = None
+    #: what each call does (probe/scenario.py); None: today's call, held ``hold_s``
+    scenario: Scenario | None = None
+
+    @property
+    def the_scenario(self) -> Scenario:
+        return self.scenario if self.scenario is not None else Scenario.default(self.hold_s)
+
+    def plan(self, slot: int, rng: random.Random) -> Plan:
+        """Call ``slot``'s draws: the same in every shard for a seeded run."""
+        draws = random.Random(f"{self.seed}:{slot}") if self.seed is not None else rng
+        return self.the_scenario.plan(draws)
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0:
@@ -259,6 +271,7 @@ class LoadReport:
     def summary(self) -> dict[str, object]:
         s = self.settings
         return {
+            "scenario": s.the_scenario.to_dict(),
             "rate": s.rate, "poisson": s.poisson, "duration_s": s.duration_s,
             "max_concurrent": s.max_concurrent, "hold_s": s.hold_s, "pairing": s.pairing,
             "media": s.media, "callers_on": s.callers_on, "via": s.via,
@@ -331,6 +344,7 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
         raise ValueError("shards of a Poisson schedule need one --seed (they must build the "
                          "same schedule)")
     rng = random.Random(settings.seed)
+    scenario_rng = random.Random(settings.seed)  # each call's draws (unseeded runs)
     # Load pairs devices that speak the protocol both ways; a WHIP publisher or a WHEP player
     # (one way, and one call at a time) is called by name (``--pair``), not drawn at random.
     devices = {s.name: shard.devices([d.address for d in s.devices if d.kind == "device"])
@@ -356,7 +370,8 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                                         settings.setup_timeout_s, scheduled=scheduled,
                                         media=settings.media,
                                         request_timeout_s=settings.request_timeout_s,
-                                        sample_s=settings.sample_s)
+                                        sample_s=settings.sample_s,
+                                        plan=settings.plan(slot, scenario_rng))
             except Exception as exc:  # the probe's own bug: the call is counted, not lost
                 report.probe_errors += 1
                 frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -446,7 +461,9 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                 report.started += 1
                 report.max_concurrent_seen = max(report.max_concurrent_seen, len(calls))
             if calls:
-                await asyncio.wait(set(calls), timeout=settings.hold_s
+                scenario = settings.the_scenario
+                ring = scenario.ring.high if scenario.ring is not None else 0.0
+                await asyncio.wait(set(calls), timeout=scenario.hold.high + ring
                                    + settings.setup_timeout_s + 30)
         finally:
             for task in calls:

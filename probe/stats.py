@@ -44,7 +44,8 @@ FAILURE_CLASSES = (
 #: direction: media latency and audio latency are each direction's p50; the media latency's
 #: tail is each direction's own p95 and max, so a server that stalls now and then shows in
 #: media too, not only in the typical frame).
-PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "setup_ms",
+PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "answered_ms",
+          "setup_ms",
           "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms",
           "media_latency_p95_ms", "media_latency_max_ms", "audio_latency_ms", "video_kbps")
 
@@ -79,6 +80,8 @@ class Outcome:
     ok: bool
     failure: str | None = None  #: one of FAILURE_CLASSES when not ok
     detail: str | None = None  #: the server's code or the call's end reason
+    #: the callee declined, as the call's scenario asked (probe/scenario.py): ok, and counted
+    declined: bool = False
 
 
 def failure_class(code: str) -> str:
@@ -90,12 +93,18 @@ def failure_class(code: str) -> str:
 
 def classify(error_code: str | None, reason: str | None, was_active: bool,
              media: dict[str, dict[str, Any]], directions: tuple[str, ...],
-             woken: bool = False) -> Outcome:
+             woken: bool = False, expected: str = "hangup") -> Outcome:
     """Classify a call from how the command went (``error_code``, set when the server refused
     or never answered it), how the call ended (``reason``), whether it was ever up, whether
-    both devices acknowledged their wake-up, and the media each direction reported."""
+    both devices acknowledged their wake-up, and the media each direction reported.
+    ``expected``: how the call's scenario meant it to end (``declined``: a decline is ok)."""
     if error_code is not None:
         return Outcome(False, failure_class(error_code), error_code)
+    if expected == "declined":
+        if reason == "declined" and not was_active:
+            return Outcome(True, detail=reason, declined=True)
+        return Outcome(False, "dropped" if was_active else failure_class(reason or "timeout"),
+                       f"{reason}, not the declined the scenario asked for")
     if not was_active:
         if reason is None:
             return Outcome(False, "timeout", reason)  # the probe gave up waiting
@@ -139,6 +148,8 @@ class Figures:
     freezes_source: int = 0  #: of the freezes, those the sending device made (gaps_source)
     media_seconds: float = 0.0
     late_starts: int = 0
+    #: calls the callee declined, as their scenario asked (ok, and counted apart)
+    declined: int = 0
 
     def quality(self, name: str, p: float) -> float | None:
         """The ``p`` percentile of a picture-quality figure over the call directions that had
@@ -184,6 +195,7 @@ class Figures:
                  media: dict[str, dict[str, Any]], late: bool) -> None:
         self.calls += 1
         self.late_starts += int(late)
+        self.declined += int(outcome.declined)
         if outcome.ok:
             self.ok += 1
         else:
@@ -218,6 +230,7 @@ class Figures:
         self.calls += other.calls
         self.ok += other.ok
         self.late_starts += other.late_starts
+        self.declined += other.declined
         for mine, theirs in ((self.failures, other.failures), (self.details, other.details)):
             for key, count in theirs.items():
                 mine[key] = mine.get(key, 0) + count
@@ -254,7 +267,7 @@ class Figures:
             "calls": self.calls, "ok": self.ok, "success_rate": self.success_rate,
             "failures": dict(sorted(self.failures.items())),
             "failure_details": dict(sorted(self.details.items())),
-            "late_starts": self.late_starts,
+            "late_starts": self.late_starts, "declined": self.declined,
             "phases": {name: percentiles(h) for name, h in sorted(self.histograms.items())
                        if name not in NOT_PHASES},
             "quality": {**{name: self._quality_summary(name) for name in QUALITY},
@@ -306,7 +319,7 @@ class Figures:
                    freezes=media.get("freezes", 0),
                    freezes_source=media.get("freezes_source", 0),
                    media_seconds=media.get("seconds", 0.0),
-                   late_starts=data.get("late_starts", 0))
+                   late_starts=data.get("late_starts", 0), declined=data.get("declined", 0))
 
 
 def sent_kbps(hops: list[dict[str, Any]]) -> float | None:

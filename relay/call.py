@@ -26,6 +26,7 @@ from wire.messages import (
     DevicePart,
     HopFigures,
     MediaStats,
+    Script,
 )
 from wire.reasons import Code
 from wire.states import (
@@ -164,6 +165,8 @@ class Call:
 
     #: when its legs closed here (this server's clock)
     closed_at: float | None = None
+    #: what scripted devices do in it (a load's scenario), passed to both wake-ups
+    script: Script | None = None
     #: told after every change (the switch keeps its timers by it)
     on_change: Callable[[Call], None] | None = field(default=None, repr=False, compare=False)
 

@@ -208,7 +208,7 @@ class Switch:
                           "in which one sends what the other receives", "callee")
         call = Call(self.new_call_id(), caller.address, "", now, self.timeouts,
                     media_mode=request.media_mode, path=[self.name], started_by=started_by,
-                    directions=directions)
+                    directions=directions, script=request.script)
         call.timeline["t_received"] = now
         up = Port(Link("device", caller.id), "caller", tuple(caller.codecs))
         if dial is not None:
@@ -236,7 +236,7 @@ class Switch:
             self.outbox.send(where.link, CallSetup(
                 call=call.id, caller=call.caller, callee=where.callee, codecs=list(caller.codecs),
                 media_mode=request.media_mode, path=[self.name], started_by=started_by,  # type: ignore[arg-type]
-                directions=list(directions)))  # type: ignore[arg-type]
+                directions=list(directions), script=request.script))  # type: ignore[arg-type]
         event(log, "call.started", call=call.id, caller=call.caller, callee=call.callee,
               started_by=started_by)
         return call
@@ -407,7 +407,7 @@ class Switch:
             next((c for c in setup.codecs if c in info.codecs), setup.codecs[0])
         call = Call(setup.call, setup.caller, info.address, now, self.timeouts, codec=codec,
                     media_mode=setup.media_mode, path=path, started_by=setup.started_by,
-                    directions=directions)
+                    directions=directions, script=setup.script)
         session = Session(call, Port(link), Port(Link("device", info.id), "callee",
                                                  tuple(info.codecs),
                                                  tap=source.call.id if source else None),
@@ -500,7 +500,7 @@ class Switch:
         call = session.call
         peer = call.callee if port.role == "caller" else call.caller
         self.outbox.send(port.link, Wake(call=call.id, role=port.role, peer=peer,
-                                         media_mode=call.media_mode))  # type: ignore[arg-type]
+                                         media_mode=call.media_mode, script=call.script))  # type: ignore[arg-type]
 
     def _start_media(self, session: Session) -> None:
         call = session.call

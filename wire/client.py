@@ -19,6 +19,7 @@ from wire.messages import (
     DeviceList,
     ErrorBody,
     MessageError,
+    Script,
     ServerEntry,
     ServerInfo,
     ServerList,
@@ -116,8 +117,10 @@ class ServerClient:
     async def devices(self) -> list[DeviceInfo]:
         return self._parse(DeviceList, await self._get("/v1/devices")).devices
 
-    async def create_call(self, caller: str, callee: str, media: str = "full") -> CallInfo:
-        body = CreateCall(caller=caller, callee=callee, media_mode=media).to_dict()
+    async def create_call(self, caller: str, callee: str, media: str = "full",
+                          script: Script | None = None) -> CallInfo:
+        body = CreateCall(caller=caller, callee=callee, media_mode=media,  # type: ignore[arg-type]
+                          script=script).to_dict()
         status, data = await self._request("POST", "/v1/calls", body)
         return self._parse(CallInfo, self._check(status, data))
 

@@ -347,6 +347,26 @@ class MediaStats(Body, frozen=True):
 # WebSocket messages. Each has a type tag; decode() picks the class by it.
 
 
+HangupBy = Literal["probe", "caller", "callee"]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
+
+
+class Script(Body, frozen=True):
+    """What scripted devices do in a call: a load's scenario step by step (``probe load
+    --scenario``, probe/scenario.py). It travels with the call (``POST /v1/calls``, then
+    ``call_setup``) to both devices' ``wake``. A device that rings for a person
+    (``--answer ring``) ignores it; so may any device nobody here wrote."""
+
+    #: the callee rings this long before it answers (or declines)
+    ring_s: Seconds = 0.0
+    #: the callee declines once it has rung (the call ends ``declined``)
+    decline: bool = False
+    #: who hangs up: the probe (``DELETE``), or the caller's or the callee's device itself
+    hangup_by: HangupBy = "probe"
+    #: that device hangs up this long after its first frame (the call's hold time)
+    hold_s: Seconds = 0.0
+
+
 class Message(Body, frozen=True, tag_field="type"):
     TYPE: ClassVar[str] = ""
 
@@ -552,6 +572,8 @@ class Wake(Message, frozen=True, tag="wake"):
     role: Role
     peer: Address  #: the address of the other party
     media_mode: MediaMode = "full"  #: "none": acknowledge only, no offer follows
+    #: what a scripted device does in this call (a load's scenario); None: what it always does
+    script: Script | None = None
 
 
 # Both ways, on device and trunk links.
@@ -654,6 +676,8 @@ class CallSetup(Message, frozen=True, tag="call_setup"):
     started_by: StartedBy = "api"
     #: the directions the caller's side can carry (the callee's server narrows them)
     directions: Directions = msgspec.field(default_factory=lambda: list(DIRECTIONS))
+    #: the call's script, for the callee's wake-up (``POST /v1/calls`` ``script``)
+    script: Script | None = None
 
     def __post_init__(self) -> None:
         _unique(self.codecs, "codecs")
@@ -770,6 +794,8 @@ class CreateCall(Body, frozen=True):
     caller: Address
     callee: Address
     media_mode: MediaMode = "full"
+    #: what scripted devices do in this call (ring, decline, who hangs up, when)
+    script: Script | None = None
 
 
 class CallInfo(Body, frozen=True):

@@ -1,0 +1,54 @@
+"""A probe load with a scenario (probe/scenario.py) over real servers and devices: callees
+ring 1-3 s, one in five declines, the callee hangs up after the hold. The run reports what was
+configured: ``declined`` for the declines it drew, ``answered_ms`` spread over the ring times,
+and every call ended as its plan said (none counted as a failure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from probe.load import LoadSettings, run_load
+from probe.scenario import Scenario
+from wire.client import discover
+
+from .conftest import make_tree
+from .test_e2e_probe import packet_tree
+
+pytestmark = pytest.mark.e2e
+
+SCENARIO = {"name": "ring-decline-callee-hangs-up",
+            "steps": [{"dial": {"from": "api"}}, {"ring": {"uniform": [1, 3]}},
+                      {"answer": {"probability": 0.8}}, {"hold": 1.0},
+                      {"hangup": {"by": "callee"}}]}
+
+
+async def test_a_load_rings_declines_and_hangs_up_as_its_scenario_says():
+    async with make_tree() as tree:
+        await packet_tree(tree, 8)
+        servers = await discover(tree.session, tree.urls)
+        settings = LoadSettings(rate=3, duration_s=4.0, seed=11, max_lag_ms=500,
+                                scenario=Scenario.from_dict(SCENARIO))
+        report = await run_load(tree.session, servers, settings)
+    results = [r for r in report.results if r.plan is not None]
+    assert len(results) == report.started >= 8
+    planned_declines = sum(r.plan["declines"] for r in results)
+    assert planned_declines >= 1, [r.plan for r in results]  # seed 11 draws some
+    total = report.recorder.total
+    assert total.declined == planned_declines
+    assert total.ok == total.calls == len(results), total.details
+    summary = report.summary()
+    assert summary["figures"]["total"]["declined"] == planned_declines
+    assert summary["scenario"]["steps"][1] == {"ring": {"uniform": [1.0, 3.0]}}
+    for r in results:
+        rang = r.timeline.get("t_answered", r.timeline["t_end"]) - r.timeline["t_callee_woken"]
+        assert r.plan["ring_s"] - 0.05 <= rang <= r.plan["ring_s"] + 0.5, (r.plan, r.timeline)
+        if r.plan["declines"]:
+            assert r.reason == "declined" and "t_answered" not in r.timeline
+        else:
+            assert r.reason == "hangup" and r.active
+            assert 1000 <= r.intervals["answered_ms"] <= 3600
+            held = r.timeline["t_end"] - max(r.timeline["t_first_frame_callee"],
+                                             r.timeline["t_first_frame_caller"])
+            assert 0.9 <= held <= 2.0, r.timeline  # the callee hung up after its hold
+    answered = summary["figures"]["total"]["phases"]["answered_ms"]
+    assert 1000 <= answered["p50"] <= 3600, answered
