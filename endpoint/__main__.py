@@ -23,6 +23,7 @@ from rtc.adapter import MediaSettings
 from wire.config import split_list
 from wire.logs import setup_logging
 from wire.messages import AnswerMode
+from wire.tasks import Tasks
 
 CODEC_CHOICES = {"any": ("video/VP8", "video/H264"), "vp8": ("video/VP8",),
                  "h264": ("video/H264",)}
@@ -177,7 +178,9 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     status = 0
     async with aiohttp.ClientSession() as session:
-        tasks = [asyncio.create_task(d.run(session), name=d.id) for d in devices]
+        tasks = Tasks("endpoint")
+        for device in devices:
+            tasks.spawn(device.run(session), device.id)
         try:
             if args.connect_timeout > 0 and not await all_registered(devices,
                                                                      args.connect_timeout):
@@ -187,9 +190,8 @@ async def run(args: argparse.Namespace) -> int:
             else:
                 await stop.wait()
         finally:
-            for task in [*tasks, *(t for r in rings for t in r.tasks)]:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await tasks.close()
+            await asyncio.gather(*(r.tasks.close() for r in rings))
             await asyncio.gather(*(d.close() for d in devices))
     return status
 
@@ -204,14 +206,15 @@ async def call_once(device: Device, session: aiohttp.ClientSession, args: argpar
 
 async def _call_once(device: Device, api: aiohttp.ClientSession, args: argparse.Namespace,
                      stop: asyncio.Event) -> int:
-    dialing = asyncio.create_task(dial_and_hold(device, api, args.call, args.hold))
-    stopping = asyncio.create_task(stop.wait())
+    tasks = Tasks("endpoint --call")
+    dialing = tasks.spawn(dial_and_hold(device, api, args.call, args.hold), "dial")
+    stopping = tasks.spawn(stop.wait(), "stop")
     await asyncio.wait({dialing, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not dialing.done():  # Ctrl-C: hang up what is up, then report it
         for call in list(device.calls):
             await device.hangup(call)
         await dialing
-    stopping.cancel()
+    await tasks.close()
     result = dialing.result()
     print(to_json(result) if args.json else report(result), flush=True)
     return 0 if result.ok else 1

@@ -276,7 +276,9 @@ class DeviceCall:
         #: the video receiver's way out of a packet lost for good (decoded video only)
         self.stall_guard: StallGuard | None = None
         self._pts_origin: Any = None  #: aiortc's TimestampMapper of the video receiver
-        self.tasks: set[asyncio.Task[Any]] = set()
+        #: the call's own tasks (reporting, receiving, sending), and its closing's
+        self.tasks = Tasks(f"call {call}")
+        self._closer = Tasks(f"call {call} closing")
         self.sources: list[MediaStreamTrack] = []
         #: packet mode: what sends and what counts, per kind
         self.senders: list[PacketSender] = []
@@ -289,9 +291,7 @@ class DeviceCall:
         return self._closing is not None
 
     def spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(coro)
 
     def _add_transceivers(self, kinds: list[str], codec: str | None = None) -> None:
         """``codec``: the video codec the offer makes the call carry (None: not known)."""
@@ -567,13 +567,11 @@ class DeviceCall:
         """Close once, to the end: the work runs as its own task, so a caller cancelled while
         waiting cannot leave the peer connection (and aiortc's decoder threads) half closed."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._close())
+            self._closing = self._closer.spawn(self._close(), f"{self.call}-close")
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.close()
         for source in self.sources:
             source.stop()
         await self.pc.close()

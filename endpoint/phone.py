@@ -22,6 +22,7 @@ from wire.auth import probe_identity, token_for
 from wire.client import ProbeError, ServerClient
 from wire.logs import event
 from wire.messages import DIRECTIONS, CallInfo, Wake
+from wire.tasks import Tasks
 
 log = logging.getLogger("endpoint.phone")
 
@@ -126,7 +127,7 @@ async def final_call(client: ServerClient, call_id: str, within_s: float = 3.0) 
 def ring_then(device: Device, ring_for_s: float) -> Any:
     """An ``on_ring`` for scripted tests: pick up each ringing call after ``ring_for_s``
     seconds (negative: never, so the server ends it with ``no_answer``)."""
-    tasks: set[asyncio.Task[None]] = set()
+    tasks = Tasks(f"{device.id} pickups")
 
     async def pick_up(wake: Wake) -> None:
         await asyncio.sleep(ring_for_s)
@@ -137,9 +138,7 @@ def ring_then(device: Device, ring_for_s: float) -> Any:
         event(log, "device.ringing", call=wake.call, device=device.id, peer=wake.peer,
               pickup_after_s=ring_for_s if ring_for_s >= 0 else None)
         if ring_for_s >= 0:
-            task = asyncio.create_task(pick_up(wake))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            tasks.spawn(pick_up(wake), f"{wake.call}-pickup")
 
     on_ring.tasks = tasks  # type: ignore[attr-defined]  # owned here, cancelled by the caller
     return on_ring

@@ -40,6 +40,7 @@ from lab.netns import Namespace, NamespaceError, namespace
 from lab.topology import DEFAULT, TreeNode
 from wire.auth import token_for
 from wire.logs import event
+from wire.tasks import Tasks
 
 log = logging.getLogger("lab.stack")
 
@@ -132,7 +133,7 @@ class LocalStack:
     log_dir: Path | None = None
     #: the isolated servers' namespaces, by server name
     namespaces: dict[str, Namespace] = field(default_factory=dict)
-    _watchers: set[asyncio.Task[None]] = field(default_factory=set)
+    _watchers: Tasks = field(default_factory=lambda: Tasks("stack watchers"))
     _ports: set[int] = field(default_factory=set)  #: handed to servers of this stack
     _stopping: bool = False
     _exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -282,10 +283,8 @@ class LocalStack:
     # ------------------------------------------------------------------ deaths and faults
 
     def _watch(self, child: Child) -> None:
-        task = asyncio.create_task(self._watch_one(child, child.process),
-                                   name=f"stack-watch-{child.name}")
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._watchers.spawn(self._watch_one(child, child.process),
+                             f"stack-watch-{child.name}")
 
     async def _watch_one(self, child: Child, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
@@ -413,9 +412,7 @@ class LocalStack:
         """SIGTERM every child (devices first), wait, then SIGKILL what is left; remove the
         namespaces."""
         self._stopping = True
-        for task in list(self._watchers):
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await self._watchers.close()
         for child in reversed(self.children):
             if child.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

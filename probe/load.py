@@ -37,6 +37,7 @@ from wire.client import (
 )
 from wire.logs import event
 from wire.messages import split_address
+from wire.tasks import Tasks
 
 log = logging.getLogger("probe.load")
 
@@ -357,7 +358,7 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
     everyone = iter_schedule(settings.rate, settings.duration_s, settings.poisson, rng)
     report = LoadReport(settings, Recorder(settings.window_s, windowed=windowed))
     busy: set[str] = set()
-    calls: set[asyncio.Task[None]] = set()
+    calls = Tasks("load calls")  #: one task per call in progress
     loop = asyncio.get_running_loop()
     watch = watch if watch is not None else LoopWatch()
 
@@ -454,20 +455,16 @@ async def run_load(session: aiohttp.ClientSession, servers: list[Server],
                 late = error_ms > settings.late_ms
                 report.late += int(late)
                 busy.update(pair)
-                task = asyncio.create_task(one(*pair, start_wall + offset, offset, error_ms,
-                                               slot))
-                calls.add(task)
-                task.add_done_callback(calls.discard)
+                calls.spawn(one(*pair, start_wall + offset, offset, error_ms, slot),
+                            f"call-{slot}")
                 report.started += 1
                 report.max_concurrent_seen = max(report.max_concurrent_seen, len(calls))
-            if calls:
+            if len(calls):
                 scenario = settings.the_scenario
                 ring = scenario.ring.high if scenario.ring is not None else 0.0
-                await asyncio.wait(set(calls), timeout=scenario.hold.high + ring
-                                   + settings.setup_timeout_s + 30)
+                await calls.wait(timeout=scenario.hold.high + ring
+                                 + settings.setup_timeout_s + 30)
         finally:
-            for task in calls:
-                task.cancel()
-            await asyncio.gather(*calls, return_exceptions=True)
+            await calls.close()
     report.watch = watch.figures()
     return report

@@ -46,6 +46,7 @@ import aiohttp
 from lab.netns import NamespaceError, need
 from lab.stack import LocalStack, StackError
 from wire.logs import event
+from wire.tasks import Tasks
 
 log = logging.getLogger("probe.nemesis")
 
@@ -363,7 +364,7 @@ class Nemesis:
         self.target = target
         self.t0 = t0
         self.record = record
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("nemesis")
         self._undo: dict[int, Callable[[], Awaitable[None]]] = {}
         self._started: dict[int, float] = {}
         self.errors: list[str] = []
@@ -372,16 +373,11 @@ class Nemesis:
         for fault in self.plan:
             self.target.check(fault)
         for i, fault in enumerate(self.plan):
-            task = asyncio.create_task(self._run(i, fault), name=f"nemesis-{i}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(self._failed)
+            self._tasks.spawn(self._run(i, fault), f"nemesis-{i}", on_done=self._failed)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         for i, undo in list(self._undo.items()):
             with contextlib.suppress(FaultError):
                 await undo()
@@ -397,7 +393,7 @@ class Nemesis:
 
     async def wait(self) -> None:
         """Until every fault of the plan has been made and undone."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
 
     async def _run(self, i: int, fault: Fault) -> None:
         await asyncio.sleep(max(0.0, self.t0 + fault.at_s - time.time()))

@@ -22,6 +22,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from wire.logs import event
+from wire.tasks import Tasks
 
 log = logging.getLogger("probe.scrape")
 
@@ -246,12 +247,13 @@ class ServerWatch:
         #: every round of scrapes done (UNIX time): every server has just been read
         self.on_round = on_round
         self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("server watch")
         self._windows: list[dict[str, ServerTrack]] = []  #: open windows get every sample too
 
     async def __aenter__(self) -> ServerWatch:
         await self.sample()
         if self.interval_s is not None:
-            self._task = asyncio.create_task(self._run(self.interval_s), name="server-watch")
+            self._task = self._tasks.spawn(self._run(self.interval_s), "server-watch")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

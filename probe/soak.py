@@ -42,6 +42,7 @@ from probe.stability import CallRecord, Incident, StabilityRecorder, StabilitySe
 from probe.watch import LoopWatch
 from wire.client import ProbeError, Server, ServerClient, lower_servers
 from wire.logs import event
+from wire.tasks import Tasks
 
 log = logging.getLogger("probe.soak")
 
@@ -114,6 +115,8 @@ class Soak:
         self._call_log: CallLog | None = None
         #: the outputs being rewritten in a thread (the last one is awaited before the final)
         self._writing: asyncio.Future[None] | None = None
+        #: the soak's own tasks: its ticker, its summary writes, the waits at its end
+        self._tasks = Tasks("soak")
 
     # ------------------------------------------------------------------ the run
 
@@ -139,7 +142,7 @@ class Soak:
                 if self.out is not None:  # at once: t0 and the plan are known from the start
                     write_soak(self.out, self.finish_summary(self.summary(time.time(), None,
                                                                           final=False)))
-                ticker = asyncio.create_task(self._ticker(), name="soak-ticker")
+                ticker = self._tasks.spawn(self._ticker(), "soak-ticker")
                 try:
                     nemesis = (Nemesis(self.plan, self.target, self.t0, self._fault)
                                if self.plan and self.target is not None else None)
@@ -151,8 +154,8 @@ class Soak:
                         recorder.load_ended = time.time()
                         if nemesis is not None and not self.stop.is_set():
                             # a fault planned past the load's end is still made and undone
-                            waiting = asyncio.create_task(nemesis.wait())
-                            stopped = asyncio.create_task(self.stop.wait())
+                            waiting = self._tasks.spawn(nemesis.wait(), "faults")
+                            stopped = self._tasks.spawn(self.stop.wait(), "stop")
                             try:
                                 await asyncio.wait({waiting, stopped},
                                                    return_when=asyncio.FIRST_COMPLETED)
@@ -236,8 +239,8 @@ class Soak:
                 self.line(self._window_line(index, now))
             if self.out is not None:
                 summary = self.finish_summary(self.summary(now, None, final=False))
-                self._writing = asyncio.ensure_future(asyncio.to_thread(write_soak, self.out,
-                                                                        summary))
+                self._writing = self._tasks.spawn(asyncio.to_thread(write_soak, self.out,
+                                                                    summary), "write")
                 await asyncio.shield(self._writing)
 
     def _window_line(self, index: int, now: float) -> str:

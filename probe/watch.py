@@ -8,6 +8,7 @@ import time
 from types import TracebackType
 
 from probe.histograms import new_histogram, percentiles, record_ms
+from wire.tasks import Tasks
 
 
 class LoopWatch:
@@ -18,13 +19,14 @@ class LoopWatch:
         self.interval_s = interval_s
         self.lag = new_histogram()
         self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("loop watch")
         self._cpu0 = self._wall0 = 0.0
         self._cpu = self._wall = 0.0
         self._recent_max = 0.0
 
     async def __aenter__(self) -> LoopWatch:
         self._cpu0, self._wall0 = time.process_time(), time.monotonic()
-        self._task = asyncio.create_task(self._run())
+        self._task = self._tasks.spawn(self._run(), "loop-watch")
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,

@@ -52,6 +52,7 @@ from wire.messages import (
     check_name,
 )
 from wire.reasons import Code, Refused
+from wire.tasks import Tasks
 
 log = logging.getLogger("relay.gateway")
 
@@ -117,12 +118,10 @@ class Gateways:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.sessions: dict[str, GatewaySession] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks("gateway")
 
     def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     def _leg(self, name: str, session_id: str) -> Leg:
         return Leg(session_id, name, self.node.settings.media, on_ready=lambda *_: None,
@@ -229,9 +228,7 @@ class Gateways:
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             await self.end(session, "server shutting down")
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
 
 def _refused(exc: Exception) -> Refused:

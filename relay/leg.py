@@ -26,6 +26,7 @@ from rtc.adapter import (
 )
 from wire.logs import event
 from wire.messages import LegHop, Role
+from wire.tasks import Tasks
 
 log = logging.getLogger("relay.leg")
 
@@ -46,6 +47,8 @@ class Leg:
         self.media = media
         self._pc: RTCPeerConnection | None = None
         self._closing: asyncio.Task[None] | None = None
+        #: the leg's own tasks (its closing)
+        self.tasks = Tasks(f"leg {name}")
         self._on_ready = on_ready
         self._on_failed = on_failed
         self._failed = False
@@ -180,6 +183,6 @@ class Leg:
             self._grace.cancel()
             self._grace = None
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._pc.close() if self._pc is not None
-                                                  else asyncio.sleep(0))
+            self._closing = self.tasks.spawn(self._pc.close() if self._pc is not None
+                                             else asyncio.sleep(0), f"{self.name}-close")
         await asyncio.shield(self._closing)

@@ -11,7 +11,6 @@ through :class:`MediaEvents`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +29,7 @@ from rtc.sdp import answer_problems, rate_feedback, section
 from wire.logs import event
 from wire.messages import Answer, Error, HopFigures, Message, Offer, Role
 from wire.reasons import Code
+from wire.tasks import Tasks
 
 log = logging.getLogger("relay.media")
 
@@ -52,7 +52,7 @@ class CallMedia:
     call: str
     bridge: Bridge
     legs: dict[Link, Leg]
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    tasks: Tasks = field(default_factory=lambda: Tasks("call media"))
     #: each leg's side of the call (the leg toward the caller, the one toward the callee)
     toward: dict[Link, Role] = field(default_factory=dict)
 
@@ -83,7 +83,9 @@ class MediaPlane:
         self.sources: dict[str, dict[str, Producer]] = {}
         #: devices whose leg is a session's, made already (WHEP players), by device id
         self.sinks: dict[str, Leg] = {}
-        self._closing: set[asyncio.Task[Any]] = set()
+        #: the plane's own tasks (figures, estimates) and the calls' closings
+        self._tasks = Tasks(f"media {server}")
+        self._closing = Tasks(f"media {server} closings")
         self._reporter: asyncio.Task[None] | None = None
         self._estimator: asyncio.Task[None] | None = None
 
@@ -124,11 +126,10 @@ class MediaPlane:
                 on_failed=lambda leg, why: self._events.media_failed(
                     call, Code.MEDIA_FAILED, f"leg {leg.name} {why}"))
         self.calls[call] = media
-        loop = asyncio.get_running_loop()
         if self.measure and (self._reporter is None or self._reporter.done()):
-            self._reporter = loop.create_task(self._report(), name="hop-figures")
+            self._reporter = self._tasks.spawn(self._report(), "hop-figures")
         if self.congestion and (self._estimator is None or self._estimator.done()):
-            self._estimator = loop.create_task(self._estimate(), name="estimates")
+            self._estimator = self._tasks.spawn(self._estimate(), "estimates")
         for ready in gateways:  # a session's leg or producers: live already
             ready()
         for plan in (effect.up, effect.down):
@@ -233,18 +234,11 @@ class MediaPlane:
             return
         if self.measure:
             self._events.hop_figures(call, self.figures(media))
-        task = asyncio.get_running_loop().create_task(self._close(media),
-                                                      name=f"{call}-close")
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.spawn(self._close(media), f"{call}-close")
 
     async def _close(self, media: CallMedia) -> None:
         try:
-            current = asyncio.current_task()
-            tasks = [t for t in media.tasks if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await media.tasks.close()
             media.bridge.close()
             await asyncio.gather(*(leg.close() for leg in media.legs.values()),
                                  return_exceptions=True)
@@ -254,23 +248,9 @@ class MediaPlane:
     async def close(self) -> None:
         for call in list(self.calls):
             self.stop(call)
-        for task in (self._reporter, self._estimator):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        while self._closing:
-            await asyncio.gather(*list(self._closing), return_exceptions=True)
+        await self._tasks.close()
+        while len(self._closing):
+            await self._closing.wait()
 
     def _spawn(self, media: CallMedia, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        media.tasks.add(task)
-        task.add_done_callback(media.tasks.discard)
-        task.add_done_callback(_log_failure)
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        log.error("task.failed", extra={"task": task.get_name(), "error": repr(exc)},
-                  exc_info=exc)
+        media.tasks.spawn(coro, name)

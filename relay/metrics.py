@@ -8,7 +8,6 @@ lag (how late a timer fires: how long any callback, a packet included, waits its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
@@ -19,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from relay.call import CallState
 from relay.node import Node
+from wire.tasks import Tasks
 
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 LAG_INTERVAL_S = 0.1
@@ -135,10 +135,9 @@ def setup_metrics(app: web.Application, node: Node) -> None:
                 await asyncio.sleep(LAG_INTERVAL_S)
                 lag.observe(max(0.0, loop.time() - due))
 
-        task = asyncio.create_task(run(), name="loop-lag")
+        tasks = Tasks("metrics")
+        tasks.spawn(run(), "loop-lag")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await tasks.close()
 
     app.cleanup_ctx.append(watch_lag)

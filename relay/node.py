@@ -47,6 +47,7 @@ from relay.switch import Switch
 from wire.links import WebSocketChannel, first_message, refuse_link, serve_messages
 from wire.messages import CallInfo, FirstFrame, HopFigures, Message, ServerEntry
 from wire.reasons import Code, Refused
+from wire.tasks import Tasks
 
 log = logging.getLogger("relay.node")
 
@@ -81,7 +82,7 @@ class Node:
         #: the one timer: when the core asked to be woken (its clock), and the handle
         self._timer: tuple[float, asyncio.TimerHandle] | None = None
         self._closed = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks(f"server {settings.name}")
 
     @property
     def forwarding(self) -> ForwardingStats:
@@ -109,16 +110,10 @@ class Node:
         if self._timer is not None:
             self._timer[1].cancel()
             self._timer = None
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-        return task
+        return self._tasks.spawn(coro, name)
 
     def _arm(self) -> None:
         """Sleep until the core's next deadline (one timer, moved when the deadline does)."""
@@ -286,11 +281,3 @@ class _MediaEvents:
 
     def hop_figures(self, call: str, figures: HopFigures) -> None:
         self.node.feed(self.node.core.hop_figures, call, figures)
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        log.error("task.failed", extra={"task": task.get_name(), "error": repr(exc)},
-                  exc_info=exc)
-

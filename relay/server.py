@@ -23,6 +23,7 @@ from relay.parent import parent_link
 from relay.settings import ServerSettings
 from wire.logs import event
 from wire.reasons import Code
+from wire.tasks import Tasks
 
 log = logging.getLogger("relay.server")
 
@@ -53,11 +54,10 @@ async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
 async def _parent_link(app: web.Application) -> AsyncIterator[None]:
     node = app[NODE]
     async with aiohttp.ClientSession() as session:
-        task = asyncio.create_task(parent_link(node, session), name="parent-link")
+        tasks = Tasks(f"{node.name} parent link")
+        tasks.spawn(parent_link(node, session), "parent-link")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await tasks.close()
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,6 @@ Why internals at all:
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import inspect
 import logging
@@ -71,6 +70,7 @@ from pylibsrtp._binding import lib as _srtp_lib
 
 from rtc.congestion import Resends
 from wire.logs import event
+from wire.tasks import Serial, Tasks
 
 log = logging.getLogger("rtc.adapter")
 
@@ -241,7 +241,9 @@ class ReceiverTap:
         #: how the leg writes header extensions (parses and serializes this leg's packets)
         self.extensions: HeaderExtensionsMap = receiver.transport._rtp_header_extensions_map
         self._seen = _Seen()
-        self._nacks: set[asyncio.Task[None]] = set()
+        #: the NACKs this receiver sends go out one after another, not a task each
+        self._tasks = Tasks("receiver")
+        self._rtcp = Serial(self._tasks, "nacks")
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
 
     @property
@@ -264,10 +266,7 @@ class ReceiverTap:
             return
         if nack is not None and nack.add(seen):  # type: ignore[arg-type]
             self._counters.nacks_sent += 1
-            task = asyncio.ensure_future(
-                self.receiver._send_rtcp_nack(ssrc, sorted(nack.missing)))
-            self._nacks.add(task)
-            task.add_done_callback(self._nacks.discard)
+            self._rtcp.post(self.receiver._send_rtcp_nack(ssrc, sorted(nack.missing)))
 
     def loss(self, ssrc: int) -> tuple[int, int, int | None]:
         """What arrived of ``ssrc`` so far, from the receiver statistics kept for RTCP:
@@ -306,8 +305,8 @@ class ReceiverTap:
         self.receiver.__dict__.pop("_handle_rtp_packet", None)
 
     def close(self) -> None:
-        for task in self._nacks:
-            task.cancel()
+        self._tasks.closed = True
+        self._tasks.cancel()
 
     def stop_decoder(self) -> None:
         """Stop the decoder thread aiortc started for this receiver: nothing will be decoded."""

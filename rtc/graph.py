@@ -49,6 +49,7 @@ from rtc.stages import (
 )
 from wire.logs import event
 from wire.messages import StreamHop
+from wire.tasks import Serial, Tasks
 
 log = logging.getLogger("rtc.graph")
 
@@ -162,7 +163,9 @@ class Producer:
         self._limiter = RequestLimiter(keyframe_interval)
         self._keyframe_interval = keyframe_interval
         self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: its keyframe requests and rate reports go out upstream in order, one task
+        self._tasks = Tasks("producer")
+        self._rtcp = Serial(self._tasks, "producer-rtcp")
         self._loop = asyncio.get_event_loop()
         #: congestion control (video): this hop's estimate of the leg the stream arrives on,
         #: and the least of it and the consumers' reports, sent upstream (rtc/congestion.py)
@@ -312,9 +315,7 @@ class Producer:
         self._spawn(self.tap.send_remb(self.ssrc, bitrate))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._rtcp.post(coro)
 
     # -------------------------------------------------------------- figures, closing
 
@@ -350,8 +351,8 @@ class Producer:
         self.tap.close()
         if self._timer is not None:
             self._timer.cancel()
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.closed = True
+        self._tasks.cancel()
         if self in self.transport.producers:
             self.transport.producers.remove(self)
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from wire.logs import event
 from wire.messages import WS_MAX_MSG_SIZE, Error, Message, MessageError, decode
 from wire.reasons import Refused
+from wire.tasks import Tasks
 
 log = logging.getLogger("wire.links")
 
@@ -41,6 +42,8 @@ class WebSocketChannel:
         self._undeliverable = undeliverable
         self._queue: deque[Message] = deque()
         self._writer: asyncio.Task[None] | None = None
+        #: the link's own tasks: its writer, and a close for being too slow
+        self._tasks = Tasks(f"link {peer}")
 
     @property
     def open(self) -> bool:
@@ -54,13 +57,12 @@ class WebSocketChannel:
         if len(self._queue) >= MAX_QUEUE:
             event(log, "link.too_slow", logging.WARNING, peer=self.peer, queued=len(self._queue))
             self._lost(message, "queue full")
-            asyncio.get_running_loop().create_task(self.close(
-                aiohttp.WSCloseCode.TRY_AGAIN_LATER, "too slow"))
+            self._tasks.spawn(self.close(aiohttp.WSCloseCode.TRY_AGAIN_LATER, "too slow"),
+                              f"close-{self.peer}")
             return
         self._queue.append(message)
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(
-                self._drain(), name=f"send-{self.peer}")
+            self._writer = self._tasks.spawn(self._drain(), f"send-{self.peer}")
 
     async def _drain(self) -> None:
         while self._queue:

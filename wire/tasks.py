@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -79,3 +80,47 @@ class Tasks:
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+class Serial:
+    """Coroutines run one after another by one task of a group, in the order posted: what a
+    leg sends on its own schedule (RTCP feedback: NACKs, PLIs, REMBs) goes out through this
+    queue instead of a task per packet. At most ``limit`` wait; past it the oldest is dropped
+    (feedback that old is stale) and counted."""
+
+    def __init__(self, tasks: Tasks, name: str, limit: int = 256) -> None:
+        self.tasks = tasks
+        self.name = name
+        self.limit = limit
+        self.dropped = 0
+        self._queue: deque[Coroutine[Any, Any, Any]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    def post(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self.tasks.closed:
+            coro.close()
+            return
+        if len(self._queue) >= self.limit:
+            self._queue.popleft().close()
+            self.dropped += 1
+        self._queue.append(coro)
+        if self._worker is None or self._worker.done():
+            self._worker = self.tasks.spawn(self._drain(), self.name)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                coro = self._queue.popleft()
+                try:
+                    await coro
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one failed send does not stop the others
+                    log.warning("serial.failed", extra={"queue": self.name,
+                                                        "error": repr(exc)})
+        finally:
+            while self._queue:  # cancelled: what waits is never awaited
+                self._queue.popleft().close()
