@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import sys
 import typing
+from pathlib import Path
 
 import aiohttp
 
@@ -23,6 +25,7 @@ from rtc.adapter import MediaSettings
 from wire.config import split_list
 from wire.logs import setup_logging
 from wire.messages import AnswerMode
+from wire.scenario import Scenario
 from wire.tasks import Tasks
 
 CODEC_CHOICES = {"any": ("video/VP8", "video/H264"), "vp8": ("video/VP8",),
@@ -130,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "other party hangs up)")
     p.add_argument("--json", action="store_true",
                    help="with --call: print the result as one JSON object")
+    p.add_argument("--scenario", type=Path, default=env("ENDPOINT_SCENARIO"), metavar="FILE",
+                   help="with --call: the call's scenario (JSON or TOML, docs/probe.md; dial "
+                        "from \"device\"): the callee rings, answers or declines, and whoever "
+                        "it names hangs up, as drawn; its hold replaces --hold")
     p.add_argument("--answer", default=env("ENDPOINT_ANSWER", "auto"),
                    choices=typing.get_args(AnswerMode),
                    help="as the callee: auto (answer as woken), ring (ring, then pick up after "
@@ -207,7 +214,8 @@ async def call_once(device: Device, session: aiohttp.ClientSession, args: argpar
 async def _call_once(device: Device, api: aiohttp.ClientSession, args: argparse.Namespace,
                      stop: asyncio.Event) -> int:
     tasks = Tasks("endpoint --call")
-    dialing = tasks.spawn(dial_and_hold(device, api, args.call, args.hold), "dial")
+    plan = args.scenario_plan
+    dialing = tasks.spawn(dial_and_hold(device, api, args.call, args.hold, plan=plan), "dial")
     stopping = tasks.spawn(stop.wait(), "stop")
     await asyncio.wait({dialing, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not dialing.done():  # Ctrl-C: hang up what is up, then report it
@@ -245,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--counts gives {len(args.counts)} numbers for {len(args.server)} "
                      "--server")
     setup_logging(f"endpoint:{args.device}", args.log_level)
+    args.scenario_plan = None
     try:
+        if args.scenario:
+            if not args.call:
+                raise ValueError("--scenario goes with --call (the call it describes)")
+            args.scenario_plan = Scenario.load(args.scenario, dialer="device").plan(
+                random.Random())
         settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
                                   video=args.video)
         if settings.capture is not None:

@@ -725,7 +725,7 @@ class Device:
     # ------------------------------------------------------------------ what a person does
 
     async def dial(self, callee: str, media_mode: MediaMode = "full",
-                   timeout_s: float = 10.0) -> str:
+                   timeout_s: float = 10.0, script: Script | None = None) -> str:
         """Start a call from this device to ``callee`` (an address anywhere in the tree):
         its call id. Raises DialError with the server's refusal code (as ``POST /v1/calls``
         would give it), ConnectionError when not registered, TimeoutError without a reply."""
@@ -737,7 +737,8 @@ class Device:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._dials[seq] = future
         try:
-            if not await channel.send(Dial(callee=callee, media_mode=media_mode, seq=seq)):
+            if not await channel.send(Dial(callee=callee, media_mode=media_mode, seq=seq,
+                                           script=script)):
                 raise ConnectionError(f"{self.id} lost its server link while dialing")
             async with asyncio.timeout(timeout_s):
                 call = await future

@@ -21,7 +21,8 @@ from endpoint.device import CallEnd, Device, DialError
 from wire.auth import probe_identity, token_for
 from wire.client import ProbeError, ServerClient
 from wire.logs import event
-from wire.messages import DIRECTIONS, CallInfo, Wake
+from wire.messages import DIRECTIONS, CallInfo, Script, Wake
+from wire.scenario import Plan
 from wire.tasks import Tasks
 
 log = logging.getLogger("endpoint.phone")
@@ -49,9 +50,13 @@ class DialResult:
     #: this device's own final figures for what it received, when the server's are missing
     received: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: how the call was meant to end ("declined": its scenario had the callee decline)
+    expected: str = "hangup"
 
     @property
     def ok(self) -> bool:
+        if self.expected == "declined":
+            return self.reason == "declined"
         media = (self.info or {}).get("media", {})
         return self.reason == "hangup" and all(
             media.get(d, {}).get("frames", 0) > 0 for d in DIRECTIONS)
@@ -63,13 +68,28 @@ class DialResult:
 
 
 async def dial_and_hold(device: Device, session: aiohttp.ClientSession, callee: str,
-                        hold_s: float, setup_timeout_s: float = 60.0) -> DialResult:
+                        hold_s: float, setup_timeout_s: float = 60.0,
+                        plan: Plan | None = None) -> DialResult:
     """Dial ``callee`` from ``device`` (registered), wait until the call is up (or ends: a
     refusal, a decline, no answer), hold it ``hold_s`` seconds (0: until the other party hangs
-    up), hang up, and read the call's figures from the caller's server."""
+    up), hang up, and read the call's figures from the caller's server. ``plan``: one call of
+    a scenario (wire/scenario.py, dialled from the device): the callee gets its part (ring,
+    answer or decline, and the hang-up if the callee's), and its hold replaces ``hold_s``."""
     result = DialResult(callee=callee)
+    script = None
+    if plan is not None:
+        result.expected = plan.expected_end
+        hold_s = plan.hold_s
+        # this program hangs up for the caller (and for "probe": it is the probe here)
+        script = Script(ring_s=plan.ring_s, decline=plan.declines, hold_s=plan.hold_s,
+                        hangup_by="callee" if plan.hangup_by == "callee" else "probe")
+        result.notes.append(f"scenario: ring {plan.ring_s:g} s, "
+                            f"{'decline' if plan.declines else 'answer'}, hold {hold_s:g} s, "
+                            f"hung up by the {plan.hangup_by}")
+        if plan.hangup_by == "callee":
+            hold_s = 0  # until the callee hangs up
     try:
-        result.call = await device.dial(callee)
+        result.call = await device.dial(callee, script=script)
     except DialError as exc:
         result.reason, result.error = exc.code, exc.message
         return result

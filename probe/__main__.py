@@ -44,7 +44,6 @@ from probe.nemesis import (
 )
 from probe.objective import RUN, Objective
 from probe.report import CallLog, write_summary
-from probe.scenario import Scenario
 from probe.scrape import ServerWatch
 from probe.scrape import describe as describe_server_metrics
 from probe.scrape import parse as parse_metrics
@@ -58,6 +57,7 @@ from wire.credentials import Credentials
 from wire.logs import setup_logging
 from wire.loops import event_loop_factory
 from wire.messages import DIRECTIONS
+from wire.scenario import Scenario
 
 
 def _common(c: argparse.ArgumentParser, devices: int, video: str, sample: float = 0.0) -> None:

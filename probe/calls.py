@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 
 from probe.bottleneck import bottleneck, budget, rate_limit
-from probe.scenario import Plan
 from probe.stats import Outcome, classify
 from wire.client import ProbeError, Server, ServerClient, find_device
 from wire.messages import DIRECTIONS, FIRST_FRAME, CallInfo
+from wire.scenario import Plan
 from wire.states import CallState, replay
 
 #: Intervals reported per call, in ms from t_sent: name -> event.
@@ -73,7 +73,7 @@ class CallResult:
     directions: tuple[str, ...] = DIRECTIONS
     #: how the call's scenario meant it to end ("declined": the callee was to decline)
     expected_end: str = "hangup"
-    #: the call's draws from its scenario (probe/scenario.py), when it had one
+    #: the call's draws from its scenario (wire/scenario.py), when it had one
     plan: dict[str, Any] | None = None
 
     @property
@@ -224,7 +224,7 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
     "none", for both wake-ups), hold, hang up. ``scheduled``: the time the call was due to
     start (open-loop load), which ``t_sent`` then is, so every interval counts from it.
     ``sample_s``: read the call this often while it is held, into ``series``. ``plan``: one
-    call of a scenario (probe/scenario.py): its script goes to the devices (ring, decline,
+    call of a scenario (wire/scenario.py): its script goes to the devices (ring, decline,
     who hangs up), and its hold replaces ``hold_s``."""
     server, device = find_device(servers, caller)
     client = ServerClient(session, server.url, request_timeout_s)

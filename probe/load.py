@@ -24,7 +24,6 @@ from hdrh.histogram import HdrHistogram
 
 from probe.calls import CallResult, run_call
 from probe.histograms import encode, new_histogram, percentiles, record_ms
-from probe.scenario import Plan, Scenario
 from probe.stats import Recorder
 from probe.watch import LoopWatch
 from wire.client import (
@@ -37,6 +36,7 @@ from wire.client import (
 )
 from wire.logs import event
 from wire.messages import split_address
+from wire.scenario import Plan, Scenario
 from wire.tasks import Tasks
 
 log = logging.getLogger("probe.load")
@@ -215,7 +215,7 @@ class LoadSettings:
     #: the schedule's start, UNIX time (shards of one load share it); None: now, or for a
     #: shard of several the next aligned moment (Shard.start_at)
     start_at: float | None = None
-    #: what each call does (probe/scenario.py); None: today's call, held ``hold_s``
+    #: what each call does (wire/scenario.py); None: today's call, held ``hold_s``
     scenario: Scenario | None = None
 
     @property

@@ -80,7 +80,7 @@ class Outcome:
     ok: bool
     failure: str | None = None  #: one of FAILURE_CLASSES when not ok
     detail: str | None = None  #: the server's code or the call's end reason
-    #: the callee declined, as the call's scenario asked (probe/scenario.py): ok, and counted
+    #: the callee declined, as the call's scenario asked (wire/scenario.py): ok, and counted
     declined: bool = False
 
 

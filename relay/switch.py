@@ -2,8 +2,9 @@
 
 It does no I/O and imports neither aiohttp nor aiortc, in the manner of aioquic's
 ``QuicConnection``: the server (relay/node.py) feeds it every message that arrives, every link
-that opens or closes, every clock tick and every media event, and carries out what it puts in the
-outbox (relay/effects.py): messages to send, legs to open, offers to apply, legs to close.
+that opens or closes, every media event, and its own timer (it says when it next needs waking:
+``timer``; then ``handle_timer``), and carries out what it puts in the outbox
+(relay/effects.py): messages to send, legs to open, offers to apply, legs to close.
 
 A call at a server is a :class:`Session` with two ports: ``up`` toward the caller and ``down``
 toward the callee, each a named link (a device, a child, the parent). A call is set up in two
@@ -245,7 +246,8 @@ class Switch:
         """A device starts a call: as ``POST /v1/calls`` with it as the caller. Answered with
         ``dialed`` ahead of its wake-up, or an error with the refusal's code."""
         refusal = self.create_call(CreateCall(caller=link.name, callee=dial.callee,
-                                              media_mode=dial.media_mode), now, dial)
+                                              media_mode=dial.media_mode, script=dial.script),
+                                   now, dial)
         if isinstance(refusal, Refused):
             self.counters.refused(refusal.code)
             event(log, "call.dial_refused", logging.INFO, device=link.name, callee=dial.callee,

@@ -184,3 +184,43 @@ async def test_any_server_lists_the_whole_tree_s_devices_with_their_state(tree: 
                                 params={"scope": "everything"}) as response:
         assert response.status == 400 and (await response.json())["error"]["code"] == "bad_query"
     await caller.hangup(call)
+
+
+async def test_the_command_line_runs_a_one_call_scenario(tree: Tree, tmp_path):
+    """``python -m endpoint --call ADDRESS --scenario FILE``: the device dials, the callee
+    (a scripted device of the tree) rings 0.6 s, answers, and hangs up itself after 1.5 s, as
+    the scenario says; the command reads the same scenario format as ``probe load``."""
+    scenario = tmp_path / "call.toml"
+    scenario.write_text('name = "ring-then-callee-hangs-up"\n'
+                        'steps = [{dial = {from = "device"}}, {ring = 0.6}, '
+                        '{hold = 1.5}, {hangup = {by = "callee"}}]\n')
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "endpoint", "--server", tree.lowers["lower-a"].url,
+        "--device", "bench", "--size", "320x240", "--fps", "15", "--media-address",
+        "127.0.0.1", "--call", "lower-b/cam-2", "--scenario", str(scenario), "--json",
+        "--connect-timeout", "20", stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, (stdout.decode()[-2000:], stderr.decode()[-2000:])
+    result = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert result["ok"] and result["reason"] == "hangup", result
+    timeline = result["info"]["timeline"]
+    assert 0.55 <= timeline["t_answered"] - timeline["t_callee_woken"] <= 1.2, timeline
+    up = max(timeline["t_first_frame_callee"], timeline["t_first_frame_caller"])
+    assert 1.3 <= timeline["t_end"] - up <= 2.5, timeline  # the callee hung up after its hold
+    callee = tree.devices["lower-b/cam-2"]
+    assert callee.ended[result["call"]].by == "local"  # it was the callee that hung up
+    bad = tmp_path / "api.json"
+    bad.write_text(json.dumps({"steps": [{"dial": {"from": "api"}}, {"hold": 1},
+                                         {"hangup": {}}]}))
+    refused = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "endpoint", "--server", tree.lowers["lower-a"].url,
+        "--device", "bench2", "--call", "lower-b/cam-2", "--scenario", str(bad),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, err = await asyncio.wait_for(refused.communicate(), 30)
+    assert refused.returncode == 2 and "endpoint --call dials from the device" in err.decode()

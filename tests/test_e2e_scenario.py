@@ -1,4 +1,4 @@
-"""A probe load with a scenario (probe/scenario.py) over real servers and devices: callees
+"""A probe load with a scenario (wire/scenario.py) over real servers and devices: callees
 ring 1-3 s, one in five declines, the callee hangs up after the hold. The run reports what was
 configured: ``declined`` for the declines it drew, ``answered_ms`` spread over the ring times,
 and every call ended as its plan said (none counted as a failure)."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from probe.load import LoadSettings, run_load
-from probe.scenario import Scenario
 from wire.client import discover
+from wire.scenario import Scenario
 
 from .conftest import make_tree
 from .test_e2e_probe import packet_tree

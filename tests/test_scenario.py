@@ -1,4 +1,4 @@
-"""Call scenarios as data (probe/scenario.py): parsing, refusals that say what is wrong, and
+"""Call scenarios as data (wire/scenario.py): parsing, refusals that say what is wrong, and
 the draws a load gives its calls."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from probe.load import LoadSettings
-from probe.scenario import Dist, Plan, Scenario
+from wire.scenario import Dist, Plan, Scenario
 
 DECLINING = {"name": "ring-and-decline",
              "steps": [{"dial": {"from": "api"}}, {"ring": {"uniform": [1, 3]}},

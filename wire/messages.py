@@ -353,7 +353,7 @@ Seconds = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
 
 class Script(Body, frozen=True):
     """What scripted devices do in a call: a load's scenario step by step (``probe load
-    --scenario``, probe/scenario.py). It travels with the call (``POST /v1/calls``, then
+    --scenario``, wire/scenario.py). It travels with the call (``POST /v1/calls``, then
     ``call_setup``) to both devices' ``wake``. A device that rings for a person
     (``--answer ring``) ignores it; so may any device nobody here wrote."""
 
@@ -539,6 +539,8 @@ class Dial(Message, frozen=True, tag="dial"):
     media_mode: MediaMode = "full"
     #: the device's own number for this request, given back in ``dialed``
     seq: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = 0
+    #: what scripted devices do in this call (a scenario: ``endpoint --call --scenario``)
+    script: Script | None = None
 
 
 class FirstFrame(_Moment, frozen=True, tag="first_frame"):

@@ -11,8 +11,8 @@ A scenario file (JSON, or TOML with ``.toml``) lists steps in order::
                {"hold": {"uniform": [2, 4]}},
                {"hangup": {"by": "callee"}}]}
 
-- ``dial``: ``from`` ``api`` (``POST /v1/calls`` at the caller's server; the only source a load
-  can start today, see docs/probe.md);
+- ``dial``: ``from`` ``api`` (``POST /v1/calls`` at the caller's server: what ``probe load``
+  does) or ``device`` (the caller dials itself: what ``endpoint --call --scenario`` does);
 - ``ring``: the callee rings this long before it answers (or declines); left out: it answers
   as it wakes;
 - ``answer``: with ``probability`` P it answers, else it declines (the call ends ``declined``:
@@ -114,7 +114,7 @@ class Scenario:
         return cls(hold=Dist("fixed", hold_s))
 
     @classmethod
-    def load(cls, path: str | Path) -> Scenario:
+    def load(cls, path: str | Path, dialer: str = "api") -> Scenario:
         path = Path(path)
         try:
             text = path.read_text()
@@ -125,10 +125,12 @@ class Scenario:
         except (ValueError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"scenario {path}: not valid {path.suffix[1:] or 'JSON'}: "
                              f"{exc}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(data, str(path), dialer)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "scenario") -> Scenario:
+    def from_dict(cls, data: Any, where: str = "scenario", dialer: str = "api") -> Scenario:
+        """``dialer``: how the runner reading it starts calls (``api``: the probe's load;
+        ``device``: endpoint --call); a ``dial`` step that names another is refused."""
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
             raise ValueError(f"{where}: expected {{\"name\": ..., \"steps\": [...]}}")
         unknown = set(data) - {"name", "steps"}
@@ -154,10 +156,13 @@ class Scenario:
             if needed not in found:
                 raise ValueError(f"{where}: a scenario needs a {needed} step")
         dial = _options(found["dial"], {"from"}, f"{where}: dial")
-        dial_from = dial.get("from", "api")
-        if dial_from != "api":
-            raise ValueError(f"{where}: dial from {dial_from!r}: a load dials from the API "
-                             "(\"api\"); a device dials with endpoint --call")
+        dial_from = dial.get("from", dialer)
+        if dial_from != dialer:
+            runner = "a probe load dials from the API (\"api\")" if dialer == "api" else \
+                "endpoint --call dials from the device (\"device\")"
+            raise ValueError(f"{where}: dial from {dial_from!r}: {runner}; the other is "
+                             + ("endpoint --call --scenario" if dialer == "api" else
+                                "probe load --scenario"))
         answer = _options(found.get("answer", {}), {"probability"}, f"{where}: answer")
         probability = answer.get("probability", 1.0)
         if not isinstance(probability, int | float) or not 0 <= probability <= 1:
