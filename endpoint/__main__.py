@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario:
             if not args.call:
                 raise ValueError("--scenario goes with --call (the call it describes)")
-            args.scenario_plan = Scenario.load(args.scenario, dialer="device").plan(
+            args.scenario_plan = Scenario.load(args.scenario, dialers=("device",)).plan(
                 random.Random())
         settings = DeviceSettings(width=args.size[0], height=args.size[1], fps=args.fps,
                                   video=args.video)

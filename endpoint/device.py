@@ -83,6 +83,7 @@ from wire.messages import (
     Message,
     Offer,
     Pickup,
+    PlaceCall,
     Register,
     Registered,
     Role,
@@ -725,7 +726,8 @@ class Device:
     # ------------------------------------------------------------------ what a person does
 
     async def dial(self, callee: str, media_mode: MediaMode = "full",
-                   timeout_s: float = 10.0, script: Script | None = None) -> str:
+                   timeout_s: float = 10.0, script: Script | None = None,
+                   ref: int | None = None) -> str:
         """Start a call from this device to ``callee`` (an address anywhere in the tree):
         its call id. Raises DialError with the server's refusal code (as ``POST /v1/calls``
         would give it), ConnectionError when not registered, TimeoutError without a reply."""
@@ -738,7 +740,7 @@ class Device:
         self._dials[seq] = future
         try:
             if not await channel.send(Dial(callee=callee, media_mode=media_mode, seq=seq,
-                                           script=script)):
+                                           script=script, ref=ref)):
                 raise ConnectionError(f"{self.id} lost its server link while dialing")
             async with asyncio.timeout(timeout_s):
                 call = await future
@@ -872,6 +874,13 @@ class Device:
                 phone.offer = message  # answered at pickup
             else:
                 await self._answer(channel, message)
+        elif isinstance(message, PlaceCall):
+            if self.settings.answer != "auto":  # a person's phone: a person dials
+                await self._refuse(channel, message, "protocol_error",
+                                   f"{self.id} rings for a person (--answer "
+                                   f"{self.settings.answer}): it dials only when a person does")
+                return
+            self.tasks.spawn(self._place(message), f"place-{message.ref}")
         elif isinstance(message, Dialed):
             future = self._dials.get(message.seq)
             if future is not None and not future.done():
@@ -912,6 +921,18 @@ class Device:
             self.on_ring(wake)
         elif scripted_ring and script is not None:
             self.tasks.spawn(self._ring_out(wake.call, script), f"{wake.call}-ring")
+
+    async def _place(self, place: PlaceCall) -> None:
+        """Dial as the server asked (a scenario's dial from the device)."""
+        try:
+            call = await self.dial(place.callee, place.media_mode, script=place.script,
+                                   ref=place.ref)
+        except (DialError, ConnectionError, TimeoutError) as exc:
+            event(log, "device.place_failed", logging.WARNING, device=self.id,
+                  callee=place.callee, ref=place.ref, error=str(exc))
+            return
+        event(log, "device.placed", call=call, device=self.id, callee=place.callee,
+              ref=place.ref)
 
     async def _ring_out(self, call_id: str, script: Script) -> None:
         """A scripted callee: ring for the script's time, then pick up or decline."""

@@ -235,14 +235,15 @@ async def run_call(session: aiohttp.ClientSession, servers: list[Server], caller
         hold_s = plan.hold_s
         result.expected_end = plan.expected_end
         result.plan = {"ring_s": plan.ring_s, "declines": plan.declines, "hold_s": plan.hold_s,
-                       "hangup_by": plan.hangup_by}
+                       "hangup_by": plan.hangup_by, "dial_from": plan.dial_from}
         if plan != Plan(hold_s=plan.hold_s):  # anything but today's call: the devices' part
             script = plan.script
             # ringing is a person's time, not setup time: the servers stop the setup clock
             setup_timeout_s += plan.ring_s
     result.timeline["t_sent"] = scheduled if scheduled is not None else time.time()
     try:
-        info = await client.create_call(device.address, callee, media=media, script=script)
+        info = await client.create_call(device.address, callee, media=media, script=script,
+                                        dial_from=plan.dial_from if plan else "api")
     except ProbeError as exc:
         result.timeline["t_response"] = time.time()
         result.reason = result.error = exc.code

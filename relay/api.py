@@ -23,6 +23,7 @@ from relay.gateway import OWN_AUTH_PREFIXES, setup_gateway_routes
 from relay.lower import device_link, device_page
 from relay.node import Node
 from relay.openapi import openapi
+from relay.switch import Placing
 from relay.upper import child_link
 from wire.auth import bearer, probe_identity
 from wire.http import error_response, read_body
@@ -198,6 +199,8 @@ async def post_call(request: web.Request) -> web.Response:
     node = request.app[NODE]
     command = CreateCall.from_dict(await read_json(request))
     call = node.feed(node.core.create_call, command)
+    if isinstance(call, Placing):  # the caller dials it itself: the call it dialed
+        call = await node.placed(call.ref, node.core.timeouts.wake + 1.0)
     if isinstance(call, Refused):
         raise call
     info = replace(node.call_info(call),

@@ -243,6 +243,21 @@ class Node:
     def call_info(self, call: Call) -> CallInfo:
         return self.core.call_info(call)
 
+    async def placed(self, ref: int, timeout: float) -> Call | Refused:
+        """What came of a call a device was asked to dial (Switch.placing): the call it
+        dialed, or the refusal (``no_dial`` by the core's own deadline)."""
+        core = self.core
+        try:
+            async with asyncio.timeout(timeout):
+                while ref not in core.placed:
+                    await self._changed.wait()
+            return core.placed.pop(ref)
+        except TimeoutError:
+            return Refused(Code.NO_DIAL, f"no outcome of place_call {ref} within {timeout:g} s")
+        finally:  # the request is gone (answered, timed out, or its client left)
+            core.placing.pop(ref, None)
+            core.placed.pop(ref, None)
+
     async def wait_for(self, call_id: str, states: set[CallState], timeout: float) -> None:
         """Wait until the call is in one of ``states`` (or ended), at most ``timeout`` seconds."""
         def reached() -> bool:

@@ -25,9 +25,11 @@ type): a pair that is not in the table is refused, and nothing changes.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from msgspec.structs import replace
 
@@ -75,6 +77,7 @@ from wire.messages import (
     Message,
     Offer,
     Pickup,
+    PlaceCall,
     Register,
     Role,
     Stats,
@@ -113,6 +116,17 @@ def new_call_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+@dataclass(frozen=True)
+class Placing:
+    """A call the caller's device was asked to dial itself (``place_call``, for ``POST
+    /v1/calls`` with ``dial_from: device``): its ``dial`` with ``ref`` makes the call, by
+    ``deadline`` (else ``no_dial``). :attr:`Switch.placed` holds the outcome."""
+
+    ref: int
+    device: str
+    deadline: float
+
+
 class Switch:
     """Calls at one server: set up, carried and ended; the entry point for everything the
     server's I/O layer feeds the core."""
@@ -143,6 +157,10 @@ class Switch:
         self._timers: list[tuple[float, str]] = []
         #: when the directory changes waiting now go out (None: none wait)
         self._flush_at: float | None = None
+        #: calls devices were asked to dial, by ref, and what came of each (read by the API)
+        self.placing: dict[int, Placing] = {}
+        self.placed: dict[int, Call | Refused] = {}
+        self._refs = itertools.count(1)
 
     @property
     def name(self) -> str:
@@ -174,16 +192,18 @@ class Switch:
     # ------------------------------------------------------------------ the probe's commands
 
     def create_call(self, request: CreateCall, now: float,
-                    dial: Dial | None = None) -> Call | Refused:
+                    dial: Dial | None = None) -> Call | Placing | Refused:
         """``POST /v1/calls`` at the caller's server, or the caller's own ``dial`` (answered
         with ``dialed`` ahead of its wake-up): the call, or the refusal (nothing changed; the
-        caller counts it: the API's error middleware, or :meth:`_dial`, once)."""
+        caller counts it: the API's error middleware, or :meth:`_dial`, once). With
+        ``dial_from: device``, the :class:`Placing`: the caller is asked to dial it."""
         try:
             return self._create_call(request, now, dial)
         except Refused as refusal:
             return refusal
 
-    def _create_call(self, request: CreateCall, now: float, dial: Dial | None) -> Call:
+    def _create_call(self, request: CreateCall, now: float,
+                     dial: Dial | None) -> Call | Placing:
         started_by = "api" if dial is None else "device"
         refusal = admit("call", self.name, self.limits, self.draining, len(self.sessions))
         if refusal is not None:
@@ -207,6 +227,8 @@ class Switch:
                           f"{local_callee.address if local_callee else request.callee} "
                           f"({local_callee.kind if local_callee else '?'}) have no direction "
                           "in which one sends what the other receives", "callee")
+        if request.dial_from == "device" and dial is None:
+            return self._place(caller, request, now)
         call = Call(self.new_call_id(), caller.address, "", now, self.timeouts,
                     media_mode=request.media_mode, path=[self.name], started_by=started_by,
                     directions=directions, script=request.script)
@@ -242,12 +264,40 @@ class Switch:
               started_by=started_by)
         return call
 
+    def _place(self, caller: DeviceInfo, request: CreateCall, now: float) -> Placing:
+        """Ask the caller's device to dial the call itself; the API waits for its ``dial``."""
+        if caller.kind != "device":
+            raise Refused(Code.NO_DIAL, f"{caller.address} is a {caller.kind} session: it does "
+                          "not dial", "dial_from")
+        placing = Placing(next(self._refs), caller.id, now + self.timeouts.wake)
+        self.placing[placing.ref] = placing
+        self.outbox.send(Link("device", caller.id), PlaceCall(
+            callee=request.callee, ref=placing.ref, media_mode=request.media_mode,
+            script=request.script))
+        event(log, "call.place", device=caller.id, callee=request.callee, ref=placing.ref)
+        return placing
+
+    def _placed(self, ref: int, outcome: Call | Refused) -> None:
+        self.placing.pop(ref, None)
+        self.placed[ref] = outcome
+        self.outbox.add(CallChanged(outcome.id if isinstance(outcome, Call) else ""))
+
     def _dial(self, link: Link, dial: Dial, now: float) -> None:
         """A device starts a call: as ``POST /v1/calls`` with it as the caller. Answered with
-        ``dialed`` ahead of its wake-up, or an error with the refusal's code."""
-        refusal = self.create_call(CreateCall(caller=link.name, callee=dial.callee,
-                                              media_mode=dial.media_mode, script=dial.script),
-                                   now, dial)
+        ``dialed`` ahead of its wake-up, or an error with the refusal's code. A dial with a
+        ``ref`` carries out a ``place_call``: its outcome is the command's."""
+        placing = self.placing.get(dial.ref) if dial.ref is not None else None
+        if dial.ref is not None and (placing is None or placing.device != link.name):
+            refusal: Call | Placing | Refused = Refused(
+                Code.NO_DIAL, f"no place_call {dial.ref} waits for {link.name} (it timed out, "
+                "or was another device's)", "ref")
+        else:
+            refusal = self.create_call(CreateCall(caller=link.name, callee=dial.callee,
+                                                  media_mode=dial.media_mode,
+                                                  script=dial.script), now, dial)
+            if placing is not None:
+                assert not isinstance(refusal, Placing)
+                self._placed(placing.ref, refusal)
         if isinstance(refusal, Refused):
             self.counters.refused(refusal.code)
             event(log, "call.dial_refused", logging.INFO, device=link.name, callee=dial.callee,
@@ -320,6 +370,12 @@ class Switch:
     def _peer_error(self, link: Link, message: Error, now: float) -> None:
         event(log, "peer.error", logging.WARNING, peer=str(link), code=message.code,
               reason=message.message, field=message.field, call=message.call, ref=message.ref)
+        if message.ref == PlaceCall.TYPE and link.kind == "device":
+            # the device will not dial: its oldest place_call is refused with its words
+            placing = next((p for p in self.placing.values() if p.device == link.name), None)
+            if placing is not None:
+                self._placed(placing.ref, Refused(Code.NO_DIAL, f"{link.name} would not dial: "
+                                                  f"{message.message}", "dial_from"))
 
     def _directory(self, link: Link, update: Directory, now: float) -> None:
         refused = self.membership.update(link, update)
@@ -703,8 +759,9 @@ class Switch:
             heapq.heappop(timers)  # that call moved on
         if self._flush_at is None and self.outbox.directory_pending:
             self._flush_at = now + DIRECTORY_FLUSH_S
+        placing = min((p.deadline for p in self.placing.values()), default=None)
         found = [t for t in (timers[0][0] if timers else None, self.ended.next_expiry(),
-                             self._flush_at) if t is not None]
+                             self._flush_at, placing) if t is not None]
         return min(found) if found else None
 
     def handle_timer(self, now: float) -> None:
@@ -724,6 +781,11 @@ class Switch:
                 event(log, "call.close_timeout", logging.WARNING, call=call_id,
                       caller=call.caller, callee=call.callee)
                 self.outbox.add(CallChanged(call_id))
+        for placing in [p for p in self.placing.values() if p.deadline <= now]:
+            event(log, "call.no_dial", logging.WARNING, device=placing.device, ref=placing.ref)
+            self._placed(placing.ref, Refused(
+                Code.NO_DIAL, f"{placing.device} was asked to dial and did not within "
+                f"{self.timeouts.wake:g} s (it follows no scripts, or is stuck)", "dial_from"))
         self.ended.expire(now)
         if self._flush_at is not None and now >= self._flush_at:
             self._flush_at = None

@@ -38,13 +38,16 @@ from wire.messages import (
     Announce,
     Answer,
     CreateCall,
+    Dial,
     Directory,
+    Error,
     FirstFrame,
     Hangup,
     MediaStats,
     Message,
     Offer,
     Pickup,
+    PlaceCall,
     Register,
     ServerEntry,
     Stats,
@@ -66,6 +69,8 @@ class FakeDevice:
     answers_wake: bool = True  #: False: a device that registered and then went quiet
     rings: bool = False  #: as the callee: ring, and answer only when picked up (``pickup``)
     first_frame: bool = True  #: False: it decodes nothing (it receives no media)
+    #: asked to dial (``place_call``): "dial" does, "refuse" answers an error, "ignore" nothing
+    places: str = "dial"
     received: list[Message] = field(default_factory=list)
     calls: dict[str, str] = field(default_factory=dict)  #: call -> role, while in it
     held: dict[str, Offer] = field(default_factory=dict)  #: offers that came while ringing
@@ -73,6 +78,14 @@ class FakeDevice:
     def handle(self, message: Message, now: float) -> list[Message]:
         self.received.append(message)
         if not self.answers_wake:
+            return []
+        if isinstance(message, PlaceCall):
+            if self.places == "dial":
+                return [Dial(callee=message.callee, seq=message.ref, ref=message.ref,
+                             script=message.script)]
+            if self.places == "refuse":
+                return [Error(code="protocol_error", message="a person dials here",
+                              ref=message.TYPE)]
             return []
         if isinstance(message, Wake):
             self.calls[message.call] = message.role

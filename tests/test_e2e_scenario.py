@@ -5,16 +5,20 @@ and every call ended as its plan said (none counted as a failure)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from probe.load import LoadSettings, run_load
-from wire.client import discover
+from wire.client import ProbeError, ServerClient, discover
 from wire.scenario import Scenario
 
-from .conftest import make_tree
+from .conftest import DEVICE_SETTINGS, make_tree
 from .test_e2e_probe import packet_tree
 
 pytestmark = pytest.mark.e2e
+
+RING = replace(DEVICE_SETTINGS, answer="ring")
 
 SCENARIO = {"name": "ring-decline-callee-hangs-up",
             "steps": [{"dial": {"from": "api"}}, {"ring": {"uniform": [1, 3]}},
@@ -52,3 +56,32 @@ async def test_a_load_rings_declines_and_hangs_up_as_its_scenario_says():
             assert 0.9 <= held <= 2.0, r.timeline  # the callee hung up after its hold
     answered = summary["figures"]["total"]["phases"]["answered_ms"]
     assert 1000 <= answered["p50"] <= 3600, answered
+
+
+async def test_a_load_whose_calls_are_dialled_by_the_devices():
+    """``{"dial": {"from": "device"}}``: the probe asks the caller's server (``dial_from:
+    device``), which asks the caller to dial (``place_call``); the command answers with the call
+    the device dialled. A device that rings for a person will not: ``no_dial`` at once."""
+    scenario = {"name": "devices-dial", "steps": [{"dial": {"from": "device"}}, {"hold": 1.0},
+                                                  {"hangup": {"by": "caller"}}]}
+    async with make_tree() as tree:
+        await packet_tree(tree, 4)
+        servers = await discover(tree.session, tree.urls)
+        settings = LoadSettings(rate=2, duration_s=2.0, seed=3, max_lag_ms=500,
+                                scenario=Scenario.from_dict(scenario))
+        report = await run_load(tree.session, servers, settings)
+        results = report.results
+        assert len(results) == report.started >= 3
+        for r in results:
+            assert r.ok and r.reason == "hangup", r.to_dict()
+            assert r.plan["dial_from"] == "device"
+        infos = [await ServerClient(tree.session, tree.lowers[r.server].url).call(r.call)
+                 for r in results]
+        assert {info.started_by for info in infos} == {"device"}
+        person = await tree.add_device("lower-a", "desk", RING)
+        client = ServerClient(tree.session, tree.lowers["lower-a"].url)
+        with pytest.raises(ProbeError) as refused:
+            await client.create_call("lower-a/desk", "lower-b/b0", dial_from="device")
+        assert refused.value.code == "no_dial" and "dials only when a person does" in str(
+            refused.value)
+        assert not person.phones

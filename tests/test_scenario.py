@@ -65,7 +65,7 @@ def test_a_seeded_load_gives_each_slot_the_same_draws_in_every_shard():
     ([{"dial": {}}, {"answer": {"probability": 2}}, {"hold": 1}, {"hangup": {}}],
      "between 0 and 1"),
     ([{"dial": {}}, {"hold": 1}, {"hangup": {"by": "nobody"}}], "probe, caller or callee"),
-    ([{"dial": {"from": "device"}}, {"hold": 1}, {"hangup": {}}], "endpoint --call"),
+    ([{"dial": {"from": "phone"}}, {"hold": 1}, {"hangup": {}}], "\"api\" or \"device\""),
     ([{"dial": {"form": "api"}}, {"hold": 1}, {"hangup": {}}], "unknown option"),
 ])
 def test_a_bad_scenario_is_refused_saying_what_is_wrong(steps, says):

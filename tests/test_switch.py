@@ -11,13 +11,16 @@ import pytest
 from relay.admission import Limits
 from relay.call import CallState, Timeouts
 from relay.effects import DIRECTORY_FLUSH_S, Link, StartMedia, StopMedia
-from relay.switch import carried
+from relay.switch import Placing, carried
 from wire.messages import (
     CallSetup,
     CallUpdate,
+    CreateCall,
     DeviceInfo,
+    Dial,
     Error,
     Hangup,
+    PlaceCall,
     Register,
     Wake,
     Woken,
@@ -599,3 +602,50 @@ def test_a_peer_that_breaks_the_call_table_is_told_and_nothing_changes() -> None
     assert "already recorded" in error.message
     assert b.find_call(call).timeline["t_callee_woken"] == woken
     assert b.find_call(call).state is CallState.RINGING
+
+
+# ---------------------------------------------------------------------- a device asked to dial
+
+
+def test_a_device_asked_to_dial_makes_the_call_the_command_answers_with() -> None:
+    tree = FakeTree(TREES[1])
+    caller = tree.register("lower-a", "cam")
+    tree.register("lower-b", "cam-b")
+    a = tree.servers["lower-a"]
+    placing = a.create_call(CreateCall(caller="lower-a/cam", callee="lower-b/cam-b",
+                                       dial_from="device"), tree.now)
+    assert isinstance(placing, Placing) and not a.sessions
+    tree._drain("lower-a")
+    tree.pump()
+    place = next(m for m in caller.received if isinstance(m, PlaceCall))
+    assert place.ref == placing.ref and place.callee == "lower-b/cam-b"
+    call = a.placed.pop(placing.ref)
+    assert call.started_by == "device" and call.state is CallState.ACTIVE
+    assert (not a.placing and a.timer(tree.now) is None) or a.timer(tree.now) > tree.now
+
+
+@pytest.mark.parametrize("places", ["ignore", "refuse"])
+def test_a_device_that_will_not_dial_is_no_dial_by_the_cores_deadline(places: str) -> None:
+    tree = FakeTree(TREES[1], timeouts=Timeouts(wake=2.0))
+    tree.register("lower-a", "phone", places=places)
+    tree.register("lower-b", "cam-b")
+    a = tree.servers["lower-a"]
+    start = tree.now
+    placing = a.create_call(CreateCall(caller="lower-a/phone", callee="lower-b/cam-b",
+                                       dial_from="device"), start)
+    tree._drain("lower-a")
+    tree.pump()
+    if places == "refuse":  # said so at once: refused with its words
+        refusal = a.placed[placing.ref]
+        assert refusal.code == "no_dial" and "a person dials here" in refusal.message
+        return
+    assert a.timer(start) == start + 2.0 and placing.ref not in a.placed
+    a.handle_timer(start + 1.99)
+    assert placing.ref not in a.placed
+    a.handle_timer(start + 2.0)
+    assert a.placed[placing.ref].code == "no_dial" and not a.placing
+    # its dial, too late, is refused, and makes no call
+    tree.from_device("lower-a", "phone", Dial(callee="lower-b/cam-b", seq=9, ref=placing.ref))
+    error = tree.devices[("lower-a", "phone")].received[-1]
+    assert isinstance(error, Error) and error.code == "no_dial" and error.ref == "dial"
+    assert not a.sessions

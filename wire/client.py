@@ -118,9 +118,9 @@ class ServerClient:
         return self._parse(DeviceList, await self._get("/v1/devices")).devices
 
     async def create_call(self, caller: str, callee: str, media: str = "full",
-                          script: Script | None = None) -> CallInfo:
+                          script: Script | None = None, dial_from: str = "api") -> CallInfo:
         body = CreateCall(caller=caller, callee=callee, media_mode=media,  # type: ignore[arg-type]
-                          script=script).to_dict()
+                          script=script, dial_from=dial_from).to_dict()  # type: ignore[arg-type]
         status, data = await self._request("POST", "/v1/calls", body)
         return self._parse(CallInfo, self._check(status, data))
 

@@ -541,6 +541,8 @@ class Dial(Message, frozen=True, tag="dial"):
     seq: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = 0
     #: what scripted devices do in this call (a scenario: ``endpoint --call --scenario``)
     script: Script | None = None
+    #: the ``place_call`` this dial carries out (its ``ref``), when the server asked for it
+    ref: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] | None = None
 
 
 class FirstFrame(_Moment, frozen=True, tag="first_frame"):
@@ -557,6 +559,18 @@ class Stats(Message, frozen=True, tag="stats"):
 
 
 # Lower server -> device.
+
+
+class PlaceCall(Message, frozen=True, tag="place_call"):
+    """The server asks a scripted device to dial ``callee`` itself (``POST /v1/calls`` with
+    ``dial_from: device``: a probe scenario's dial from the device). A device that follows
+    scripts answers with ``dial`` carrying ``ref``, within 5 s; any other answers ``error``
+    (or nothing) and the command is refused ``no_dial``."""
+
+    callee: Address
+    ref: Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+    media_mode: MediaMode = "full"
+    script: Script | None = None
 
 
 class Dialed(Message, frozen=True, tag="dialed"):
@@ -732,7 +746,7 @@ def _registry(*classes: type[Message]) -> dict[str, type[Message]]:
     return types
 
 
-_TYPES = _registry(Error, Heartbeat, Register, Registered, Woken, Pickup, Dial, Dialed,
+_TYPES = _registry(Error, Heartbeat, Register, Registered, Woken, Pickup, Dial, Dialed, PlaceCall,
                    FirstFrame, Stats, Wake, Offer, Answer, Hangup, Announce, Welcome, Directory,
                    CallSetup, CallAccept, CallUpdate)
 _DECODER = msgspec.json.Decoder(typing.Union[tuple(_TYPES.values())])  # type: ignore[misc]  # noqa: UP007
@@ -777,7 +791,7 @@ def message_types() -> dict[str, type[Message]]:
 DEVICE_TO_SERVER: tuple[type[Message], ...] = (
     Register, Heartbeat, Woken, Pickup, Dial, Answer, FirstFrame, Stats, Hangup, Error)
 SERVER_TO_DEVICE: tuple[type[Message], ...] = (
-    Registered, Heartbeat, Wake, Dialed, Offer, Hangup, Error)
+    Registered, Heartbeat, Wake, Dialed, PlaceCall, Offer, Hangup, Error)
 CHILD_TO_PARENT: tuple[type[Message], ...] = (
     Announce, Directory, Heartbeat, CallSetup, CallAccept, Offer, Answer, CallUpdate, Hangup,
     Error)
@@ -798,6 +812,9 @@ class CreateCall(Body, frozen=True):
     media_mode: MediaMode = "full"
     #: what scripted devices do in this call (ring, decline, who hangs up, when)
     script: Script | None = None
+    #: "device": the caller's server asks the caller to dial the call itself (``place_call``)
+    #: and answers with the call it dialed (``started_by: device``), or ``no_dial``
+    dial_from: Literal["api", "device"] = "api"
 
 
 class CallInfo(Body, frozen=True):

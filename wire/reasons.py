@@ -79,6 +79,8 @@ class Code(enum.StrEnum):
     # the callee's answer (a device that rings: wire/messages.py Woken.ringing)
     DECLINED = "declined"
     NO_ANSWER = "no_answer"
+    # a device asked to dial (POST /v1/calls with dial_from: device) that did not
+    NO_DIAL = "no_dial"
     # the probe's own, when a request fails
     TIMEOUT = "timeout"
     BAD_RESPONSE = "bad_response"
@@ -217,6 +219,9 @@ REASONS: dict[Code, Reason] = _table(
            "the callee was rung and declined the call (a person, or `--answer decline`)"),
     Reason(Code.NO_ANSWER, "remote", None, "no_answer",
            "the callee rang and nobody answered in time (--ring-timeout, 30 s)"),
+    Reason(Code.NO_DIAL, "remote", 504, "timeout",
+           "the caller was asked to dial the call itself (dial_from: device) and did not within "
+           "5 s: it follows no scripts (a person's phone), said why not, or is stuck"),
     Reason(Code.TIMEOUT, "network", None, "timeout",
            "the probe's request got no answer in time", probe_only=True),
     Reason(Code.BAD_RESPONSE, "remote", None, "rejected",

@@ -11,8 +11,9 @@ A scenario file (JSON, or TOML with ``.toml``) lists steps in order::
                {"hold": {"uniform": [2, 4]}},
                {"hangup": {"by": "callee"}}]}
 
-- ``dial``: ``from`` ``api`` (``POST /v1/calls`` at the caller's server: what ``probe load``
-  does) or ``device`` (the caller dials itself: what ``endpoint --call --scenario`` does);
+- ``dial``: ``from`` ``api`` (``POST /v1/calls`` at the caller's server) or ``device`` (the
+  caller dials itself: ``probe load`` asks the caller's server to have it dial, with
+  ``dial_from: device``; ``endpoint --call --scenario`` is that device);
 - ``ring``: the callee rings this long before it answers (or declines); left out: it answers
   as it wakes;
 - ``answer``: with ``probability`` P it answers, else it declines (the call ends ``declined``:
@@ -114,7 +115,8 @@ class Scenario:
         return cls(hold=Dist("fixed", hold_s))
 
     @classmethod
-    def load(cls, path: str | Path, dialer: str = "api") -> Scenario:
+    def load(cls, path: str | Path,
+             dialers: tuple[str, ...] = ("api", "device")) -> Scenario:
         path = Path(path)
         try:
             text = path.read_text()
@@ -125,12 +127,13 @@ class Scenario:
         except (ValueError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"scenario {path}: not valid {path.suffix[1:] or 'JSON'}: "
                              f"{exc}") from None
-        return cls.from_dict(data, str(path), dialer)
+        return cls.from_dict(data, str(path), dialers)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "scenario", dialer: str = "api") -> Scenario:
-        """``dialer``: how the runner reading it starts calls (``api``: the probe's load;
-        ``device``: endpoint --call); a ``dial`` step that names another is refused."""
+    def from_dict(cls, data: Any, where: str = "scenario",
+                  dialers: tuple[str, ...] = ("api", "device")) -> Scenario:
+        """``dialers``: how the runner reading it can start calls (the first when the ``dial``
+        step does not say): the probe's load both, endpoint --call ``device`` only."""
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
             raise ValueError(f"{where}: expected {{\"name\": ..., \"steps\": [...]}}")
         unknown = set(data) - {"name", "steps"}
@@ -156,13 +159,12 @@ class Scenario:
             if needed not in found:
                 raise ValueError(f"{where}: a scenario needs a {needed} step")
         dial = _options(found["dial"], {"from"}, f"{where}: dial")
-        dial_from = dial.get("from", dialer)
-        if dial_from != dialer:
-            runner = "a probe load dials from the API (\"api\")" if dialer == "api" else \
-                "endpoint --call dials from the device (\"device\")"
-            raise ValueError(f"{where}: dial from {dial_from!r}: {runner}; the other is "
-                             + ("endpoint --call --scenario" if dialer == "api" else
-                                "probe load --scenario"))
+        dial_from = dial.get("from", dialers[0])
+        if dial_from not in ("api", "device"):
+            raise ValueError(f"{where}: dial from {dial_from!r}: \"api\" or \"device\"")
+        if dial_from not in dialers:
+            raise ValueError(f"{where}: dial from {dial_from!r}: endpoint --call dials from "
+                             "the device (\"device\"); probe load --scenario does either")
         answer = _options(found.get("answer", {}), {"probability"}, f"{where}: answer")
         probability = answer.get("probability", 1.0)
         if not isinstance(probability, int | float) or not 0 <= probability <= 1:
@@ -182,13 +184,14 @@ class Scenario:
         ring_s = self.ring.draw(rng) if self.ring is not None else 0.0
         declines = self.answer_probability < 1.0 and rng.random() >= self.answer_probability
         return Plan(ring_s=round(ring_s, 3), declines=declines,
-                    hold_s=round(self.hold.draw(rng), 3), hangup_by=self.hangup_by)
+                    hold_s=round(self.hold.draw(rng), 3), hangup_by=self.hangup_by,
+                    dial_from=self.dial_from)
 
     @property
     def scripted(self) -> bool:
         """The devices need the call's script (anything but today's call)."""
         return (self.ring is not None or self.answer_probability < 1.0
-                or self.hangup_by != "probe")
+                or self.hangup_by != "probe" or self.dial_from != "api")
 
     def to_dict(self) -> dict[str, Any]:
         steps: list[dict[str, Any]] = [{"dial": {"from": self.dial_from}}]
@@ -208,6 +211,7 @@ class Plan:
     declines: bool = False
     hold_s: float = 3.0
     hangup_by: str = "probe"
+    dial_from: str = "api"
 
     @property
     def script(self) -> Script:
