@@ -143,23 +143,31 @@ async def test_an_unanswered_call_ends_no_answer_after_the_ring_timeout():
         assert phone.ended[result.call].reason == "no_answer"
 
 
-async def test_the_command_line_dials_and_prints_figures_both_ways(tree: Tree):
-    """``python -m endpoint --call``: a separate process dials a device under the other lower
-    server, holds, hangs up, and prints what both directions carried."""
+async def endpoint_call(tree: Tree, *options: str, device: str = "bench"
+                        ) -> tuple[int | None, str, str]:
+    """``python -m endpoint --call ...`` under lower-a, run to its end: status, out, err."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "endpoint", "--server", tree.lowers["lower-a"].url,
-        "--device", "bench", "--size", "320x240", "--fps", "15", "--media-address",
-        "127.0.0.1", "--call", "lower-b/cam-2", "--hold", "2", "--json",
-        "--connect-timeout", "20", stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        "--device", device, "--size", "320x240", "--fps", "15", "--media-address",
+        "127.0.0.1", "--connect-timeout", "20", *options, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env)
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert proc.returncode == 0, (stdout.decode()[-2000:], stderr.decode()[-2000:])
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_the_command_line_dials_and_prints_figures_both_ways(tree: Tree):
+    """``python -m endpoint --call``: a separate process dials a device under the other lower
+    server, holds, hangs up, and prints what both directions carried."""
+    status, out, err = await endpoint_call(tree, "--call", "lower-b/cam-2", "--hold", "2",
+                                           "--json")
+    assert status == 0, (out[-2000:], err[-2000:])
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["ok"] and result["reason"] == "hangup"
     assert result["info"]["started_by"] == "device"
     assert result["info"]["caller"] == "lower-a/bench"
@@ -194,20 +202,10 @@ async def test_the_command_line_runs_a_one_call_scenario(tree: Tree, tmp_path):
     scenario.write_text('name = "ring-then-callee-hangs-up"\n'
                         'steps = [{dial = {from = "device"}}, {ring = 0.6}, '
                         '{hold = 1.5}, {hangup = {by = "callee"}}]\n')
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "endpoint", "--server", tree.lowers["lower-a"].url,
-        "--device", "bench", "--size", "320x240", "--fps", "15", "--media-address",
-        "127.0.0.1", "--call", "lower-b/cam-2", "--scenario", str(scenario), "--json",
-        "--connect-timeout", "20", stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, (stdout.decode()[-2000:], stderr.decode()[-2000:])
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
+    status, out, err = await endpoint_call(tree, "--call", "lower-b/cam-2", "--scenario",
+                                           str(scenario), "--json")
+    assert status == 0, (out[-2000:], err[-2000:])
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["ok"] and result["reason"] == "hangup", result
     timeline = result["info"]["timeline"]
     assert 0.55 <= timeline["t_answered"] - timeline["t_callee_woken"] <= 1.2, timeline
@@ -218,9 +216,6 @@ async def test_the_command_line_runs_a_one_call_scenario(tree: Tree, tmp_path):
     bad = tmp_path / "api.json"
     bad.write_text(json.dumps({"steps": [{"dial": {"from": "api"}}, {"hold": 1},
                                          {"hangup": {}}]}))
-    refused = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "endpoint", "--server", tree.lowers["lower-a"].url,
-        "--device", "bench2", "--call", "lower-b/cam-2", "--scenario", str(bad),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, err = await asyncio.wait_for(refused.communicate(), 30)
-    assert refused.returncode == 2 and "endpoint --call dials from the device" in err.decode()
+    status, _, err = await endpoint_call(tree, "--call", "lower-b/cam-2", "--scenario",
+                                         str(bad), device="bench2")
+    assert status == 2 and "endpoint --call dials from the device" in err

@@ -6,14 +6,15 @@ and every call ended as its plan said (none counted as a failure)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from probe.load import LoadSettings, run_load
+from probe.load import LoadReport, LoadSettings, run_load
 from wire.client import ProbeError, ServerClient, discover
 from wire.scenario import Scenario
 
-from .conftest import DEVICE_SETTINGS, make_tree
+from .conftest import DEVICE_SETTINGS, Tree, make_tree
 from .test_e2e_probe import packet_tree
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +27,17 @@ SCENARIO = {"name": "ring-decline-callee-hangs-up",
                       {"hangup": {"by": "callee"}}]}
 
 
+async def load(tree: Tree, per_server: int, scenario: dict, **settings: Any) -> LoadReport:
+    """Packet devices under both lower servers, and a seeded load running ``scenario``."""
+    await packet_tree(tree, per_server)
+    servers = await discover(tree.session, tree.urls)
+    return await run_load(tree.session, servers, LoadSettings(
+        max_lag_ms=500, scenario=Scenario.from_dict(scenario), **settings))
+
+
 async def test_a_load_rings_declines_and_hangs_up_as_its_scenario_says():
     async with make_tree() as tree:
-        await packet_tree(tree, 8)
-        servers = await discover(tree.session, tree.urls)
-        settings = LoadSettings(rate=3, duration_s=4.0, seed=11, max_lag_ms=500,
-                                scenario=Scenario.from_dict(SCENARIO))
-        report = await run_load(tree.session, servers, settings)
+        report = await load(tree, 8, SCENARIO, rate=3, duration_s=4.0, seed=11)
     results = [r for r in report.results if r.plan is not None]
     assert len(results) == report.started >= 8
     planned_declines = sum(r.plan["declines"] for r in results)
@@ -65,11 +70,7 @@ async def test_a_load_whose_calls_are_dialled_by_the_devices():
     scenario = {"name": "devices-dial", "steps": [{"dial": {"from": "device"}}, {"hold": 1.0},
                                                   {"hangup": {"by": "caller"}}]}
     async with make_tree() as tree:
-        await packet_tree(tree, 4)
-        servers = await discover(tree.session, tree.urls)
-        settings = LoadSettings(rate=2, duration_s=2.0, seed=3, max_lag_ms=500,
-                                scenario=Scenario.from_dict(scenario))
-        report = await run_load(tree.session, servers, settings)
+        report = await load(tree, 4, scenario, rate=2, duration_s=2.0, seed=3)
         results = report.results
         assert len(results) == report.started >= 3
         for r in results:

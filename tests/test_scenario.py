@@ -80,3 +80,11 @@ def test_a_missing_or_broken_file_says_so(tmp_path: Path):
     broken.write_text("{")
     with pytest.raises(ValueError, match="not valid json"):
         Scenario.load(broken)
+
+
+def test_the_shipped_scenarios_read():
+    shipped = sorted((Path(__file__).resolve().parent.parent / "deploy" / "scenarios").iterdir())
+    assert len(shipped) >= 2
+    for path in shipped:
+        scenario = Scenario.load(path)
+        assert scenario.scripted, path
