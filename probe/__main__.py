@@ -820,6 +820,15 @@ def describe_run(summary: dict[str, Any]) -> str:
                      f"lag p99 {run['probe'].get('loop_lag_ms_p99')} ms"
                      + (f", PROBE ERRORS {run['probe_errors']} (see its log)"
                         if run.get("probe_errors") else ""))
+        scenario = run.get("scenario") or {}
+        if scenario.get("name", "call") != "call":
+            total = run["figures"]["total"]
+            answered = total["phases"].get("answered_ms") or {}
+            media = total["phases"].get("answered_to_media_ms") or {}
+            lines.append(f"    scenario {scenario['name']}: {total.get('declined', 0)} of "
+                         f"{total['calls']} declined as planned; answered p50 "
+                         f"{answered.get('p50')} ms, p95 {answered.get('p95')} ms; answer to "
+                         f"media both ways p50 {media.get('p50')} ms, p95 {media.get('p95')} ms")
     callers = summary["figures"]["servers"]
     crossing = summary["figures"].get("crossing") or callers
     for name, figures in crossing.items():

@@ -143,6 +143,9 @@ class CallResult:
         if all(m in self.timeline for m in needed):
             last = max(self.timeline[m] for m in needed)
             out["setup_ms"] = round((last - sent) * 1000, 2)
+            if "t_answered" in self.timeline:  # the network's part once a person answered
+                out["answered_to_media_ms"] = round(
+                    (last - self.timeline["t_answered"]) * 1000, 2)
         elif self.media_mode == "none" and "t_callee_woken" in self.timeline:
             out["setup_ms"] = round((self.timeline["t_callee_woken"] - sent) * 1000, 2)
         if self.server_time_ms is not None:

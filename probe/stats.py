@@ -45,7 +45,7 @@ FAILURE_CLASSES = (
 #: tail is each direction's own p95 and max, so a server that stalls now and then shows in
 #: media too, not only in the typical frame).
 PHASES = ("response_ms", "server_time_ms", "caller_woken_ms", "callee_woken_ms", "answered_ms",
-          "setup_ms",
+          "setup_ms", "answered_to_media_ms",
           "first_frame_callee_ms", "first_frame_caller_ms", "media_latency_ms",
           "media_latency_p95_ms", "media_latency_max_ms", "audio_latency_ms", "video_kbps")
 

@@ -31,6 +31,8 @@ def build(command: str, runs: list[dict[str, Any]], servers: list[str], objectiv
         "objective_limits": dataclasses.asdict(objective),
         "objective_missed": missed, "objective_met": not any(missed.values()),
         "valid": all(run["valid"] for run in runs),
+        # what each call did (wire/scenario.py): the same in every run of the command
+        "scenario": runs[0].get("scenario") if runs else None,
         "runs": runs, "figures": total.summary(),
     }
 
