@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "under another lower server)")
     _common(c, devices=1, video="synthetic", sample=1.0)
     c.add_argument("--count", type=int, default=1, help="sequential calls to make")
+    c.add_argument("--scenario", type=Path, default=None, metavar="FILE",
+                   help="what each call does (as for load: docs/probe.md); its hold replaces "
+                        "--hold")
     load = sub.add_parser("load", help="open-loop load at a rate, figures per server")
     load.add_argument("--rate", type=float, required=True, help="calls started per second")
     _common(load, devices=10, video="packets")
@@ -372,7 +376,9 @@ def _ms(value: float | None) -> str:
 
 
 def describe_summary(summary: dict[str, Any]) -> str:
-    lines = [f"{summary['ok']} of {summary['calls']} calls carried media both ways"
+    declined = summary.get("declined", 0)
+    lines = [f"{summary['ok'] - declined} of {summary['calls']} calls carried media both ways"
+             + (f"; {declined} declined as their scenario said" if declined else "")
              + (f"; failures: {summary['failures']}" if summary["failures"] else "")]
     for name, fig in summary["figures"].items():
         digits = 2 if name.startswith("mos") else 1
@@ -405,6 +411,11 @@ async def command_call(args: argparse.Namespace) -> int:
 async def _calls(args: argparse.Namespace, session: aiohttp.ClientSession, urls: list[str],
                  servers: list[Server], results: list[CallResult],
                  credentials: Credentials) -> None:
+    try:
+        scenario = Scenario.load(args.scenario) if args.scenario else None
+    except ValueError as exc:
+        raise ProbeError("bad_arguments", str(exc)) from None
+    rng = random.Random()
     for i in range(args.count):
         if i:
             servers = await discover(session, urls, credentials)
@@ -415,7 +426,8 @@ async def _calls(args: argparse.Namespace, session: aiohttp.ClientSession, urls:
         else:
             caller, callee = pick_pair(servers, args.via)
         result = await run_call(session, servers, caller, callee, args.hold,
-                                args.setup_timeout, sample_s=args.sample or None)
+                                args.setup_timeout, sample_s=args.sample or None,
+                                plan=scenario.plan(rng) if scenario is not None else None)
         results.append(result)
         print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
         await wait_idle(session, servers,

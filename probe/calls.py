@@ -328,6 +328,7 @@ def summarize(results: list[CallResult]) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out: dict[str, Any] = {"calls": len(results), "ok": len(ok),
                            "success_rate": round(len(ok) / len(results), 4) if results else 0.0,
+                           "declined": sum(r.outcome.declined for r in results),
                            "failures": {}}
     for r in results:
         if not r.ok:

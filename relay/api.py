@@ -222,9 +222,12 @@ async def get_call(request: web.Request) -> web.Response:
     call_id = _call_id(request)
     wait = request.query.get("wait")
     if wait is not None:
-        states = {"active": {CallState.ACTIVE}, "ended": {CallState.ENDED}}.get(wait)
-        if states is None:
-            raise Refused(Code.BAD_QUERY, "wait must be 'active' or 'ended'", "wait")
+        order = list(CallState)  # waking, ringing, connecting, active, ending, ended
+        if wait not in order:
+            raise Refused(Code.BAD_QUERY, "wait must be a call state: "
+                          f"{', '.join(s.value for s in order)}", "wait")
+        # that state, or one after it (a state may be skipped: a callee that does not ring)
+        states = set(order[order.index(CallState(wait)):])
         try:
             timeout = float(request.query.get("timeout", "10"))
         except ValueError:

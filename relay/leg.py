@@ -54,6 +54,11 @@ class Leg:
         self._failed = False
         self._grace: asyncio.TimerHandle | None = None
         self.made_at = time.monotonic()
+        #: when its offer went out, and when the answer to it was applied (this leg offered):
+        #: the wait between is the far end's (a device that rings holds the offer until a
+        #: person answers), not the leg's setup, and is taken out of ice_ms and dtls_ms
+        self.offered_at: float | None = None
+        self.answer_ms: float | None = None
         self.ice_ms: float | None = None  #: made -> ICE connected
         self.dtls_ms: float | None = None  #: made -> DTLS done
         self.transceivers: dict[str, RTCRtpTransceiver] = {}
@@ -94,6 +99,7 @@ class Leg:
         restrict_host_candidates(self.pc, self.media.addresses)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         self.offer_sdp = self.pc.localDescription.sdp
+        self.offered_at = time.monotonic()
         return self.offer_sdp
 
     async def create_answer(self, sdp: str, directions: dict[str, str] | None = None) -> str:
@@ -116,7 +122,13 @@ class Leg:
         return self.pc.localDescription.sdp
 
     async def accept_answer(self, sdp: str) -> None:
+        if self.offered_at is not None and self.answer_ms is None:
+            self.answer_ms = round((time.monotonic() - self.offered_at) * 1000, 3)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    def _setup_ms(self) -> float:
+        """Since the leg was made, the far end's wait for its answer aside."""
+        return round((time.monotonic() - self.made_at) * 1000 - (self.answer_ms or 0.0), 3)
 
     def _sample_rtt(self, sender: RTCRtpSender) -> None:
         """Take each round trip from the RTCP reports answering this sender's (as aiortc
@@ -131,12 +143,12 @@ class Leg:
 
     async def _ice_state(self) -> None:
         if self.pc.iceConnectionState == "completed" and self.ice_ms is None:
-            self.ice_ms = round((time.monotonic() - self.made_at) * 1000, 3)
+            self.ice_ms = self._setup_ms()
 
     async def _state(self) -> None:
         state = self.pc.connectionState
         if state == "connected" and self.dtls_ms is None:
-            self.dtls_ms = round((time.monotonic() - self.made_at) * 1000, 3)
+            self.dtls_ms = self._setup_ms()
         event(log, "leg.state", call=self.call, leg=self.name, state=state)
         if self.closed or self._failed:
             return
@@ -174,8 +186,8 @@ class Leg:
                 far_jitter_ms = round(reception[1] * 1000 / VIDEO_CLOCK, 3)
         rtt_min_ms = round(self.rtt_min * 1000, 3) if self.rtt_min is not None else None
         return LegHop(toward=toward, peer=peer[:200], rtt_ms=rtt_ms, rtt_min_ms=rtt_min_ms,
-                      ice_ms=self.ice_ms,
-                      dtls_ms=self.dtls_ms, far_lost=far_lost, far_jitter_ms=far_jitter_ms)
+                      ice_ms=self.ice_ms, dtls_ms=self.dtls_ms, answer_ms=self.answer_ms,
+                      far_lost=far_lost, far_jitter_ms=far_jitter_ms)
 
     async def close(self) -> None:
         """Close once, to the end, even if the caller is cancelled while waiting."""

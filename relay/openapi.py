@@ -21,6 +21,7 @@ from wire.messages import (
     ServerList,
 )
 from wire.reasons import REASONS
+from wire.states import CallState
 
 REF = "#/components/schemas/{name}"
 BODIES = (CreateCall, CallInfo, CallList, DeviceList, ServerInfo, ServerList, ErrorBody)
@@ -82,7 +83,7 @@ def openapi(role: str) -> dict[str, Any]:
     call_id = {"name": "call", "in": "path", "required": True,
                "schema": {"type": "string", "pattern": CALL_ID_PATTERN}}
     wait = [{"name": "wait", "in": "query", "schema": {"type": "string",
-                                                        "enum": ["active", "ended"]}},
+                                                        "enum": [s.value for s in CallState]}},
             {"name": "timeout", "in": "query",
              "schema": {"type": "number", "minimum": 0, "maximum": 120}}]
 

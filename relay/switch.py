@@ -791,10 +791,6 @@ class Switch:
             self._flush_at = None
             self.outbox.flush_directory()
 
-    def tick(self, now: float) -> None:
-        """Everything due by ``now`` (tests move the clock with it)."""
-        self.handle_timer(now)
-
     def end_all(self, reason: Code, now: float) -> None:
         for session in list(self.sessions.values()):
             self._end(session, reason, now)

@@ -211,7 +211,7 @@ class FakeTree:
     def tick(self, seconds: float) -> None:
         self.now += seconds
         for name, switch in self.servers.items():
-            switch.tick(self.now)
+            switch.handle_timer(self.now)
             self._drain(name)
         self.pump()
 

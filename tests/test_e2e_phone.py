@@ -16,7 +16,7 @@ from endpoint.device import DialError
 from endpoint.phone import dial_and_hold, report, ring_then
 from probe.calls import run_call, summarize
 from relay.call import Timeouts
-from wire.client import discover
+from wire.client import ProbeError, ServerClient, discover
 from wire.messages import DIRECTIONS
 
 from .conftest import DEVICE_SETTINGS, Tree, make_tree
@@ -219,3 +219,23 @@ async def test_the_command_line_runs_a_one_call_scenario(tree: Tree, tmp_path):
     status, _, err = await endpoint_call(tree, "--call", "lower-b/cam-2", "--scenario",
                                          str(bad), device="bench2")
     assert status == 2 and "endpoint --call dials from the device" in err
+
+
+async def test_a_request_waits_for_any_state_of_the_call():
+    """``GET /v1/calls/{id}?wait=STATE``: held until the call is in that state or past it."""
+    async with make_tree() as tree:
+        await tree.add_device("lower-a", "cam-1")
+        phone = await tree.add_device("lower-b", "desk", RING)
+        client = ServerClient(tree.session, tree.lowers["lower-a"].url)
+        info = await client.create_call("lower-a/cam-1", "lower-b/desk")
+        rung = await client.call(info.call, wait="ringing", timeout_s=10)
+        assert rung.state == "ringing" and "t_callee_woken" in rung.timeline
+        await phone.pickup(info.call)
+        up = await client.call(info.call, wait="connecting", timeout_s=10)
+        assert up.state in ("connecting", "active")  # or past it
+        assert (await client.call(info.call, wait="active", timeout_s=20)).state == "active"
+        await client.hangup(info.call)
+        assert (await client.call(info.call, wait="ended", timeout_s=10)).state == "ended"
+        with pytest.raises(ProbeError) as bad:
+            await client.call(info.call, wait="asleep", timeout_s=1)
+        assert bad.value.code == "bad_query" and "waking, ringing, connecting" in str(bad.value)

@@ -59,6 +59,11 @@ async def test_a_load_rings_declines_and_hangs_up_as_its_scenario_says():
             held = r.timeline["t_end"] - max(r.timeline["t_first_frame_callee"],
                                              r.timeline["t_first_frame_caller"])
             assert 0.9 <= held <= 2.0, r.timeline  # the callee hung up after its hold
+            # the callee's server offered its leg to a ringing device: the ring is the far
+            # end's time (answer_ms), not the leg's setup
+            leg = next(leg for leg in r.hops[-1]["legs"] if leg["toward"] == "callee")
+            assert leg["answer_ms"] >= r.plan["ring_s"] * 1000 - 100, leg
+            assert leg["dtls_ms"] < 1000, leg
     answered = summary["figures"]["total"]["phases"]["answered_ms"]
     assert 1000 <= answered["p50"] <= 3600, answered
 

@@ -424,8 +424,11 @@ class LegHop(Body, frozen=True):
     peer: Annotated[str, msgspec.Meta(max_length=200)]  #: a server name or a device address
     rtt_ms: Ms | None = None  #: from RTCP sender/receiver reports, smoothed (aiortc's)
     rtt_min_ms: Ms | None = None  #: the least of those round trips: the link's own
-    ice_ms: Ms | None = None  #: leg made -> ICE connected
-    dtls_ms: Ms | None = None  #: leg made -> DTLS done (the leg can carry media)
+    ice_ms: Ms | None = None  #: leg made -> ICE connected (answer_ms aside)
+    dtls_ms: Ms | None = None  #: leg made -> DTLS done: the leg can carry media (answer_ms aside)
+    #: this leg's offer out -> its answer in: the far end's time (a device that rings holds
+    #: the offer until a person answers), so not counted in ice_ms and dtls_ms
+    answer_ms: Ms | None = None
     #: what the far end reported receiving of this leg's video (RTCP receiver reports)
     far_lost: Count | None = None
     far_jitter_ms: Ms | None = None
